@@ -1,0 +1,122 @@
+//! Cut: the frozen part of the backbone, from the image input to the feature tensor a head reads.
+//!
+//! A cut at a `[1, C]` tensor (the default: the pooled features before the old classifier) is used
+//! as is. A cut at a `[1, C, H, W]` feature map (an earlier block) gets a global average pool, so
+//! every cut yields a `[1, D]` feature vector.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::math;
+use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
+
+use crate::error::{CompileError, Result};
+use crate::import::Backbone;
+
+/// A backbone cut at a tensor; its single output is the `[1, D]` feature vector.
+#[derive(Debug, Clone)]
+pub struct CutBackbone {
+    backbone: Backbone,
+    cut: String,
+    cut_shape: Vec<usize>,
+    model: TypedModel,
+}
+
+impl CutBackbone {
+    pub(crate) fn new(
+        backbone: Backbone,
+        cut: String,
+        mut model: TypedModel,
+    ) -> Result<CutBackbone> {
+        let invalid = |reason: String| CompileError::InvalidCut {
+            path: backbone.path().to_path_buf(),
+            cut: cut.clone(),
+            reason,
+        };
+        let output = model.output_outlets().map_err(CompileError::graph("cut"))?[0];
+        let fact = model
+            .outlet_fact(output)
+            .map_err(CompileError::graph("cut"))?
+            .clone();
+        let cut_shape: Vec<usize> = fact
+            .shape
+            .as_concrete()
+            .ok_or_else(|| invalid(format!("its shape {:?} is not fixed", fact.shape)))?
+            .to_vec();
+        if fact.datum_type != f32::datum_type() {
+            return Err(invalid(format!(
+                "it holds {:?}, not f32 features",
+                fact.datum_type
+            )));
+        }
+        let features = match cut_shape[..] {
+            [1, _] => output,
+            [1, _, h, w] => global_average_pool(&mut model, output, h * w)?,
+            _ => return Err(invalid(format!(
+                "its shape {cut_shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
+            ))),
+        };
+        model
+            .select_output_outlets(&[features])
+            .map_err(CompileError::graph("cut"))?;
+        let model = model
+            .into_decluttered()
+            .map_err(CompileError::graph("cut"))?;
+        model
+            .check_consistency()
+            .map_err(CompileError::graph("cut"))?;
+        Ok(CutBackbone {
+            backbone,
+            cut,
+            cut_shape,
+            model,
+        })
+    }
+
+    /// The backbone this was cut from.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// Name of the tensor the graph was cut at.
+    pub fn cut_name(&self) -> &str {
+        &self.cut
+    }
+
+    /// Shape of the cut tensor itself, before any pooling.
+    pub fn cut_shape(&self) -> &[usize] {
+        &self.cut_shape
+    }
+
+    /// Length of the feature vector fed to the head.
+    pub fn feature_dim(&self) -> usize {
+        self.cut_shape[1]
+    }
+
+    /// The decluttered graph from image to features.
+    pub fn model(&self) -> &TypedModel {
+        &self.model
+    }
+
+    pub(crate) fn into_parts(self) -> (Backbone, String, Vec<usize>, TypedModel) {
+        (self.backbone, self.cut, self.cut_shape, self.model)
+    }
+}
+
+/// Wires `mean over H, W` of a `[1, C, H, W]` outlet, giving `[1, C]`.
+fn global_average_pool(model: &mut TypedModel, input: OutletId, area: usize) -> Result<OutletId> {
+    let wire = |model: &mut TypedModel| -> TractResult<OutletId> {
+        let sum = model.wire_node(
+            "graft.pool.sum",
+            Reduce::new(tvec![2, 3], Reducer::Sum),
+            &[input],
+        )?[0];
+        let scale = model.add_const(
+            "graft.pool.scale",
+            tensor0(1.0f32 / area as f32).broadcast_into_rank(4)?,
+        )?;
+        let mean = model.wire_node("graft.pool.mean", math::mul(), &[sum, scale])?[0];
+        let squeezed = model.wire_node("graft.pool.squeeze_w", AxisOp::Rm(3), &[mean])?[0];
+        Ok(model.wire_node("graft.pool.features", AxisOp::Rm(2), &[squeezed])?[0])
+    };
+    wire(model).map_err(CompileError::graph("cut"))
+}

@@ -1,0 +1,421 @@
+//! Extract: run the frozen backbone once per image and cache the features on disk.
+//!
+//! Extraction runs the cut graph, optimized by tract, on all cores (one tract state per worker).
+//! Features are cached under a key made of the backbone's SHA-256, the cut tensor and the
+//! preprocessing; inside a key, each image is found by the SHA-256 of its file content, so renamed
+//! or moved images hit the cache and edited ones do not. The cache file is read back through a
+//! memory map and rewritten atomically (temporary file + rename), so an interrupted compile leaves
+//! a usable cache.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use graft_runtime::dataset::Sample;
+use graft_runtime::eval::par_map;
+use graft_runtime::preprocess::{decode_image, Preprocessing};
+use graft_runtime::progress::Progress;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tract_onnx::prelude::*;
+
+use crate::cut::CutBackbone;
+use crate::error::{CompileError, Result};
+
+/// Version of the cache layout and of the feature computation; bump to invalidate old caches.
+const CACHE_VERSION: u32 = 1;
+const CACHE_MAGIC: [u8; 8] = *b"GRAFTFC1";
+const CACHE_HEADER_LEN: usize = 24;
+const CACHE_FILE: &str = "features.bin";
+
+/// SHA-256 of an image file's content.
+pub type ImageHash = [u8; 32];
+
+/// The optimized frozen graph plus the preprocessing that feeds it.
+pub struct FeatureExtractor {
+    plan: Arc<TypedSimplePlan>,
+    preprocessing: Preprocessing,
+    input_shape: Vec<usize>,
+    dim: usize,
+}
+
+/// Features of the images that could be decoded, in sample order.
+#[derive(Debug, Clone, Default)]
+pub struct Features {
+    /// Row-major `[rows, dim]` matrix.
+    pub data: Vec<f32>,
+    /// Length of one feature vector.
+    pub dim: usize,
+    /// Label of each row.
+    pub labels: Vec<usize>,
+    /// Image file of each row.
+    pub paths: Vec<PathBuf>,
+}
+
+impl Features {
+    /// Number of feature vectors.
+    pub fn rows(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// The `i`-th feature vector.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// A new set made of the given rows, in that order.
+    pub fn select(&self, rows: &[usize]) -> Features {
+        let mut out = Features {
+            dim: self.dim,
+            ..Features::default()
+        };
+        for &i in rows {
+            out.data.extend_from_slice(self.row(i));
+            out.labels.push(self.labels[i]);
+            out.paths.push(self.paths[i].clone());
+        }
+        out
+    }
+}
+
+/// What an extraction run did.
+#[derive(Debug, Clone, Default)]
+pub struct Extraction {
+    /// The features of every decodable image.
+    pub features: Features,
+    /// Images that could not be read or decoded, with the reason; they are left out.
+    pub failures: Vec<(PathBuf, String)>,
+    /// Feature vectors taken from the cache.
+    pub cache_hits: usize,
+    /// Feature vectors computed by running the backbone.
+    pub computed: usize,
+}
+
+impl FeatureExtractor {
+    /// Optimizes the cut graph for this CPU.
+    pub fn new(cut: &CutBackbone, preprocessing: &Preprocessing) -> Result<FeatureExtractor> {
+        let input_shape = cut.backbone().input_shape().to_vec();
+        let plan = cut
+            .model()
+            .clone()
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(CompileError::graph("feature extraction"))?;
+        Ok(FeatureExtractor {
+            plan,
+            preprocessing: preprocessing.clone(),
+            input_shape,
+            dim: cut.feature_dim(),
+        })
+    }
+
+    /// Length of one feature vector.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Features of one image file's bytes.
+    pub fn features_of(&self, bytes: &[u8], path: &Path) -> Result<Vec<f32>> {
+        let image = decode_image(bytes, path)?;
+        let chw = self.preprocessing.apply(&image);
+        let input = Tensor::from_shape(&self.input_shape, &chw)
+            .map_err(CompileError::graph("feature extraction"))?;
+        let out = self
+            .plan
+            .run(tvec!(input.into_tvalue()))
+            .map_err(CompileError::graph("feature extraction"))?;
+        let features = out[0]
+            .view()
+            .as_slice::<f32>()
+            .map_err(CompileError::graph("feature extraction"))?
+            .to_vec();
+        Ok(features)
+    }
+
+    /// Features for every sample, taken from `cache` when present there and computed otherwise
+    /// (new ones are added to the cache). Undecodable images are reported in
+    /// [`Extraction::failures`] and skipped.
+    pub fn extract(
+        &self,
+        samples: &[Sample],
+        cache: Option<&FeatureCache>,
+        threads: usize,
+        progress: &dyn Progress,
+    ) -> Result<Extraction> {
+        let hashes = par_map(samples, threads, |s| hash_file(&s.path), || {});
+        let cached = cache.map(|c| c.load()).transpose()?.unwrap_or_default();
+        let mut rows: Vec<Option<Result<Vec<f32>>>> = Vec::with_capacity(samples.len());
+        let mut todo = Vec::new();
+        for (i, hash) in hashes.iter().enumerate() {
+            match hash {
+                Ok(h) => match cached.get(h) {
+                    Some(f) => rows.push(Some(Ok(f))),
+                    None => {
+                        rows.push(None);
+                        todo.push(i);
+                    }
+                },
+                Err(e) => rows.push(Some(Err(CompileError::io(
+                    &samples[i].path,
+                    std::io::Error::new(e.kind(), e.to_string()),
+                )))),
+            }
+        }
+        let cache_hits = rows.iter().filter(|r| matches!(r, Some(Ok(_)))).count();
+        progress.start("extracting features", todo.len());
+        let computed = par_map(
+            &todo,
+            threads,
+            |&i| {
+                let path = &samples[i].path;
+                let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
+                self.features_of(&bytes, path)
+            },
+            || progress.advance(),
+        );
+        progress.finish();
+        let mut fresh = Vec::new();
+        for (&i, result) in todo.iter().zip(computed) {
+            if let (Ok(f), Ok(h)) = (&result, &hashes[i]) {
+                fresh.push((*h, f.clone()));
+            }
+            rows[i] = Some(result);
+        }
+        let mut extraction = Extraction {
+            features: Features {
+                dim: self.dim,
+                ..Features::default()
+            },
+            cache_hits,
+            computed: fresh.len(),
+            ..Extraction::default()
+        };
+        for (sample, row) in samples.iter().zip(rows) {
+            match row.expect("every row is filled") {
+                Ok(f) => {
+                    extraction.features.data.extend_from_slice(&f);
+                    extraction.features.labels.push(sample.label);
+                    extraction.features.paths.push(sample.path.clone());
+                }
+                Err(CompileError::Runtime(e)) if e.is_user_error() => extraction
+                    .failures
+                    .push((sample.path.clone(), e.to_string())),
+                Err(e @ CompileError::Io { .. }) => extraction
+                    .failures
+                    .push((sample.path.clone(), e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(cache) = cache {
+            if !fresh.is_empty() {
+                cache.store(&cached, &fresh)?;
+            }
+        }
+        Ok(extraction)
+    }
+}
+
+fn hash_file(path: &Path) -> std::io::Result<ImageHash> {
+    let bytes = std::fs::read(path)?;
+    Ok(Sha256::digest(&bytes).into())
+}
+
+/// The on-disk feature store for one (backbone, cut, preprocessing) key.
+#[derive(Debug, Clone)]
+pub struct FeatureCache {
+    dir: PathBuf,
+    dim: usize,
+}
+
+#[derive(Serialize)]
+struct CacheKey<'a> {
+    version: u32,
+    backbone_sha256: &'a str,
+    cut: &'a str,
+    preprocessing: &'a Preprocessing,
+}
+
+/// Cached features loaded from disk, keyed by image hash.
+#[derive(Debug, Default)]
+pub struct CachedFeatures {
+    map: Option<memmap2::Mmap>,
+    dim: usize,
+    index: HashMap<ImageHash, usize>,
+}
+
+impl CachedFeatures {
+    /// The cached features of the image with this content hash.
+    pub fn get(&self, hash: &ImageHash) -> Option<Vec<f32>> {
+        let row = *self.index.get(hash)?;
+        let map = self.map.as_ref()?;
+        let start = CACHE_HEADER_LEN + self.index.len() * 32 + row * self.dim * 4;
+        Some(
+            map[start..start + self.dim * 4]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+        )
+    }
+
+    /// Number of cached feature vectors.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+}
+
+impl FeatureCache {
+    /// The cache for `cut` + `preprocessing` under `root` (created if missing).
+    pub fn new(
+        root: &Path,
+        cut: &CutBackbone,
+        preprocessing: &Preprocessing,
+    ) -> Result<FeatureCache> {
+        let key = CacheKey {
+            version: CACHE_VERSION,
+            backbone_sha256: cut.backbone().sha256(),
+            cut: cut.cut_name(),
+            preprocessing,
+        };
+        let key_json = serde_json::to_string_pretty(&key).expect("key serializes");
+        let digest = graft_runtime::artifact::hex(&Sha256::digest(key_json.as_bytes()));
+        let dir = root.join(&digest[..24]);
+        std::fs::create_dir_all(&dir).map_err(|e| CompileError::io(&dir, e))?;
+        let key_path = dir.join("key.json");
+        if !key_path.exists() {
+            graft_runtime::artifact::write_atomic(&key_path, key_json.as_bytes())?;
+        }
+        Ok(FeatureCache {
+            dir,
+            dim: cut.feature_dim(),
+        })
+    }
+
+    /// The folder holding this key's features.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Memory-maps the cached features. A missing file is an empty cache; a damaged one (wrong
+    /// magic or size) is ignored with a warning and replaced at the next store.
+    pub fn load(&self) -> Result<CachedFeatures> {
+        let path = self.dir.join(CACHE_FILE);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(CachedFeatures::default())
+            }
+            Err(e) => return Err(CompileError::io(&path, e)),
+        };
+        // SAFETY: read-only private map; the file is only ever replaced by rename, never written
+        // in place, so its content cannot change under the map.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CompileError::io(&path, e))?;
+        match parse_cache(&map, self.dim) {
+            Some(index) => Ok(CachedFeatures {
+                map: Some(map),
+                dim: self.dim,
+                index,
+            }),
+            None => {
+                eprintln!(
+                    "warning: ignoring damaged feature cache {} (it will be rebuilt)",
+                    path.display()
+                );
+                Ok(CachedFeatures::default())
+            }
+        }
+    }
+
+    /// Writes `old` plus `fresh` as the new cache file, atomically.
+    pub fn store(&self, old: &CachedFeatures, fresh: &[(ImageHash, Vec<f32>)]) -> Result<()> {
+        let mut hashes: Vec<ImageHash> = Vec::new();
+        let mut data: Vec<f32> = Vec::new();
+        let mut old_rows: Vec<(&ImageHash, &usize)> = old.index.iter().collect();
+        old_rows.sort_by_key(|(_, row)| **row);
+        for (hash, _) in old_rows {
+            hashes.push(*hash);
+            data.extend(old.get(hash).expect("indexed row"));
+        }
+        for (hash, f) in fresh {
+            if !old.index.contains_key(hash) && !hashes[old.len()..].contains(hash) {
+                hashes.push(*hash);
+                data.extend_from_slice(f);
+            }
+        }
+        let mut bytes = Vec::with_capacity(CACHE_HEADER_LEN + hashes.len() * (32 + self.dim * 4));
+        bytes.extend_from_slice(&CACHE_MAGIC);
+        bytes.extend_from_slice(&(self.dim as u32).to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+        for h in &hashes {
+            bytes.extend_from_slice(h);
+        }
+        for v in &data {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        graft_runtime::artifact::write_atomic(&self.dir.join(CACHE_FILE), &bytes)?;
+        Ok(())
+    }
+}
+
+fn parse_cache(bytes: &[u8], dim: usize) -> Option<HashMap<ImageHash, usize>> {
+    if bytes.len() < CACHE_HEADER_LEN || bytes[..8] != CACHE_MAGIC {
+        return None;
+    }
+    let file_dim = u32::from_le_bytes(bytes[8..12].try_into().ok()?) as usize;
+    let count = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
+    let expected = (count as u128) * (32 + dim as u128 * 4) + CACHE_HEADER_LEN as u128;
+    if file_dim != dim || expected != bytes.len() as u128 {
+        return None;
+    }
+    let hashes = &bytes[CACHE_HEADER_LEN..CACHE_HEADER_LEN + count as usize * 32];
+    Some(
+        hashes
+            .chunks_exact(32)
+            .enumerate()
+            .map(|(row, h)| (h.try_into().expect("32 bytes"), row))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_file_round_trips_and_rejects_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FeatureCache {
+            dir: dir.path().to_path_buf(),
+            dim: 3,
+        };
+        assert!(cache.load().unwrap().is_empty());
+        cache
+            .store(
+                &CachedFeatures::default(),
+                &[([1; 32], vec![1.0, 2.0, 3.0])],
+            )
+            .unwrap();
+        let first = cache.load().unwrap();
+        cache
+            .store(
+                &first,
+                &[([2; 32], vec![4.0, 5.0, 6.0]), ([1; 32], vec![9.0; 3])],
+            )
+            .unwrap();
+        let loaded = cache.load().unwrap();
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(loaded.get(&[1; 32]).unwrap(), [1.0, 2.0, 3.0]);
+        assert_eq!(loaded.get(&[2; 32]).unwrap(), [4.0, 5.0, 6.0]);
+        assert!(loaded.get(&[3; 32]).is_none());
+
+        let path = dir.path().join(CACHE_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(cache.load().unwrap().is_empty());
+    }
+}

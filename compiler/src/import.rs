@@ -1,0 +1,289 @@
+//! Import: read an ONNX backbone with tract-onnx, check that graft can use it, and describe it.
+//!
+//! Checks made here, each with an error naming the file: the file parses as ONNX; every operator
+//! is one tract implements (the error names the first node that is not); there is exactly one
+//! image input, NCHW with 3 channels and a known height and width (a symbolic batch dimension is
+//! fixed to 1).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tract_onnx::pb::{self, tensor_shape_proto::dimension::Value as Dim, type_proto};
+use tract_onnx::prelude::*;
+
+use crate::cut::CutBackbone;
+use crate::error::{CompileError, Result};
+
+/// An ONNX classifier backbone, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    path: PathBuf,
+    sha256: String,
+    proto: pb::ModelProto,
+    input_name: String,
+    input_shape: [usize; 4],
+}
+
+impl Backbone {
+    /// Reads and checks the ONNX file at `path`. `input_size` (`[height, width]`) is required
+    /// when the model's input has symbolic spatial dimensions, and must agree with it otherwise.
+    pub fn load(path: &Path, input_size: Option<[usize; 2]>) -> Result<Backbone> {
+        let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
+        let invalid = |reason: String| CompileError::InvalidBackbone {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let onnx = tract_onnx::onnx();
+        let proto = onnx
+            .proto_model_for_read(&mut &bytes[..])
+            .map_err(|e| invalid(format!("not a valid ONNX model: {e:#}")))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| invalid("the ONNX model has no graph".into()))?;
+        if graph.node.is_empty() {
+            return Err(invalid("the ONNX graph has no nodes".into()));
+        }
+        for node in &graph.node {
+            let standard = node.domain.is_empty() || node.domain == "ai.onnx";
+            if !standard || !onnx.op_register.0.contains_key(&node.op_type) {
+                let op = if standard {
+                    node.op_type.clone()
+                } else {
+                    format!("{}.{}", node.domain, node.op_type)
+                };
+                return Err(CompileError::UnsupportedOperator {
+                    path: path.to_path_buf(),
+                    op,
+                    node: node_label(node),
+                });
+            }
+        }
+        let initializers: HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<&pb::ValueInfoProto> = graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .collect();
+        let [input] = inputs[..] else {
+            let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+            return Err(invalid(format!(
+                "expected exactly one image input, found {}: {names:?}",
+                names.len()
+            )));
+        };
+        let dims = input_dims(input)
+            .ok_or_else(|| invalid(format!("input {:?} has no tensor shape", input.name)))?;
+        let input_shape = resolve_input_shape(&input.name, &dims, input_size).map_err(invalid)?;
+        let input_name = input.name.clone();
+        Ok(Backbone {
+            path: path.to_path_buf(),
+            sha256: graft_runtime::artifact::hex(&Sha256::digest(&bytes)),
+            proto,
+            input_name,
+            input_shape,
+        })
+    }
+
+    /// The ONNX file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// File name of the ONNX model, without its directory.
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// SHA-256 of the ONNX file, hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Name of the image input.
+    pub fn input_name(&self) -> &str {
+        &self.input_name
+    }
+
+    /// Input shape, `[1, 3, height, width]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        self.input_shape
+    }
+
+    /// Names of the graph's outputs (for a classifier, its logits).
+    pub fn output_names(&self) -> Vec<String> {
+        self.graph().output.iter().map(|o| o.name.clone()).collect()
+    }
+
+    /// The default cut: the tensor feeding the backbone's last Gemm or MatMul, that is the pooled
+    /// features its own classifier reads.
+    pub fn default_cut(&self) -> Result<String> {
+        self.graph()
+            .node
+            .iter()
+            .rev()
+            .find(|n| n.op_type == "Gemm" || n.op_type == "MatMul")
+            .and_then(|n| n.input.first().cloned())
+            .ok_or_else(|| CompileError::InvalidCut {
+                path: self.path.clone(),
+                cut: "(default)".into(),
+                reason: "the graph has no Gemm or MatMul classifier to cut before; name a tensor with --cut".into(),
+            })
+    }
+
+    /// Every tensor name a cut can be made at, in graph order.
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.graph()
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().cloned())
+            .collect()
+    }
+
+    fn graph(&self) -> &pb::GraphProto {
+        self.proto.graph.as_ref().expect("checked at load")
+    }
+
+    /// Cuts the graph at tensor `cut`: the result computes that tensor from the image input
+    /// (globally average-pooled to `[1, C]` when it is a `[1, C, H, W]` feature map).
+    pub fn cut(self, cut: &str) -> Result<CutBackbone> {
+        let invalid_cut = |reason: String| CompileError::InvalidCut {
+            path: self.path.clone(),
+            cut: cut.to_string(),
+            reason,
+        };
+        let tensors = self.tensor_names();
+        if !tensors.iter().any(|t| t == cut) {
+            let hint = tensors
+                .iter()
+                .rev()
+                .take(8)
+                .rev()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(invalid_cut(format!(
+                "no tensor of that name in the graph (the last ones are: {hint})"
+            )));
+        }
+        let model_dir = self.path.parent().and_then(|p| p.to_str());
+        let onnx = tract_onnx::onnx();
+        let mut model = onnx
+            .parse(&self.proto, model_dir)
+            .map_err(|e| CompileError::InvalidBackbone {
+                path: self.path.clone(),
+                reason: format!("tract cannot load it: {e:#}"),
+            })?
+            .model;
+        let shape = self.input_shape;
+        model
+            .set_input_fact(0, f32::fact(shape).into())
+            .map_err(CompileError::graph("import"))?;
+        let typed = model
+            .with_outputs_by_name([cut])
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| invalid_cut(format!("tract cannot analyse the graph up to it: {e:#}")))?;
+        CutBackbone::new(self, cut.to_string(), typed)
+    }
+}
+
+fn node_label(node: &pb::NodeProto) -> String {
+    if node.name.is_empty() {
+        node.output.first().cloned().unwrap_or_default()
+    } else {
+        node.name.clone()
+    }
+}
+
+/// The input's dimensions: `Some(n)` for a fixed size, `None` for a symbolic one.
+fn input_dims(input: &pb::ValueInfoProto) -> Option<Vec<Option<usize>>> {
+    let type_proto::Value::TensorType(t) = input.r#type.as_ref()?.value.as_ref()?;
+    let shape = t.shape.as_ref()?;
+    Some(
+        shape
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(Dim::DimValue(v)) if v > 0 => Some(v as usize),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+fn resolve_input_shape(
+    name: &str,
+    dims: &[Option<usize>],
+    input_size: Option<[usize; 2]>,
+) -> std::result::Result<[usize; 4], String> {
+    let fmt_dims = || {
+        dims.iter()
+            .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+            .collect::<Vec<_>>()
+            .join("x")
+    };
+    let &[_, channels, height, width] = dims else {
+        return Err(format!(
+            "input {name:?} has shape {}, expected NCHW images (rank 4)",
+            fmt_dims()
+        ));
+    };
+    if channels != Some(3) {
+        return Err(format!(
+            "input {name:?} has shape {}, expected NCHW images with 3 channels",
+            fmt_dims()
+        ));
+    }
+    let [h, w] = match (height, width, input_size) {
+        (Some(h), Some(w), Some([rh, rw])) if (h, w) != (rh, rw) => {
+            return Err(format!(
+                "--input-size {rh}x{rw} disagrees with the model's fixed input {h}x{w}"
+            ))
+        }
+        (Some(h), Some(w), _) => [h, w],
+        (_, _, Some(size)) => size,
+        _ => {
+            return Err(format!(
+                "input {name:?} has dynamic spatial dimensions ({}); pass --input-size HxW",
+                fmt_dims()
+            ))
+        }
+    };
+    Ok([1, 3, h, w])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_shape_resolution() {
+        let fixed = [Some(1), Some(3), Some(224), Some(224)];
+        assert_eq!(resolve_input_shape("x", &fixed, None), Ok([1, 3, 224, 224]));
+        let dynamic_batch = [None, Some(3), Some(240), Some(240)];
+        assert_eq!(
+            resolve_input_shape("x", &dynamic_batch, None),
+            Ok([1, 3, 240, 240])
+        );
+        let dynamic = [None, Some(3), None, None];
+        assert_eq!(
+            resolve_input_shape("x", &dynamic, None).unwrap_err(),
+            "input \"x\" has dynamic spatial dimensions (?x3x?x?); pass --input-size HxW"
+        );
+        assert_eq!(
+            resolve_input_shape("x", &dynamic, Some([96, 128])),
+            Ok([1, 3, 96, 128])
+        );
+        let gray = [Some(1), Some(1), Some(28), Some(28)];
+        assert!(resolve_input_shape("x", &gray, None)
+            .unwrap_err()
+            .contains("3 channels"));
+        assert!(resolve_input_shape("x", &fixed, Some([96, 96])).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! graft-compiler: turn an ImageNet-pretrained ONNX backbone and a folder of labelled images into
+//! one deployable graft artifact.
+//!
+//! The stages, one module each, data flowing one way:
+//! [`import`] (read and check the ONNX) -> [`cut`] (frozen graph up to the feature tensor) ->
+//! [`extract`] (features of every image, cached) -> [`train`] (new head with candle) ->
+//! [`fold`] (head appended to the graph, one NNEF graph) -> [`artifact`] (manifest + graph in one
+//! file, read by `graft_runtime`). [`pipeline`] wires them together.
+
+pub mod artifact;
+pub mod cut;
+pub mod error;
+pub mod extract;
+pub mod fold;
+pub mod import;
+pub mod pipeline;
+pub mod rng;
+pub mod train;
+pub mod ui;
+
+pub use error::{CompileError, Result};
+pub use pipeline::{compile, CompileOptions, CompileReport};

@@ -1,0 +1,439 @@
+//! `graft`: the transfer-learning compiler's command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use graft_compiler::pipeline::{compile, CompileOptions, CompileReport};
+use graft_compiler::train::{HeadKind, TrainConfig};
+use graft_compiler::ui::TerminalUi;
+use graft_compiler::CompileError;
+use graft_runtime::commands::{self, EvalArgs, InspectArgs, Outcome, PredictArgs};
+use graft_runtime::eval::default_threads;
+use graft_runtime::preprocess::{ChannelOrder, Normalization, ResizeFilter};
+
+/// graft turns an ImageNet-pretrained ONNX backbone and a folder of labelled images into one
+/// deployable classifier artifact, and runs it.
+///
+/// Exit codes: 0 success, 1 bad input (missing or corrupt files, bad options, images skipped),
+/// 2 internal error.
+#[derive(Parser)]
+#[command(name = "graft", version, propagate_version = true)]
+struct Cli {
+    /// Print nothing but results and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a new head on a backbone's features and write one artifact.
+    #[command(after_help = COMPILE_EXAMPLES)]
+    Compile(Box<CompileArgs>),
+    /// Top-k labels for images.
+    #[command(
+        after_help = "Example:\n  graft predict model.graft bee.jpg photos/ --top-k 2 --json"
+    )]
+    Predict(PredictArgs),
+    /// Accuracy, per-class precision/recall and confusion matrix on labelled images.
+    #[command(
+        after_help = "Example:\n  graft eval model.graft data/   (uses data/val when present)"
+    )]
+    Eval(EvalArgs),
+    /// Show what an artifact contains: labels, preprocessing, provenance, metrics.
+    #[command(after_help = "Example:\n  graft inspect model.graft --json")]
+    Inspect(InspectArgs),
+    /// Compile the bundled fixtures (EfficientNet-Lite0 + 72 ant/bee photos), then predict.
+    Demo(DemoArgs),
+}
+
+const COMPILE_EXAMPLES: &str = "Examples:
+  graft compile --backbone efficientnet_lite0.onnx --data hymenoptera/ --out bees.graft
+  graft compile --backbone b.onnx --data flowers/ --out f.graft --head mlp:256 --normalize tf
+  graft compile --backbone b.onnx --keep-imagenet-head --labels imagenet.txt --out imagenet.graft
+
+DATA is DIR/<class>/<image> (20 % of each class is held out for validation, seeded) or
+DIR/{train,val}/<class>/<image>. Features of the frozen backbone are cached, so a second compile
+on the same images (e.g. with another head) skips extraction.";
+
+#[derive(Args, Debug)]
+struct CompileArgs {
+    /// ONNX backbone (an ImageNet classifier such as EfficientNet-Lite, MobileNet, ResNet).
+    #[arg(long, value_name = "ONNX")]
+    backbone: PathBuf,
+    /// Labelled images: DIR/<class>/* or DIR/{train,val}/<class>/*.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "keep_imagenet_head"
+    )]
+    data: Option<PathBuf>,
+    /// Artifact to write (replaced atomically).
+    #[arg(long, short, value_name = "FILE")]
+    out: PathBuf,
+    /// Tensor to cut the backbone at [default: the input of its last Gemm/MatMul, i.e. the pooled
+    /// features]. A [1,C,H,W] feature map is global-average-pooled.
+    #[arg(long, value_name = "TENSOR")]
+    cut: Option<String>,
+    /// Head to train: linear (softmax regression) or mlp:H (H hidden units, ReLU, dropout).
+    #[arg(long, default_value = "linear", value_parser = parse_head)]
+    head: HeadKind,
+    /// Input normalisation: imagenet, tf ((x-127)/128), unit (x/255), none, or custom
+    /// M,S / M1,M2,M3,S1,S2,S3 on the 0..1 scale.
+    #[arg(long, default_value = "imagenet", value_parser = parse_normalization)]
+    normalize: Normalization,
+    /// Resize the shorter image side to this before the centre crop [default: crop / 0.875].
+    #[arg(long, value_name = "PIXELS")]
+    resize: Option<u32>,
+    /// Resize filter: bilinear, bicubic or nearest.
+    #[arg(long, default_value = "bilinear", value_parser = parse_filter)]
+    filter: ResizeFilter,
+    /// Feed channels as BGR instead of RGB.
+    #[arg(long)]
+    bgr: bool,
+    /// Input size HxW, for backbones whose input height and width are dynamic.
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    input_size: Option<[usize; 2]>,
+    /// Maximum training epochs.
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    batch_size: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    lr: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    weight_decay: f64,
+    /// Stop after this many epochs without a lower validation loss.
+    #[arg(long, default_value_t = TrainConfig::default().patience)]
+    patience: usize,
+    /// Dropout before the output layer of an mlp head.
+    #[arg(long, default_value_t = TrainConfig::default().dropout)]
+    dropout: f32,
+    /// Seed for the validation split, initialisation, shuffling and dropout.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    seed: u64,
+    /// Fraction of each class held out for validation when DIR has no val split.
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f32,
+    /// Feature cache folder [default: $GRAFT_CACHE_DIR, else $XDG_CACHE_HOME/graft, else
+    /// ~/.cache/graft].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Do not read or write the feature cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+    /// Worker threads for feature extraction and verification [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Skip running the finished artifact on the validation images.
+    #[arg(long)]
+    no_verify: bool,
+    /// Keep the backbone's own classifier (no training, --data not needed): an artifact of the
+    /// unmodified model, for checking the import against the original.
+    #[arg(long)]
+    keep_imagenet_head: bool,
+    /// Class names for --keep-imagenet-head, one per line, in output order.
+    #[arg(long, value_name = "FILE", requires = "keep_imagenet_head")]
+    labels: Option<PathBuf>,
+    /// Print the compile report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Folder for the demo artifact and its feature cache.
+    #[arg(long, value_name = "DIR", default_value = default_demo_dir())]
+    out: PathBuf,
+}
+
+fn default_demo_dir() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../target/graft-demo")
+}
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+fn parse_head(s: &str) -> Result<HeadKind, String> {
+    s.parse()
+}
+
+fn parse_normalization(s: &str) -> Result<Normalization, String> {
+    s.parse()
+}
+
+fn parse_filter(s: &str) -> Result<ResizeFilter, String> {
+    s.parse()
+}
+
+fn parse_size(s: &str) -> Result<[usize; 2], String> {
+    let err = || format!("expected HxW such as 224x224, got {s:?}");
+    let (h, w) = s.split_once(['x', 'X']).ok_or_else(err)?;
+    let h: usize = h.trim().parse().map_err(|_| err())?;
+    let w: usize = w.trim().parse().map_err(|_| err())?;
+    if h == 0 || w == 0 || h > 16_384 || w > 16_384 {
+        return Err(err());
+    }
+    Ok([h, w])
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("graft");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache/graft"),
+        None => PathBuf::from(".graft-cache"),
+    }
+}
+
+impl CompileArgs {
+    fn options(&self) -> CompileOptions {
+        CompileOptions {
+            backbone: self.backbone.clone(),
+            data: self.data.clone(),
+            out: self.out.clone(),
+            cut: self.cut.clone(),
+            keep_imagenet_head: self.keep_imagenet_head,
+            labels_file: self.labels.clone(),
+            input_size: self.input_size,
+            normalization: self.normalize.clone(),
+            resize_shorter: self.resize,
+            filter: self.filter,
+            channel_order: if self.bgr {
+                ChannelOrder::Bgr
+            } else {
+                ChannelOrder::Rgb
+            },
+            train: TrainConfig {
+                head: self.head,
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                learning_rate: self.lr,
+                weight_decay: self.weight_decay,
+                patience: self.patience,
+                dropout: self.dropout,
+                seed: self.seed,
+            },
+            val_fraction: self.val_fraction,
+            cache_dir: if self.no_cache {
+                None
+            } else {
+                Some(self.cache_dir.clone().unwrap_or_else(default_cache_dir))
+            },
+            threads: self.threads.unwrap_or_else(default_threads),
+            verify: !self.no_verify,
+        }
+    }
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    error: anyhow::Error,
+    code: u8,
+}
+
+impl From<CompileError> for Failure {
+    fn from(e: CompileError) -> Self {
+        let code = if e.is_user_error() { 1 } else { 2 };
+        Failure {
+            error: e.into(),
+            code,
+        }
+    }
+}
+
+impl From<graft_runtime::Error> for Failure {
+    fn from(e: graft_runtime::Error) -> Self {
+        CompileError::from(e).into()
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure {
+            error: anyhow::Error::from(e).context("writing output"),
+            code: 2,
+        }
+    }
+}
+
+fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let m = &report.manifest;
+    if json {
+        let doc = serde_json::json!({
+            "artifact": out_path,
+            "artifact_bytes": report.artifact_bytes,
+            "labels": m.labels,
+            "cache_hits": report.cache_hits,
+            "computed": report.computed,
+            "skipped": report.skipped.iter().map(|(p, e)| serde_json::json!({"path": p, "error": e})).collect::<Vec<_>>(),
+            "head_val_accuracy": report.head_val_accuracy,
+            "artifact_val_accuracy": report.artifact_val_accuracy,
+            "extract_seconds": report.extract_seconds,
+            "total_seconds": report.total_seconds,
+            "manifest": m,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("json"))?;
+        return Ok(());
+    }
+    if let Some(metrics) = &m.metrics {
+        let confusion = graft_runtime::eval::ConfusionMatrix {
+            counts: metrics.confusion.clone(),
+        };
+        writeln!(
+            out,
+            "validation accuracy {:.4} ({} {} images)",
+            metrics.val_accuracy, metrics.val_images, metrics.validation_source
+        )?;
+        write!(out, "{}", confusion.display(&m.labels))?;
+    }
+    if !report.skipped.is_empty() {
+        writeln!(out, "{} undecodable image(s) skipped", report.skipped.len())?;
+    }
+    writeln!(
+        out,
+        "wrote {} ({:.1} MiB, {} classes) in {:.1}s",
+        out_path.display(),
+        report.artifact_bytes as f64 / (1 << 20) as f64,
+        m.labels.len(),
+        report.total_seconds
+    )?;
+    Ok(())
+}
+
+fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
+    let ui = TerminalUi::new(quiet);
+    let report = compile(&args.options(), &ui)?;
+    print_report(&report, &args.out, args.json)?;
+    Ok(if report.skipped.is_empty() {
+        Outcome::Complete
+    } else {
+        Outcome::Partial
+    })
+}
+
+fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
+    let fixtures = fixtures_dir();
+    let backbone = fixtures.join("efficientnet_lite0.onnx");
+    let data = fixtures.join("hymenoptera-mini");
+    if !backbone.is_file() || !data.is_dir() {
+        return Err(Failure {
+            error: anyhow::anyhow!(
+                "the demo needs the fixtures of a graft checkout ({} not found)",
+                fixtures.display()
+            ),
+            code: 1,
+        });
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))
+        .map_err(|error| Failure { error, code: 1 })?;
+    let model = args.out.join("hymenoptera.graft");
+    let compile_args = CompileArgs::parse_from_demo(&backbone, &data, &model, &args.out);
+    eprintln!(
+        "graft demo: compiling {} + {}",
+        backbone.display(),
+        data.display()
+    );
+    run_compile(&compile_args, quiet)?;
+    let val = data.join("val");
+    let images: Vec<PathBuf> = ["ants", "bees"]
+        .iter()
+        .flat_map(|c| {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(val.join(c))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            files.sort();
+            files.into_iter().take(2)
+        })
+        .collect();
+    println!("\ngraft predict {} <4 validation images>:", model.display());
+    let predict = PredictArgs {
+        model: model.clone(),
+        images,
+        top_k: 2,
+        json: false,
+        threads: None,
+    };
+    let outcome = commands::predict(
+        &predict,
+        &mut std::io::stdout().lock(),
+        &TerminalUi::new(quiet),
+    )?;
+    println!(
+        "\nNext: graft inspect {0}   |   graft eval {0} {1}",
+        model.display(),
+        data.display()
+    );
+    Ok(outcome)
+}
+
+impl CompileArgs {
+    fn parse_from_demo(backbone: &Path, data: &Path, out: &Path, dir: &Path) -> CompileArgs {
+        let mut args = vec![
+            "compile".into(),
+            "--backbone".into(),
+            backbone.as_os_str().to_owned(),
+            "--data".into(),
+            data.as_os_str().to_owned(),
+            "--out".into(),
+            out.as_os_str().to_owned(),
+            "--cache-dir".into(),
+            dir.join("cache").into_os_string(),
+        ];
+        args.insert(0, "graft".into());
+        match Cli::parse_from(args).command {
+            Command::Compile(c) => *c,
+            _ => unreachable!("parsed a compile command"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    let quiet = cli.quiet;
+    let ui = TerminalUi::new(quiet);
+    let mut stdout = std::io::stdout().lock();
+    let result: Result<Outcome, Failure> = match &cli.command {
+        Command::Compile(args) => {
+            drop(stdout);
+            run_compile(args, quiet)
+        }
+        Command::Predict(args) => commands::predict(args, &mut stdout, &ui).map_err(Into::into),
+        Command::Eval(args) => commands::eval(args, &mut stdout, &ui).map_err(Into::into),
+        Command::Inspect(args) => commands::inspect(args, &mut stdout).map_err(Into::into),
+        Command::Demo(args) => {
+            drop(stdout);
+            run_demo(args, quiet)
+        }
+    };
+    match result {
+        Ok(Outcome::Complete) => ExitCode::SUCCESS,
+        Ok(Outcome::Partial) => ExitCode::from(1),
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The compile pipeline: import -> cut -> extract -> train -> fold -> artifact, and the report of
+//! what happened. Stages communicate through values only; this module wires them together and
+//! tells a [`Reporter`] what is going on.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use graft_runtime::artifact::{self, EpochRecord, Manifest, Metrics};
+use graft_runtime::dataset::{ImageFolder, Sample};
+use graft_runtime::eval::{evaluate, ConfusionMatrix};
+use graft_runtime::preprocess::{ChannelOrder, Normalization, Preprocessing, ResizeFilter};
+use graft_runtime::progress::Progress;
+use graft_runtime::{Artifact, Model};
+
+use crate::artifact::{manifest_for, HeadSummary};
+use crate::error::{CompileError, Result};
+use crate::extract::{Extraction, FeatureCache, FeatureExtractor, Features};
+use crate::import::Backbone;
+use crate::rng::Rng;
+use crate::train::{train_head, TrainConfig, TrainedHead};
+
+/// Receives what the pipeline has to say: progress of long loops, messages, epochs.
+pub trait Reporter: Progress {
+    /// A line of information for the user.
+    fn message(&self, text: &str);
+    /// An epoch of head training ended.
+    fn epoch(&self, record: &EpochRecord);
+}
+
+/// Everything `graft compile` needs.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// The ONNX backbone.
+    pub backbone: PathBuf,
+    /// Labelled images (`DIR/<class>/*` or `DIR/{train,val}/<class>/*`); not needed with
+    /// `keep_imagenet_head`.
+    pub data: Option<PathBuf>,
+    /// Where to write the artifact.
+    pub out: PathBuf,
+    /// Tensor to cut at (default: the input of the last Gemm/MatMul).
+    pub cut: Option<String>,
+    /// Keep the backbone's own classifier instead of training a head.
+    pub keep_imagenet_head: bool,
+    /// Label file (one per line) for `keep_imagenet_head`.
+    pub labels_file: Option<PathBuf>,
+    /// Input size for backbones with dynamic spatial dimensions.
+    pub input_size: Option<[usize; 2]>,
+    /// Per-channel normalisation.
+    pub normalization: Normalization,
+    /// Shorter side after resizing (default: crop / 0.875).
+    pub resize_shorter: Option<u32>,
+    /// Resize filter.
+    pub filter: ResizeFilter,
+    /// Channel order.
+    pub channel_order: ChannelOrder,
+    /// Head training settings.
+    pub train: TrainConfig,
+    /// Fraction of each class held out for validation when the data has no validation split.
+    pub val_fraction: f32,
+    /// Feature cache root; `None` disables caching.
+    pub cache_dir: Option<PathBuf>,
+    /// Worker threads for extraction and evaluation.
+    pub threads: usize,
+    /// Evaluate the written graph end to end on the validation images.
+    pub verify: bool,
+}
+
+/// What a compile did and measured.
+#[derive(Debug, Clone)]
+pub struct CompileReport {
+    /// The manifest written into the artifact.
+    pub manifest: Manifest,
+    /// Size of the artifact in bytes.
+    pub artifact_bytes: u64,
+    /// Feature vectors read from the cache (train + validation).
+    pub cache_hits: usize,
+    /// Feature vectors computed by running the backbone.
+    pub computed: usize,
+    /// Images skipped because they could not be decoded.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Validation accuracy of the trained head on the cached features.
+    pub head_val_accuracy: Option<f32>,
+    /// Validation accuracy of the artifact's graph run end to end.
+    pub artifact_val_accuracy: Option<f32>,
+    /// Wall-clock seconds spent extracting features.
+    pub extract_seconds: f64,
+    /// Wall-clock seconds of the whole compile.
+    pub total_seconds: f64,
+}
+
+/// Runs the whole pipeline and writes the artifact.
+pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<CompileReport> {
+    let started = Instant::now();
+    let backbone = Backbone::load(&options.backbone, options.input_size)?;
+    let [_, _, height, width] = backbone.input_shape();
+    reporter.message(&format!(
+        "backbone  {} (input {}x{}, sha256 {})",
+        backbone.path().display(),
+        height,
+        width,
+        &backbone.sha256()[..12]
+    ));
+    let mut preprocessing =
+        Preprocessing::for_input(height as u32, width as u32, options.normalization.clone());
+    if let Some(r) = options.resize_shorter {
+        preprocessing.resize_shorter = r;
+    }
+    preprocessing.filter = options.filter;
+    preprocessing.channel_order = options.channel_order;
+    preprocessing.validate()?;
+
+    if options.keep_imagenet_head {
+        return compile_with_own_head(options, backbone, preprocessing, reporter, started);
+    }
+    let data = options.data.as_deref().ok_or_else(|| {
+        CompileError::InvalidOption("--data is required (unless --keep-imagenet-head)".into())
+    })?;
+    let cut_name = match &options.cut {
+        Some(c) => c.clone(),
+        None => backbone.default_cut()?,
+    };
+    let cut = backbone.cut(&cut_name)?;
+    reporter.message(&format!(
+        "cut       at {:?}: features {:?}{}",
+        cut.cut_name(),
+        cut.cut_shape(),
+        if cut.cut_shape().len() == 4 {
+            " (global average pooled)"
+        } else {
+            ""
+        }
+    ));
+
+    let folder = ImageFolder::scan(data)?;
+    let (train_samples, val_samples, validation_source) = split(&folder, options)?;
+    let counts = graft_runtime::dataset::counts(&train_samples, folder.classes.len());
+    reporter.message(&format!(
+        "data      {}: {} classes, {} train / {} {} images ({})",
+        data.display(),
+        folder.classes.len(),
+        train_samples.len(),
+        val_samples.len(),
+        validation_source,
+        folder
+            .classes
+            .iter()
+            .zip(&counts)
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let extract_started = Instant::now();
+    let extractor = FeatureExtractor::new(&cut, &preprocessing)?;
+    let cache = options
+        .cache_dir
+        .as_deref()
+        .map(|root| FeatureCache::new(root, &cut, &preprocessing))
+        .transpose()?;
+    let mut all = train_samples.clone();
+    all.extend(val_samples.iter().cloned());
+    let extraction = extractor.extract(&all, cache.as_ref(), options.threads, reporter)?;
+    let extract_seconds = extract_started.elapsed().as_secs_f64();
+    report_extraction(&extraction, cache.as_ref(), extract_seconds, reporter);
+    let (train, val) = split_features(&extraction.features, &val_samples);
+    check_every_class_present(&train, &folder.classes, "training")?;
+    check_every_class_present(&val, &folder.classes, "validation")?;
+
+    reporter.message(&format!(
+        "train     {} head: AdamW lr {} weight decay {} batch {} up to {} epochs (patience {}), seed {}",
+        options.train.head,
+        options.train.learning_rate,
+        options.train.weight_decay,
+        options.train.batch_size,
+        options.train.epochs,
+        options.train.patience,
+        options.train.seed
+    ));
+    let head = train_head(
+        &options.train,
+        &train,
+        &val,
+        folder.classes.len(),
+        &Device::Cpu,
+        &mut |r| reporter.epoch(r),
+    )?;
+    let best = *head.best();
+    reporter.message(&format!(
+        "kept      epoch {} of {}: train accuracy {:.4}, validation accuracy {:.4} (loss {:.4})",
+        head.best_epoch,
+        head.history.len(),
+        best.train_accuracy,
+        best.val_accuracy,
+        best.val_loss
+    ));
+
+    let summary = HeadSummary::trained(&head, &options.train);
+    let mut manifest = manifest_for(&cut, &preprocessing, &folder.classes, &summary);
+    let graph = cut.into_folded(&head.layers)?.to_nnef()?;
+    let head_val_accuracy = ConfusionMatrix::from_pairs(
+        folder.classes.len(),
+        val.labels.iter().copied().zip(head.predict(&val)),
+    )
+    .accuracy();
+    let (confusion, artifact_val_accuracy) = if options.verify {
+        let model = Model::from_artifact(Artifact::from_bytes(
+            artifact::encode(&manifest, &graph),
+            &options.out,
+        )?)?;
+        let val_usable: Vec<Sample> = val_samples
+            .iter()
+            .filter(|s| val.paths.contains(&s.path))
+            .cloned()
+            .collect();
+        reporter.start("verifying artifact", val_usable.len());
+        let evaluation = evaluate(&model, &val_usable, options.threads, || reporter.advance());
+        reporter.finish();
+        let accuracy = evaluation.accuracy();
+        reporter.message(&format!(
+            "verify    artifact run end to end on {} validation images: accuracy {:.4} (head on cached features: {:.4})",
+            evaluation.confusion.total(),
+            accuracy,
+            head_val_accuracy
+        ));
+        (evaluation.confusion, Some(accuracy))
+    } else {
+        let confusion = ConfusionMatrix::from_pairs(
+            folder.classes.len(),
+            val.labels.iter().copied().zip(head.predict(&val)),
+        );
+        (confusion, None)
+    };
+    manifest.metrics = Some(Metrics {
+        validation_source: validation_source.to_string(),
+        train_images: train.rows(),
+        val_images: val.rows(),
+        train_accuracy: head_train_accuracy(&head, &train),
+        val_accuracy: artifact_val_accuracy.unwrap_or(head_val_accuracy),
+        confusion: confusion.counts.clone(),
+    });
+    let bytes = artifact::encode(&manifest, &graph);
+    artifact::write_atomic(&options.out, &bytes)?;
+    let mut skipped = extraction.failures.clone();
+    skipped.sort();
+    Ok(CompileReport {
+        manifest,
+        artifact_bytes: bytes.len() as u64,
+        cache_hits: extraction.cache_hits,
+        computed: extraction.computed,
+        skipped,
+        head_val_accuracy: Some(head_val_accuracy),
+        artifact_val_accuracy,
+        extract_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn head_train_accuracy(head: &TrainedHead, train: &Features) -> f32 {
+    let pairs = train.labels.iter().copied().zip(head.predict(train));
+    ConfusionMatrix::from_pairs(head.layers.last().map_or(0, |l| l.outputs), pairs).accuracy()
+}
+
+/// `--keep-imagenet-head`: the backbone's own classifier, softmax appended, no training.
+fn compile_with_own_head(
+    options: &CompileOptions,
+    backbone: Backbone,
+    preprocessing: Preprocessing,
+    reporter: &dyn Reporter,
+    started: Instant,
+) -> Result<CompileReport> {
+    let outputs = backbone.output_names();
+    let [output] = &outputs[..] else {
+        return Err(CompileError::InvalidOption(format!(
+            "--keep-imagenet-head needs a backbone with one output, it has {}",
+            outputs.len()
+        )));
+    };
+    let cut = backbone.cut(output)?;
+    let classes = cut.feature_dim();
+    let labels = match &options.labels_file {
+        Some(path) => read_labels(path, classes)?,
+        None => (0..classes).map(|i| format!("class_{i}")).collect(),
+    };
+    reporter.message(&format!(
+        "head      the backbone's own classifier ({output:?}, {classes} classes), softmax appended"
+    ));
+    let manifest = manifest_for(
+        &cut,
+        &preprocessing,
+        &labels,
+        &HeadSummary::backbone_classifier(classes),
+    );
+    let graph = cut.into_folded(&[])?.to_nnef()?;
+    let bytes = artifact::encode(&manifest, &graph);
+    artifact::write_atomic(&options.out, &bytes)?;
+    Ok(CompileReport {
+        manifest,
+        artifact_bytes: bytes.len() as u64,
+        cache_hits: 0,
+        computed: 0,
+        skipped: Vec::new(),
+        head_val_accuracy: None,
+        artifact_val_accuracy: None,
+        extract_seconds: 0.0,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Reads one label per line; the count must match the model's outputs.
+pub fn read_labels(path: &Path, expected: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| CompileError::io(path, e))?;
+    let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+    if labels.len() != expected {
+        return Err(CompileError::InvalidOption(format!(
+            "{}: has {} labels, the model has {expected} outputs",
+            path.display(),
+            labels.len()
+        )));
+    }
+    Ok(labels)
+}
+
+/// Training and validation samples: the folder's validation split, or a stratified, seeded
+/// holdout of `val_fraction` of each class.
+fn split(
+    folder: &ImageFolder,
+    options: &CompileOptions,
+) -> Result<(Vec<Sample>, Vec<Sample>, &'static str)> {
+    if let Some(val) = &folder.val {
+        return Ok((folder.train.clone(), val.clone(), "val"));
+    }
+    if !(options.val_fraction > 0.0 && options.val_fraction < 1.0) {
+        return Err(CompileError::InvalidOption(format!(
+            "--val-fraction must be between 0 and 1 (exclusive), got {}",
+            options.val_fraction
+        )));
+    }
+    stratified_holdout(folder, options.val_fraction, options.train.seed)
+        .map(|(t, v)| (t, v, "holdout"))
+}
+
+/// Holds out `fraction` of each class (at least one image, at most all but one), chosen by a
+/// seeded shuffle; both halves keep the folder's order.
+pub fn stratified_holdout(
+    folder: &ImageFolder,
+    fraction: f32,
+    seed: u64,
+) -> Result<(Vec<Sample>, Vec<Sample>)> {
+    let mut rng = Rng::new(seed, "validation-split");
+    let mut held = vec![false; folder.train.len()];
+    for (label, class) in folder.classes.iter().enumerate() {
+        let mut members: Vec<usize> = (0..folder.train.len())
+            .filter(|&i| folder.train[i].label == label)
+            .collect();
+        if members.len() < 2 {
+            return Err(CompileError::NotEnoughData(format!(
+                "class {class:?} has {} image(s): at least 2 are needed to hold one out for validation (or provide DIR/train and DIR/val)",
+                members.len()
+            )));
+        }
+        let k = ((members.len() as f32 * fraction).round() as usize).clamp(1, members.len() - 1);
+        rng.shuffle(&mut members);
+        for &i in &members[..k] {
+            held[i] = true;
+        }
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (sample, held) in folder.train.iter().zip(held) {
+        if held {
+            val.push(sample.clone());
+        } else {
+            train.push(sample.clone());
+        }
+    }
+    Ok((train, val))
+}
+
+fn split_features(all: &Features, val_samples: &[Sample]) -> (Features, Features) {
+    let val_paths: std::collections::HashSet<&Path> =
+        val_samples.iter().map(|s| s.path.as_path()).collect();
+    let (val_rows, train_rows): (Vec<usize>, Vec<usize>) =
+        (0..all.rows()).partition(|&i| val_paths.contains(all.paths[i].as_path()));
+    (all.select(&train_rows), all.select(&val_rows))
+}
+
+fn check_every_class_present(features: &Features, classes: &[String], what: &str) -> Result<()> {
+    let counts = graft_runtime::dataset::counts(
+        &features
+            .labels
+            .iter()
+            .map(|&label| Sample {
+                path: PathBuf::new(),
+                label,
+            })
+            .collect::<Vec<_>>(),
+        classes.len(),
+    );
+    match counts.iter().position(|&n| n == 0) {
+        Some(c) => Err(CompileError::NotEnoughData(format!(
+            "class {:?} has no decodable {what} images",
+            classes[c]
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn report_extraction(
+    extraction: &Extraction,
+    cache: Option<&FeatureCache>,
+    seconds: f64,
+    reporter: &dyn Reporter,
+) {
+    let rate = if extraction.computed > 0 {
+        format!(" ({:.1} images/s)", extraction.computed as f64 / seconds)
+    } else {
+        String::new()
+    };
+    let where_ = cache.map_or("feature cache disabled".to_string(), |c| {
+        format!("cache {}", c.dir().display())
+    });
+    reporter.message(&format!(
+        "features  {} images: {} from cache, {} computed in {:.1}s{rate}; {where_}",
+        extraction.features.rows(),
+        extraction.cache_hits,
+        extraction.computed,
+        seconds
+    ));
+    for (path, reason) in &extraction.failures {
+        reporter.message(&format!("warning   skipped {}: {reason}", path.display()));
+    }
+    if !extraction.failures.is_empty() {
+        reporter.message(&format!(
+            "warning   {} undecodable image(s) skipped",
+            extraction.failures.len()
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(per_class: &[usize]) -> ImageFolder {
+        let mut train = Vec::new();
+        for (label, &n) in per_class.iter().enumerate() {
+            for i in 0..n {
+                train.push(Sample {
+                    path: format!("{label}/{i}.jpg").into(),
+                    label,
+                });
+            }
+        }
+        ImageFolder {
+            root: "d".into(),
+            classes: (0..per_class.len()).map(|c| format!("c{c}")).collect(),
+            train,
+            val: None,
+            val_split: None,
+            ignored_files: 0,
+        }
+    }
+
+    #[test]
+    fn holdout_is_stratified_seeded_and_disjoint() {
+        let f = folder(&[10, 5, 2]);
+        let (train, val) = stratified_holdout(&f, 0.2, 1).unwrap();
+        let val_counts = graft_runtime::dataset::counts(&val, 3);
+        assert_eq!(val_counts, [2, 1, 1]);
+        assert_eq!(train.len() + val.len(), 17);
+        assert!(val.iter().all(|v| !train.contains(v)));
+        assert_eq!(stratified_holdout(&f, 0.2, 1).unwrap().1, val);
+        assert_ne!(stratified_holdout(&f, 0.2, 2).unwrap().1, val);
+    }
+
+    #[test]
+    fn holdout_needs_two_images_per_class() {
+        let err = stratified_holdout(&folder(&[3, 1]), 0.2, 1).unwrap_err();
+        assert!(
+            err.to_string().starts_with("class \"c1\" has 1 image(s)"),
+            "{err}"
+        );
+    }
+}

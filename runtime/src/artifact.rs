@@ -1,0 +1,457 @@
+//! The graft artifact container: one self-describing file holding a model graph and its manifest.
+//!
+//! Layout (all integers little-endian):
+//!
+//! | offset            | size | content                                              |
+//! |-------------------|------|------------------------------------------------------|
+//! | 0                 | 8    | magic `GRAFTART`                                     |
+//! | 8                 | 4    | format version (`u32`, currently [`FORMAT_VERSION`]) |
+//! | 12                | 4    | reserved, zero                                       |
+//! | 16                | 8    | manifest length `m` (`u64`)                          |
+//! | 24                | 8    | graph length `g` (`u64`)                             |
+//! | 32                | m    | manifest, UTF-8 JSON ([`Manifest`])                  |
+//! | 32 + m            | g    | graph, an NNEF archive (tar) written by tract-nnef   |
+//! | 32 + m + g        | 32   | SHA-256 of every byte before it                      |
+//!
+//! Readers check, in this order: magic, version, that the declared lengths add up to the file size
+//! (so nothing is allocated from an untrusted size), the checksum, then the manifest. Writers go
+//! through a temporary file in the destination directory and an atomic rename, so a crash or an
+//! error never leaves a half-written artifact behind.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::preprocess::Preprocessing;
+
+/// First eight bytes of every artifact.
+pub const MAGIC: [u8; 8] = *b"GRAFTART";
+/// The container format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed header before the manifest.
+pub const HEADER_LEN: usize = 32;
+/// Size of the trailing checksum.
+pub const CHECKSUM_LEN: usize = 32;
+/// Upper bound on the manifest size; a larger declared size is treated as corruption.
+pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
+
+/// Everything about the model that is not the graph: labels, preprocessing, provenance, metrics.
+///
+/// The runtime needs `labels`, `preprocessing`, `input` and `outputs`; the rest documents how the
+/// artifact was made and is shown by `inspect`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Name and version of the program that wrote the artifact.
+    pub producer: String,
+    /// Class names, in the order of the model's output vector.
+    pub labels: Vec<String>,
+    /// How an image becomes the input tensor.
+    pub preprocessing: Preprocessing,
+    /// The graph's input.
+    pub input: TensorSpec,
+    /// Names of the graph's outputs, in order: probabilities first, then logits.
+    pub outputs: Vec<String>,
+    /// Numeric precision of the stored graph (`f32` for now).
+    pub precision: String,
+    /// Where the frozen part of the model came from.
+    pub backbone: BackboneInfo,
+    /// The classifier head that was trained.
+    pub head: HeadInfo,
+    /// How the head was trained.
+    #[serde(default)]
+    pub training: Option<TrainingInfo>,
+    /// Quality measured when the artifact was compiled.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
+    /// Versions of the libraries that produced the artifact.
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
+}
+
+/// Name and shape of a graph tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// Tensor name in the graph.
+    pub name: String,
+    /// Concrete shape (NCHW for images).
+    pub shape: Vec<usize>,
+}
+
+/// Provenance of the pretrained backbone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackboneInfo {
+    /// File name of the ONNX model (no directory).
+    pub file_name: String,
+    /// SHA-256 of the ONNX file, hex.
+    pub sha256: String,
+    /// Tensor at which the backbone was cut.
+    pub cut: String,
+    /// Shape of the features fed to the head.
+    pub feature_shape: Vec<usize>,
+}
+
+/// Description of the classifier head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadInfo {
+    /// `linear`, `mlp:H`, or `imagenet` for the backbone's own classifier.
+    pub kind: String,
+    /// `[inputs, outputs]` of each dense layer.
+    pub layers: Vec<[usize; 2]>,
+}
+
+/// Hyper-parameters and history of head training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    /// Seed of every random choice (split, initialisation, shuffling, dropout).
+    pub seed: u64,
+    /// Optimiser name and settings.
+    pub optimizer: String,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Epochs actually run (early stopping may end training before the maximum).
+    pub epochs_run: usize,
+    /// Epoch whose weights were kept (1-based).
+    pub best_epoch: usize,
+    /// Per-epoch loss and accuracy.
+    pub history: Vec<EpochRecord>,
+}
+
+/// Loss and accuracy after one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch.
+    pub train_loss: f32,
+    /// Training accuracy at the end of the epoch.
+    pub train_accuracy: f32,
+    /// Validation loss at the end of the epoch.
+    pub val_loss: f32,
+    /// Validation accuracy at the end of the epoch.
+    pub val_accuracy: f32,
+}
+
+/// Accuracy measured at compile time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Where the validation images came from: `val` (a split folder) or `holdout` (carved out of
+    /// the training images).
+    pub validation_source: String,
+    /// Number of training images used.
+    pub train_images: usize,
+    /// Number of validation images used.
+    pub val_images: usize,
+    /// Training accuracy of the kept head.
+    pub train_accuracy: f32,
+    /// Validation accuracy of the artifact's graph, run end to end on the validation images.
+    pub val_accuracy: f32,
+    /// Validation confusion matrix, `[true][predicted]`.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// A parsed artifact: its manifest and the location of its graph inside the mapped bytes.
+#[derive(Debug)]
+pub struct Artifact {
+    /// Where the artifact was read from (or a description such as `<memory>`).
+    pub path: PathBuf,
+    /// The parsed manifest.
+    pub manifest: Manifest,
+    /// Hex SHA-256 recorded at the end of the file.
+    pub checksum: String,
+    /// Size of the whole artifact in bytes.
+    pub size: u64,
+    bytes: Bytes,
+    graph: Range<usize>,
+}
+
+#[derive(Debug)]
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+impl Artifact {
+    /// Memory-maps and validates the artifact at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Artifact> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and private to this process. Another process truncating
+        // the file while it is mapped would fault on access; the checksum read below touches every
+        // byte once so a file changed between open and parse is reported as corrupt.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::parse(Bytes::Mapped(map), path.to_path_buf())
+    }
+
+    /// Validates an artifact held in memory; `label` names it in error messages.
+    pub fn from_bytes(bytes: Vec<u8>, label: impl Into<PathBuf>) -> Result<Artifact> {
+        Self::parse(Bytes::Owned(bytes), label.into())
+    }
+
+    /// The serialized graph (an NNEF tar archive).
+    pub fn graph_bytes(&self) -> &[u8] {
+        &self.bytes[self.graph.clone()]
+    }
+
+    fn parse(bytes: Bytes, path: PathBuf) -> Result<Artifact> {
+        let actual = bytes.len() as u64;
+        if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+            return Err(Error::NotAnArtifact { path });
+        }
+        if bytes.len() < HEADER_LEN {
+            return Err(Error::SizeMismatch {
+                path,
+                declared: (HEADER_LEN + CHECKSUM_LEN) as u64,
+                actual,
+            });
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION {
+            let hint = if version > FORMAT_VERSION {
+                "it was written by a newer graft: upgrade the runtime"
+            } else {
+                "it was written by an older graft: recompile the model"
+            };
+            return Err(Error::UnsupportedVersion {
+                path,
+                found: version,
+                supported: FORMAT_VERSION,
+                hint,
+            });
+        }
+        let manifest_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+        let graph_len = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+        let declared = (HEADER_LEN as u64 + CHECKSUM_LEN as u64)
+            .checked_add(manifest_len)
+            .and_then(|n| n.checked_add(graph_len));
+        let declared = match declared {
+            Some(d) if d == actual && manifest_len <= MAX_MANIFEST_LEN => d,
+            other => {
+                return Err(Error::SizeMismatch {
+                    path,
+                    declared: other.unwrap_or(u64::MAX),
+                    actual,
+                })
+            }
+        };
+        let body_end = (declared as usize) - CHECKSUM_LEN;
+        let computed = Sha256::digest(&bytes[..body_end]);
+        let stored = &bytes[body_end..];
+        if computed.as_slice() != stored {
+            return Err(Error::ChecksumMismatch {
+                path,
+                stored: hex(stored),
+                computed: hex(&computed),
+            });
+        }
+        let manifest_end = HEADER_LEN + manifest_len as usize;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes[HEADER_LEN..manifest_end]).map_err(|e| {
+                Error::InvalidManifest {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        validate_manifest(&manifest).map_err(|reason| Error::InvalidManifest {
+            path: path.clone(),
+            reason,
+        })?;
+        Ok(Artifact {
+            checksum: hex(stored),
+            manifest,
+            size: actual,
+            graph: manifest_end..body_end,
+            bytes,
+            path,
+        })
+    }
+}
+
+fn validate_manifest(manifest: &Manifest) -> std::result::Result<(), String> {
+    if manifest.labels.len() < 2 {
+        return Err(format!(
+            "a classifier needs at least 2 labels, found {}",
+            manifest.labels.len()
+        ));
+    }
+    if manifest.outputs.len() != 2 {
+        return Err(format!(
+            "expected 2 outputs (probabilities, logits), found {}",
+            manifest.outputs.len()
+        ));
+    }
+    let shape = &manifest.input.shape;
+    let [_, channels, height, width] = shape[..] else {
+        return Err(format!("input shape {shape:?} is not NCHW"));
+    };
+    if channels != 3 || [height as u32, width as u32] != manifest.preprocessing.crop {
+        return Err(format!(
+            "input shape {shape:?} does not match the preprocessing crop {:?}",
+            manifest.preprocessing.crop
+        ));
+    }
+    manifest.preprocessing.validate().map_err(|e| e.to_string())
+}
+
+/// Serializes a manifest and graph into artifact bytes.
+pub fn encode(manifest: &Manifest, graph: &[u8]) -> Vec<u8> {
+    let manifest_json = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
+    let mut out = Vec::with_capacity(HEADER_LEN + manifest_json.len() + graph.len() + CHECKSUM_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(manifest_json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(graph.len() as u64).to_le_bytes());
+    out.extend_from_slice(&manifest_json);
+    out.extend_from_slice(graph);
+    let checksum = Sha256::digest(&out);
+    out.extend_from_slice(&checksum);
+    out
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed to disk,
+/// then renamed over `path`. On error nothing is left behind and an existing file is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".graft-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::Normalization;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            producer: "test".into(),
+            labels: vec!["a".into(), "b".into()],
+            preprocessing: Preprocessing::for_input(224, 224, Normalization::imagenet()),
+            input: TensorSpec {
+                name: "input".into(),
+                shape: vec![1, 3, 224, 224],
+            },
+            outputs: vec!["probabilities".into(), "logits".into()],
+            precision: "f32".into(),
+            backbone: BackboneInfo {
+                file_name: "b.onnx".into(),
+                sha256: "00".into(),
+                cut: "features".into(),
+                feature_shape: vec![1, 8],
+            },
+            head: HeadInfo {
+                kind: "linear".into(),
+                layers: vec![[8, 2]],
+            },
+            training: None,
+            metrics: None,
+            versions: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn round_trip_preserves_manifest_and_graph() {
+        let bytes = encode(&manifest(), b"graph bytes");
+        let artifact = Artifact::from_bytes(bytes.clone(), "<memory>").unwrap();
+        assert_eq!(artifact.manifest, manifest());
+        assert_eq!(artifact.graph_bytes(), b"graph bytes");
+        assert_eq!(artifact.size, bytes.len() as u64);
+    }
+
+    #[test]
+    fn every_truncation_is_rejected_without_panicking() {
+        let bytes = encode(&manifest(), b"graph bytes");
+        for len in 0..bytes.len() {
+            let err = Artifact::from_bytes(bytes[..len].to_vec(), "t").unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::NotAnArtifact { .. } | Error::SizeMismatch { .. }
+                ),
+                "len {len}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_rejected() {
+        let bytes = encode(&manifest(), b"graph bytes");
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x20;
+            assert!(
+                Artifact::from_bytes(bad, "t").is_err(),
+                "flip at {i} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn future_version_is_named_in_the_error() {
+        let mut bytes = encode(&manifest(), b"g");
+        bytes[8] = 7;
+        let err = Artifact::from_bytes(bytes, "m.graft").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "m.graft: artifact format version 7 is not supported (this runtime reads version 1); \
+             it was written by a newer graft: upgrade the runtime"
+        );
+    }
+
+    #[test]
+    fn huge_declared_sizes_do_not_allocate() {
+        let mut bytes = encode(&manifest(), b"g");
+        bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = Artifact::from_bytes(bytes, "m.graft").unwrap_err();
+        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.graft");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

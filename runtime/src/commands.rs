@@ -1,0 +1,429 @@
+//! The runtime's command-line commands (`predict`, `eval`, `inspect`), shared by `graft-run` and
+//! `graft` so both print the same thing.
+//!
+//! Each command writes its result to `out` (text, or JSON with `--json`) and reports per-image
+//! problems to stderr. It returns [`Outcome::Partial`] when some inputs were skipped, which the
+//! binaries turn into exit code 1.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::artifact::Manifest;
+use crate::dataset::{has_image_extension, ImageFolder, Sample};
+use crate::error::{Error, Result};
+use crate::eval::{default_threads, evaluate, par_map, ClassStats, Evaluation};
+use crate::model::{LabelScore, Model};
+pub use crate::progress::{NoProgress, Progress};
+
+/// How a command ended when it did not fail outright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything was processed.
+    Complete,
+    /// Some inputs were skipped (reported on stderr).
+    Partial,
+}
+
+/// Arguments of `predict`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PredictArgs {
+    /// Artifact written by `graft compile`.
+    pub model: PathBuf,
+    /// Image files, or folders whose images (searched recursively) are all classified.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Number of labels to show per image.
+    #[arg(short = 'k', long, default_value_t = 3)]
+    pub top_k: usize,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Arguments of `eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// Artifact written by `graft compile`.
+    pub model: PathBuf,
+    /// Labelled images: `DIR/<class>/*` (all are used) or `DIR/{train,val}/<class>/*` (the
+    /// validation split is used). Class folder names must be labels of the model.
+    pub data: PathBuf,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Arguments of `inspect`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InspectArgs {
+    /// Artifact to describe.
+    pub model: PathBuf,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct ImagePrediction<'a> {
+    path: &'a Path,
+    top_k: Vec<LabelScore>,
+}
+
+#[derive(Serialize)]
+struct Failure<'a> {
+    path: &'a Path,
+    error: String,
+}
+
+/// `predict`: top-k labels for each image.
+pub fn predict(
+    args: &PredictArgs,
+    out: &mut dyn Write,
+    progress: &dyn Progress,
+) -> Result<Outcome> {
+    let model = Model::load(&args.model)?;
+    let images = expand_images(&args.images)?;
+    progress.start("classifying", images.len());
+    let results = par_map(
+        &images,
+        args.threads.unwrap_or_else(default_threads),
+        |path| model.classify_path(path),
+        || progress.advance(),
+    );
+    progress.finish();
+    let labels = model.labels();
+    let mut predictions = Vec::new();
+    let mut failures = Vec::new();
+    for (path, result) in images.iter().zip(results) {
+        match result {
+            Ok(c) => predictions.push(ImagePrediction {
+                path,
+                top_k: c.top_k(args.top_k.max(1), labels),
+            }),
+            Err(e) => {
+                eprintln!("warning: skipped {e}");
+                failures.push(Failure {
+                    path,
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    let io = |e| Error::io("<stdout>", e);
+    if args.json {
+        let doc = serde_json::json!({ "model": args.model, "predictions": predictions, "failures": failures });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("json")).map_err(io)?;
+    } else {
+        for p in &predictions {
+            let scores: Vec<String> = p
+                .top_k
+                .iter()
+                .map(|s| format!("{} {:.3}", s.label, s.probability))
+                .collect();
+            writeln!(out, "{}: {}", p.path.display(), scores.join(", ")).map_err(io)?;
+        }
+        if !failures.is_empty() {
+            eprintln!(
+                "{} of {} images could not be classified",
+                failures.len(),
+                images.len()
+            );
+        }
+    }
+    Ok(if failures.is_empty() {
+        Outcome::Complete
+    } else {
+        Outcome::Partial
+    })
+}
+
+/// Files named on the command line, with folders expanded to the images below them (sorted).
+fn expand_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let before = out.len();
+            collect_dir(path, &mut out, 0)?;
+            if out.len() == before {
+                return Err(Error::dataset(path, "folder contains no images"));
+            }
+        } else {
+            out.push(path.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && depth < 8 {
+            collect_dir(&path, out, depth + 1)?;
+        } else if !is_dir && has_image_extension(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Maps the folder's class names onto the model's labels.
+fn samples_for_model(folder: &ImageFolder, labels: &[String]) -> Result<Vec<Sample>> {
+    let mapping = folder
+        .classes
+        .iter()
+        .map(|c| {
+            labels.iter().position(|l| l == c).ok_or_else(|| {
+                Error::dataset(
+                    folder.root.join(c),
+                    format!(
+                        "class folder {c:?} is not a label of the model (labels: {})",
+                        labels.join(", ")
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    Ok(folder
+        .evaluation_samples()
+        .iter()
+        .map(|s| Sample {
+            path: s.path.clone(),
+            label: mapping[s.label],
+        })
+        .collect())
+}
+
+/// Evaluates `model` on the labelled images in `data` (see [`EvalArgs::data`]).
+pub fn evaluate_folder(
+    model: &Model,
+    data: &Path,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Evaluation> {
+    let folder = ImageFolder::scan(data)?;
+    let samples = samples_for_model(&folder, model.labels())?;
+    progress.start("evaluating", samples.len());
+    let evaluation = evaluate(model, &samples, threads, || progress.advance());
+    progress.finish();
+    Ok(evaluation)
+}
+
+#[derive(Serialize)]
+struct EvalReport<'a> {
+    model: &'a Path,
+    data: &'a Path,
+    images: u64,
+    accuracy: f32,
+    per_class: Vec<ClassStats>,
+    confusion: &'a [Vec<u64>],
+    failures: Vec<Failure<'a>>,
+}
+
+/// `eval`: accuracy, per-class precision/recall and the confusion matrix on labelled images.
+pub fn eval(args: &EvalArgs, out: &mut dyn Write, progress: &dyn Progress) -> Result<Outcome> {
+    let model = Model::load(&args.model)?;
+    let evaluation = evaluate_folder(
+        &model,
+        &args.data,
+        args.threads.unwrap_or_else(default_threads),
+        progress,
+    )?;
+    for (path, error) in &evaluation.failures {
+        eprintln!("warning: skipped {}: {error}", path.display());
+    }
+    let io = |e| Error::io("<stdout>", e);
+    let labels = &evaluation.labels;
+    if args.json {
+        let report = EvalReport {
+            model: &args.model,
+            data: &args.data,
+            images: evaluation.confusion.total(),
+            accuracy: evaluation.accuracy(),
+            per_class: evaluation.confusion.per_class(labels),
+            confusion: &evaluation.confusion.counts,
+            failures: evaluation
+                .failures
+                .iter()
+                .map(|(path, error)| Failure {
+                    path,
+                    error: error.clone(),
+                })
+                .collect(),
+        };
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&report).expect("json")
+        )
+        .map_err(io)?;
+    } else {
+        writeln!(
+            out,
+            "accuracy {:.4} on {} images ({})",
+            evaluation.accuracy(),
+            evaluation.confusion.total(),
+            args.data.display()
+        )
+        .map_err(io)?;
+        write!(out, "{}", evaluation.confusion.display(labels)).map_err(io)?;
+        if !evaluation.failures.is_empty() {
+            writeln!(out, "{} images skipped", evaluation.failures.len()).map_err(io)?;
+        }
+    }
+    Ok(if evaluation.failures.is_empty() {
+        Outcome::Complete
+    } else {
+        Outcome::Partial
+    })
+}
+
+/// `inspect`: what is inside an artifact.
+pub fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let artifact = crate::artifact::Artifact::open(&args.model)?;
+    let io = |e| Error::io("<stdout>", e);
+    if args.json {
+        let doc = serde_json::json!({
+            "path": artifact.path,
+            "size_bytes": artifact.size,
+            "format_version": crate::artifact::FORMAT_VERSION,
+            "checksum_sha256": artifact.checksum,
+            "graph_bytes": artifact.graph_bytes().len(),
+            "manifest": artifact.manifest,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("json")).map_err(io)?;
+    } else {
+        write!(
+            out,
+            "{}",
+            describe(
+                &artifact.manifest,
+                &artifact.path,
+                artifact.size,
+                &artifact.checksum
+            )
+        )
+        .map_err(io)?;
+    }
+    Ok(Outcome::Complete)
+}
+
+fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
+    let p = &m.preprocessing;
+    let n = &p.normalization;
+    let mut lines = vec![
+        (
+            "artifact",
+            format!(
+                "{} ({:.1} MiB, format v{}, sha256 {})",
+                path.display(),
+                size as f64 / (1 << 20) as f64,
+                crate::artifact::FORMAT_VERSION,
+                &checksum[..16.min(checksum.len())]
+            ),
+        ),
+        ("producer", m.producer.clone()),
+        ("precision", m.precision.clone()),
+        (
+            "labels",
+            format!("{} classes: {}", m.labels.len(), abbreviate(&m.labels, 12)),
+        ),
+        (
+            "input",
+            format!("{} f32 {:?} (NCHW)", m.input.name, m.input.shape),
+        ),
+        (
+            "preprocess",
+            format!(
+                "shorter side -> {} ({:?}), centre crop {}x{}, {:?}, normalize {} (mean {:?}, std {:?}, pixel units)",
+                p.resize_shorter, p.filter, p.crop[0], p.crop[1], p.channel_order, n.name, n.mean, n.std
+            ),
+        ),
+        (
+            "backbone",
+            format!(
+                "{} (sha256 {}), cut at {:?} -> features {:?}",
+                m.backbone.file_name,
+                &m.backbone.sha256[..16.min(m.backbone.sha256.len())],
+                m.backbone.cut,
+                m.backbone.feature_shape
+            ),
+        ),
+        (
+            "head",
+            format!(
+                "{} ({})",
+                m.head.kind,
+                m.head
+                    .layers
+                    .iter()
+                    .map(|[i, o]| format!("{i}->{o}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    ];
+    if let Some(t) = &m.training {
+        lines.push((
+            "training",
+            format!(
+                "{} lr {} weight decay {} batch {} seed {}; {} epochs run, kept epoch {}",
+                t.optimizer,
+                t.learning_rate,
+                t.weight_decay,
+                t.batch_size,
+                t.seed,
+                t.epochs_run,
+                t.best_epoch
+            ),
+        ));
+    }
+    if let Some(x) = &m.metrics {
+        lines.push((
+            "metrics",
+            format!(
+                "val accuracy {:.4} on {} images ({}), train accuracy {:.4} on {} images",
+                x.val_accuracy, x.val_images, x.validation_source, x.train_accuracy, x.train_images
+            ),
+        ));
+    }
+    if !m.versions.is_empty() {
+        lines.push((
+            "versions",
+            m.versions
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    lines
+        .into_iter()
+        .map(|(k, v)| format!("{k:<11} {v}\n"))
+        .collect()
+}
+
+fn abbreviate(labels: &[String], max: usize) -> String {
+    if labels.len() <= max {
+        labels.join(", ")
+    } else {
+        format!(
+            "{}, ... ({} more)",
+            labels[..max].join(", "),
+            labels.len() - max
+        )
+    }
+}

@@ -1,0 +1,269 @@
+//! Accuracy, per-class precision and recall, and confusion matrices; parallel evaluation of a
+//! model over labelled images.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+use crate::dataset::Sample;
+use crate::model::Model;
+
+/// Confusion matrix, `counts[true][predicted]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfusionMatrix {
+    /// Counts indexed by true then predicted class.
+    pub counts: Vec<Vec<u64>>,
+}
+
+/// Precision, recall and support of one class.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassStats {
+    /// Class name.
+    pub label: String,
+    /// Fraction of predictions of this class that were right (0 when never predicted).
+    pub precision: f32,
+    /// Fraction of images of this class predicted as such (0 when there are none).
+    pub recall: f32,
+    /// Number of images of this class.
+    pub support: u64,
+}
+
+impl ConfusionMatrix {
+    /// An all-zero matrix for `classes` classes.
+    pub fn new(classes: usize) -> ConfusionMatrix {
+        ConfusionMatrix {
+            counts: vec![vec![0; classes]; classes],
+        }
+    }
+
+    /// Builds the matrix from `(true, predicted)` pairs.
+    pub fn from_pairs(classes: usize, pairs: impl IntoIterator<Item = (usize, usize)>) -> Self {
+        let mut m = ConfusionMatrix::new(classes);
+        for (t, p) in pairs {
+            m.add(t, p);
+        }
+        m
+    }
+
+    /// Records one prediction.
+    pub fn add(&mut self, truth: usize, predicted: usize) {
+        self.counts[truth][predicted] += 1;
+    }
+
+    /// Total number of predictions.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().flatten().sum()
+    }
+
+    /// Fraction of correct predictions (0 when empty).
+    pub fn accuracy(&self) -> f32 {
+        let correct: u64 = (0..self.counts.len()).map(|i| self.counts[i][i]).sum();
+        ratio(correct, self.total())
+    }
+
+    /// Precision, recall and support for each class.
+    pub fn per_class(&self, labels: &[String]) -> Vec<ClassStats> {
+        (0..self.counts.len())
+            .map(|c| {
+                let support: u64 = self.counts[c].iter().sum();
+                let predicted: u64 = self.counts.iter().map(|row| row[c]).sum();
+                ClassStats {
+                    label: labels[c].clone(),
+                    precision: ratio(self.counts[c][c], predicted),
+                    recall: ratio(self.counts[c][c], support),
+                    support,
+                }
+            })
+            .collect()
+    }
+
+    /// A plain-text rendering with class names, for terminals.
+    pub fn display<'a>(&'a self, labels: &'a [String]) -> impl fmt::Display + 'a {
+        ConfusionTable {
+            matrix: self,
+            labels,
+        }
+    }
+}
+
+fn ratio(n: u64, d: u64) -> f32 {
+    if d == 0 {
+        0.0
+    } else {
+        n as f32 / d as f32
+    }
+}
+
+struct ConfusionTable<'a> {
+    matrix: &'a ConfusionMatrix,
+    labels: &'a [String],
+}
+
+impl fmt::Display for ConfusionTable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name_w = self
+            .labels
+            .iter()
+            .map(|l| l.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("true \\ predicted".len());
+        let cell_w = self
+            .labels
+            .iter()
+            .map(|l| l.chars().count())
+            .chain(std::iter::once(self.matrix.total().to_string().len()))
+            .max()
+            .unwrap_or(1)
+            .max(5);
+        write!(f, "{:<name_w$}", "true \\ predicted")?;
+        for l in self.labels {
+            write!(f, " {l:>cell_w$}")?;
+        }
+        writeln!(f, " {:>7} {:>7}", "recall", "n")?;
+        for (stats, row) in self
+            .matrix
+            .per_class(self.labels)
+            .iter()
+            .zip(&self.matrix.counts)
+        {
+            write!(f, "{:<name_w$}", stats.label)?;
+            for v in row {
+                write!(f, " {v:>cell_w$}")?;
+            }
+            writeln!(f, " {:>7.3} {:>7}", stats.recall, stats.support)?;
+        }
+        write!(f, "{:<name_w$}", "precision")?;
+        for stats in self.matrix.per_class(self.labels) {
+            write!(f, " {:>cell_w$.3}", stats.precision)?;
+        }
+        writeln!(f)
+    }
+}
+
+/// Result of running a model over labelled images.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// The model's labels.
+    pub labels: Vec<String>,
+    /// Predictions against truth.
+    pub confusion: ConfusionMatrix,
+    /// Images that could not be classified, with the reason.
+    pub failures: Vec<(PathBuf, String)>,
+}
+
+impl Evaluation {
+    /// Fraction of evaluated images classified correctly.
+    pub fn accuracy(&self) -> f32 {
+        self.confusion.accuracy()
+    }
+}
+
+/// Applies `f` to every item on `threads` worker threads, keeping the input order, and calls
+/// `on_done` after each item.
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+    on_done: impl Fn() + Sync,
+) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut local = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        local.push((i, f(item)));
+                        on_done();
+                    }
+                    local
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker thread panicked"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Number of worker threads to use by default: the available parallelism.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Classifies every sample (labels already in the model's label order) and tallies the results.
+/// Images that fail to decode are recorded in [`Evaluation::failures`] and left out.
+pub fn evaluate(
+    model: &Model,
+    samples: &[Sample],
+    threads: usize,
+    on_done: impl Fn() + Sync,
+) -> Evaluation {
+    let labels = model.labels().to_vec();
+    let outcomes = par_map(
+        samples,
+        threads,
+        |s| model.classify_path(&s.path).map(|c| c.top1()),
+        on_done,
+    );
+    let mut confusion = ConfusionMatrix::new(labels.len());
+    let mut failures = Vec::new();
+    for (sample, outcome) in samples.iter().zip(outcomes) {
+        match outcome {
+            Ok(predicted) => confusion.add(sample.label, predicted),
+            Err(e) => failures.push((sample.path.clone(), e.to_string())),
+        }
+    }
+    Evaluation {
+        labels,
+        confusion,
+        failures,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_from_a_known_matrix() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let m = ConfusionMatrix::from_pairs(2, [(0, 0), (0, 0), (0, 1), (1, 1)]);
+        assert_eq!(m.accuracy(), 0.75);
+        let stats = m.per_class(&labels);
+        assert_eq!(
+            (stats[0].precision, stats[0].recall, stats[0].support),
+            (1.0, 2.0 / 3.0, 3)
+        );
+        assert_eq!((stats[1].precision, stats[1].recall), (0.5, 1.0));
+        let text = m.display(&labels).to_string();
+        assert!(text.contains("true \\ predicted"), "{text}");
+        assert_eq!(ConfusionMatrix::new(3).accuracy(), 0.0);
+    }
+
+    #[test]
+    fn par_map_keeps_order_and_counts_progress() {
+        let done = AtomicUsize::new(0);
+        let items: Vec<u32> = (0..100).collect();
+        let out = par_map(
+            &items,
+            3,
+            |x| x * 2,
+            || {
+                done.fetch_add(1, Ordering::Relaxed);
+            },
+        );
+        assert_eq!(out, (0..100).map(|x| x * 2).collect::<Vec<_>>());
+        assert_eq!(done.load(Ordering::Relaxed), 100);
+        assert!(par_map(&[] as &[u32], 4, |x| *x, || {}).is_empty());
+    }
+}

@@ -1,0 +1,201 @@
+//! A loaded artifact, ready to classify images.
+//!
+//! [`Model::load`] memory-maps the artifact, validates it, deserializes the NNEF graph with
+//! tract-nnef and optimizes it for this CPU. One `Model` can be shared by many threads: each call
+//! to [`Model::classify`] runs with its own state.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use image::DynamicImage;
+use serde::Serialize;
+use tract_core::prelude::*;
+
+use crate::artifact::{Artifact, Manifest};
+use crate::error::{Error, Result};
+use crate::preprocess;
+
+/// A validated artifact with its graph optimized and ready to run.
+#[derive(Debug)]
+pub struct Model {
+    artifact: Artifact,
+    plan: Arc<TypedSimplePlan>,
+}
+
+/// The model's answer for one image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Classification {
+    /// Softmax probabilities, one per label.
+    pub probabilities: Vec<f32>,
+    /// Raw scores before the softmax, one per label.
+    pub logits: Vec<f32>,
+}
+
+/// One entry of a top-k list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelScore {
+    /// Index of the class in the model's labels.
+    pub index: usize,
+    /// Class name.
+    pub label: String,
+    /// Probability of the class.
+    pub probability: f32,
+}
+
+impl Classification {
+    /// Index of the most probable class (the first one on ties).
+    pub fn top1(&self) -> usize {
+        self.ranked()[0]
+    }
+
+    /// The `k` most probable classes, most probable first.
+    pub fn top_k(&self, k: usize, labels: &[String]) -> Vec<LabelScore> {
+        self.ranked()
+            .into_iter()
+            .take(k)
+            .map(|index| LabelScore {
+                index,
+                label: labels[index].clone(),
+                probability: self.probabilities[index],
+            })
+            .collect()
+    }
+
+    fn ranked(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.probabilities.len()).collect();
+        order.sort_by(|&a, &b| {
+            self.probabilities[b]
+                .total_cmp(&self.probabilities[a])
+                .then(a.cmp(&b))
+        });
+        order
+    }
+}
+
+impl Model {
+    /// Loads, validates and prepares the artifact at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        Self::from_artifact(Artifact::open(path)?)
+    }
+
+    /// Prepares an already validated artifact.
+    pub fn from_artifact(artifact: Artifact) -> Result<Model> {
+        let invalid = |e: TractError| Error::InvalidGraph {
+            path: artifact.path.clone(),
+            reason: format!("{e:#}"),
+        };
+        let graph = tract_nnef::nnef()
+            .model_for_read(&mut &*artifact.graph_bytes())
+            .map_err(invalid)?;
+        check_graph(&graph, &artifact.manifest).map_err(|reason| Error::InvalidGraph {
+            path: artifact.path.clone(),
+            reason,
+        })?;
+        let plan = graph
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(invalid)?;
+        Ok(Model { artifact, plan })
+    }
+
+    /// The artifact's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.artifact.manifest
+    }
+
+    /// The artifact this model was loaded from.
+    pub fn artifact(&self) -> &Artifact {
+        &self.artifact
+    }
+
+    /// Class names, in output order.
+    pub fn labels(&self) -> &[String] {
+        &self.artifact.manifest.labels
+    }
+
+    /// Runs the graph on one preprocessed CHW tensor (see [`crate::Preprocessing::apply`]).
+    pub fn classify_tensor(&self, chw: &[f32]) -> Result<Classification> {
+        let shape = &self.manifest().input.shape;
+        let input = Tensor::from_shape(shape, chw).map_err(|e| {
+            Error::Inference(format!(
+                "input of {} values for shape {shape:?}: {e}",
+                chw.len()
+            ))
+        })?;
+        let outputs = self
+            .plan
+            .run(tvec!(input.into_tvalue()))
+            .map_err(|e| Error::Inference(format!("{e:#}")))?;
+        let read = |ix: usize| -> Result<Vec<f32>> {
+            outputs[ix]
+                .view()
+                .as_slice::<f32>()
+                .map(|s| s.to_vec())
+                .map_err(|e| Error::Inference(format!("reading output {ix}: {e:#}")))
+        };
+        Ok(Classification {
+            probabilities: read(0)?,
+            logits: read(1)?,
+        })
+    }
+
+    /// Preprocesses and classifies a decoded image.
+    pub fn classify(&self, image: &DynamicImage) -> Result<Classification> {
+        self.classify_tensor(&self.manifest().preprocessing.apply(image))
+    }
+
+    /// Reads, decodes, preprocesses and classifies the image file at `path`.
+    pub fn classify_path(&self, path: &Path) -> Result<Classification> {
+        self.classify(&preprocess::load_image(path)?)
+    }
+}
+
+/// Checks that the graph's interface matches what the manifest promises.
+fn check_graph(graph: &TypedModel, manifest: &Manifest) -> std::result::Result<(), String> {
+    let inputs = graph.input_outlets().map_err(|e| e.to_string())?;
+    let outputs = graph.output_outlets().map_err(|e| e.to_string())?;
+    if inputs.len() != 1 || outputs.len() != 2 {
+        return Err(format!(
+            "graph has {} inputs and {} outputs, expected 1 and 2",
+            inputs.len(),
+            outputs.len()
+        ));
+    }
+    let input = graph.outlet_fact(inputs[0]).map_err(|e| e.to_string())?;
+    let expected: TVec<TDim> = manifest.input.shape.iter().map(|d| (*d).into()).collect();
+    if input.datum_type != f32::datum_type() || input.shape.to_tvec() != expected {
+        return Err(format!(
+            "graph input is {input:?}, manifest says f32 {:?}",
+            manifest.input.shape
+        ));
+    }
+    for outlet in outputs {
+        let fact = graph.outlet_fact(*outlet).map_err(|e| e.to_string())?;
+        let classes: TVec<TDim> = tvec![1.into(), manifest.labels.len().into()];
+        if fact.shape.to_tvec() != classes {
+            return Err(format!(
+                "graph output {fact:?} does not have one score per label ({})",
+                manifest.labels.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_by_probability_then_index() {
+        let c = Classification {
+            probabilities: vec![0.2, 0.5, 0.2, 0.1],
+            logits: vec![0.0; 4],
+        };
+        let labels: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let top: Vec<_> = c.top_k(3, &labels).into_iter().map(|s| s.label).collect();
+        assert_eq!(top, ["b", "a", "c"]);
+        assert_eq!(c.top1(), 1);
+        assert_eq!(c.top_k(10, &labels).len(), 4);
+    }
+}

@@ -1,0 +1,419 @@
+//! Image decoding and preprocessing: file bytes to the model's input tensor.
+//!
+//! The compiler and the runtime both call [`Preprocessing::apply`], and the parameters travel inside
+//! the artifact, so an image is turned into exactly the same tensor at training and at deployment.
+//!
+//! Steps: decode (JPEG, PNG, GIF first frame, WebP) with bounded memory, apply the EXIF orientation,
+//! convert to 8-bit RGB, resize so the shorter side is `resize_shorter` (aspect kept), crop the
+//! centre to `crop`, reorder channels, normalise `(pixel - mean) / std` per channel (pixel in
+//! 0..=255), lay out as NCHW.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::str::FromStr;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Largest width or height accepted from an image file.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Largest buffer an image decoder may allocate.
+pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+
+/// How an image becomes the model's input tensor; recorded in every artifact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocessing {
+    /// The shorter image side is resized to this many pixels, keeping the aspect ratio.
+    pub resize_shorter: u32,
+    /// Centre crop taken after resizing, `[height, width]`.
+    pub crop: [u32; 2],
+    /// Resampling filter used for the resize.
+    pub filter: ResizeFilter,
+    /// Channel order of the input tensor.
+    pub channel_order: ChannelOrder,
+    /// Per-channel normalisation.
+    pub normalization: Normalization,
+}
+
+/// Resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeFilter {
+    /// Nearest neighbour.
+    Nearest,
+    /// Bilinear (triangle) with antialiasing when shrinking.
+    Bilinear,
+    /// Bicubic (Catmull-Rom) with antialiasing when shrinking.
+    Bicubic,
+}
+
+/// Channel order of the input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    /// Red, green, blue (ONNX exports of PyTorch and TF models).
+    Rgb,
+    /// Blue, green, red (Caffe-era models).
+    Bgr,
+}
+
+/// `value = (pixel - mean) / std`, with `pixel` in 0..=255, per channel in tensor channel order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    /// Preset name (`imagenet`, `tf`, `unit`, `none`) or `custom`.
+    pub name: String,
+    /// Per-channel mean, in pixel units.
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation, in pixel units.
+    pub std: [f32; 3],
+}
+
+impl Normalization {
+    /// torchvision's ImageNet statistics: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)
+    /// of pixel / 255.
+    pub fn imagenet() -> Normalization {
+        Normalization {
+            name: "imagenet".into(),
+            mean: [0.485 * 255.0, 0.456 * 255.0, 0.406 * 255.0],
+            std: [0.229 * 255.0, 0.224 * 255.0, 0.225 * 255.0],
+        }
+    }
+
+    /// TensorFlow's `(pixel - 127) / 128`, the range [-1, 1] that EfficientNet-Lite was trained on.
+    pub fn tf() -> Normalization {
+        Normalization {
+            name: "tf".into(),
+            mean: [127.0; 3],
+            std: [128.0; 3],
+        }
+    }
+
+    /// `pixel / 255`, the range [0, 1].
+    pub fn unit() -> Normalization {
+        Normalization {
+            name: "unit".into(),
+            mean: [0.0; 3],
+            std: [255.0; 3],
+        }
+    }
+
+    /// Raw pixel values 0..=255.
+    pub fn none() -> Normalization {
+        Normalization {
+            name: "none".into(),
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
+    }
+}
+
+impl FromStr for Normalization {
+    type Err = String;
+
+    /// Parses a preset name, or custom statistics in the [0, 1] pixel range as torchvision writes
+    /// them: `M,S` (one mean and std for all channels) or `M1,M2,M3,S1,S2,S3`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "imagenet" => return Ok(Normalization::imagenet()),
+            "tf" => return Ok(Normalization::tf()),
+            "unit" => return Ok(Normalization::unit()),
+            "none" => return Ok(Normalization::none()),
+            _ => {}
+        }
+        let values = s
+            .split(',')
+            .map(|v| v.trim().parse::<f32>())
+            .collect::<std::result::Result<Vec<f32>, _>>()
+            .map_err(|_| {
+                format!("unknown normalization {s:?}: expected imagenet, tf, unit, none, M,S or M1,M2,M3,S1,S2,S3")
+            })?;
+        let (mean, std) = match values[..] {
+            [m, s] => ([m; 3], [s; 3]),
+            [m1, m2, m3, s1, s2, s3] => ([m1, m2, m3], [s1, s2, s3]),
+            _ => {
+                return Err(format!(
+                    "normalization {s:?} needs 2 or 6 numbers, found {}",
+                    values.len()
+                ))
+            }
+        };
+        if std.iter().any(|s| !s.is_finite() || *s <= 0.0) || mean.iter().any(|m| !m.is_finite()) {
+            return Err(format!(
+                "normalization {s:?}: std must be positive and every value finite"
+            ));
+        }
+        Ok(Normalization {
+            name: "custom".into(),
+            mean: mean.map(|m| m * 255.0),
+            std: std.map(|s| s * 255.0),
+        })
+    }
+}
+
+impl FromStr for ResizeFilter {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "nearest" => Ok(ResizeFilter::Nearest),
+            "bilinear" => Ok(ResizeFilter::Bilinear),
+            "bicubic" => Ok(ResizeFilter::Bicubic),
+            _ => Err(format!(
+                "unknown resize filter {s:?}: expected nearest, bilinear or bicubic"
+            )),
+        }
+    }
+}
+
+impl Preprocessing {
+    /// The usual evaluation transform for an `height x width` input: shorter side resized to
+    /// `max(height, width) / 0.875` (256 for 224), bilinear, centre crop, RGB.
+    pub fn for_input(height: u32, width: u32, normalization: Normalization) -> Preprocessing {
+        Preprocessing {
+            resize_shorter: (height.max(width) as f32 / 0.875).round() as u32,
+            crop: [height, width],
+            filter: ResizeFilter::Bilinear,
+            channel_order: ChannelOrder::Rgb,
+            normalization,
+        }
+    }
+
+    /// Checks that the parameters describe a valid transform.
+    pub fn validate(&self) -> Result<()> {
+        let [h, w] = self.crop;
+        if h == 0 || w == 0 || h > MAX_IMAGE_SIDE || w > MAX_IMAGE_SIDE {
+            return Err(Error::InvalidPreprocessing(format!(
+                "crop {h}x{w} must be between 1 and {MAX_IMAGE_SIDE} pixels per side"
+            )));
+        }
+        if self.resize_shorter < h.max(w) || self.resize_shorter > MAX_IMAGE_SIDE {
+            return Err(Error::InvalidPreprocessing(format!(
+                "resize_shorter {} must be at least the crop size {} and at most {MAX_IMAGE_SIDE}",
+                self.resize_shorter,
+                h.max(w)
+            )));
+        }
+        let n = &self.normalization;
+        if n.std.iter().any(|s| !s.is_finite() || *s <= 0.0)
+            || n.mean.iter().any(|m| !m.is_finite())
+        {
+            return Err(Error::InvalidPreprocessing(
+                "normalization std must be positive and every value finite".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of `f32` values in one preprocessed image (`3 * height * width`).
+    pub fn tensor_len(&self) -> usize {
+        3 * self.crop[0] as usize * self.crop[1] as usize
+    }
+
+    /// Turns a decoded image into a CHW tensor of [`Self::tensor_len`] values.
+    pub fn apply(&self, image: &DynamicImage) -> Vec<f32> {
+        let mut out = vec![0.0; self.tensor_len()];
+        self.apply_into(image, &mut out);
+        out
+    }
+
+    /// Like [`Self::apply`], writing into `out` (which must hold [`Self::tensor_len`] values).
+    pub fn apply_into(&self, image: &DynamicImage, out: &mut [f32]) {
+        assert_eq!(out.len(), self.tensor_len(), "output buffer size");
+        let rgb = self.resize_and_crop(image);
+        let [h, w] = self.crop.map(|v| v as usize);
+        let plane = h * w;
+        let order = match self.channel_order {
+            ChannelOrder::Rgb => [0, 1, 2],
+            ChannelOrder::Bgr => [2, 1, 0],
+        };
+        let n = &self.normalization;
+        for (i, px) in rgb.pixels().enumerate() {
+            for (c, &src) in order.iter().enumerate() {
+                out[c * plane + i] = (px.0[src] as f32 - n.mean[c]) / n.std[c];
+            }
+        }
+    }
+
+    fn resize_and_crop(&self, image: &DynamicImage) -> RgbImage {
+        let rgb = match image {
+            DynamicImage::ImageRgb8(rgb) => std::borrow::Cow::Borrowed(rgb),
+            other => std::borrow::Cow::Owned(other.to_rgb8()),
+        };
+        let (w, h) = rgb.dimensions();
+        let (rw, rh) = resized_dims(w, h, self.resize_shorter);
+        let resized = if (rw, rh) == (w, h) {
+            rgb
+        } else {
+            let filter = match self.filter {
+                ResizeFilter::Nearest => FilterType::Nearest,
+                ResizeFilter::Bilinear => FilterType::Triangle,
+                ResizeFilter::Bicubic => FilterType::CatmullRom,
+            };
+            std::borrow::Cow::Owned(image::imageops::resize(&*rgb, rw, rh, filter))
+        };
+        let [ch, cw] = self.crop;
+        let left = (rw - cw) / 2;
+        let top = (rh - ch) / 2;
+        image::imageops::crop_imm(&*resized, left, top, cw, ch).to_image()
+    }
+}
+
+/// Size after resizing `w x h` so that its shorter side is `shorter`.
+fn resized_dims(w: u32, h: u32, shorter: u32) -> (u32, u32) {
+    let scale = |long: u32, short: u32| {
+        ((long as u64 * shorter as u64 + short as u64 / 2) / short as u64).max(shorter as u64)
+            as u32
+    };
+    if w <= h {
+        (shorter, scale(h, w))
+    } else {
+        (scale(w, h), shorter)
+    }
+}
+
+/// Decodes image bytes (format sniffed from content) with bounded memory, applies the EXIF
+/// orientation, and returns the image. `path` is used in error messages only.
+pub fn decode_image(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
+    let fail = |reason: String| Error::ImageDecode {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(fail("unrecognised image format".into()));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(fail(format!("image is {w}x{h} pixels")));
+    }
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
+    image.apply_orientation(orientation);
+    Ok(image)
+}
+
+/// Reads and decodes the image at `path` (see [`decode_image`]).
+pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png_bytes(image: &DynamicImage) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn shorter_side_is_resized_keeping_aspect() {
+        assert_eq!(resized_dims(500, 375, 256), (341, 256));
+        assert_eq!(resized_dims(375, 500, 256), (256, 341));
+        assert_eq!(resized_dims(32, 32, 256), (256, 256));
+        assert_eq!(resized_dims(4000, 10, 256), (102_400, 256));
+    }
+
+    #[test]
+    fn tf_normalization_is_exact_and_channels_are_planar() {
+        let mut img = RgbImage::new(4, 4);
+        for p in img.pixels_mut() {
+            *p = image::Rgb([255, 127, 0]);
+        }
+        let pre = Preprocessing {
+            resize_shorter: 4,
+            crop: [2, 2],
+            filter: ResizeFilter::Bilinear,
+            channel_order: ChannelOrder::Rgb,
+            normalization: Normalization::tf(),
+        };
+        let t = pre.apply(&DynamicImage::ImageRgb8(img));
+        assert_eq!(t, [[1.0; 4], [0.0; 4], [-127.0 / 128.0; 4]].concat());
+        let bgr = Preprocessing {
+            channel_order: ChannelOrder::Bgr,
+            ..pre
+        };
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, image::Rgb([255, 127, 0])));
+        assert_eq!(bgr.apply(&img)[..4], [-127.0 / 128.0; 4]);
+    }
+
+    #[test]
+    fn centre_crop_takes_the_middle() {
+        let img = RgbImage::from_fn(6, 4, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
+        let pre = Preprocessing {
+            resize_shorter: 4,
+            crop: [2, 2],
+            filter: ResizeFilter::Nearest,
+            channel_order: ChannelOrder::Rgb,
+            normalization: Normalization::none(),
+        };
+        let t = pre.apply(&DynamicImage::ImageRgb8(img));
+        assert_eq!(&t[..4], &[20.0, 30.0, 20.0, 30.0]);
+    }
+
+    #[test]
+    fn grayscale_and_rgba_become_rgb() {
+        let pre = Preprocessing::for_input(8, 8, Normalization::none());
+        let gray = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(9, 9, image::Luma([77])));
+        assert!(pre.apply(&gray).iter().all(|v| *v == 77.0));
+        let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+            9,
+            9,
+            image::Rgba([1, 2, 3, 0]),
+        ));
+        let t = pre.apply(&rgba);
+        assert_eq!((t[0], t[64], t[128]), (1.0, 2.0, 3.0));
+    }
+
+    #[test]
+    fn decode_rejects_garbage_with_the_path() {
+        let err = decode_image(b"not an image", Path::new("x.jpg")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.jpg: cannot decode image: unrecognised image format"
+        );
+        let png = png_bytes(&DynamicImage::ImageRgb8(RgbImage::new(3, 2)));
+        let err = decode_image(&png[..png.len() / 2], Path::new("t.png")).unwrap_err();
+        assert!(err.to_string().starts_with("t.png: cannot decode image"));
+    }
+
+    #[test]
+    fn decode_round_trips_png() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(3, 2, image::Rgb([9, 8, 7])));
+        let back = decode_image(&png_bytes(&img), Path::new("a.png")).unwrap();
+        assert_eq!(back.to_rgb8(), img.to_rgb8());
+    }
+
+    #[test]
+    fn normalization_parses_presets_and_custom_values() {
+        assert_eq!("tf".parse::<Normalization>().unwrap(), Normalization::tf());
+        let n: Normalization = "0.5,0.25".parse().unwrap();
+        assert_eq!((n.mean, n.std), ([127.5; 3], [63.75; 3]));
+        assert!("0.5,0".parse::<Normalization>().is_err());
+        assert!("fancy".parse::<Normalization>().is_err());
+    }
+
+    #[test]
+    fn validate_rejects_crop_larger_than_resize() {
+        let mut pre = Preprocessing::for_input(224, 224, Normalization::tf());
+        assert!(pre.validate().is_ok());
+        pre.resize_shorter = 200;
+        assert!(pre.validate().is_err());
+    }
+}

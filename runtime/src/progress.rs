@@ -1,0 +1,20 @@
+//! Progress reporting hooks for long loops; the runtime itself never draws anything.
+
+/// Receives progress of long loops; the CLI draws bars with it, libraries pass [`NoProgress`].
+pub trait Progress: Sync {
+    /// A loop over `total` items named `what` begins.
+    fn start(&self, what: &str, total: usize);
+    /// One more item is done.
+    fn advance(&self);
+    /// The loop is over.
+    fn finish(&self);
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _: &str, _: usize) {}
+    fn advance(&self) {}
+    fn finish(&self) {}
+}
