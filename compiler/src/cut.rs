@@ -51,9 +51,11 @@ impl CutBackbone {
         let features = match cut_shape[..] {
             [1, _] => output,
             [1, _, h, w] => global_average_pool(&mut model, output, h * w)?,
-            _ => return Err(invalid(format!(
+            _ => {
+                return Err(invalid(format!(
                 "its shape {cut_shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
-            ))),
+            )))
+            }
         };
         model
             .select_output_outlets(&[features])

@@ -146,19 +146,23 @@ impl FeatureExtractor {
         let cached = cache.map(|c| c.load()).transpose()?.unwrap_or_default();
         let mut rows: Vec<Option<Result<Vec<f32>>>> = Vec::with_capacity(samples.len());
         let mut todo = Vec::new();
-        for (i, hash) in hashes.iter().enumerate() {
+        let mut hashes_ok = Vec::with_capacity(samples.len());
+        for (i, hash) in hashes.into_iter().enumerate() {
             match hash {
-                Ok(h) => match cached.get(h) {
-                    Some(f) => rows.push(Some(Ok(f))),
-                    None => {
-                        rows.push(None);
-                        todo.push(i);
+                Ok(h) => {
+                    match cached.get(&h) {
+                        Some(f) => rows.push(Some(Ok(f))),
+                        None => {
+                            rows.push(None);
+                            todo.push(i);
+                        }
                     }
-                },
-                Err(e) => rows.push(Some(Err(CompileError::io(
-                    &samples[i].path,
-                    std::io::Error::new(e.kind(), e.to_string()),
-                )))),
+                    hashes_ok.push(Some(h));
+                }
+                Err(e) => {
+                    rows.push(Some(Err(e)));
+                    hashes_ok.push(None);
+                }
             }
         }
         let cache_hits = rows.iter().filter(|r| matches!(r, Some(Ok(_)))).count();
@@ -176,7 +180,7 @@ impl FeatureExtractor {
         progress.finish();
         let mut fresh = Vec::new();
         for (&i, result) in todo.iter().zip(computed) {
-            if let (Ok(f), Ok(h)) = (&result, &hashes[i]) {
+            if let (Ok(f), Some(h)) = (&result, &hashes_ok[i]) {
                 fresh.push((*h, f.clone()));
             }
             rows[i] = Some(result);
@@ -215,8 +219,8 @@ impl FeatureExtractor {
     }
 }
 
-fn hash_file(path: &Path) -> std::io::Result<ImageHash> {
-    let bytes = std::fs::read(path)?;
+fn hash_file(path: &Path) -> Result<ImageHash> {
+    let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
     Ok(Sha256::digest(&bytes).into())
 }
 
@@ -340,8 +344,9 @@ impl FeatureCache {
             hashes.push(*hash);
             data.extend(old.get(hash).expect("indexed row"));
         }
+        let mut seen: std::collections::HashSet<ImageHash> = hashes.iter().copied().collect();
         for (hash, f) in fresh {
-            if !old.index.contains_key(hash) && !hashes[old.len()..].contains(hash) {
+            if seen.insert(*hash) {
                 hashes.push(*hash);
                 data.extend_from_slice(f);
             }

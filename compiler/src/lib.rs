@@ -14,6 +14,7 @@ pub mod extract;
 pub mod fold;
 pub mod import;
 pub mod pipeline;
+pub mod probe;
 pub mod rng;
 pub mod train;
 pub mod ui;

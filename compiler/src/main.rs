@@ -82,10 +82,11 @@ struct CompileArgs {
     /// Head to train: linear (softmax regression) or mlp:H (H hidden units, ReLU, dropout).
     #[arg(long, default_value = "linear", value_parser = parse_head)]
     head: HeadKind,
-    /// Input normalisation: imagenet, tf ((x-127)/128), unit (x/255), none, or custom
+    /// Input normalisation: auto (ask the backbone's own classifier which of imagenet, tf, unit
+    /// it was trained with), imagenet, tf ((x-127)/128), unit (x/255), none, or custom
     /// M,S / M1,M2,M3,S1,S2,S3 on the 0..1 scale.
-    #[arg(long, default_value = "imagenet", value_parser = parse_normalization)]
-    normalize: Normalization,
+    #[arg(long, default_value = "auto", value_parser = parse_normalization)]
+    normalize: NormalizeChoice,
     /// Resize the shorter image side to this before the centre crop [default: crop / 0.875].
     #[arg(long, value_name = "PIXELS")]
     resize: Option<u32>,
@@ -159,15 +160,26 @@ fn default_demo_dir() -> &'static str {
 }
 
 fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    dir.canonicalize().unwrap_or(dir)
 }
 
 fn parse_head(s: &str) -> Result<HeadKind, String> {
     s.parse()
 }
 
-fn parse_normalization(s: &str) -> Result<Normalization, String> {
-    s.parse()
+/// `--normalize`: a normalisation, or `auto`.
+#[derive(Debug, Clone)]
+enum NormalizeChoice {
+    Auto,
+    Fixed(Normalization),
+}
+
+fn parse_normalization(s: &str) -> Result<NormalizeChoice, String> {
+    match s {
+        "auto" => Ok(NormalizeChoice::Auto),
+        _ => s.parse().map(NormalizeChoice::Fixed),
+    }
 }
 
 fn parse_filter(s: &str) -> Result<ResizeFilter, String> {
@@ -208,7 +220,10 @@ impl CompileArgs {
             keep_imagenet_head: self.keep_imagenet_head,
             labels_file: self.labels.clone(),
             input_size: self.input_size,
-            normalization: self.normalize.clone(),
+            normalization: match &self.normalize {
+                NormalizeChoice::Auto => None,
+                NormalizeChoice::Fixed(n) => Some(n.clone()),
+            },
             resize_shorter: self.resize,
             filter: self.filter,
             channel_order: if self.bgr {

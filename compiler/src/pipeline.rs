@@ -17,6 +17,7 @@ use crate::artifact::{manifest_for, HeadSummary};
 use crate::error::{CompileError, Result};
 use crate::extract::{Extraction, FeatureCache, FeatureExtractor, Features};
 use crate::import::Backbone;
+use crate::probe::probe_normalization;
 use crate::rng::Rng;
 use crate::train::{train_head, TrainConfig, TrainedHead};
 
@@ -46,8 +47,8 @@ pub struct CompileOptions {
     pub labels_file: Option<PathBuf>,
     /// Input size for backbones with dynamic spatial dimensions.
     pub input_size: Option<[usize; 2]>,
-    /// Per-channel normalisation.
-    pub normalization: Normalization,
+    /// Per-channel normalisation; `None` probes the backbone for it (see [`crate::probe`]).
+    pub normalization: Option<Normalization>,
     /// Shorter side after resizing (default: crop / 0.875).
     pub resize_shorter: Option<u32>,
     /// Resize filter.
@@ -101,8 +102,14 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         width,
         &backbone.sha256()[..12]
     ));
-    let mut preprocessing =
-        Preprocessing::for_input(height as u32, width as u32, options.normalization.clone());
+    let mut preprocessing = Preprocessing::for_input(
+        height as u32,
+        width as u32,
+        options
+            .normalization
+            .clone()
+            .unwrap_or_else(Normalization::imagenet),
+    );
     if let Some(r) = options.resize_shorter {
         preprocessing.resize_shorter = r;
     }
@@ -111,6 +118,11 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     preprocessing.validate()?;
 
     if options.keep_imagenet_head {
+        if options.normalization.is_none() {
+            reporter.message(
+                "normalize imagenet (no images to probe with; pass --normalize to choose)",
+            );
+        }
         return compile_with_own_head(options, backbone, preprocessing, reporter, started);
     }
     let data = options.data.as_deref().ok_or_else(|| {
@@ -120,7 +132,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         Some(c) => c.clone(),
         None => backbone.default_cut()?,
     };
-    let cut = backbone.cut(&cut_name)?;
+    let cut = backbone.clone().cut(&cut_name)?;
     reporter.message(&format!(
         "cut       at {:?}: features {:?}{}",
         cut.cut_name(),
@@ -150,6 +162,11 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             .collect::<Vec<_>>()
             .join(", ")
     ));
+
+    if options.normalization.is_none() {
+        preprocessing.normalization =
+            choose_normalization(&backbone, &preprocessing, &train_samples, options, reporter)?;
+    }
 
     let extract_started = Instant::now();
     let extractor = FeatureExtractor::new(&cut, &preprocessing)?;
@@ -253,6 +270,45 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         artifact_val_accuracy,
         extract_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `--normalize auto`: ask the backbone's own classifier (see [`crate::probe`]).
+fn choose_normalization(
+    backbone: &Backbone,
+    preprocessing: &Preprocessing,
+    samples: &[Sample],
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<Normalization> {
+    let probe = probe_normalization(
+        backbone,
+        preprocessing,
+        samples,
+        options.threads,
+        options.cache_dir.as_deref(),
+    )?;
+    Ok(match probe {
+        Some(probe) => {
+            let scores: Vec<String> = probe
+                .scores
+                .iter()
+                .map(|(name, score)| format!("{name} {score:.3}"))
+                .collect();
+            reporter.message(&format!(
+                "normalize {} (auto, by {}: {})",
+                probe.chosen,
+                probe.method,
+                scores.join(", ")
+            ));
+            probe.normalization()
+        }
+        None => {
+            reporter.message(
+                "normalize imagenet (auto: the backbone has no classifier output to probe; pass --normalize to choose)",
+            );
+            Normalization::imagenet()
+        }
     })
 }
 
