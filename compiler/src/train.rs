@@ -443,6 +443,7 @@ mod tests {
         let (train, val) = (blobs(60, 1), blobs(30, 2));
         let config = TrainConfig {
             epochs: 60,
+            learning_rate: 0.05,
             ..TrainConfig::default()
         };
         let mut epochs = 0;

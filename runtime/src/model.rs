@@ -85,7 +85,7 @@ impl Model {
             reason: format!("{e:#}"),
         };
         let graph = tract_nnef::nnef()
-            .model_for_read(&mut &*artifact.graph_bytes())
+            .model_for_read(&mut artifact.graph_bytes())
             .map_err(invalid)?;
         check_graph(&graph, &artifact.manifest).map_err(|reason| Error::InvalidGraph {
             path: artifact.path.clone(),

@@ -1,0 +1,80 @@
+//! Helpers shared by the end-to-end tests: paths to the fixtures and the real binaries, and a
+//! small runner that captures exit code, stdout and stderr.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository's `fixtures/` folder.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+/// `../shared` beside the repository, when present (real datasets for the larger checks).
+pub fn shared() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    dir.join("datasets").is_dir().then_some(dir)
+}
+
+/// The Lite0 backbone fixture.
+pub fn lite0() -> PathBuf {
+    fixtures().join("efficientnet_lite0.onnx")
+}
+
+/// The small ant/bee fixture dataset.
+pub fn hymenoptera_mini() -> PathBuf {
+    fixtures().join("hymenoptera-mini")
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Panics with both streams unless the exit code is `code`.
+    pub fn expect_code(self, code: i32) -> Output {
+        assert_eq!(
+            self.code, code,
+            "exit code {} (expected {code})\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The stderr line starting with `error: `.
+    pub fn error_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line in stderr:\n{}", self.stderr))
+    }
+}
+
+/// Runs `program` with `args` and a private feature cache.
+pub fn run(program: &Path, args: &[&std::ffi::OsStr]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .env(
+            "GRAFT_CACHE_DIR",
+            std::env::temp_dir().join("graft-test-cache-unused"),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Converts a list of string-likes into `OsStr` arguments.
+#[macro_export]
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {
+        &[$(::std::ffi::OsStr::new(&$a)),*]
+    };
+}

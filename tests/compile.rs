@@ -1,0 +1,692 @@
+//! End to end through the real `graft` and `graft-run` binaries: compile the fixture backbone on
+//! the fixture images, then predict, evaluate and inspect the artifact.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::*;
+
+fn graft() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_graft"))
+}
+
+fn graft_run() -> PathBuf {
+    let path = graft().with_file_name(format!("graft-run{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` so it is built",
+        path.display()
+    );
+    path
+}
+
+/// One compile of the fixtures shared by the tests of this file.
+struct Compiled {
+    dir: tempfile::TempDir,
+    artifact: PathBuf,
+    output: Output,
+}
+
+impl Compiled {
+    fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+}
+
+fn compiled() -> &'static Compiled {
+    static COMPILED: OnceLock<Compiled> = OnceLock::new();
+    COMPILED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let artifact = dir.path().join("bees.graft");
+        let cache = dir.path().join("cache");
+        let output = run(
+            graft(),
+            args![
+                "compile",
+                "--backbone",
+                lite0(),
+                "--data",
+                hymenoptera_mini(),
+                "--out",
+                artifact,
+                "--cache-dir",
+                cache
+            ],
+        )
+        .expect_code(0);
+        Compiled {
+            dir,
+            artifact,
+            output,
+        }
+    })
+}
+
+/// The number after `prefix` in `text`.
+fn number_after(text: &str, prefix: &str) -> f64 {
+    let start = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("{prefix:?} not in:\n{text}"))
+        + prefix.len();
+    text[start..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn fixture_compile_reaches_the_accuracy_floor_and_eval_measures_the_same() {
+    let c = compiled();
+    let printed = number_after(&c.output.stdout, "validation accuracy ");
+    assert!(
+        printed >= 0.9,
+        "validation accuracy {printed} below the 0.9 floor"
+    );
+    assert!(
+        c.output.stdout.contains("(24 val images)"),
+        "{}",
+        c.output.stdout
+    );
+    assert!(
+        c.output.stderr.contains("normalize tf (auto"),
+        "the probe should pick tf for Lite0:\n{}",
+        c.output.stderr
+    );
+
+    let eval = run(graft(), args!["eval", c.artifact, hymenoptera_mini()]).expect_code(0);
+    let measured = number_after(&eval.stdout, "accuracy ");
+    assert_eq!(measured, printed, "eval:\n{}", eval.stdout);
+    assert!(eval.stdout.contains("on 24 images"), "{}", eval.stdout);
+
+    let eval_json = json(
+        &run(
+            graft_run().as_path(),
+            args!["eval", c.artifact, hymenoptera_mini(), "--json"],
+        )
+        .expect_code(0)
+        .stdout,
+    );
+    assert_eq!(
+        format!("{:.4}", eval_json["accuracy"].as_f64().unwrap()),
+        format!("{printed:.4}")
+    );
+    assert_eq!(eval_json["images"], 24);
+}
+
+#[test]
+fn second_compile_reuses_the_feature_cache() {
+    let c = compiled();
+    assert!(
+        c.output
+            .stderr
+            .contains("72 images: 0 from cache, 72 computed"),
+        "{}",
+        c.output.stderr
+    );
+    let again = c.dir.path().join("again.graft");
+    let out = run(
+        graft(),
+        args![
+            "compile",
+            "--backbone",
+            lite0(),
+            "--data",
+            hymenoptera_mini(),
+            "--out",
+            again,
+            "--cache-dir",
+            c.cache(),
+            "--head",
+            "mlp:32"
+        ],
+    )
+    .expect_code(0);
+    assert!(
+        out.stderr.contains("72 images: 72 from cache, 0 computed"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn same_seed_gives_a_byte_identical_artifact() {
+    let c = compiled();
+    let again = c.dir.path().join("same.graft");
+    run(
+        graft(),
+        args![
+            "compile",
+            "--backbone",
+            lite0(),
+            "--data",
+            hymenoptera_mini(),
+            "--out",
+            again,
+            "--cache-dir",
+            c.cache(),
+            "--quiet"
+        ],
+    )
+    .expect_code(0);
+    assert!(
+        std::fs::read(&again).unwrap() == std::fs::read(&c.artifact).unwrap(),
+        "artifacts differ"
+    );
+}
+
+#[test]
+fn predict_prints_top_k_and_graft_run_agrees() {
+    let c = compiled();
+    let images = [
+        hymenoptera_mini().join("val/ants/11381045_b352a47d8c.jpg"),
+        hymenoptera_mini().join("val/bees"),
+    ];
+    let graft_out = run(
+        graft(),
+        args!["predict", c.artifact, images[0], images[1], "--json", "-k", "2"],
+    )
+    .expect_code(0);
+    let run_out = run(
+        graft_run().as_path(),
+        args![c.artifact, images[0], images[1], "--json", "-k", "2"],
+    )
+    .expect_code(0);
+    assert_eq!(graft_out.stdout, run_out.stdout);
+    let doc = json(&graft_out.stdout);
+    let predictions = doc["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 13, "1 ant + 12 bees");
+    for p in predictions {
+        let top = p["top_k"].as_array().unwrap();
+        let total: f64 = top.iter().map(|s| s["probability"].as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{p}");
+        assert!(top[0]["probability"].as_f64() >= top[1]["probability"].as_f64());
+    }
+    assert_eq!(predictions[0]["top_k"][0]["label"], "ants");
+
+    let text = run(graft_run().as_path(), args![c.artifact, images[0]]).expect_code(0);
+    assert!(
+        text.stdout
+            .starts_with(&format!("{}: ants ", images[0].display())),
+        "{}",
+        text.stdout
+    );
+}
+
+#[test]
+fn inspect_shows_labels_preprocessing_provenance_and_metrics() {
+    let c = compiled();
+    let doc = json(
+        &run(graft(), args!["inspect", c.artifact, "--json"])
+            .expect_code(0)
+            .stdout,
+    );
+    let m = &doc["manifest"];
+    assert_eq!(m["labels"], serde_json::json!(["ants", "bees"]));
+    assert_eq!(m["preprocessing"]["normalization"]["name"], "tf");
+    assert_eq!(m["preprocessing"]["crop"], serde_json::json!([224, 224]));
+    assert_eq!(
+        m["backbone"]["sha256"],
+        "cf70b3573f4a1349ccf3ba43e6e3417fa72a0e3dd26011aef06a707f9cfd8593"
+    );
+    assert_eq!(m["backbone"]["cut"], "features");
+    assert_eq!(m["head"]["layers"], serde_json::json!([[1280, 2]]));
+    assert_eq!(m["training"]["seed"], 42);
+    let printed = number_after(&c.output.stdout, "validation accuracy ");
+    assert_eq!(
+        format!("{:.4}", m["metrics"]["val_accuracy"].as_f64().unwrap()),
+        format!("{printed:.4}")
+    );
+    assert_eq!(doc["format_version"], 1);
+
+    let text = run(graft_run().as_path(), args!["inspect", c.artifact]).expect_code(0);
+    for needle in [
+        "labels      2 classes: ants, bees",
+        "cut at \"features\"",
+        "normalize tf",
+    ] {
+        assert!(
+            text.stdout.contains(needle),
+            "{needle:?} not in\n{}",
+            text.stdout
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn folder_without_val_split_holds_out_a_stratified_fifth_and_skips_corrupt_images() {
+    let c = compiled();
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&hymenoptera_mini().join("train"), dir.path());
+    std::fs::write(
+        dir.path().join("bees/broken.jpg"),
+        b"\xff\xd8\xff\xe0 not really a jpeg",
+    )
+    .unwrap();
+    let out_path = dir.path().join("m.graft");
+    let out = run(
+        graft(),
+        args![
+            "compile",
+            "--backbone",
+            lite0(),
+            "--data",
+            dir.path(),
+            "--out",
+            out_path,
+            "--cache-dir",
+            c.cache(),
+            "--no-verify"
+        ],
+    )
+    .expect_code(0);
+    assert!(
+        out.stderr.contains("39 train / 10 holdout images"),
+        "{}",
+        out.stderr
+    );
+    let broken = dir.path().join("bees/broken.jpg");
+    assert!(
+        out.stderr.contains(&format!(
+            "warning   skipped {}: {}: cannot decode image",
+            broken.display(),
+            broken.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("1 undecodable image(s) skipped"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.contains("holdout images)"), "{}", out.stdout);
+    assert!(out_path.is_file());
+}
+
+#[test]
+fn bad_data_folders_are_clear_errors_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    copy_dir(&hymenoptera_mini().join("train/ants"), &data.join("ants"));
+    let out_path = dir.path().join("m.graft");
+    let compile = |data: &Path| {
+        run(
+            graft(),
+            args![
+                "compile",
+                "--backbone",
+                lite0(),
+                "--data",
+                data,
+                "--out",
+                out_path,
+                "--no-cache"
+            ],
+        )
+    };
+
+    let single = compile(&data).expect_code(1);
+    assert_eq!(
+        single.error_line(),
+        format!(
+            "error: {}: found only one class (\"ants\"): a classifier needs at least two",
+            data.display()
+        )
+    );
+
+    std::fs::create_dir(data.join("bees")).unwrap();
+    std::fs::write(data.join("bees/notes.txt"), "no images here").unwrap();
+    let empty = compile(&data).expect_code(1);
+    assert_eq!(
+        empty.error_line(),
+        format!(
+            "error: {}: class \"bees\" has no images (expected files ending in .jpg, .jpeg, .png, .gif or .webp)",
+            data.join("bees").display()
+        )
+    );
+
+    let missing = compile(&dir.path().join("nope")).expect_code(1);
+    assert_eq!(
+        missing.error_line(),
+        format!(
+            "error: {}: No such file or directory (os error 2)",
+            dir.path().join("nope").display()
+        )
+    );
+    assert!(!out_path.exists(), "no artifact may be written on error");
+}
+
+#[test]
+fn an_existing_artifact_survives_a_failed_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("m.graft");
+    std::fs::write(&out_path, b"previous good artifact").unwrap();
+    run(
+        graft(),
+        args![
+            "compile",
+            "--backbone",
+            lite0(),
+            "--data",
+            dir.path().join("nope"),
+            "--out",
+            out_path
+        ],
+    )
+    .expect_code(1);
+    assert_eq!(std::fs::read(&out_path).unwrap(), b"previous good artifact");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
+}
+
+#[test]
+fn bad_backbones_and_cuts_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("m.graft");
+    let data = hymenoptera_mini();
+    let compile = |backbone: &Path, extra: &[&str]| {
+        let mut a: Vec<&std::ffi::OsStr> = args![
+            "compile",
+            "--backbone",
+            backbone,
+            "--data",
+            data,
+            "--out",
+            out_path,
+            "--no-cache"
+        ]
+        .to_vec();
+        a.extend(extra.iter().map(std::ffi::OsStr::new));
+        run(graft(), &a)
+    };
+
+    let bad_cut = compile(&lite0(), &["--cut", "nope"]).expect_code(1);
+    assert!(
+        bad_cut.error_line().starts_with(&format!(
+            "error: {}: cannot cut at \"nope\": no tensor of that name in the graph (the last ones are: ",
+            lite0().display()
+        )),
+        "{}",
+        bad_cut.stderr
+    );
+
+    let missing = dir.path().join("missing.onnx");
+    let out = compile(&missing, &[]).expect_code(1);
+    assert_eq!(
+        out.error_line(),
+        format!(
+            "error: {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+
+    let truncated = dir.path().join("truncated.onnx");
+    std::fs::write(&truncated, &std::fs::read(lite0()).unwrap()[..100_000]).unwrap();
+    let out = compile(&truncated, &[]).expect_code(1);
+    assert!(
+        out.error_line().starts_with(&format!(
+            "error: {}: not a valid ONNX model: ",
+            truncated.display()
+        )),
+        "{}",
+        out.stderr
+    );
+
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"this is not protobuf at all").unwrap();
+    let out = compile(&garbage, &[]).expect_code(1);
+    assert!(
+        out.error_line()
+            .starts_with(&format!("error: {}: ", garbage.display())),
+        "{}",
+        out.stderr
+    );
+
+    let bad_head = compile(&lite0(), &["--head", "svm"]).expect_code(1);
+    assert!(
+        bad_head
+            .stderr
+            .contains("unknown head \"svm\": expected linear or mlp:H"),
+        "{}",
+        bad_head.stderr
+    );
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn unsupported_operators_and_dynamic_inputs_are_named() {
+    use prost::Message;
+    use tract_onnx::pb::tensor_shape_proto::{dimension::Value, Dimension};
+    use tract_onnx::prelude::Framework;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("m.graft");
+    let proto = tract_onnx::onnx()
+        .proto_model_for_path(lite0())
+        .expect("fixture parses");
+
+    let mut unsupported = proto.clone();
+    let graph = unsupported.graph.as_mut().unwrap();
+    let node_name = graph.node[3].name.clone();
+    graph.node[3].op_type = "FancyAttention".into();
+    let path = dir.path().join("unsupported.onnx");
+    std::fs::write(&path, unsupported.encode_to_vec()).unwrap();
+    let out = run(
+        graft(),
+        args![
+            "compile",
+            "--backbone",
+            path,
+            "--data",
+            hymenoptera_mini(),
+            "--out",
+            out_path,
+            "--no-cache"
+        ],
+    )
+    .expect_code(1);
+    assert_eq!(
+        out.error_line(),
+        format!(
+            "error: {}: unsupported ONNX operator \"FancyAttention\" at node {node_name:?}",
+            path.display()
+        )
+    );
+
+    let mut dynamic = proto.clone();
+    let input = &mut dynamic.graph.as_mut().unwrap().input[0];
+    let Some(tract_onnx::pb::type_proto::Value::TensorType(t)) =
+        input.r#type.as_mut().unwrap().value.as_mut()
+    else {
+        panic!("tensor input")
+    };
+    let dims = &mut t.shape.as_mut().unwrap().dim;
+    for d in [0, 2, 3] {
+        dims[d] = Dimension {
+            value: Some(Value::DimParam(format!("d{d}"))),
+            denotation: String::new(),
+        };
+    }
+    let path = dir.path().join("dynamic.onnx");
+    std::fs::write(&path, dynamic.encode_to_vec()).unwrap();
+    let out = run(
+        graft(),
+        args![
+            "compile",
+            "--backbone",
+            path,
+            "--data",
+            hymenoptera_mini(),
+            "--out",
+            out_path,
+            "--no-cache"
+        ],
+    )
+    .expect_code(1);
+    assert_eq!(
+        out.error_line(),
+        format!(
+            "error: {}: input \"input\" has dynamic spatial dimensions (?x3x?x?); pass --input-size HxW",
+            path.display()
+        )
+    );
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn damaged_artifacts_are_rejected_with_the_reason() {
+    let c = compiled();
+    let good = std::fs::read(&c.artifact).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let image = hymenoptera_mini().join("val/ants/11381045_b352a47d8c.jpg");
+    let check = |path: &Path, expected: String| {
+        for program in [graft_run(), graft().to_path_buf()] {
+            let out = run(&program, args!["predict", path, image]).expect_code(1);
+            assert_eq!(out.error_line(), expected, "{}", program.display());
+        }
+    };
+
+    let truncated = write("truncated.graft", &good[..good.len() / 2]);
+    check(
+        &truncated,
+        format!(
+            "error: {}: artifact is truncated or corrupt: its header declares {} bytes but the file has {}",
+            truncated.display(),
+            good.len(),
+            good.len() / 2
+        ),
+    );
+
+    let mut flipped = good.clone();
+    flipped[good.len() / 3] ^= 0x01;
+    let flipped = write("flipped.graft", &flipped);
+    let out = run(graft_run().as_path(), args![flipped, image]).expect_code(1);
+    assert!(
+        out.error_line().starts_with(&format!(
+            "error: {}: artifact is corrupt: checksum mismatch (stored ",
+            flipped.display()
+        )),
+        "{}",
+        out.stderr
+    );
+
+    let onnx = write("model.onnx", &std::fs::read(lite0()).unwrap()[..4096]);
+    check(
+        &onnx,
+        format!(
+            "error: {}: not a graft artifact (missing the GRAFTART magic bytes)",
+            onnx.display()
+        ),
+    );
+
+    let empty = write("empty.graft", b"");
+    check(
+        &empty,
+        format!(
+            "error: {}: not a graft artifact (missing the GRAFTART magic bytes)",
+            empty.display()
+        ),
+    );
+
+    let mut future = good.clone();
+    future[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let future = write("future.graft", &future);
+    check(
+        &future,
+        format!(
+            "error: {}: artifact format version 2 is not supported (this runtime reads version 1); it was written by a newer graft: upgrade the runtime",
+            future.display()
+        ),
+    );
+}
+
+#[test]
+fn undecodable_images_at_predict_time_are_reported_and_exit_1() {
+    let c = compiled();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let good = hymenoptera_mini().join("val/bees/1181173278_23c36fac71.jpg");
+    let out = run(graft_run().as_path(), args![c.artifact, good, bad]).expect_code(1);
+    assert!(
+        out.stdout.starts_with(&format!("{}: bees", good.display())),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "warning: skipped {}: cannot decode image",
+            bad.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("1 of 2 images could not be classified"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Acceptance on the real dataset (skipped without ../shared): Lite0 + hymenoptera with default
+/// options reaches at least 0.93 validation accuracy.
+#[test]
+fn hymenoptera_full_reaches_0_93() {
+    let Some(shared) = shared() else {
+        eprintln!("skipped: ../shared not found");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("h.graft");
+    let out = run(
+        graft(),
+        args![
+            "compile",
+            "--backbone",
+            shared.join("backbones/efficientnet_lite0.onnx"),
+            "--data",
+            shared.join("datasets/hymenoptera"),
+            "--out",
+            out_path,
+            "--cache-dir",
+            dir.path().join("cache")
+        ],
+    )
+    .expect_code(0);
+    let accuracy = number_after(&out.stdout, "validation accuracy ");
+    assert!(
+        accuracy >= 0.93,
+        "validation accuracy {accuracy}:\n{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("(153 val images)"), "{}", out.stdout);
+}
