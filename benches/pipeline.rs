@@ -1,0 +1,132 @@
+//! Criterion benches of the compile and run paths on the fixtures (EfficientNet-Lite0, 224x224,
+//! one thread per tract run). `cargo bench -p graft-compiler --bench pipeline`; numbers and the
+//! machine they came from are recorded in docs/PERFORMANCE.md.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use criterion::{criterion_group, criterion_main, Criterion};
+use graft_compiler::extract::{FeatureExtractor, Features};
+use graft_compiler::import::Backbone;
+use graft_compiler::pipeline::{compile, CompileOptions, Reporter};
+use graft_compiler::train::{train_head, TrainConfig};
+use graft_runtime::artifact::EpochRecord;
+use graft_runtime::dataset::ImageFolder;
+use graft_runtime::preprocess::{load_image, ChannelOrder, Normalization, ResizeFilter};
+use graft_runtime::progress::{NoProgress, Progress};
+use graft_runtime::Model;
+
+struct Silent;
+impl Progress for Silent {
+    fn start(&self, _: &str, _: usize) {}
+    fn advance(&self) {}
+    fn finish(&self) {}
+}
+impl Reporter for Silent {
+    fn message(&self, _: &str) {}
+    fn epoch(&self, _: &EpochRecord) {}
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+fn options(out: &Path, cache: &Path) -> CompileOptions {
+    CompileOptions {
+        backbone: fixtures().join("efficientnet_lite0.onnx"),
+        data: Some(fixtures().join("hymenoptera-mini")),
+        out: out.to_path_buf(),
+        cut: None,
+        keep_imagenet_head: false,
+        labels_file: None,
+        input_size: None,
+        normalization: Some(Normalization::tf()),
+        resize_shorter: None,
+        filter: ResizeFilter::Bilinear,
+        channel_order: ChannelOrder::Rgb,
+        train: TrainConfig::default(),
+        val_fraction: 0.2,
+        cache_dir: Some(cache.to_path_buf()),
+        threads: 1,
+        verify: false,
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("bees.graft");
+    let opts = options(&artifact, &dir.path().join("cache"));
+    compile(&opts, &Silent).expect("fixture compile");
+    let model = Model::load(&artifact).unwrap();
+    let image_path = fixtures().join("hymenoptera-mini/val/bees/1181173278_23c36fac71.jpg");
+    let image = load_image(&image_path).unwrap();
+    let chw = model.manifest().preprocessing.apply(&image);
+
+    // Guards the deployed path: one 224x224 image through the folded f32 graph (tract, 1 thread).
+    c.bench_function("runtime/classify_tensor/f32/batch1", |b| {
+        b.iter(|| model.classify_tensor(black_box(&chw)).unwrap())
+    });
+    // Guards preprocessing cost (resize shorter side to 256, crop, normalise) of a ~256 px JPEG.
+    c.bench_function("runtime/preprocess", |b| {
+        b.iter(|| model.manifest().preprocessing.apply(black_box(&image)))
+    });
+    // Guards JPEG decoding with bounded memory and EXIF handling.
+    c.bench_function("runtime/decode_jpeg", |b| {
+        b.iter(|| load_image(black_box(&image_path)).unwrap())
+    });
+    // Guards cold start: mmap, checksum, NNEF parse and tract optimisation of the artifact.
+    c.bench_function("runtime/load_artifact", |b| {
+        b.iter(|| Model::load(black_box(&artifact)).unwrap())
+    });
+    // Baseline for load_artifact: tract loading and optimising the original ONNX.
+    let onnx_path = fixtures().join("efficientnet_lite0.onnx");
+    c.bench_function("baseline/load_onnx_with_tract", |b| {
+        use tract_onnx::prelude::*;
+        b.iter(|| {
+            tract_onnx::onnx()
+                .model_for_path(black_box(&onnx_path))
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .unwrap()
+        })
+    });
+
+    let backbone = Backbone::load(&opts.backbone, None).unwrap();
+    let cut = backbone.clone().cut("features").unwrap();
+    let preprocessing = model.manifest().preprocessing.clone();
+    let extractor = FeatureExtractor::new(&cut, &preprocessing).unwrap();
+    let bytes = std::fs::read(&image_path).unwrap();
+    // Guards feature extraction per image (decode + preprocess + frozen backbone).
+    c.bench_function("compile/extract_one_image", |b| {
+        b.iter(|| {
+            extractor
+                .features_of(black_box(&bytes), &image_path)
+                .unwrap()
+        })
+    });
+
+    let folder = ImageFolder::scan(&fixtures().join("hymenoptera-mini")).unwrap();
+    let train = extractor
+        .extract(&folder.train, None, 1, &NoProgress)
+        .unwrap()
+        .features;
+    let val: Features = extractor
+        .extract(folder.val.as_deref().unwrap(), None, 1, &NoProgress)
+        .unwrap()
+        .features;
+    let config = TrainConfig {
+        patience: usize::MAX,
+        ..TrainConfig::default()
+    };
+    let mut group = c.benchmark_group("compile");
+    group.sample_size(10);
+    // Guards head training speed: 100 epochs of AdamW on 48 cached 1280-d features (candle, CPU).
+    group.bench_function("train_linear_head_100_epochs", |b| {
+        b.iter(|| train_head(&config, &train, &val, 2, &Device::Cpu, &mut |_| {}).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(pipeline, benches);
+criterion_main!(pipeline);
