@@ -394,6 +394,25 @@ mod tests {
     }
 
     #[test]
+    fn exif_orientation_is_applied() {
+        use image::ImageEncoder;
+        // TIFF header + one IFD entry: Orientation (0x0112) = 6, "rotate 90 degrees clockwise".
+        let exif = [
+            0x49, 0x49, 0x2A, 0, 8, 0, 0, 0, 1, 0, 0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0,
+            0, 0,
+        ];
+        let wide = RgbImage::from_pixel(40, 20, image::Rgb([200, 100, 50]));
+        let mut jpeg = Vec::new();
+        let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95);
+        encoder.set_exif_metadata(exif.to_vec()).unwrap();
+        encoder
+            .write_image(wide.as_raw(), 40, 20, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let decoded = decode_image(&jpeg, Path::new("rotated.jpg")).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (20, 40));
+    }
+
+    #[test]
     fn decode_round_trips_png() {
         let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(3, 2, image::Rgb([9, 8, 7])));
         let back = decode_image(&png_bytes(&img), Path::new("a.png")).unwrap();
