@@ -9,24 +9,12 @@ use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
 use graft_compiler::extract::{FeatureExtractor, Features};
 use graft_compiler::import::Backbone;
-use graft_compiler::pipeline::{compile, CompileOptions, Reporter};
+use graft_compiler::pipeline::{compile, CompileOptions};
 use graft_compiler::train::{train_head, TrainConfig};
-use graft_runtime::artifact::EpochRecord;
 use graft_runtime::dataset::ImageFolder;
-use graft_runtime::preprocess::{load_image, ChannelOrder, Normalization, ResizeFilter};
-use graft_runtime::progress::{NoProgress, Progress};
+use graft_runtime::preprocess::{load_image, Normalization};
+use graft_runtime::progress::NoProgress;
 use graft_runtime::Model;
-
-struct Silent;
-impl Progress for Silent {
-    fn start(&self, _: &str, _: usize) {}
-    fn advance(&self) {}
-    fn finish(&self) {}
-}
-impl Reporter for Silent {
-    fn message(&self, _: &str) {}
-    fn epoch(&self, _: &EpochRecord) {}
-}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
@@ -34,22 +22,12 @@ fn fixtures() -> PathBuf {
 
 fn options(out: &Path, cache: &Path) -> CompileOptions {
     CompileOptions {
-        backbone: fixtures().join("efficientnet_lite0.onnx"),
         data: Some(fixtures().join("hymenoptera-mini")),
-        out: out.to_path_buf(),
-        cut: None,
-        keep_imagenet_head: false,
-        labels_file: None,
-        input_size: None,
         normalization: Some(Normalization::tf()),
-        resize_shorter: None,
-        filter: ResizeFilter::Bilinear,
-        channel_order: ChannelOrder::Rgb,
-        train: TrainConfig::default(),
-        val_fraction: 0.2,
         cache_dir: Some(cache.to_path_buf()),
         threads: 1,
         verify: false,
+        ..CompileOptions::new(fixtures().join("efficientnet_lite0.onnx"), out)
     }
 }
 
@@ -57,7 +35,7 @@ fn benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let artifact = dir.path().join("bees.graft");
     let opts = options(&artifact, &dir.path().join("cache"));
-    compile(&opts, &Silent).expect("fixture compile");
+    compile(&opts, &NoProgress).expect("fixture compile");
     let model = Model::load(&artifact).unwrap();
     let image_path = fixtures().join("hymenoptera-mini/val/bees/1181173278_23c36fac71.jpg");
     let image = load_image(&image_path).unwrap();

@@ -41,19 +41,11 @@ fn compiled() -> &'static Compiled {
         let dir = tempfile::tempdir().unwrap();
         let artifact = dir.path().join("bees.graft");
         let cache = dir.path().join("cache");
-        let output = run(
-            graft(),
-            args![
-                "compile",
-                "--backbone",
-                lite0(),
-                "--data",
-                hymenoptera_mini(),
-                "--out",
-                artifact,
-                "--cache-dir",
-                cache
-            ],
+        let output = compile_cmd(
+            &lite0(),
+            &hymenoptera_mini(),
+            &artifact,
+            args!["--cache-dir", cache],
         )
         .expect_code(0);
         Compiled {
@@ -76,6 +68,22 @@ fn number_after(text: &str, prefix: &str) -> f64 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// Runs `graft compile --backbone B --data D --out O` followed by `extra`.
+fn compile_cmd(backbone: &Path, data: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Output {
+    let mut a: Vec<&std::ffi::OsStr> = args![
+        "compile",
+        "--backbone",
+        backbone,
+        "--data",
+        data,
+        "--out",
+        out
+    ]
+    .to_vec();
+    a.extend_from_slice(extra);
+    run(graft(), &a)
 }
 
 fn json(text: &str) -> serde_json::Value {
@@ -132,21 +140,11 @@ fn second_compile_reuses_the_feature_cache() {
         c.output.stderr
     );
     let again = c.dir.path().join("again.graft");
-    let out = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            lite0(),
-            "--data",
-            hymenoptera_mini(),
-            "--out",
-            again,
-            "--cache-dir",
-            c.cache(),
-            "--head",
-            "mlp:32"
-        ],
+    let out = compile_cmd(
+        &lite0(),
+        &hymenoptera_mini(),
+        &again,
+        args!["--cache-dir", c.cache(), "--head", "mlp:32"],
     )
     .expect_code(0);
     assert!(
@@ -160,20 +158,11 @@ fn second_compile_reuses_the_feature_cache() {
 fn same_seed_gives_a_byte_identical_artifact() {
     let c = compiled();
     let again = c.dir.path().join("same.graft");
-    run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            lite0(),
-            "--data",
-            hymenoptera_mini(),
-            "--out",
-            again,
-            "--cache-dir",
-            c.cache(),
-            "--quiet"
-        ],
+    compile_cmd(
+        &lite0(),
+        &hymenoptera_mini(),
+        &again,
+        args!["--cache-dir", c.cache(), "--quiet"],
     )
     .expect_code(0);
     assert!(
@@ -284,20 +273,11 @@ fn folder_without_val_split_holds_out_a_stratified_fifth_and_skips_corrupt_image
     )
     .unwrap();
     let out_path = dir.path().join("m.graft");
-    let out = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            lite0(),
-            "--data",
-            dir.path(),
-            "--out",
-            out_path,
-            "--cache-dir",
-            c.cache(),
-            "--no-verify"
-        ],
+    let out = compile_cmd(
+        &lite0(),
+        dir.path(),
+        &out_path,
+        args!["--cache-dir", c.cache(), "--no-verify"],
     )
     .expect_code(0);
     assert!(
@@ -330,21 +310,7 @@ fn bad_data_folders_are_clear_errors_and_write_nothing() {
     let data = dir.path().join("data");
     copy_dir(&hymenoptera_mini().join("train/ants"), &data.join("ants"));
     let out_path = dir.path().join("m.graft");
-    let compile = |data: &Path| {
-        run(
-            graft(),
-            args![
-                "compile",
-                "--backbone",
-                lite0(),
-                "--data",
-                data,
-                "--out",
-                out_path,
-                "--no-cache"
-            ],
-        )
-    };
+    let compile = |data: &Path| compile_cmd(&lite0(), data, &out_path, args!["--no-cache"]);
 
     let single = compile(&data).expect_code(1);
     assert_eq!(
@@ -382,19 +348,7 @@ fn an_existing_artifact_survives_a_failed_compile() {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("m.graft");
     std::fs::write(&out_path, b"previous good artifact").unwrap();
-    run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            lite0(),
-            "--data",
-            dir.path().join("nope"),
-            "--out",
-            out_path
-        ],
-    )
-    .expect_code(1);
+    compile_cmd(&lite0(), &dir.path().join("nope"), &out_path, args![]).expect_code(1);
     assert_eq!(std::fs::read(&out_path).unwrap(), b"previous good artifact");
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
@@ -409,19 +363,10 @@ fn bad_backbones_and_cuts_are_clear_errors() {
     let out_path = dir.path().join("m.graft");
     let data = hymenoptera_mini();
     let compile = |backbone: &Path, extra: &[&str]| {
-        let mut a: Vec<&std::ffi::OsStr> = args![
-            "compile",
-            "--backbone",
-            backbone,
-            "--data",
-            data,
-            "--out",
-            out_path,
-            "--no-cache"
-        ]
-        .to_vec();
-        a.extend(extra.iter().map(std::ffi::OsStr::new));
-        run(graft(), &a)
+        let extra: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+        let mut all = args!["--no-cache"].to_vec();
+        all.extend(extra);
+        compile_cmd(backbone, &data, &out_path, &all)
     };
 
     let bad_cut = compile(&lite0(), &["--cut", "nope"]).expect_code(1);
@@ -495,20 +440,8 @@ fn unsupported_operators_and_dynamic_inputs_are_named() {
     graph.node[3].op_type = "FancyAttention".into();
     let path = dir.path().join("unsupported.onnx");
     std::fs::write(&path, unsupported.encode_to_vec()).unwrap();
-    let out = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            path,
-            "--data",
-            hymenoptera_mini(),
-            "--out",
-            out_path,
-            "--no-cache"
-        ],
-    )
-    .expect_code(1);
+    let out =
+        compile_cmd(&path, &hymenoptera_mini(), &out_path, args!["--no-cache"]).expect_code(1);
     assert_eq!(
         out.error_line(),
         format!(
@@ -533,20 +466,8 @@ fn unsupported_operators_and_dynamic_inputs_are_named() {
     }
     let path = dir.path().join("dynamic.onnx");
     std::fs::write(&path, dynamic.encode_to_vec()).unwrap();
-    let out = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            path,
-            "--data",
-            hymenoptera_mini(),
-            "--out",
-            out_path,
-            "--no-cache"
-        ],
-    )
-    .expect_code(1);
+    let out =
+        compile_cmd(&path, &hymenoptera_mini(), &out_path, args!["--no-cache"]).expect_code(1);
     assert_eq!(
         out.error_line(),
         format!(
@@ -667,19 +588,11 @@ fn hymenoptera_full_reaches_0_93() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("h.graft");
-    let out = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            shared.join("backbones/efficientnet_lite0.onnx"),
-            "--data",
-            shared.join("datasets/hymenoptera"),
-            "--out",
-            out_path,
-            "--cache-dir",
-            dir.path().join("cache")
-        ],
+    let out = compile_cmd(
+        &shared.join("backbones/efficientnet_lite0.onnx"),
+        &shared.join("datasets/hymenoptera"),
+        &out_path,
+        args!["--cache-dir", dir.path().join("cache")],
     )
     .expect_code(0);
     let accuracy = number_after(&out.stdout, "validation accuracy ");

@@ -7,46 +7,22 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use graft_compiler::pipeline::{compile, CompileOptions, Reporter};
-use graft_compiler::train::TrainConfig;
-use graft_runtime::artifact::EpochRecord;
-use graft_runtime::preprocess::{ChannelOrder, Normalization, ResizeFilter};
-use graft_runtime::progress::Progress;
+use graft_compiler::pipeline::{compile, CompileOptions};
+use graft_runtime::preprocess::Normalization;
+use graft_runtime::progress::NoProgress;
 use graft_runtime::Model;
-
-struct Silent;
-impl Progress for Silent {
-    fn start(&self, _: &str, _: usize) {}
-    fn advance(&self) {}
-    fn finish(&self) {}
-}
-impl Reporter for Silent {
-    fn message(&self, _: &str) {}
-    fn epoch(&self, _: &EpochRecord) {}
-}
 
 /// Compiles the fixture backbone with its own classifier kept, `(x - 127) / 128` normalisation.
 fn imagenet_artifact(dir: &Path) -> Model {
     let out = dir.join("imagenet.graft");
     let options = CompileOptions {
-        backbone: lite0(),
-        data: None,
-        out: out.clone(),
-        cut: None,
         keep_imagenet_head: true,
         labels_file: Some(fixtures().join("imagenet-labels.txt")),
-        input_size: None,
         normalization: Some(Normalization::tf()),
-        resize_shorter: None,
-        filter: ResizeFilter::Bilinear,
-        channel_order: ChannelOrder::Rgb,
-        train: TrainConfig::default(),
-        val_fraction: 0.2,
-        cache_dir: None,
-        threads: 2,
         verify: false,
+        ..CompileOptions::new(lite0(), &out)
     };
-    compile(&options, &Silent).expect("compile with the ImageNet head");
+    compile(&options, &NoProgress).expect("compile with the ImageNet head");
     Model::load(&out).expect("load the artifact")
 }
 

@@ -29,6 +29,12 @@ pub trait Reporter: Progress {
     fn epoch(&self, record: &EpochRecord);
 }
 
+/// Says nothing: for library callers, tests and benches.
+impl Reporter for graft_runtime::progress::NoProgress {
+    fn message(&self, _: &str) {}
+    fn epoch(&self, _: &EpochRecord) {}
+}
+
 /// Everything `graft compile` needs.
 #[derive(Debug, Clone)]
 pub struct CompileOptions {
@@ -65,6 +71,31 @@ pub struct CompileOptions {
     pub threads: usize,
     /// Evaluate the written graph end to end on the validation images.
     pub verify: bool,
+}
+
+impl CompileOptions {
+    /// Defaults for everything but the backbone and the output: default cut, `--normalize auto`,
+    /// bilinear RGB preprocessing, default training, 20 % holdout, no cache, all cores, verify.
+    pub fn new(backbone: impl Into<PathBuf>, out: impl Into<PathBuf>) -> CompileOptions {
+        CompileOptions {
+            backbone: backbone.into(),
+            data: None,
+            out: out.into(),
+            cut: None,
+            keep_imagenet_head: false,
+            labels_file: None,
+            input_size: None,
+            normalization: None,
+            resize_shorter: None,
+            filter: ResizeFilter::Bilinear,
+            channel_order: ChannelOrder::Rgb,
+            train: TrainConfig::default(),
+            val_fraction: 0.2,
+            cache_dir: None,
+            threads: graft_runtime::eval::default_threads(),
+            verify: true,
+        }
+    }
 }
 
 /// What a compile did and measured.

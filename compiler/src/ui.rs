@@ -44,9 +44,11 @@ impl Progress for TerminalUi {
         };
         let bar = ProgressBar::with_draw_target(Some(total as u64), target);
         bar.set_style(
-            ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg:>22} [{bar:30}] {pos}/{len} ({elapsed} elapsed, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_message(what.to_string());
         *self.bar.lock().expect("bar lock") = Some(bar);
