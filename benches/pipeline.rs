@@ -101,7 +101,12 @@ fn benches(c: &mut Criterion) {
     group.sample_size(10);
     // Guards head training speed: 100 epochs of AdamW on 48 cached 1280-d features (candle, CPU).
     group.bench_function("train_linear_head_100_epochs", |b| {
-        b.iter(|| train_head(&config, &train, &val, 2, &Device::Cpu, &mut |_| {}).unwrap())
+        b.iter(|| {
+            train_head(&config, &train, &val, 2, &Device::Cpu, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap()
+        })
     });
     group.finish();
 }

@@ -603,3 +603,87 @@ fn hymenoptera_full_reaches_0_93() {
     );
     assert!(out.stdout.contains("(153 val images)"), "{}", out.stdout);
 }
+
+/// Ctrl-C during feature extraction: exit 130, no artifact and no temporary file anywhere, and
+/// the features computed before the interrupt are in the cache for the next run.
+#[test]
+fn ctrl_c_leaves_no_artifact_and_keeps_a_usable_cache() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("m.graft");
+    let cache = dir.path().join("cache");
+    let mut child = Command::new(graft())
+        .args(["compile", "--threads", "1", "--backbone"])
+        .args([
+            lite0(),
+            "--data".into(),
+            hymenoptera_mini(),
+            "--out".into(),
+            out_path.clone(),
+        ])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "compile ended early:\n{seen}"
+        );
+        seen.push_str(&line);
+        if line.starts_with("normalize") {
+            break;
+        }
+    }
+    // Extraction of 72 images on one thread takes about 2 s; interrupt it part way.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    stderr.read_to_string(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(
+        seen.contains("error: interrupted: no artifact written"),
+        "{seen}"
+    );
+    assert!(!out_path.exists());
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            assert!(
+                !path.to_string_lossy().ends_with(".tmp"),
+                "left {}",
+                path.display()
+            );
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+
+    let again = compile_cmd(
+        &lite0(),
+        &hymenoptera_mini(),
+        &out_path,
+        args!["--cache-dir", cache, "--no-verify"],
+    )
+    .expect_code(0);
+    let reused = number_after(&again.stderr, "72 images: ") as usize;
+    assert!(
+        reused > 0 && reused < 72,
+        "expected part of the features from the interrupted run:\n{}",
+        again.stderr
+    );
+    assert!(out_path.is_file());
+}

@@ -62,6 +62,10 @@ pub enum CompileError {
     #[error("training failed: {0}")]
     Training(#[from] candle_core::Error),
 
+    /// The user pressed Ctrl-C; nothing was written but the features computed so far.
+    #[error("interrupted: no artifact written")]
+    Interrupted,
+
     /// Building, folding or serializing the graph failed; a bug, not bad input.
     #[error("{stage} failed: {reason}")]
     Graph {

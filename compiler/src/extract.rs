@@ -83,7 +83,8 @@ impl Features {
 pub struct Extraction {
     /// The features of every decodable image.
     pub features: Features,
-    /// Images that could not be read or decoded, with the reason; they are left out.
+    /// Images that could not be read or decoded, with the error (which names the file); they are
+    /// left out.
     pub failures: Vec<(PathBuf, String)>,
     /// Feature vectors taken from the cache.
     pub cache_hits: usize,
@@ -134,7 +135,8 @@ impl FeatureExtractor {
 
     /// Features for every sample, taken from `cache` when present there and computed otherwise
     /// (new ones are added to the cache). Undecodable images are reported in
-    /// [`Extraction::failures`] and skipped.
+    /// [`Extraction::failures`] and skipped. When `progress` reports cancellation, the features
+    /// computed so far are still saved to the cache before [`CompileError::Interrupted`].
     pub fn extract(
         &self,
         samples: &[Sample],
@@ -171,6 +173,9 @@ impl FeatureExtractor {
             &todo,
             threads,
             |&i| {
+                if progress.cancelled() {
+                    return Err(CompileError::Interrupted);
+                }
                 let path = &samples[i].path;
                 let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
                 self.features_of(&bytes, path)
@@ -184,6 +189,14 @@ impl FeatureExtractor {
                 fresh.push((*h, f.clone()));
             }
             rows[i] = Some(result);
+        }
+        if let Some(cache) = cache {
+            if !fresh.is_empty() {
+                cache.store(&cached, &fresh)?;
+            }
+        }
+        if progress.cancelled() {
+            return Err(CompileError::Interrupted);
         }
         let mut extraction = Extraction {
             features: Features {
@@ -208,11 +221,6 @@ impl FeatureExtractor {
                     .failures
                     .push((sample.path.clone(), e.to_string())),
                 Err(e) => return Err(e),
-            }
-        }
-        if let Some(cache) = cache {
-            if !fresh.is_empty() {
-                cache.store(&cached, &fresh)?;
             }
         }
         Ok(extraction)

@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod fold;
 pub mod import;
+pub mod interrupt;
 pub mod pipeline;
 pub mod probe;
 pub mod rng;

@@ -260,7 +260,11 @@ struct Failure {
 
 impl From<CompileError> for Failure {
     fn from(e: CompileError) -> Self {
-        let code = if e.is_user_error() { 1 } else { 2 };
+        let code = match &e {
+            CompileError::Interrupted => graft_compiler::interrupt::EXIT_CODE,
+            e if e.is_user_error() => 1,
+            _ => 2,
+        };
         Failure {
             message: e.to_string(),
             code,
@@ -423,6 +427,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
+    graft_compiler::interrupt::install_handler();
     let quiet = cli.quiet;
     let ui = TerminalUi::new(quiet);
     let mut stdout = std::io::stdout().lock();

@@ -2,6 +2,7 @@
 //! what happened. Stages communicate through values only; this module wires them together and
 //! tells a [`Reporter`] what is going on.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -124,6 +125,7 @@ pub struct CompileReport {
 /// Runs the whole pipeline and writes the artifact.
 pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<CompileReport> {
     let started = Instant::now();
+    check_output_path(&options.out)?;
     let backbone = Backbone::load(&options.backbone, options.input_size)?;
     let [_, _, height, width] = backbone.input_shape();
     reporter.message(&format!(
@@ -231,7 +233,14 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         &val,
         folder.classes.len(),
         &Device::Cpu,
-        &mut |r| reporter.epoch(r),
+        &mut |r| {
+            reporter.epoch(r);
+            if reporter.cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
     )?;
     let best = *head.best();
     reporter.message(&format!(
@@ -261,9 +270,10 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             .filter(|s| val.paths.contains(&s.path))
             .cloned()
             .collect();
-        reporter.start("verifying artifact", val_usable.len());
-        let evaluation = evaluate(&model, &val_usable, options.threads, || reporter.advance());
-        reporter.finish();
+        let evaluation = evaluate(&model, &val_usable, options.threads, reporter);
+        if reporter.cancelled() {
+            return Err(CompileError::Interrupted);
+        }
         let accuracy = evaluation.accuracy();
         reporter.message(&format!(
             "verify    artifact run end to end on {} validation images: accuracy {:.4} (head on cached features: {:.4})",
@@ -288,6 +298,9 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         confusion: confusion.counts.clone(),
     });
     let bytes = artifact::encode(&manifest, &graph);
+    if reporter.cancelled() {
+        return Err(CompileError::Interrupted);
+    }
     artifact::write_atomic(&options.out, &bytes)?;
     let mut skipped = extraction.failures.clone();
     skipped.sort();
@@ -392,6 +405,28 @@ fn compile_with_own_head(
         extract_seconds: 0.0,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Fails early, before any work, when the artifact could not be written at `out`.
+fn check_output_path(out: &Path) -> Result<()> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if out.is_dir() {
+        return Err(CompileError::InvalidOption(format!(
+            "--out {}: is a folder, expected a file name",
+            out.display()
+        )));
+    }
+    if !parent.is_dir() {
+        return Err(CompileError::InvalidOption(format!(
+            "--out {}: folder {} does not exist",
+            out.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Reads one label per line; the count must match the model's outputs.
@@ -513,8 +548,8 @@ fn report_extraction(
         extraction.computed,
         seconds
     ));
-    for (path, reason) in &extraction.failures {
-        reporter.message(&format!("warning   skipped {}: {reason}", path.display()));
+    for (_, reason) in &extraction.failures {
+        reporter.message(&format!("warning   skipped {reason}"));
     }
     if !extraction.failures.is_empty() {
         reporter.message(&format!(

@@ -8,6 +8,7 @@
 //! config, so training is reproducible.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -314,14 +315,15 @@ fn measure(network: &Network, x: &Tensor, y: &Tensor) -> candle_core::Result<(f3
     Ok((loss, correct / y.dim(0)? as f32))
 }
 
-/// Trains a head on `train`, early-stopping on `val`; calls `on_epoch` after every epoch.
+/// Trains a head on `train`, early-stopping on `val`; calls `on_epoch` after every epoch, and
+/// stops with [`CompileError::Interrupted`] when it answers `ControlFlow::Break`.
 pub fn train_head(
     config: &TrainConfig,
     train: &Features,
     val: &Features,
     classes: usize,
     device: &Device,
-    on_epoch: &mut dyn FnMut(&EpochRecord),
+    on_epoch: &mut dyn FnMut(&EpochRecord) -> ControlFlow<()>,
 ) -> Result<TrainedHead> {
     if train.rows() == 0 || val.rows() == 0 {
         return Err(CompileError::NotEnoughData(format!(
@@ -392,7 +394,9 @@ pub fn train_head(
             val_loss,
             val_accuracy,
         };
-        on_epoch(&record);
+        if on_epoch(&record).is_break() {
+            return Err(CompileError::Interrupted);
+        }
         history.push(record);
         let improved = best.as_ref().is_none_or(|(l, _, _)| val_loss < *l);
         if improved {
@@ -447,8 +451,11 @@ mod tests {
             ..TrainConfig::default()
         };
         let mut epochs = 0;
-        let head =
-            train_head(&config, &train, &val, 3, &Device::Cpu, &mut |_| epochs += 1).unwrap();
+        let head = train_head(&config, &train, &val, 3, &Device::Cpu, &mut |_| {
+            epochs += 1;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
         assert_eq!(epochs, head.history.len());
         assert_eq!(head.best().val_accuracy, 1.0);
         // The folded head reads raw features: its predictions equal the validation labels.
@@ -465,9 +472,11 @@ mod tests {
                 seed,
                 ..TrainConfig::default()
             };
-            train_head(&config, &train, &val, 3, &Device::Cpu, &mut |_| {})
-                .unwrap()
-                .layers
+            train_head(&config, &train, &val, 3, &Device::Cpu, &mut |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap()
+            .layers
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));

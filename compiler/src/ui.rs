@@ -65,6 +65,10 @@ impl Progress for TerminalUi {
             bar.finish_and_clear();
         }
     }
+
+    fn cancelled(&self) -> bool {
+        crate::interrupt::requested()
+    }
 }
 
 impl Reporter for TerminalUi {

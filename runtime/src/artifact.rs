@@ -14,7 +14,9 @@
 //! | 32 + m + g        | 32   | SHA-256 of every byte before it                      |
 //!
 //! Readers check, in this order: magic, version, that the declared lengths add up to the file size
-//! (so nothing is allocated from an untrusted size), the checksum, then the manifest. Writers go
+//! (so nothing is allocated from an untrusted size), the checksum, the manifest, then every tensor
+//! header inside the graph archive (a tensor may not declare more bytes than the archive holds for
+//! it, since tract would allocate the declared size before reading). Writers go
 //! through a temporary file in the destination directory and an atomic rename, so a crash or an
 //! error never leaves a half-written artifact behind.
 
@@ -194,6 +196,13 @@ impl Artifact {
     pub fn open(path: impl AsRef<Path>) -> Result<Artifact> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        if file.metadata().map_err(|e| Error::io(path, e))?.is_dir() {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a folder, not an artifact file",
+            );
+            return Err(Error::io(path, e));
+        }
         // SAFETY: the map is read-only and private to this process. Another process truncating
         // the file while it is mapped would fault on access; the checksum read below touches every
         // byte once so a file changed between open and parse is reported as corrupt.
@@ -274,6 +283,12 @@ impl Artifact {
             path: path.clone(),
             reason,
         })?;
+        check_graph_archive(&bytes[manifest_end..body_end]).map_err(|reason| {
+            Error::InvalidGraph {
+                path: path.clone(),
+                reason,
+            }
+        })?;
         Ok(Artifact {
             checksum: hex(stored),
             manifest,
@@ -309,6 +324,60 @@ fn validate_manifest(manifest: &Manifest) -> std::result::Result<(), String> {
         ));
     }
     manifest.preprocessing.validate().map_err(|e| e.to_string())
+}
+
+/// Size of the header of an NNEF tensor (`.dat`) file.
+const NNEF_TENSOR_HEADER: u64 = 128;
+
+/// Walks the graph's tar archive and checks that every NNEF tensor header declares a shape and a
+/// byte size consistent with each other and with the bytes actually present, so that reading the
+/// graph cannot be made to allocate more than the file holds.
+fn check_graph_archive(archive: &[u8]) -> std::result::Result<(), String> {
+    let mut tar = tar::Archive::new(archive);
+    let entries = tar.entries().map_err(|e| format!("graph archive: {e}"))?;
+    let mut found_graph = false;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("graph archive: {e}"))?;
+        let name = entry
+            .path()
+            .map_err(|e| format!("graph archive entry name: {e}"))?
+            .to_string_lossy()
+            .into_owned();
+        let size = entry.size();
+        if size > archive.len() as u64 {
+            return Err(format!(
+                "graph archive entry {name:?} declares {size} bytes, more than the archive"
+            ));
+        }
+        found_graph |= name.trim_start_matches("./") == "graph.nnef";
+        if !name.ends_with(".dat") {
+            continue;
+        }
+        let mut header = [0u8; NNEF_TENSOR_HEADER as usize];
+        std::io::Read::read_exact(&mut entry, &mut header)
+            .map_err(|_| format!("tensor {name:?} is shorter than its header"))?;
+        let field = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let (data_bytes, rank, bits) = (field(4) as u64, field(8), field(44));
+        if header[..2] != [0x4e, 0xef] || rank > 8 {
+            return Err(format!("tensor {name:?} has an invalid header"));
+        }
+        let elements =
+            (0..rank as usize).try_fold(1u64, |acc, i| acc.checked_mul(field(12 + 4 * i) as u64));
+        let declared = elements
+            .and_then(|n| n.checked_mul(bits as u64))
+            .map(|b| b.div_ceil(8));
+        if declared != Some(data_bytes) || NNEF_TENSOR_HEADER + data_bytes > size {
+            return Err(format!(
+                "tensor {name:?} declares {} bytes of data but the archive holds {} for it",
+                declared.unwrap_or(u64::MAX).max(data_bytes),
+                size.saturating_sub(NNEF_TENSOR_HEADER)
+            ));
+        }
+    }
+    if !found_graph {
+        return Err("graph archive has no graph.nnef".into());
+    }
+    Ok(())
 }
 
 /// Serializes a manifest and graph into artifact bytes.
@@ -388,18 +457,65 @@ mod tests {
         }
     }
 
+    /// A minimal NNEF archive: a graph document and one f32 tensor of `dims`, holding `data`.
+    fn archive(dims: &[u32], declared_bytes: u32, data: &[u8]) -> Vec<u8> {
+        let mut header = [0u8; 128];
+        header[..4].copy_from_slice(&[0x4e, 0xef, 1, 0]);
+        header[4..8].copy_from_slice(&declared_bytes.to_le_bytes());
+        header[8..12].copy_from_slice(&(dims.len() as u32).to_le_bytes());
+        for (i, d) in dims.iter().enumerate() {
+            header[12 + 4 * i..16 + 4 * i].copy_from_slice(&d.to_le_bytes());
+        }
+        header[44..48].copy_from_slice(&32u32.to_le_bytes());
+        let mut tensor = header.to_vec();
+        tensor.extend_from_slice(data);
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, content) in [("graph.nnef", &b"version 1.0;"[..]), ("w.dat", &tensor[..])] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            builder.append_data(&mut h, name, content).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn tensor_headers_are_checked_against_the_archive() {
+        let good = archive(&[2, 3], 24, &[0; 24]);
+        assert_eq!(check_graph_archive(&good), Ok(()));
+        let huge = archive(&[65_536, 65_536], u32::MAX, &[0; 24]);
+        assert_eq!(
+            check_graph_archive(&huge),
+            Err("tensor \"w.dat\" declares 17179869184 bytes of data but the archive holds 24 for it".into())
+        );
+        let lying = archive(&[2, 3], 240, &[0; 24]);
+        assert!(check_graph_archive(&lying)
+            .unwrap_err()
+            .contains("declares 240 bytes"));
+        assert!(check_graph_archive(b"not a tar")
+            .unwrap_err()
+            .starts_with("graph archive"));
+        let empty = tar::Builder::new(Vec::new()).into_inner().unwrap();
+        assert_eq!(
+            check_graph_archive(&empty),
+            Err("graph archive has no graph.nnef".into())
+        );
+    }
+
     #[test]
     fn round_trip_preserves_manifest_and_graph() {
-        let bytes = encode(&manifest(), b"graph bytes");
+        let graph = archive(&[1], 4, &[0; 4]);
+        let bytes = encode(&manifest(), &graph);
         let artifact = Artifact::from_bytes(bytes.clone(), "<memory>").unwrap();
         assert_eq!(artifact.manifest, manifest());
-        assert_eq!(artifact.graph_bytes(), b"graph bytes");
+        assert_eq!(artifact.graph_bytes(), graph);
         assert_eq!(artifact.size, bytes.len() as u64);
     }
 
     #[test]
     fn every_truncation_is_rejected_without_panicking() {
-        let bytes = encode(&manifest(), b"graph bytes");
+        let bytes = encode(&manifest(), &archive(&[1], 4, &[0; 4]));
         for len in 0..bytes.len() {
             let err = Artifact::from_bytes(bytes[..len].to_vec(), "t").unwrap_err();
             assert!(
@@ -414,7 +530,7 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_is_rejected() {
-        let bytes = encode(&manifest(), b"graph bytes");
+        let bytes = encode(&manifest(), &archive(&[1], 4, &[0; 4]));
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x20;

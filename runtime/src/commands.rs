@@ -216,10 +216,7 @@ pub fn evaluate_folder(
 ) -> Result<Evaluation> {
     let folder = ImageFolder::scan(data)?;
     let samples = samples_for_model(&folder, model.labels())?;
-    progress.start("evaluating", samples.len());
-    let evaluation = evaluate(model, &samples, threads, || progress.advance());
-    progress.finish();
-    Ok(evaluation)
+    Ok(evaluate(model, &samples, threads, progress))
 }
 
 #[derive(Serialize)]

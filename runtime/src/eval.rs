@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::dataset::Sample;
 use crate::model::Model;
+use crate::progress::Progress;
 
 /// Confusion matrix, `counts[true][predicted]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -201,26 +202,30 @@ pub fn default_threads() -> usize {
 }
 
 /// Classifies every sample (labels already in the model's label order) and tallies the results.
-/// Images that fail to decode are recorded in [`Evaluation::failures`] and left out.
+/// Images that fail to decode are recorded in [`Evaluation::failures`] and left out; once
+/// `progress` reports cancellation, the remaining images are left out silently.
 pub fn evaluate(
     model: &Model,
     samples: &[Sample],
     threads: usize,
-    on_done: impl Fn() + Sync,
+    progress: &dyn Progress,
 ) -> Evaluation {
     let labels = model.labels().to_vec();
+    progress.start("evaluating", samples.len());
     let outcomes = par_map(
         samples,
         threads,
-        |s| model.classify_path(&s.path).map(|c| c.top1()),
-        on_done,
+        |s| (!progress.cancelled()).then(|| model.classify_path(&s.path).map(|c| c.top1())),
+        || progress.advance(),
     );
+    progress.finish();
     let mut confusion = ConfusionMatrix::new(labels.len());
     let mut failures = Vec::new();
     for (sample, outcome) in samples.iter().zip(outcomes) {
         match outcome {
-            Ok(predicted) => confusion.add(sample.label, predicted),
-            Err(e) => failures.push((sample.path.clone(), e.to_string())),
+            Some(Ok(predicted)) => confusion.add(sample.label, predicted),
+            Some(Err(e)) => failures.push((sample.path.clone(), e.to_string())),
+            None => {}
         }
     }
     Evaluation {

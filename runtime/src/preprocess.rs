@@ -412,6 +412,64 @@ mod tests {
         assert_eq!((decoded.width(), decoded.height()), (20, 40));
     }
 
+    /// The odd encodings in `fixtures/odd-images` (made by `fixtures/make_fixtures.py` from a
+    /// 64x48 gradient whose pixel (x, y) is (4x, 5y, 2(x+y))) all decode to that gradient.
+    #[test]
+    fn odd_encodings_decode_to_the_same_picture() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/odd-images");
+        let expected = |x: u32, y: u32| [4 * x, 5 * y, 2 * (x + y)].map(|v| v as i32);
+        for (file, color) in [
+            ("cmyk.jpg", true),
+            ("rgba.png", true),
+            ("palette.gif", true),
+            ("animated.gif", true),
+            ("image.webp", true),
+            ("exif-rotate90.jpg", true),
+            ("gray.jpg", false),
+            ("gray16.png", false),
+        ] {
+            let image = load_image(&dir.join(file)).unwrap().to_rgb8();
+            let (x, y) = (40, 20);
+            let (w, h, px) = if file.starts_with("exif") {
+                // Rotated 90 degrees clockwise: source (x, y) lands at (h - 1 - y, x).
+                (48, 64, image.get_pixel(47 - y, x).0)
+            } else {
+                (64, 48, image.get_pixel(x, y).0)
+            };
+            assert_eq!(image.dimensions(), (w, h), "{file}");
+            if color {
+                let want = expected(x, y);
+                for c in 0..3 {
+                    assert!(
+                        (px[c] as i32 - want[c]).abs() <= 24,
+                        "{file}: {px:?} vs {want:?}"
+                    );
+                }
+            } else {
+                assert!(
+                    px[0] == px[1] && px[1] == px[2],
+                    "{file}: gray expected, got {px:?}"
+                );
+            }
+        }
+        let tiny = load_image(&dir.join("tiny-1x1.png")).unwrap();
+        let pre = Preprocessing::for_input(224, 224, Normalization::none());
+        assert!(pre
+            .apply(&tiny)
+            .chunks(224 * 224)
+            .zip([200.0, 100.0, 50.0])
+            .all(|(plane, v)| plane.iter().all(|p| *p == v)));
+        let bomb = dir.join("bomb-20000x20000.png");
+        let err = load_image(&bomb).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: cannot decode image: Image size exceeds limit",
+                bomb.display()
+            )
+        );
+    }
+
     #[test]
     fn decode_round_trips_png() {
         let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(3, 2, image::Rgb([9, 8, 7])));

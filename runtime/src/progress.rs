@@ -8,6 +8,10 @@ pub trait Progress: Sync {
     fn advance(&self);
     /// The loop is over.
     fn finish(&self);
+    /// Whether the user asked to stop; loops skip their remaining items when it is true.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Progress`] that shows nothing.

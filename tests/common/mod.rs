@@ -55,7 +55,7 @@ impl Output {
 }
 
 /// Runs `program` with `args` and a private feature cache.
-pub fn run(program: &Path, args: &[&std::ffi::OsStr]) -> Output {
+pub fn run<A: AsRef<std::ffi::OsStr>>(program: &Path, args: &[A]) -> Output {
     let out = Command::new(program)
         .args(args)
         .env(
