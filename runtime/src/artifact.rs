@@ -349,7 +349,14 @@ fn check_graph_archive(archive: &[u8]) -> std::result::Result<(), String> {
                 "graph archive entry {name:?} declares {size} bytes, more than the archive"
             ));
         }
-        found_graph |= name.trim_start_matches("./") == "graph.nnef";
+        if name.trim_start_matches("./") == "graph.nnef" {
+            found_graph = true;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text)
+                .map_err(|_| "graph.nnef is not UTF-8 text".to_string())?;
+            check_graph_text(&text)?;
+            continue;
+        }
         if !name.ends_with(".dat") {
             continue;
         }
@@ -376,6 +383,35 @@ fn check_graph_archive(archive: &[u8]) -> std::result::Result<(), String> {
     }
     if !found_graph {
         return Err("graph archive has no graph.nnef".into());
+    }
+    Ok(())
+}
+
+/// Checks the NNEF graph text for constructs that tract 0.23.9 does not reject cleanly: a
+/// `transpose` whose axes are not a permutation makes it panic or allocate without bound (both
+/// found by fuzzing, see docs/RELIABILITY.md).
+fn check_graph_text(text: &str) -> std::result::Result<(), String> {
+    for (number, line) in text.lines().enumerate() {
+        let Some(call) = line.find("transpose(") else {
+            continue;
+        };
+        let bad = || format!("graph.nnef line {}: transpose axes are not a permutation", number + 1);
+        let args = &line[call..];
+        let axes = args
+            .find("axes = [")
+            .map(|at| &args[at + "axes = [".len()..])
+            .and_then(|rest| rest.split_once(']'))
+            .ok_or_else(bad)?
+            .0;
+        let mut axes: Vec<usize> = axes
+            .split(',')
+            .map(|a| a.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad())?;
+        axes.sort_unstable();
+        if axes.iter().enumerate().any(|(i, a)| i != *a) {
+            return Err(bad());
+        }
     }
     Ok(())
 }
@@ -501,6 +537,17 @@ mod tests {
             check_graph_archive(&empty),
             Err("graph archive has no graph.nnef".into())
         );
+    }
+
+    #[test]
+    fn transposes_must_permute() {
+        assert_eq!(check_graph_text("  a = transpose(b, axes = [0, 3, 1, 2]);\n"), Ok(()));
+        assert_eq!(
+            check_graph_text("x;\n  a = transpose(b, axes = [1, 0, 1, 3]);\n"),
+            Err("graph.nnef line 2: transpose axes are not a permutation".into())
+        );
+        assert!(check_graph_text("a = transpose(b, axes = [2- 0, 1, 3]);").is_err());
+        assert!(check_graph_text("a = transpose(b);").is_err());
     }
 
     #[test]

@@ -79,22 +79,36 @@ impl Model {
     }
 
     /// Prepares an already validated artifact.
+    ///
+    /// A graph that makes tract panic (fuzzing found malformed NNEF that does) is reported as
+    /// [`Error::InvalidGraph`] instead of bringing the process down; this needs the default
+    /// `panic = "unwind"`.
     pub fn from_artifact(artifact: Artifact) -> Result<Model> {
-        let invalid = |e: TractError| Error::InvalidGraph {
-            path: artifact.path.clone(),
-            reason: format!("{e:#}"),
-        };
-        let graph = tract_nnef::nnef()
-            .model_for_read(&mut artifact.graph_bytes())
-            .map_err(invalid)?;
-        check_graph(&graph, &artifact.manifest).map_err(|reason| Error::InvalidGraph {
+        let invalid = |reason: String| Error::InvalidGraph {
             path: artifact.path.clone(),
             reason,
-        })?;
-        let plan = graph
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(invalid)?;
+        };
+        let prepare = || -> std::result::Result<Arc<TypedSimplePlan>, String> {
+            let graph = tract_nnef::nnef()
+                .model_for_read(&mut artifact.graph_bytes())
+                .map_err(|e| format!("{e:#}"))?;
+            check_graph(&graph, &artifact.manifest)?;
+            graph
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(|e| format!("{e:#}"))
+        };
+        let plan = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(prepare)) {
+            Ok(result) => result.map_err(invalid)?,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(invalid(format!("tract panicked while reading it: {message}")));
+            }
+        };
         Ok(Model { artifact, plan })
     }
 
@@ -185,6 +199,21 @@ fn check_graph(graph: &TypedModel, manifest: &Manifest) -> std::result::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Graphs found by fuzzing (`fixtures/fuzz-regressions`): transposes whose axes are not a
+    /// permutation, on which tract 0.23.9 panics or allocates without bound.
+    #[test]
+    fn graphs_that_break_tract_are_rejected_first() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/fuzz-regressions");
+        for (file, line) in [("transpose-bad-permutation.graft", 14), ("transpose-duplicate-axis.graft", 14)] {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let err = Artifact::from_bytes(bytes, file).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("{file}: cannot load the model graph: graph.nnef line {line}: transpose axes are not a permutation")
+            );
+        }
+    }
 
     #[test]
     fn top_k_orders_by_probability_then_index() {

@@ -22,6 +22,9 @@ use crate::error::{Error, Result};
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
 /// Largest buffer an image decoder may allocate.
 pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+/// Largest number of pixels decoded (64 megapixels, e.g. 8192x8192): a 1 KB JPEG can declare
+/// 15000x8000 pixels and take seconds and gigabytes to decode.
+pub const MAX_PIXELS: u64 = 64 << 20;
 
 /// How an image becomes the model's input tensor; recorded in every artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -299,6 +302,12 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
     if w == 0 || h == 0 {
         return Err(fail(format!("image is {w}x{h} pixels")));
     }
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(fail(format!(
+            "image is {w}x{h} pixels, more than the {} megapixel limit",
+            MAX_PIXELS >> 20
+        )));
+    }
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
     image.apply_orientation(orientation);
     Ok(image)
@@ -459,6 +468,9 @@ mod tests {
             .chunks(224 * 224)
             .zip([200.0, 100.0, 50.0])
             .all(|(plane, v)| plane.iter().all(|p| *p == v)));
+        let slow = dir.join("../fuzz-regressions/cmyk-jpeg-118-megapixels.jpg");
+        let err = load_image(&slow).unwrap_err().to_string();
+        assert!(err.ends_with("cannot decode image: image is 14912x7936 pixels, more than the 64 megapixel limit"), "{err}");
         let bomb = dir.join("bomb-20000x20000.png");
         let err = load_image(&bomb).unwrap_err().to_string();
         assert_eq!(
