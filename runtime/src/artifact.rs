@@ -395,7 +395,12 @@ fn check_graph_text(text: &str) -> std::result::Result<(), String> {
         let Some(call) = line.find("transpose(") else {
             continue;
         };
-        let bad = || format!("graph.nnef line {}: transpose axes are not a permutation", number + 1);
+        let bad = || {
+            format!(
+                "graph.nnef line {}: transpose axes are not a permutation",
+                number + 1
+            )
+        };
         let args = &line[call..];
         let axes = args
             .find("axes = [")
@@ -541,7 +546,10 @@ mod tests {
 
     #[test]
     fn transposes_must_permute() {
-        assert_eq!(check_graph_text("  a = transpose(b, axes = [0, 3, 1, 2]);\n"), Ok(()));
+        assert_eq!(
+            check_graph_text("  a = transpose(b, axes = [0, 3, 1, 2]);\n"),
+            Ok(())
+        );
         assert_eq!(
             check_graph_text("x;\n  a = transpose(b, axes = [1, 0, 1, 3]);\n"),
             Err("graph.nnef line 2: transpose axes are not a permutation".into())

@@ -106,7 +106,9 @@ impl Model {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                return Err(invalid(format!("tract panicked while reading it: {message}")));
+                return Err(invalid(format!(
+                    "tract panicked while reading it: {message}"
+                )));
             }
         };
         Ok(Model { artifact, plan })
@@ -204,8 +206,12 @@ mod tests {
     /// permutation, on which tract 0.23.9 panics or allocates without bound.
     #[test]
     fn graphs_that_break_tract_are_rejected_first() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/fuzz-regressions");
-        for (file, line) in [("transpose-bad-permutation.graft", 14), ("transpose-duplicate-axis.graft", 14)] {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/fuzz-regressions");
+        for (file, line) in [
+            ("transpose-bad-permutation.graft", 14),
+            ("transpose-duplicate-axis.graft", 14),
+        ] {
             let bytes = std::fs::read(dir.join(file)).unwrap();
             let err = Artifact::from_bytes(bytes, file).unwrap_err();
             assert_eq!(

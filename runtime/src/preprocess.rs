@@ -281,7 +281,7 @@ fn resized_dims(w: u32, h: u32, shorter: u32) -> (u32, u32) {
 pub fn decode_image(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
     let fail = |reason: String| Error::ImageDecode {
         path: path.to_path_buf(),
-        reason,
+        reason: reason.trim_end().to_string(),
     };
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -470,7 +470,12 @@ mod tests {
             .all(|(plane, v)| plane.iter().all(|p| *p == v)));
         let slow = dir.join("../fuzz-regressions/cmyk-jpeg-118-megapixels.jpg");
         let err = load_image(&slow).unwrap_err().to_string();
-        assert!(err.ends_with("cannot decode image: image is 14912x7936 pixels, more than the 64 megapixel limit"), "{err}");
+        assert!(
+            err.ends_with(
+                "cannot decode image: image is 14912x7936 pixels, more than the 64 megapixel limit"
+            ),
+            "{err}"
+        );
         let bomb = dir.join("bomb-20000x20000.png");
         let err = load_image(&bomb).unwrap_err().to_string();
         assert_eq!(
