@@ -9,6 +9,7 @@ use graft_compiler::pipeline::{compile, CompileOptions, CompileReport};
 use graft_compiler::train::{HeadKind, TrainConfig};
 use graft_compiler::ui::TerminalUi;
 use graft_compiler::CompileError;
+use graft_runtime::bench::BenchArgs;
 use graft_runtime::commands::{self, EvalArgs, InspectArgs, Outcome, PredictArgs};
 use graft_runtime::eval::default_threads;
 use graft_runtime::preprocess::{ChannelOrder, Normalization, ResizeFilter};
@@ -46,6 +47,11 @@ enum Command {
     /// Show what an artifact contains: labels, preprocessing, provenance, metrics.
     #[command(after_help = "Example:\n  graft inspect model.graft --json")]
     Inspect(InspectArgs),
+    /// Load time, latency percentiles, throughput and memory of an artifact on this machine.
+    #[command(
+        after_help = "Example:\n  graft bench model.graft photo.jpg --iterations 200 --threads 2 --json"
+    )]
+    Bench(BenchArgs),
     /// Compile the bundled fixtures (EfficientNet-Lite0 + 72 ant/bee photos), then predict.
     Demo(DemoArgs),
 }
@@ -439,6 +445,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => commands::predict(args, &mut stdout, &ui).map_err(Into::into),
         Command::Eval(args) => commands::eval(args, &mut stdout, &ui).map_err(Into::into),
         Command::Inspect(args) => commands::inspect(args, &mut stdout).map_err(Into::into),
+        Command::Bench(args) => graft_runtime::bench::bench(args, &mut stdout).map_err(Into::into),
         Command::Demo(args) => {
             drop(stdout);
             run_demo(args, quiet)

@@ -103,6 +103,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// An option is out of range or not supported by this build.
+    #[error("{0}")]
+    InvalidOption(String),
+
     /// Preprocessing parameters are inconsistent.
     #[error("invalid preprocessing: {0}")]
     InvalidPreprocessing(String),

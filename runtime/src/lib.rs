@@ -15,6 +15,8 @@
 //! ```
 
 pub mod artifact;
+pub mod bench;
+pub mod capi;
 pub mod commands;
 pub mod dataset;
 pub mod error;
@@ -27,3 +29,28 @@ pub use artifact::{Artifact, Manifest};
 pub use error::{Error, Result};
 pub use model::{Classification, LabelScore, Model};
 pub use preprocess::{Normalization, Preprocessing};
+
+/// Sets how many threads tract may use inside one matrix product (intra-op parallelism). `1` (the
+/// default) keeps every inference on its calling thread, the right choice when several images run
+/// concurrently. Values above 1 need the crate's `multithread` feature.
+pub fn set_intra_op_threads(threads: usize) -> Result<()> {
+    #[cfg(feature = "multithread")]
+    {
+        use tract_linalg::multithread::{set_default_executor, Executor};
+        set_default_executor(if threads > 1 {
+            Executor::multithread(threads)
+        } else {
+            Executor::SingleThread
+        });
+        Ok(())
+    }
+    #[cfg(not(feature = "multithread"))]
+    {
+        if threads > 1 {
+            return Err(Error::InvalidOption(format!(
+                "{threads} intra-op threads requested, but graft-runtime was built without the `multithread` feature"
+            )));
+        }
+        Ok(())
+    }
+}

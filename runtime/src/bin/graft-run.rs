@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use graft_runtime::bench::BenchArgs;
 use graft_runtime::commands::{self, EvalArgs, InspectArgs, NoProgress, Outcome, PredictArgs};
 
 /// Run a graft artifact: top-k labels for images, accuracy on a labelled folder, or what is
@@ -15,7 +16,7 @@ use graft_runtime::commands::{self, EvalArgs, InspectArgs, NoProgress, Outcome, 
     name = "graft-run",
     version,
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  graft-run model.graft bee.jpg ant.png\n  graft-run model.graft photos/ --json\n  graft-run eval model.graft data/val\n  graft-run inspect model.graft"
+    after_help = "Examples:\n  graft-run model.graft bee.jpg ant.png\n  graft-run model.graft photos/ --json\n  graft-run eval model.graft data/val\n  graft-run inspect model.graft\n  graft-run bench model.graft --threads 2 --json"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,6 +33,8 @@ enum Command {
     Eval(EvalArgs),
     /// Show what an artifact contains.
     Inspect(InspectArgs),
+    /// Load time, latency percentiles, throughput and memory of an artifact on this machine.
+    Bench(BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         }
         (Some(Command::Eval(args)), _) => commands::eval(&args, &mut stdout, &NoProgress),
         (Some(Command::Inspect(args)), _) => commands::inspect(&args, &mut stdout),
+        (Some(Command::Bench(args)), _) => graft_runtime::bench::bench(&args, &mut stdout),
         (None, None) => {
             eprintln!("error: name an artifact and images; see graft-run --help");
             return ExitCode::from(1);

@@ -1,0 +1,285 @@
+//! `bench`: how fast an artifact loads and runs on this machine: load time by stage, first
+//! inference, single-thread latency percentiles, multi-thread throughput, preprocessing cost and
+//! peak memory.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use image::{DynamicImage, RgbImage};
+use serde::Serialize;
+
+use crate::commands::Outcome;
+use crate::error::{Error, Result};
+use crate::eval::default_threads;
+use crate::model::{LoadTimings, Model};
+use crate::preprocess::load_image;
+
+/// Arguments of `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Artifact to measure.
+    pub model: PathBuf,
+    /// Images to feed (cycled); default: a synthetic 640x480 picture.
+    pub images: Vec<PathBuf>,
+    /// Timed single-thread runs for the latency percentiles.
+    #[arg(long, default_value_t = 100)]
+    pub iterations: usize,
+    /// Untimed runs before measuring.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// Threads sharing the model for the throughput run [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Threads inside each matrix product (tract's multithread-mm; needs a build with the
+    /// `multithread` feature).
+    #[arg(long, default_value_t = 1)]
+    pub intra_op_threads: usize,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Latency statistics in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Number of timed runs.
+    pub runs: usize,
+}
+
+impl Latency {
+    fn from_seconds(mut samples: Vec<f64>) -> Latency {
+        samples.sort_by(f64::total_cmp);
+        let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize] * 1e3;
+        Latency {
+            p50: pick(0.5),
+            p90: pick(0.9),
+            p99: pick(0.99),
+            mean: samples.iter().sum::<f64>() / samples.len() as f64 * 1e3,
+            runs: samples.len(),
+        }
+    }
+}
+
+/// Everything `bench` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// The artifact.
+    pub model: PathBuf,
+    /// Artifact size in bytes.
+    pub size_bytes: u64,
+    /// Stored precision.
+    pub precision: String,
+    /// Wall-clock load time in milliseconds.
+    pub load_ms: f64,
+    /// Load time by stage, in seconds.
+    pub load_stages: LoadTimings,
+    /// The first inference after loading, in milliseconds.
+    pub first_inference_ms: f64,
+    /// Graph execution on a preprocessed image, one thread.
+    pub latency: Latency,
+    /// Preprocessing (resize, crop, normalise) of a decoded image.
+    pub preprocess: Latency,
+    /// Threads used for the throughput run.
+    pub threads: usize,
+    /// Threads inside each matrix product.
+    pub intra_op_threads: usize,
+    /// Images per second, preprocessing included, with `threads` threads sharing the model.
+    pub throughput: f64,
+    /// Peak resident memory of the process in bytes (Linux), when known.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Runs the measurements.
+pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
+    if args.iterations == 0 {
+        return Err(Error::InvalidOption(
+            "--iterations must be at least 1".into(),
+        ));
+    }
+    crate::set_intra_op_threads(args.intra_op_threads)?;
+    let started = Instant::now();
+    let model = Model::load(&args.model)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let images: Vec<DynamicImage> = if args.images.is_empty() {
+        vec![synthetic_image()]
+    } else {
+        args.images
+            .iter()
+            .map(|p| load_image(p))
+            .collect::<Result<_>>()?
+    };
+    let preprocessing = &model.manifest().preprocessing;
+    let tensors: Vec<Vec<f32>> = images.iter().map(|i| preprocessing.apply(i)).collect();
+
+    let started = Instant::now();
+    model.classify_tensor(&tensors[0])?;
+    let first_inference_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    for i in 0..args.warmup {
+        model.classify_tensor(&tensors[i % tensors.len()])?;
+    }
+    let mut samples = Vec::with_capacity(args.iterations);
+    for i in 0..args.iterations {
+        let started = Instant::now();
+        model.classify_tensor(&tensors[i % tensors.len()])?;
+        samples.push(started.elapsed().as_secs_f64());
+    }
+    let latency = Latency::from_seconds(samples);
+    let preprocess = Latency::from_seconds(
+        (0..args.iterations.min(200))
+            .map(|i| {
+                let started = Instant::now();
+                std::hint::black_box(preprocessing.apply(&images[i % images.len()]));
+                started.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+
+    let threads = args.threads.unwrap_or_else(default_threads).max(1);
+    let total = args.iterations.max(threads);
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            return Ok(());
+                        }
+                        let image = &images[i % images.len()];
+                        model.classify(image)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("bench worker panicked"))
+    })?;
+    let throughput = total as f64 / started.elapsed().as_secs_f64();
+
+    Ok(BenchReport {
+        model: args.model.clone(),
+        size_bytes: model.artifact().size,
+        precision: model.manifest().precision.clone(),
+        load_ms,
+        load_stages: model.load_timings(),
+        first_inference_ms,
+        latency,
+        preprocess,
+        threads,
+        intra_op_threads: args.intra_op_threads,
+        throughput,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// `bench`: measures and prints.
+pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let r = measure(args)?;
+    let io = |e| Error::io("<stdout>", e);
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&r).expect("json")).map_err(io)?;
+        return Ok(Outcome::Complete);
+    }
+    let s = &r.load_stages;
+    let lines = [
+        (
+            "model",
+            format!(
+                "{} ({:.1} MiB, {})",
+                r.model.display(),
+                r.size_bytes as f64 / (1 << 20) as f64,
+                r.precision
+            ),
+        ),
+        (
+            "load",
+            format!(
+                "{:.1} ms (validate {:.1}, parse {:.1}, optimize {:.1}); first inference {:.1} ms",
+                r.load_ms,
+                s.validate * 1e3,
+                s.parse * 1e3,
+                s.optimize * 1e3,
+                r.first_inference_ms
+            ),
+        ),
+        (
+            "latency",
+            format!(
+                "1 thread, {} runs after {} warm-up: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, mean {:.2} ms",
+                r.latency.runs, args.warmup, r.latency.p50, r.latency.p90, r.latency.p99, r.latency.mean
+            ),
+        ),
+        (
+            "preprocess",
+            format!("p50 {:.2} ms per image (decoding excluded)", r.preprocess.p50),
+        ),
+        (
+            "throughput",
+            format!(
+                "{:.1} images/s with {} thread(s) sharing the model, preprocessing included{}",
+                r.throughput,
+                r.threads,
+                if r.intra_op_threads > 1 {
+                    format!(", {} intra-op threads", r.intra_op_threads)
+                } else {
+                    String::new()
+                }
+            ),
+        ),
+        (
+            "memory",
+            r.peak_rss_bytes.map_or("peak RSS unknown on this platform".into(), |b| {
+                format!("peak RSS {:.0} MiB", b as f64 / (1 << 20) as f64)
+            }),
+        ),
+    ];
+    for (k, v) in lines {
+        writeln!(out, "{k:<11}{v}").map_err(io)?;
+    }
+    Ok(Outcome::Complete)
+}
+
+/// A deterministic 640x480 colour gradient with some texture.
+fn synthetic_image() -> DynamicImage {
+    DynamicImage::ImageRgb8(RgbImage::from_fn(640, 480, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 251) as u8])
+    }))
+}
+
+/// The process's peak resident set size (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_sorted_samples() {
+        let l = Latency::from_seconds((1..=100).rev().map(|ms| ms as f64 / 1e3).collect());
+        assert_eq!(
+            (l.p50.round(), l.p90.round(), l.p99.round()),
+            (51.0, 90.0, 99.0)
+        );
+        assert!((l.mean - 50.5).abs() < 1e-9);
+        assert_eq!(l.runs, 100);
+    }
+}
