@@ -41,7 +41,9 @@ fn header_declares_exactly_the_exported_functions() {
             let name_len = text[at..]
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(text.len() - at);
-            text[at + name_len..].starts_with('(').then(|| &text[at..at + name_len])
+            text[at + name_len..]
+                .starts_with('(')
+                .then(|| &text[at..at + name_len])
         })
         .collect();
     declared.sort();
