@@ -18,14 +18,20 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo build` puts the shared library beside the binaries; `cargo test` leaves it in `deps/`.
 fn library() -> PathBuf {
-    let lib = target_dir().join("libgraft_runtime.so");
-    assert!(
-        lib.is_file(),
-        "{} missing: run `cargo test --workspace`",
-        lib.display()
-    );
-    lib
+    let candidates =
+        [target_dir(), target_dir().join("deps")].map(|d| d.join("libgraft_runtime.so"));
+    candidates
+        .iter()
+        .find(|lib| lib.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} missing: run `cargo test --workspace`",
+                candidates[0].display()
+            )
+        })
+        .clone()
 }
 
 fn header() -> PathBuf {
@@ -84,10 +90,11 @@ fn c_example_prints_what_graft_run_prints() {
         .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(header().parent().unwrap())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/examples/c/classify.c"))
-        .arg("-L")
-        .arg(target_dir())
-        .arg("-lgraft_runtime")
-        .arg(format!("-Wl,-rpath,{}", target_dir().display()))
+        .arg(library())
+        .arg(format!(
+            "-Wl,-rpath,{}",
+            library().parent().unwrap().display()
+        ))
         .arg("-o")
         .arg(&exe)
         .output()

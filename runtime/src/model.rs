@@ -87,10 +87,20 @@ impl Classification {
 impl Model {
     /// Loads, validates and prepares the artifact at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
-        let started = std::time::Instant::now();
-        let artifact = Artifact::open(path)?;
-        let validate = started.elapsed().as_secs_f64();
-        let mut model = Self::from_artifact(artifact)?;
+        // tract's NNEF reader parses its standard library when created (~10 ms); do that on a
+        // second thread while this one maps and validates the file.
+        let (artifact, nnef, validate) = std::thread::scope(|scope| {
+            let reader = scope.spawn(tract_nnef::nnef);
+            let started = std::time::Instant::now();
+            let artifact = Artifact::open(path);
+            let validate = started.elapsed().as_secs_f64();
+            (
+                artifact,
+                reader.join().expect("NNEF reader setup panicked"),
+                validate,
+            )
+        });
+        let mut model = Self::prepare(artifact?, &nnef)?;
         model.load_timings.validate = validate;
         Ok(model)
     }
@@ -107,6 +117,10 @@ impl Model {
     /// [`Error::InvalidGraph`] instead of bringing the process down; this needs the default
     /// `panic = "unwind"`.
     pub fn from_artifact(artifact: Artifact) -> Result<Model> {
+        Self::prepare(artifact, &tract_nnef::nnef())
+    }
+
+    fn prepare(artifact: Artifact, nnef: &tract_nnef::framework::Nnef) -> Result<Model> {
         let invalid = |reason: String| Error::InvalidGraph {
             path: artifact.path.clone(),
             reason,
@@ -114,7 +128,7 @@ impl Model {
         let mut load_timings = LoadTimings::default();
         let prepare = || -> std::result::Result<Arc<TypedSimplePlan>, String> {
             let started = std::time::Instant::now();
-            let graph = tract_nnef::nnef()
+            let graph = nnef
                 .model_for_read(&mut artifact.graph_bytes())
                 .map_err(|e| format!("{e:#}"))?;
             check_graph(&graph, &artifact.manifest)?;
