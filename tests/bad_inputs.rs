@@ -612,6 +612,12 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "unknown precision",
+        build: |dir| {
+            fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--precision", &"int4"]), Expect::ErrorPrefix("error: invalid value 'int4' for '--precision <PRECISION>': unknown precision \"int4\": expected f32 or int8".into()))
+        },
+    },
+    Case {
         name: "unknown normalization",
         build: |dir| {
             let args = os(&[

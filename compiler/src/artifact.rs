@@ -78,6 +78,7 @@ pub fn manifest_for(
         },
         outputs: vec!["probabilities".into(), "logits".into()],
         precision: "f32".into(),
+        quantization: None,
         backbone: BackboneInfo {
             file_name: backbone.file_name(),
             sha256: backbone.sha256().to_string(),

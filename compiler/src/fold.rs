@@ -19,8 +19,8 @@ use crate::train::Dense;
 /// One graph from image to `[probabilities, logits]`.
 #[derive(Debug, Clone)]
 pub struct FoldedModel {
-    model: TypedModel,
-    classes: usize,
+    pub(crate) model: TypedModel,
+    pub(crate) classes: usize,
 }
 
 impl CutBackbone {

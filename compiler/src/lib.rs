@@ -16,6 +16,7 @@ pub mod import;
 pub mod interrupt;
 pub mod pipeline;
 pub mod probe;
+pub mod quantize;
 pub mod rng;
 pub mod train;
 pub mod ui;

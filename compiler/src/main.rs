@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use graft_compiler::pipeline::{compile, CompileOptions, CompileReport};
+use graft_compiler::quantize::Precision;
 use graft_compiler::train::{HeadKind, TrainConfig};
 use graft_compiler::ui::TerminalUi;
 use graft_compiler::CompileError;
@@ -138,6 +139,14 @@ struct CompileArgs {
     /// Worker threads for feature extraction and verification [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Graph precision: f32, or int8 (convolutions and 1x1 products quantized after training,
+    /// activation ranges calibrated on training images; the artifact records the validation
+    /// accuracy of both). See docs/PERFORMANCE.md for int8 speed on your CPU.
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    precision: Precision,
+    /// Training images to calibrate int8 activation ranges on.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    calibration_images: usize,
     /// Skip running the finished artifact on the validation images.
     #[arg(long)]
     no_verify: bool,
@@ -202,6 +211,10 @@ fn parse_size(s: &str) -> Result<[usize; 2], String> {
     Ok([h, w])
 }
 
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    s.parse()
+}
+
 fn default_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
         return dir.into();
@@ -254,6 +267,8 @@ impl CompileArgs {
             },
             threads: self.threads.unwrap_or_else(default_threads),
             verify: !self.no_verify,
+            precision: self.precision,
+            calibration_images: self.calibration_images,
         }
     }
 }

@@ -6,8 +6,10 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use tract_onnx::prelude::Tensor;
+
 use candle_core::Device;
-use graft_runtime::artifact::{self, EpochRecord, Manifest, Metrics};
+use graft_runtime::artifact::{self, EpochRecord, Manifest, Metrics, QuantizationInfo};
 use graft_runtime::dataset::{ImageFolder, Sample};
 use graft_runtime::eval::{evaluate, ConfusionMatrix};
 use graft_runtime::preprocess::{ChannelOrder, Normalization, Preprocessing, ResizeFilter};
@@ -17,8 +19,10 @@ use graft_runtime::{Artifact, Model};
 use crate::artifact::{manifest_for, HeadSummary};
 use crate::error::{CompileError, Result};
 use crate::extract::{Extraction, FeatureCache, FeatureExtractor, Features};
+use crate::fold::FoldedModel;
 use crate::import::Backbone;
 use crate::probe::probe_normalization;
+use crate::quantize::{Precision, QuantizeConfig, METHOD};
 use crate::rng::Rng;
 use crate::train::{train_head, TrainConfig, TrainedHead};
 
@@ -72,6 +76,10 @@ pub struct CompileOptions {
     pub threads: usize,
     /// Evaluate the written graph end to end on the validation images.
     pub verify: bool,
+    /// `f32`, or `int8` (quantized after training, calibrated on training images).
+    pub precision: Precision,
+    /// Training images to calibrate int8 activation ranges on.
+    pub calibration_images: usize,
 }
 
 impl CompileOptions {
@@ -95,6 +103,8 @@ impl CompileOptions {
             cache_dir: None,
             threads: graft_runtime::eval::default_threads(),
             verify: true,
+            precision: Precision::F32,
+            calibration_images: 32,
         }
     }
 }
@@ -254,26 +264,30 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
 
     let summary = HeadSummary::trained(&head, &options.train);
     let mut manifest = manifest_for(&cut, &preprocessing, &folder.classes, &summary);
-    let graph = cut.into_folded(&head.layers)?.to_nnef()?;
+    let folded = cut.into_folded(&head.layers)?;
+    let f32_graph = folded.to_nnef()?;
+    let graph = match options.precision {
+        Precision::F32 => f32_graph.clone(),
+        Precision::Int8 => {
+            let (graph, info) =
+                quantize_graph(folded, &train_samples, &preprocessing, options, reporter)?;
+            manifest.quantization = Some(info);
+            graph
+        }
+    };
+    manifest.precision = options.precision.name().into();
     let head_val_accuracy = ConfusionMatrix::from_pairs(
         folder.classes.len(),
         val.labels.iter().copied().zip(head.predict(&val)),
     )
     .accuracy();
     let (confusion, artifact_val_accuracy) = if options.verify {
-        let model = Model::from_artifact(Artifact::from_bytes(
-            artifact::encode(&manifest, &graph),
-            &options.out,
-        )?)?;
         let val_usable: Vec<Sample> = val_samples
             .iter()
             .filter(|s| val.paths.contains(&s.path))
             .cloned()
             .collect();
-        let evaluation = evaluate(&model, &val_usable, options.threads, reporter);
-        if reporter.cancelled() {
-            return Err(CompileError::Interrupted);
-        }
+        let evaluation = run_graph(&manifest, &graph, &val_usable, options, reporter)?;
         let accuracy = evaluation.accuracy();
         reporter.message(&format!(
             "verify    artifact run end to end on {} validation images: accuracy {:.4} (head on cached features: {:.4})",
@@ -281,6 +295,21 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             accuracy,
             head_val_accuracy
         ));
+        if manifest.quantization.is_some() {
+            let mut f32_manifest = manifest.clone();
+            f32_manifest.precision = Precision::F32.name().into();
+            f32_manifest.quantization = None;
+            let f32_accuracy =
+                run_graph(&f32_manifest, &f32_graph, &val_usable, options, reporter)?.accuracy();
+            reporter.message(&format!(
+                "verify    int8 accuracy {accuracy:.4} vs f32 {f32_accuracy:.4} ({:+.2} points)",
+                (accuracy - f32_accuracy) * 100.0
+            ));
+            if let Some(info) = manifest.quantization.as_mut() {
+                info.val_accuracy = Some(accuracy);
+                info.f32_val_accuracy = Some(f32_accuracy);
+            }
+        }
         (evaluation.confusion, Some(accuracy))
     } else {
         let confusion = ConfusionMatrix::from_pairs(
@@ -315,6 +344,74 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         extract_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Runs an encoded graph end to end (as the runtime will) on labelled images.
+fn run_graph(
+    manifest: &Manifest,
+    graph: &[u8],
+    samples: &[Sample],
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<graft_runtime::eval::Evaluation> {
+    let model = Model::from_artifact(Artifact::from_bytes(
+        artifact::encode(manifest, graph),
+        &options.out,
+    )?)?;
+    let evaluation = evaluate(&model, samples, options.threads, reporter);
+    if reporter.cancelled() {
+        return Err(CompileError::Interrupted);
+    }
+    Ok(evaluation)
+}
+
+/// `--precision int8`: calibrates on a seeded sample of the training images and quantizes.
+fn quantize_graph(
+    folded: FoldedModel,
+    samples: &[Sample],
+    preprocessing: &Preprocessing,
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<(Vec<u8>, QuantizationInfo)> {
+    let mut order: Vec<&Sample> = samples.iter().collect();
+    Rng::new(options.train.seed, "calibration").shuffle(&mut order);
+    let [height, width] = preprocessing.crop;
+    let mut inputs = Vec::new();
+    for sample in order {
+        if inputs.len() >= options.calibration_images {
+            break;
+        }
+        let Ok(image) = graft_runtime::preprocess::load_image(&sample.path) else {
+            continue;
+        };
+        let tensor = Tensor::from_shape(
+            &[1, 3, height as usize, width as usize],
+            &preprocessing.apply(&image),
+        )
+        .map_err(CompileError::graph("calibration input"))?;
+        inputs.push(tensor);
+    }
+    let calibration_images = inputs.len();
+    let config = QuantizeConfig::default();
+    let (quantized, layers) = folded.into_quantized(inputs, &config, |_| {})?;
+    let int8 = layers.iter().filter(|l| l.precision == "int8").count();
+    reporter.message(&format!(
+        "quantize  int8: {int8} of {} layers (depthwise kept f32: tract has no int8 depthwise kernel), activation ranges from {calibration_images} training images",
+        layers.len()
+    ));
+    if reporter.cancelled() {
+        return Err(CompileError::Interrupted);
+    }
+    Ok((
+        quantized.to_nnef()?,
+        QuantizationInfo {
+            method: METHOD.into(),
+            calibration_images,
+            layers,
+            f32_val_accuracy: None,
+            val_accuracy: None,
+        },
+    ))
 }
 
 /// `--normalize auto`: ask the backbone's own classifier (see [`crate::probe`]).

@@ -58,8 +58,11 @@ pub struct Manifest {
     pub input: TensorSpec,
     /// Names of the graph's outputs, in order: probabilities first, then logits.
     pub outputs: Vec<String>,
-    /// Numeric precision of the stored graph (`f32` for now).
+    /// Numeric precision of the graph's convolutions: `f32` or `int8`.
     pub precision: String,
+    /// How the graph was quantized, for `int8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationInfo>,
     /// Where the frozen part of the model came from.
     pub backbone: BackboneInfo,
     /// The classifier head that was trained.
@@ -73,6 +76,34 @@ pub struct Manifest {
     /// Versions of the libraries that produced the artifact.
     #[serde(default)]
     pub versions: BTreeMap<String, String>,
+}
+
+/// How an `int8` graph was quantized, and what it cost in accuracy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationInfo {
+    /// Calibration method (how activation ranges were chosen).
+    pub method: String,
+    /// Number of training images the activation ranges were measured on.
+    pub calibration_images: usize,
+    /// The precision chosen for every quantizable layer.
+    pub layers: Vec<LayerPrecision>,
+    /// Validation accuracy of the same graph in f32, run end to end.
+    #[serde(default)]
+    pub f32_val_accuracy: Option<f32>,
+    /// Validation accuracy of the quantized graph, run end to end.
+    #[serde(default)]
+    pub val_accuracy: Option<f32>,
+}
+
+/// The precision chosen for one quantizable layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerPrecision {
+    /// Node name in the graph.
+    pub layer: String,
+    /// `conv`, `depthwise` or `pointwise`.
+    pub kind: String,
+    /// `int8` or `f32`.
+    pub precision: String,
 }
 
 /// Name and shape of a graph tensor.
@@ -482,6 +513,7 @@ mod tests {
             },
             outputs: vec!["probabilities".into(), "logits".into()],
             precision: "f32".into(),
+            quantization: None,
             backbone: BackboneInfo {
                 file_name: "b.onnx".into(),
                 sha256: "00".into(),

@@ -318,6 +318,36 @@ pub fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<Outcome> {
     Ok(Outcome::Complete)
 }
 
+fn describe_precision(m: &Manifest) -> String {
+    let Some(q) = &m.quantization else {
+        return m.precision.clone();
+    };
+    let int8 = q.layers.iter().filter(|l| l.precision == "int8").count();
+    let mut kinds: Vec<String> = Vec::new();
+    for kind in ["conv", "pointwise", "depthwise"] {
+        let of_kind: Vec<_> = q.layers.iter().filter(|l| l.kind == kind).collect();
+        if !of_kind.is_empty() {
+            let n = of_kind.iter().filter(|l| l.precision == "int8").count();
+            kinds.push(format!("{kind} {n}/{}", of_kind.len()));
+        }
+    }
+    let accuracy = match (q.f32_val_accuracy, q.val_accuracy) {
+        (Some(f), Some(i)) => format!(
+            "; validation accuracy {i:.4} vs {f:.4} in f32 ({:+.2} points)",
+            (i - f) * 100.0
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{}: {int8} of {} layers int8 ({}), {} on {} images{accuracy}",
+        m.precision,
+        q.layers.len(),
+        kinds.join(", "),
+        q.method,
+        q.calibration_images
+    )
+}
+
 fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
     let p = &m.preprocessing;
     let n = &p.normalization;
@@ -333,7 +363,7 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
             ),
         ),
         ("producer", m.producer.clone()),
-        ("precision", m.precision.clone()),
+        ("precision", describe_precision(m)),
         (
             "labels",
             format!("{} classes: {}", m.labels.len(), abbreviate(&m.labels, 12)),

@@ -1,0 +1,678 @@
+//! Quantize: static post-training int8 quantization of the folded graph, as one graph rewrite.
+//!
+//! [`calibrate`] runs the f32 graph on sample images and records the range of every activation.
+//! [`quantize`] then rebuilds the graph with the chosen convolutions and pointwise (1x1) matrix
+//! products in int8: weights symmetric per tensor, activations asymmetric per tensor from the
+//! calibrated range. A ReLU6 (`max(x, 0)` then `min(x, 6)`) after a quantized layer is absorbed
+//! into the output range, which clamps exactly as the activation did. Quantized layers that feed
+//! each other exchange int8 tensors directly; everything else (residual adds, pooling, the head)
+//! stays f32 and reads the int8 tensors through a dequantizing cast.
+//!
+//! tract runs such convolutions with its integer matrix-multiply kernels, and writes them to NNEF
+//! as ordinary `conv` / `tract_core_einsum_q` with a `graph.quant` file carrying the scales.
+
+use std::collections::HashMap;
+
+use graft_runtime::artifact::LayerPrecision;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::axes::AxesMapping;
+use tract_onnx::tract_core::internal::TractErrorContext;
+use tract_onnx::tract_core::ops::cast::cast;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::konst::Const;
+
+use crate::error::{CompileError, Result};
+use crate::fold::FoldedModel;
+
+/// Observed value range of one activation tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Range {
+    /// Smallest value seen.
+    pub min: f32,
+    /// Largest value seen.
+    pub max: f32,
+}
+
+impl Range {
+    fn update(&mut self, values: &[f32]) {
+        for &v in values {
+            if v.is_finite() {
+                self.min = self.min.min(v);
+                self.max = self.max.max(v);
+            }
+        }
+    }
+
+    /// The int8 parameters `(zero_point, scale)` covering this range (and zero).
+    pub fn qparams(&self) -> (i32, f32) {
+        let min = self.min.min(0.0);
+        let max = self.max.max(0.0);
+        let scale = ((max - min) / 255.0).max(f32::EPSILON);
+        let zero_point = (-128.0 - min / scale).round().clamp(-128.0, 127.0) as i32;
+        (zero_point, scale)
+    }
+}
+
+/// Activation ranges of a graph, measured by running it on calibration images.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    ranges: HashMap<OutletId, Range>,
+    /// Number of images the ranges were measured on.
+    pub images: usize,
+}
+
+impl Calibration {
+    /// The range measured at `outlet` of the calibrated graph.
+    pub fn range(&self, outlet: OutletId) -> Option<Range> {
+        self.ranges.get(&outlet).copied()
+    }
+}
+
+/// Runs `model` (the folded f32 graph) on every input tensor and records the range of each f32
+/// activation.
+pub fn calibrate(
+    model: &TypedModel,
+    inputs: impl IntoIterator<Item = Tensor>,
+    mut on_image: impl FnMut(usize),
+) -> Result<Calibration> {
+    let outlets: Vec<OutletId> = model
+        .eval_order()
+        .map_err(CompileError::graph("calibrate"))?
+        .into_iter()
+        .filter(|&n| !model.node(n).op_is::<Const>())
+        .flat_map(|n| (0..model.node(n).outputs.len()).map(move |slot| OutletId::new(n, slot)))
+        .filter(|&o| {
+            model
+                .outlet_fact(o)
+                .is_ok_and(|f| f.datum_type == f32::datum_type())
+        })
+        .collect();
+    let mut probe = model.clone();
+    probe
+        .select_output_outlets(&outlets)
+        .map_err(CompileError::graph("calibrate"))?;
+    let plan = probe
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(CompileError::graph("calibrate"))?;
+    let mut ranges: HashMap<OutletId, Range> = outlets
+        .iter()
+        .map(|&o| {
+            (
+                o,
+                Range {
+                    min: f32::INFINITY,
+                    max: f32::NEG_INFINITY,
+                },
+            )
+        })
+        .collect();
+    let mut images = 0;
+    for input in inputs {
+        let values = plan
+            .run(tvec![input.into()])
+            .map_err(CompileError::graph("calibrate"))?;
+        for (outlet, value) in outlets.iter().zip(values) {
+            let view = value.view();
+            let slice = view
+                .as_slice::<f32>()
+                .map_err(CompileError::graph("calibrate"))?;
+            ranges.get_mut(outlet).expect("every outlet").update(slice);
+        }
+        images += 1;
+        on_image(images);
+    }
+    if images == 0 {
+        return Err(CompileError::NotEnoughData(
+            "quantization needs at least one calibration image".into(),
+        ));
+    }
+    Ok(Calibration { ranges, images })
+}
+
+/// Which layers [`quantize`] turns to int8.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizeConfig {
+    /// Quantize depthwise convolutions too (tract has no int8 depthwise kernel: they run through
+    /// im2col and an int8 matrix product).
+    pub depthwise: bool,
+    /// Layers (by node name) kept in f32 whatever their kind.
+    pub keep_f32: Vec<String>,
+}
+
+/// A quantizable layer of the f32 graph.
+#[derive(Debug, Clone)]
+struct Candidate {
+    kind: &'static str,
+    /// The node doing the product (Conv or EinSum).
+    node: usize,
+    /// The constant bias added after an EinSum (Conv carries its own), if any.
+    bias_add: Option<usize>,
+    /// Absorbed activation nodes, in order.
+    activation: Vec<usize>,
+}
+
+impl Candidate {
+    /// The outlet whose value the quantized layer produces.
+    fn output(&self) -> OutletId {
+        let last = self
+            .activation
+            .last()
+            .or(self.bias_add.as_ref())
+            .unwrap_or(&self.node);
+        OutletId::new(*last, 0)
+    }
+}
+
+fn const_of(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
+    model.outlet_fact(outlet).ok()?.konst.clone()
+}
+
+fn single_successor(model: &TypedModel, node: usize) -> Option<&TypedNode> {
+    let outputs = &model.node(node).outputs;
+    if outputs.len() != 1 || outputs[0].successors.len() != 1 {
+        return None;
+    }
+    if model
+        .output_outlets()
+        .ok()?
+        .contains(&OutletId::new(node, 0))
+    {
+        return None;
+    }
+    Some(model.node(outputs[0].successors[0].node))
+}
+
+/// A binary op `name` between the previous wire and a one-value constant; returns the constant.
+fn scalar_binary(model: &TypedModel, node: &TypedNode, name: &str, from: usize) -> Option<f32> {
+    if node.op.name() != name || node.inputs.len() != 2 {
+        return None;
+    }
+    let other = node.inputs.iter().find(|i| i.node != from)?;
+    let konst = const_of(model, *other)?;
+    (konst.len() == 1)
+        .then(|| konst.cast_to_scalar::<f32>().ok())
+        .flatten()
+}
+
+fn absorbed_activation(model: &TypedModel, after: usize) -> Vec<usize> {
+    let Some(max) = single_successor(model, after) else {
+        return vec![];
+    };
+    if scalar_binary(model, max, "Max", after) != Some(0.0) {
+        return vec![];
+    }
+    match single_successor(model, max.id) {
+        Some(min) if scalar_binary(model, min, "Min", max.id).is_some_and(|v| v > 0.0) => {
+            vec![max.id, min.id]
+        }
+        _ => vec![max.id],
+    }
+}
+
+fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
+    let mut found = vec![];
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(&first) = node.inputs.first() else {
+            continue;
+        };
+        if model.outlet_fact(first)?.datum_type != f32::datum_type() {
+            continue;
+        }
+        if let Some(conv) = node.op_as::<Conv>() {
+            if conv.q_params.is_some()
+                || conv.kernel_fmt != KernelFormat::OIHW
+                || node.inputs.len() != 3
+                || const_of(model, node.inputs[1]).is_none()
+                || const_of(model, node.inputs[2]).is_none()
+            {
+                continue;
+            }
+            let kind = if conv.group == 1 { "conv" } else { "depthwise" };
+            found.push(Candidate {
+                kind,
+                node: id,
+                bias_add: None,
+                activation: absorbed_activation(model, id),
+            });
+        } else if let Some(einsum) = node.op_as::<EinSum>() {
+            // A 1x1 convolution after tract's declutter: weights [Co, Ci] times activations
+            // [Ci, H, W], then a constant bias [Co, 1, 1].
+            if einsum.q_params.is_some() || node.inputs.len() != 2 {
+                continue;
+            }
+            let Some(weight) = const_of(model, node.inputs[1]) else {
+                continue;
+            };
+            if !is_pointwise(einsum) {
+                continue;
+            }
+            let Some(add) = single_successor(model, id) else {
+                continue;
+            };
+            if add.op.name() != "Add" {
+                continue;
+            }
+            let other = add.inputs.iter().find(|i| i.node != id).copied();
+            let Some(bias) = other.and_then(|o| const_of(model, o)) else {
+                continue;
+            };
+            if bias.len() != weight.shape()[0] {
+                continue;
+            }
+            found.push(Candidate {
+                kind: "pointwise",
+                node: id,
+                bias_add: Some(add.id),
+                activation: absorbed_activation(model, add.id),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Every quantizable layer of `model`, with the precision `config` gives it.
+pub fn plan(model: &TypedModel, config: &QuantizeConfig) -> Result<Vec<LayerPrecision>> {
+    let found = candidates(model).map_err(CompileError::graph("quantize"))?;
+    Ok(found
+        .iter()
+        .map(|c| LayerPrecision {
+            layer: model.node(c.node).name.clone(),
+            kind: c.kind.to_string(),
+            precision: if chosen(model, c, config) {
+                "int8"
+            } else {
+                "f32"
+            }
+            .to_string(),
+        })
+        .collect())
+}
+
+fn chosen(model: &TypedModel, candidate: &Candidate, config: &QuantizeConfig) -> bool {
+    (candidate.kind != "depthwise" || config.depthwise)
+        && !config
+            .keep_f32
+            .iter()
+            .any(|name| *name == model.node(candidate.node).name)
+}
+
+fn scalar_i32(model: &mut TypedModel, name: String, v: i32) -> TractResult<OutletId> {
+    model.add_const(name, tensor0(v))
+}
+
+fn scalar_f32(model: &mut TypedModel, name: String, v: f32) -> TractResult<OutletId> {
+    model.add_const(name, tensor0(v))
+}
+
+/// Symmetric per-tensor int8 weights: `(quantized, scale)`.
+fn quantize_weights(weights: &Tensor) -> TractResult<(Tensor, f32)> {
+    let view = weights.view();
+    let values = view.as_slice::<f32>()?;
+    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = (max / 127.0).max(f32::EPSILON);
+    let quantized: Vec<i8> = values
+        .iter()
+        .map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8)
+        .collect();
+    Ok((Tensor::from_shape(weights.shape(), &quantized)?, scale))
+}
+
+fn quantized_bias(bias: &Tensor, scale: f32, len: usize) -> TractResult<Tensor> {
+    let bias = bias.cast_to::<f32>()?;
+    let view = bias.view();
+    let values = view.as_slice::<f32>()?;
+    let ints: Vec<i32> = (0..len)
+        .map(|i| {
+            let b = values[if values.len() == 1 { 0 } else { i }];
+            (b / scale).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32
+        })
+        .collect();
+    Ok(tensor1(&ints))
+}
+
+/// Wires in a rebuilt graph: the f32 value of every old outlet, and its int8 twin when a
+/// quantized layer produced it or a quantizing cast was already made.
+struct Rebuild<'a> {
+    old: &'a TypedModel,
+    new: TypedModel,
+    calibration: &'a Calibration,
+    f32_wire: HashMap<OutletId, OutletId>,
+    int8_wire: HashMap<OutletId, OutletId>,
+}
+
+impl Rebuild<'_> {
+    fn qparams(&self, old: OutletId) -> TractResult<(i32, f32)> {
+        self.calibration
+            .range(old)
+            .map(|r| r.qparams())
+            .with_context(|| format!("no calibrated range for {:?}", self.old.node(old.node).name))
+    }
+
+    fn int8(&mut self, old: OutletId) -> TractResult<OutletId> {
+        if let Some(w) = self.int8_wire.get(&old) {
+            return Ok(*w);
+        }
+        let (zero_point, scale) = self.qparams(old)?;
+        let dt = i8::datum_type().quantize(QParams::ZpScale { zero_point, scale });
+        let name = format!("{}.quantize", self.old.node(old.node).name);
+        let wire = self.new.wire_node(name, cast(dt), &[self.f32_wire[&old]])?[0];
+        self.int8_wire.insert(old, wire);
+        Ok(wire)
+    }
+
+    fn copy(&mut self, node: &TypedNode) -> TractResult<()> {
+        let inputs: TVec<OutletId> = node.inputs.iter().map(|i| self.f32_wire[i]).collect();
+        let outputs = if let Some(source) =
+            node.op_as::<tract_onnx::tract_core::ops::source::TypedSource>()
+        {
+            tvec![self.new.add_source(&node.name, source.fact.clone())?]
+        } else {
+            self.new.wire_node(&node.name, node.op.clone(), &inputs)?
+        };
+        for (slot, wire) in outputs.into_iter().enumerate() {
+            self.f32_wire.insert(OutletId::new(node.id, slot), wire);
+        }
+        Ok(())
+    }
+
+    fn quantized(&mut self, candidate: &Candidate) -> TractResult<()> {
+        let node = self.old.node(candidate.node);
+        let name = node.name.clone();
+        let x_old = node.inputs[0];
+        let (x0, x_scale) = self.qparams(x_old)?;
+        let weights = const_of(self.old, node.inputs[1]).context("constant weights")?;
+        let (kernel, k_scale) = quantize_weights(&weights)?;
+        let out_channels = weights.shape()[0];
+        let bias_old = match candidate.bias_add {
+            Some(add) => {
+                let add = self.old.node(add);
+                let other = add
+                    .inputs
+                    .iter()
+                    .find(|i| i.node != node.id)
+                    .context("bias")?;
+                const_of(self.old, *other).context("constant bias")?
+            }
+            None => const_of(self.old, node.inputs[2]).context("constant bias")?,
+        };
+        let bias = quantized_bias(&bias_old, x_scale * k_scale, out_channels)?;
+        let kernel = self.new.add_const(format!("{name}.weights_int8"), kernel)?;
+        let y = if let Some(conv) = node.op_as::<Conv>() {
+            let x = self.int8(x_old)?;
+            self.quantized_conv(candidate, conv, x, kernel, bias, (x0, x_scale), k_scale)?
+        } else {
+            let x = self.int8(x_old)?;
+            self.quantized_pointwise(candidate, x, kernel, bias, (x0, x_scale), k_scale)?
+        };
+        self.f32_wire.insert(candidate.output(), y);
+        Ok(())
+    }
+
+    /// A 1x1 convolution as one int8 matrix product over all pixels: `[Co, Ci] x [Ci, H*W]`.
+    /// (tract multiplies a `[Ci, H, W]` einsum one image row at a time when it is quantized; the
+    /// flattening is written into the graph and, as the runtime does not declutter again, stays.)
+    #[allow(clippy::too_many_arguments)]
+    fn quantized_pointwise(
+        &mut self,
+        candidate: &Candidate,
+        x: OutletId,
+        kernel: OutletId,
+        bias: Tensor,
+        (x0, x_scale): (i32, f32),
+        k_scale: f32,
+    ) -> TractResult<OutletId> {
+        let name = self.old.node(candidate.node).name.clone();
+        let (y0, y_scale) = self.qparams(candidate.output())?;
+        let y_dt = i8::datum_type().quantize(QParams::ZpScale {
+            zero_point: y0,
+            scale: y_scale,
+        });
+        let shape = self.new.outlet_fact(x)?.shape.to_tvec();
+        let (h, w) = (shape[1].clone(), shape[2].clone());
+        let pixels = h.clone() * w.clone();
+        let flat = AxisOp::Reshape(1, tvec![h.clone(), w.clone()], tvec![pixels.clone()]);
+        let x = self.new.wire_node(format!("{name}.flatten"), flat, &[x])?[0];
+        let bias = self.new.add_const(format!("{name}.bias_int32"), bias)?;
+        let inputs = [
+            x,
+            kernel,
+            bias,
+            scalar_i32(&mut self.new, format!("{name}.x0"), x0)?,
+            scalar_f32(&mut self.new, format!("{name}.x_scale"), x_scale)?,
+            scalar_i32(&mut self.new, format!("{name}.k0"), 0)?,
+            scalar_f32(&mut self.new, format!("{name}.k_scale"), k_scale)?,
+            scalar_i32(&mut self.new, format!("{name}.y0"), y0)?,
+            scalar_f32(&mut self.new, format!("{name}.y_scale"), y_scale)?,
+        ];
+        let axes: AxesMapping = "kn,mk,m,,,,,,->mn".parse()?;
+        let op = EinSum::newq(axes, i32::datum_type(), y_dt);
+        let y = self.new.wire_node(format!("{name}.int8"), op, &inputs)?[0];
+        let unflat = AxisOp::Reshape(1, tvec![pixels], tvec![h, w]);
+        let y = self
+            .new
+            .wire_node(format!("{name}.unflatten"), unflat, &[y])?[0];
+        self.int8_wire.insert(candidate.output(), y);
+        Ok(self
+            .new
+            .wire_node(format!("{name}.dequantize"), cast(f32::datum_type()), &[y])?[0])
+    }
+
+    /// A tract quantized convolution: int8 in, int8 out (the activation is the output range).
+    #[allow(clippy::too_many_arguments)]
+    fn quantized_conv(
+        &mut self,
+        candidate: &Candidate,
+        conv: &Conv,
+        x: OutletId,
+        kernel: OutletId,
+        bias: Tensor,
+        (x0, x_scale): (i32, f32),
+        k_scale: f32,
+    ) -> TractResult<OutletId> {
+        let name = self.old.node(candidate.node).name.clone();
+        let (y0, y_scale) = self.qparams(candidate.output())?;
+        let y_dt = i8::datum_type().quantize(QParams::ZpScale {
+            zero_point: y0,
+            scale: y_scale,
+        });
+        let bias = self.new.add_const(format!("{name}.bias_int32"), bias)?;
+        let inputs = [
+            x,
+            kernel,
+            bias,
+            scalar_i32(&mut self.new, format!("{name}.x0"), x0)?,
+            scalar_f32(&mut self.new, format!("{name}.x_scale"), x_scale)?,
+            scalar_i32(&mut self.new, format!("{name}.k0"), 0)?,
+            scalar_f32(&mut self.new, format!("{name}.k_scale"), k_scale)?,
+            scalar_i32(&mut self.new, format!("{name}.y0"), y0)?,
+            scalar_f32(&mut self.new, format!("{name}.y_scale"), y_scale)?,
+        ];
+        let op = Conv::new(
+            conv.pool_spec.clone(),
+            conv.kernel_fmt,
+            conv.group,
+            Some(y_dt),
+        );
+        let y = self.new.wire_node(format!("{name}.int8"), op, &inputs)?[0];
+        self.int8_wire.insert(candidate.output(), y);
+        Ok(self
+            .new
+            .wire_node(format!("{name}.dequantize"), cast(f32::datum_type()), &[y])?[0])
+    }
+}
+
+/// Whether an einsum computes `out[o, h, w] = sum_i weights[o, i] * x[i, h, w]`: a 1x1
+/// convolution as tract's declutter leaves it.
+fn is_pointwise(einsum: &EinSum) -> bool {
+    let expr = einsum.axes.to_string();
+    let Some((inputs, output)) = expr.split_once("->") else {
+        return false;
+    };
+    let Some((x, weights)) = inputs.split_once(',') else {
+        return false;
+    };
+    let (x, weights, output): (Vec<char>, Vec<char>, Vec<char>) = (
+        x.chars().collect(),
+        weights.chars().collect(),
+        output.chars().collect(),
+    );
+    x.len() == 3
+        && weights.len() == 2
+        && output.len() == 3
+        && x[0] == weights[1]
+        && weights[0] == output[0]
+        && x[1..] == output[1..]
+}
+
+/// Rebuilds `model` with its quantizable layers in int8 where `config` chooses them, using the
+/// activation ranges of `calibration` (measured on this same `model`).
+pub fn quantize(
+    model: &TypedModel,
+    calibration: &Calibration,
+    config: &QuantizeConfig,
+) -> Result<TypedModel> {
+    let rewrite = || -> TractResult<TypedModel> {
+        let found = candidates(model)?;
+        let mut by_output: HashMap<usize, &Candidate> = HashMap::new();
+        let mut absorbed: Vec<usize> = vec![];
+        for candidate in found.iter().filter(|c| chosen(model, c, config)) {
+            by_output.insert(candidate.output().node, candidate);
+            absorbed.push(candidate.node);
+            absorbed.extend(candidate.bias_add);
+            absorbed.extend(&candidate.activation);
+        }
+        let mut rebuild = Rebuild {
+            old: model,
+            new: TypedModel::default(),
+            calibration,
+            f32_wire: HashMap::new(),
+            int8_wire: HashMap::new(),
+        };
+        rebuild.new.symbols = model.symbols.clone();
+        rebuild.new.properties = model.properties.clone();
+        for id in model.eval_order()? {
+            if let Some(candidate) = by_output.get(&id) {
+                rebuild.quantized(candidate)?;
+            } else if !absorbed.contains(&id) {
+                rebuild.copy(model.node(id))?;
+            }
+        }
+        let outputs: TVec<OutletId> = model
+            .output_outlets()?
+            .iter()
+            .map(|o| rebuild.f32_wire[o])
+            .collect();
+        rebuild.new.select_output_outlets(&outputs)?;
+        for (old, new) in model.output_outlets()?.iter().zip(outputs.iter()) {
+            if let Some(label) = model.outlet_label(*old) {
+                rebuild.new.set_outlet_label(*new, label.to_string())?;
+            }
+        }
+        // Not decluttered again: that would undo the flattening of the pointwise products.
+        let new = rebuild.new;
+        new.check_consistency()?;
+        Ok(new)
+    };
+    rewrite().map_err(CompileError::graph("quantize"))
+}
+
+/// The calibration method [`quantize`] uses, as recorded in the artifact.
+pub const METHOD: &str =
+    "min-max ranges, int8 weights symmetric per tensor, activations asymmetric per tensor";
+
+impl FoldedModel {
+    /// Calibrates on `inputs` (preprocessed images, `[1, 3, H, W]`) and quantizes the graph
+    /// (see [`quantize`]); returns the int8 graph and the precision chosen for each layer.
+    pub fn into_quantized(
+        self,
+        inputs: Vec<Tensor>,
+        config: &QuantizeConfig,
+        on_image: impl FnMut(usize),
+    ) -> Result<(FoldedModel, Vec<LayerPrecision>)> {
+        let calibration = calibrate(&self.model, inputs, on_image)?;
+        let layers = plan(&self.model, config)?;
+        let model = quantize(&self.model, &calibration, config)?;
+        Ok((
+            FoldedModel {
+                model,
+                classes: self.classes,
+            },
+            layers,
+        ))
+    }
+}
+
+/// How the artifact computes the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Everything f32.
+    #[default]
+    F32,
+    /// Convolutions and 1x1 products in int8 with calibrated activation ranges (see
+    /// [`quantize`]).
+    Int8,
+}
+
+impl Precision {
+    /// The `--precision` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(format!("unknown precision {s:?}: expected f32 or int8")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qparams_cover_the_range_and_zero() {
+        let (zp, scale) = Range { min: 0.0, max: 6.0 }.qparams();
+        assert_eq!(zp, -128);
+        assert!((scale - 6.0 / 255.0).abs() < 1e-7);
+        let (zp, scale) = Range {
+            min: -1.0,
+            max: 1.0,
+        }
+        .qparams();
+        assert!((scale - 2.0 / 255.0).abs() < 1e-7);
+        assert_eq!(zp, 0);
+        let (zp, _) = Range { min: 2.0, max: 4.0 }.qparams();
+        assert_eq!(zp, -128, "zero stays representable");
+    }
+
+    #[test]
+    fn weights_round_trip_within_half_a_step() {
+        let w = tensor1(&[0.5f32, -1.27, 0.01, 1.0]);
+        let (q, scale) = quantize_weights(&w).unwrap();
+        assert!((scale - 0.01).abs() < 1e-7);
+        let back = q.cast_to::<f32>().unwrap();
+        for (a, b) in w
+            .view()
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .zip(back.view().as_slice::<f32>().unwrap())
+        {
+            assert!((a - b).abs() <= scale / 2.0 + 1e-7, "{a} vs {b}");
+        }
+    }
+}

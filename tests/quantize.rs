@@ -1,0 +1,108 @@
+//! `--precision int8`: the quantized artifact runs with tract's integer kernels, agrees with the f32
+//! artifact on real images, is about a quarter of its size, and says what was quantized.
+
+mod common;
+
+use common::*;
+use graft_compiler::pipeline::{compile, CompileOptions};
+use graft_compiler::quantize::Precision;
+use graft_runtime::preprocess::Normalization;
+use graft_runtime::progress::NoProgress;
+use graft_runtime::Model;
+
+#[test]
+fn int8_artifact_agrees_with_f32_at_a_third_of_the_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = |precision: Precision| {
+        let out = dir.path().join(format!("bees-{}.graft", precision.name()));
+        let options = CompileOptions {
+            data: Some(hymenoptera_mini()),
+            normalization: Some(Normalization::tf()),
+            precision,
+            verify: precision == Precision::Int8,
+            ..CompileOptions::new(lite0(), &out)
+        };
+        compile(&options, &NoProgress).expect("compile");
+        out
+    };
+    let f32_path = artifact(Precision::F32);
+    let int8_path = artifact(Precision::Int8);
+
+    let f32_size = std::fs::metadata(&f32_path).unwrap().len();
+    let int8_size = std::fs::metadata(&int8_path).unwrap().len();
+    assert!(
+        int8_size as f64 <= 0.35 * f32_size as f64,
+        "int8 {int8_size} bytes vs f32 {f32_size}"
+    );
+
+    let f32_model = Model::load(&f32_path).unwrap();
+    let int8_model = Model::load(&int8_path).unwrap();
+    let manifest = int8_model.manifest();
+    assert_eq!(manifest.precision, "int8");
+    let quantization = manifest.quantization.as_ref().expect("quantization info");
+    assert_eq!(quantization.calibration_images, 32);
+    let count = |kind: &str, precision: &str| {
+        quantization
+            .layers
+            .iter()
+            .filter(|l| l.kind == kind && l.precision == precision)
+            .count()
+    };
+    assert_eq!((count("conv", "int8"), count("pointwise", "int8")), (1, 31));
+    assert_eq!(count("depthwise", "f32"), 16);
+    let (f32_accuracy, int8_accuracy) = (
+        quantization.f32_val_accuracy.unwrap(),
+        quantization.val_accuracy.unwrap(),
+    );
+    assert!(
+        (f32_accuracy - int8_accuracy).abs() <= 1.0 / 12.0 + 1e-6,
+        "int8 {int8_accuracy} vs f32 {f32_accuracy} on 24 images: more than 2 differ"
+    );
+
+    // Same top-1 on every fixture image (train and val, 72 photos), probabilities close.
+    let mut images: Vec<_> = walk(&hymenoptera_mini());
+    images.sort();
+    let mut agree = 0;
+    let mut worst = 0f32;
+    for image in &images {
+        let a = f32_model.classify_path(image).unwrap();
+        let b = int8_model.classify_path(image).unwrap();
+        agree += (a.top1() == b.top1()) as usize;
+        for (p, q) in a.probabilities.iter().zip(&b.probabilities) {
+            worst = worst.max((p - q).abs());
+        }
+    }
+    assert!(
+        agree * 100 >= images.len() * 95,
+        "int8 and f32 agree on {agree}/{} images",
+        images.len()
+    );
+    assert!(worst < 0.5, "max probability difference {worst}");
+
+    let graft = std::path::Path::new(env!("CARGO_BIN_EXE_graft"));
+    let inspect = run(
+        graft,
+        &[std::ffi::OsStr::new("inspect"), int8_path.as_os_str()],
+    )
+    .expect_code(0);
+    assert!(
+        inspect.stdout.contains(
+            "precision   int8: 32 of 48 layers int8 (conv 1/1, pointwise 31/31, depthwise 0/16)"
+        ),
+        "{}",
+        inspect.stdout
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
