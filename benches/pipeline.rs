@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use graft_compiler::extract::{FeatureExtractor, Features};
 use graft_compiler::import::Backbone;
 use graft_compiler::pipeline::{compile, CompileOptions};
+use graft_compiler::quantize::Precision;
 use graft_compiler::train::{train_head, TrainConfig};
 use graft_runtime::dataset::ImageFolder;
 use graft_runtime::preprocess::{load_image, Normalization};
@@ -45,6 +46,21 @@ fn benches(c: &mut Criterion) {
     c.bench_function("runtime/classify_tensor/f32/batch1", |b| {
         b.iter(|| model.classify_tensor(black_box(&chw)).unwrap())
     });
+    // The same graph quantized (`--precision int8`), measured in the same run as the f32 one:
+    // the ratio of the two is the int8 speed-up (or slow-down) of tract's kernels on this CPU.
+    let int8_artifact = dir.path().join("bees-int8.graft");
+    let int8_options = CompileOptions {
+        precision: Precision::Int8,
+        ..options(&int8_artifact, &dir.path().join("cache"))
+    };
+    compile(&int8_options, &NoProgress).expect("fixture int8 compile");
+    let int8_model = Model::load(&int8_artifact).unwrap();
+    let mut group = c.benchmark_group("runtime/classify_tensor/int8");
+    group.sample_size(10);
+    group.bench_function("batch1", |b| {
+        b.iter(|| int8_model.classify_tensor(black_box(&chw)).unwrap())
+    });
+    group.finish();
     // Guards preprocessing cost (resize shorter side to 256, crop, normalise) of a ~256 px JPEG.
     c.bench_function("runtime/preprocess", |b| {
         b.iter(|| model.manifest().preprocessing.apply(black_box(&image)))
