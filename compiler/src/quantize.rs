@@ -403,39 +403,31 @@ impl Rebuild<'_> {
         let kernel = self.new.add_const(format!("{name}.weights_int8"), kernel)?;
         let y = if let Some(conv) = node.op_as::<Conv>() {
             let x = self.int8(x_old)?;
-            self.quantized_conv(candidate, conv, x, kernel, bias, (x0, x_scale), k_scale)?
+            self.quantized_conv(candidate, conv, [x, kernel], bias, (x0, x_scale), k_scale)?
         } else {
             let x = self.int8(x_old)?;
-            self.quantized_pointwise(candidate, x, kernel, bias, (x0, x_scale), k_scale)?
+            self.quantized_pointwise(candidate, [x, kernel], bias, (x0, x_scale), k_scale)?
         };
         self.f32_wire.insert(candidate.output(), y);
         Ok(())
     }
 
-    /// A 1x1 convolution as one int8 matrix product over all pixels: `[Co, Ci] x [Ci, H*W]`.
-    /// (tract multiplies a `[Ci, H, W]` einsum one image row at a time when it is quantized; the
-    /// flattening is written into the graph and, as the runtime does not declutter again, stays.)
-    #[allow(clippy::too_many_arguments)]
-    fn quantized_pointwise(
+    /// The nine inputs of a tract quantized product (x, kernel, int32 bias, then zero point and
+    /// scale of x, kernel and output) and the int8 output type.
+    fn quantized_inputs(
         &mut self,
         candidate: &Candidate,
-        x: OutletId,
-        kernel: OutletId,
+        [x, kernel]: [OutletId; 2],
         bias: Tensor,
         (x0, x_scale): (i32, f32),
         k_scale: f32,
-    ) -> TractResult<OutletId> {
+    ) -> TractResult<([OutletId; 9], DatumType)> {
         let name = self.old.node(candidate.node).name.clone();
         let (y0, y_scale) = self.qparams(candidate.output())?;
         let y_dt = i8::datum_type().quantize(QParams::ZpScale {
             zero_point: y0,
             scale: y_scale,
         });
-        let shape = self.new.outlet_fact(x)?.shape.to_tvec();
-        let (h, w) = (shape[1].clone(), shape[2].clone());
-        let pixels = h.clone() * w.clone();
-        let flat = AxisOp::Reshape(1, tvec![h.clone(), w.clone()], tvec![pixels.clone()]);
-        let x = self.new.wire_node(format!("{name}.flatten"), flat, &[x])?[0];
         let bias = self.new.add_const(format!("{name}.bias_int32"), bias)?;
         let inputs = [
             x,
@@ -448,6 +440,37 @@ impl Rebuild<'_> {
             scalar_i32(&mut self.new, format!("{name}.y0"), y0)?,
             scalar_f32(&mut self.new, format!("{name}.y_scale"), y_scale)?,
         ];
+        Ok((inputs, y_dt))
+    }
+
+    /// Records the int8 output `y` of `candidate` and returns its dequantized f32 value.
+    fn dequantized(&mut self, candidate: &Candidate, y: OutletId) -> TractResult<OutletId> {
+        let name = &self.old.node(candidate.node).name;
+        self.int8_wire.insert(candidate.output(), y);
+        Ok(self
+            .new
+            .wire_node(format!("{name}.dequantize"), cast(f32::datum_type()), &[y])?[0])
+    }
+
+    /// A 1x1 convolution as one int8 matrix product over all pixels: `[Co, Ci] x [Ci, H*W]`.
+    /// (tract multiplies a `[Ci, H, W]` einsum one image row at a time when it is quantized; the
+    /// flattening is written into the graph and, as the runtime does not declutter again, stays.)
+    fn quantized_pointwise(
+        &mut self,
+        candidate: &Candidate,
+        [x, kernel]: [OutletId; 2],
+        bias: Tensor,
+        x_params: (i32, f32),
+        k_scale: f32,
+    ) -> TractResult<OutletId> {
+        let name = self.old.node(candidate.node).name.clone();
+        let shape = self.new.outlet_fact(x)?.shape.to_tvec();
+        let (h, w) = (shape[1].clone(), shape[2].clone());
+        let pixels = h.clone() * w.clone();
+        let flat = AxisOp::Reshape(1, tvec![h.clone(), w.clone()], tvec![pixels.clone()]);
+        let x = self.new.wire_node(format!("{name}.flatten"), flat, &[x])?[0];
+        let (inputs, y_dt) =
+            self.quantized_inputs(candidate, [x, kernel], bias, x_params, k_scale)?;
         let axes: AxesMapping = "kn,mk,m,,,,,,->mn".parse()?;
         let op = EinSum::newq(axes, i32::datum_type(), y_dt);
         let y = self.new.wire_node(format!("{name}.int8"), op, &inputs)?[0];
@@ -455,42 +478,22 @@ impl Rebuild<'_> {
         let y = self
             .new
             .wire_node(format!("{name}.unflatten"), unflat, &[y])?[0];
-        self.int8_wire.insert(candidate.output(), y);
-        Ok(self
-            .new
-            .wire_node(format!("{name}.dequantize"), cast(f32::datum_type()), &[y])?[0])
+        self.dequantized(candidate, y)
     }
 
     /// A tract quantized convolution: int8 in, int8 out (the activation is the output range).
-    #[allow(clippy::too_many_arguments)]
     fn quantized_conv(
         &mut self,
         candidate: &Candidate,
         conv: &Conv,
-        x: OutletId,
-        kernel: OutletId,
+        x_and_kernel: [OutletId; 2],
         bias: Tensor,
-        (x0, x_scale): (i32, f32),
+        x_params: (i32, f32),
         k_scale: f32,
     ) -> TractResult<OutletId> {
         let name = self.old.node(candidate.node).name.clone();
-        let (y0, y_scale) = self.qparams(candidate.output())?;
-        let y_dt = i8::datum_type().quantize(QParams::ZpScale {
-            zero_point: y0,
-            scale: y_scale,
-        });
-        let bias = self.new.add_const(format!("{name}.bias_int32"), bias)?;
-        let inputs = [
-            x,
-            kernel,
-            bias,
-            scalar_i32(&mut self.new, format!("{name}.x0"), x0)?,
-            scalar_f32(&mut self.new, format!("{name}.x_scale"), x_scale)?,
-            scalar_i32(&mut self.new, format!("{name}.k0"), 0)?,
-            scalar_f32(&mut self.new, format!("{name}.k_scale"), k_scale)?,
-            scalar_i32(&mut self.new, format!("{name}.y0"), y0)?,
-            scalar_f32(&mut self.new, format!("{name}.y_scale"), y_scale)?,
-        ];
+        let (inputs, y_dt) =
+            self.quantized_inputs(candidate, x_and_kernel, bias, x_params, k_scale)?;
         let op = Conv::new(
             conv.pool_spec.clone(),
             conv.kernel_fmt,
@@ -498,10 +501,7 @@ impl Rebuild<'_> {
             Some(y_dt),
         );
         let y = self.new.wire_node(format!("{name}.int8"), op, &inputs)?[0];
-        self.int8_wire.insert(candidate.output(), y);
-        Ok(self
-            .new
-            .wire_node(format!("{name}.dequantize"), cast(f32::datum_type()), &[y])?[0])
+        self.dequantized(candidate, y)
     }
 }
 
@@ -654,7 +654,7 @@ mod tests {
         }
         .qparams();
         assert!((scale - 2.0 / 255.0).abs() < 1e-7);
-        assert_eq!(zp, 0);
+        assert_eq!(zp, -1, "-128 - (-1 / scale) = -0.5 rounds away from zero");
         let (zp, _) = Range { min: 2.0, max: 4.0 }.qparams();
         assert_eq!(zp, -128, "zero stays representable");
     }
@@ -664,6 +664,7 @@ mod tests {
         let w = tensor1(&[0.5f32, -1.27, 0.01, 1.0]);
         let (q, scale) = quantize_weights(&w).unwrap();
         assert!((scale - 0.01).abs() < 1e-7);
+        assert_eq!(q.datum_type(), i8::datum_type());
         let back = q.cast_to::<f32>().unwrap();
         for (a, b) in w
             .view()
@@ -672,6 +673,7 @@ mod tests {
             .iter()
             .zip(back.view().as_slice::<f32>().unwrap())
         {
+            let b = b * scale;
             assert!((a - b).abs() <= scale / 2.0 + 1e-7, "{a} vs {b}");
         }
     }
