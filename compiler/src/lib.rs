@@ -4,8 +4,9 @@
 //! The stages, one module each, data flowing one way:
 //! [`import`] (read and check the ONNX) -> [`cut`] (frozen graph up to the feature tensor) ->
 //! [`extract`] (features of every image, cached) -> [`train`] (new head with candle) ->
-//! [`fold`] (head appended to the graph, one NNEF graph) -> [`artifact`] (manifest + graph in one
-//! file, read by `graft_runtime`). [`pipeline`] wires them together.
+//! [`fold`] (head appended to the graph, one NNEF graph) -> [`quantize`] (optional int8 rewrite)
+//! -> [`artifact`] (manifest + graph in one file, read by `graft_runtime`). [`pipeline`] wires
+//! them together.
 
 pub mod artifact;
 pub mod cut;
