@@ -20,12 +20,13 @@ cargo build --locked --profile "$profile" --target "$target" -p graft-runtime --
 cargo build --locked --profile "$profile" -p graft-runtime --bin graft-run
 cargo build --locked --release -p graft-compiler --bin graft
 dir=$(if [ "$profile" = dev ]; then echo debug; else echo "$profile"; fi)
-arm=target/$target/$dir/graft-run
-x86=target/$dir/graft-run
+out=${CARGO_TARGET_DIR:-target}
+arm=$out/$target/$dir/graft-run
+x86=$out/$dir/graft-run
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-./target/release/graft compile --quiet --backbone fixtures/efficientnet_lite0.onnx \
+"$out/release/graft" compile --quiet --backbone fixtures/efficientnet_lite0.onnx \
   --data fixtures/hymenoptera-mini --out "$work/bees.graft" --normalize tf --no-verify --no-cache >/dev/null
 images=(fixtures/hymenoptera-mini/val/ants/11381045_b352a47d8c.jpg fixtures/hymenoptera-mini/val/bees/1181173278_23c36fac71.jpg
         fixtures/hymenoptera-mini/val/bees/177677657_a38c97e572.jpg fixtures/odd-images/cmyk.jpg)

@@ -618,6 +618,12 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "unknown weight storage",
+        build: |dir| {
+            fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--weights", &"int4"]), Expect::ErrorPrefix("error: invalid value 'int4' for '--weights <WEIGHTS>': unknown weight storage \"int4\": expected f32, f16 or int8".into()))
+        },
+    },
+    Case {
         name: "unknown normalization",
         build: |dir| {
             let args = os(&[

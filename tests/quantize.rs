@@ -1,5 +1,5 @@
-//! `--precision int8`: the quantized artifact runs with tract's integer kernels, agrees with the f32
-//! artifact on real images, is about a quarter of its size, and says what was quantized.
+//! `--precision int8` and `--weights`: quantized and narrowed artifacts agree with the f32 artifact
+//! on real images at a fraction of its size, and say what was done.
 
 mod common;
 
@@ -8,6 +8,7 @@ use graft_compiler::pipeline::{compile, CompileOptions};
 use graft_compiler::quantize::Precision;
 use graft_runtime::preprocess::Normalization;
 use graft_runtime::progress::NoProgress;
+use graft_runtime::weights::WeightStorage;
 use graft_runtime::Model;
 
 #[test]
@@ -105,4 +106,67 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+/// `--weights f16|int8` only changes how the weights are stored: the runtime widens them back to
+/// f32, so predictions match the f32 artifact's from a half / quarter of the bytes.
+#[test]
+fn narrow_weight_storage_keeps_predictions_at_a_fraction_of_the_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = |weights: WeightStorage| {
+        let out = dir.path().join(format!("bees-{}.graft", weights.name()));
+        let options = CompileOptions {
+            data: Some(hymenoptera_mini()),
+            normalization: Some(Normalization::tf()),
+            weights,
+            verify: false,
+            ..CompileOptions::new(lite0(), &out)
+        };
+        compile(&options, &NoProgress).expect("compile");
+        out
+    };
+    let reference_path = artifact(WeightStorage::F32);
+    let reference = Model::load(&reference_path).unwrap();
+    let reference_size = std::fs::metadata(&reference_path).unwrap().len() as f64;
+    let mut images = walk(&hymenoptera_mini());
+    images.sort();
+    // (storage, size ratio, top-1 changes allowed of 72, mean probability difference)
+    for (weights, max_ratio, max_flips, max_mean_difference) in [
+        (WeightStorage::F16, 0.52, 0, 0.0005),
+        (WeightStorage::Int8, 0.30, 0, 0.005),
+    ] {
+        let path = artifact(weights);
+        let size = std::fs::metadata(&path).unwrap().len() as f64;
+        assert!(
+            size <= max_ratio * reference_size,
+            "{weights:?}: {size} bytes vs {reference_size}"
+        );
+        let model = Model::load(&path).unwrap();
+        assert_eq!(model.manifest().weights, weights);
+        let (mut total, mut flips) = (0f32, 0);
+        for image in &images {
+            let a = reference.classify_path(image).unwrap();
+            let b = model.classify_path(image).unwrap();
+            flips += (a.top1() != b.top1()) as usize;
+            total += (a.probabilities[0] - b.probabilities[0]).abs();
+        }
+        let mean = total / images.len() as f32;
+        eprintln!("{weights:?}: {flips} top-1 changes, mean probability difference {mean}");
+        assert!(flips <= max_flips, "{weights:?}: {flips} top-1 changes");
+        assert!(
+            mean <= max_mean_difference,
+            "{weights:?}: mean probability difference {mean}"
+        );
+        let graft = std::path::Path::new(env!("CARGO_BIN_EXE_graft"));
+        let inspect =
+            run(graft, &[std::ffi::OsStr::new("inspect"), path.as_os_str()]).expect_code(0);
+        assert!(
+            inspect.stdout.contains(&format!(
+                "weights     stored {} (widened to f32 when loaded)",
+                weights.name()
+            )),
+            "{}",
+            inspect.stdout
+        );
+    }
 }

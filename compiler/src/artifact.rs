@@ -78,6 +78,7 @@ pub fn manifest_for(
         },
         outputs: vec!["probabilities".into(), "logits".into()],
         precision: "f32".into(),
+        weights: Default::default(),
         quantization: None,
         backbone: BackboneInfo {
             file_name: backbone.file_name(),

@@ -14,6 +14,7 @@ use graft_runtime::bench::BenchArgs;
 use graft_runtime::commands::{self, EvalArgs, InspectArgs, Outcome, PredictArgs};
 use graft_runtime::eval::default_threads;
 use graft_runtime::preprocess::{ChannelOrder, Normalization, ResizeFilter};
+use graft_runtime::weights::WeightStorage;
 
 /// graft turns an ImageNet-pretrained ONNX backbone and a folder of labelled images into one
 /// deployable classifier artifact, and runs it.
@@ -147,6 +148,11 @@ struct CompileArgs {
     /// Training images to calibrate int8 activation ranges on.
     #[arg(long, default_value_t = 32, value_name = "N")]
     calibration_images: usize,
+    /// How the artifact stores its large weight tensors: f32, f16 (half the size) or int8
+    /// (symmetric per output channel, a quarter). They are widened back to f32 when the artifact
+    /// is loaded, so inference runs at f32 speed; the end-to-end check measures the accuracy.
+    #[arg(long, default_value = "f32", value_parser = parse_weights)]
+    weights: WeightStorage,
     /// Skip running the finished artifact on the validation images.
     #[arg(long)]
     no_verify: bool,
@@ -215,6 +221,10 @@ fn parse_precision(s: &str) -> Result<Precision, String> {
     s.parse()
 }
 
+fn parse_weights(s: &str) -> Result<WeightStorage, String> {
+    s.parse()
+}
+
 fn default_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
         return dir.into();
@@ -269,6 +279,7 @@ impl CompileArgs {
             verify: !self.no_verify,
             precision: self.precision,
             calibration_images: self.calibration_images,
+            weights: self.weights,
         }
     }
 }

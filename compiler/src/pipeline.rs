@@ -14,6 +14,7 @@ use graft_runtime::dataset::{ImageFolder, Sample};
 use graft_runtime::eval::{evaluate, ConfusionMatrix};
 use graft_runtime::preprocess::{ChannelOrder, Normalization, Preprocessing, ResizeFilter};
 use graft_runtime::progress::Progress;
+use graft_runtime::weights::WeightStorage;
 use graft_runtime::{Artifact, Model};
 
 use crate::artifact::{manifest_for, HeadSummary};
@@ -80,6 +81,8 @@ pub struct CompileOptions {
     pub precision: Precision,
     /// Training images to calibrate int8 activation ranges on.
     pub calibration_images: usize,
+    /// How the artifact stores its large weight tensors (widened to f32 at load).
+    pub weights: WeightStorage,
 }
 
 impl CompileOptions {
@@ -105,6 +108,7 @@ impl CompileOptions {
             verify: true,
             precision: Precision::F32,
             calibration_images: 32,
+            weights: WeightStorage::F32,
         }
     }
 }
@@ -276,6 +280,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         }
     };
     manifest.precision = options.precision.name().into();
+    let graph = narrow_weights(&graph, options.weights, &mut manifest, reporter)?;
     let head_val_accuracy = ConfusionMatrix::from_pairs(
         folder.classes.len(),
         val.labels.iter().copied().zip(head.predict(&val)),
@@ -295,14 +300,17 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             accuracy,
             head_val_accuracy
         ));
-        if manifest.quantization.is_some() {
+        if manifest.quantization.is_some() || manifest.weights != WeightStorage::F32 {
             let mut f32_manifest = manifest.clone();
             f32_manifest.precision = Precision::F32.name().into();
             f32_manifest.quantization = None;
+            f32_manifest.weights = WeightStorage::F32;
             let f32_accuracy =
                 run_graph(&f32_manifest, &f32_graph, &val_usable, options, reporter)?.accuracy();
             reporter.message(&format!(
-                "verify    int8 accuracy {accuracy:.4} vs f32 {f32_accuracy:.4} ({:+.2} points)",
+                "verify    {} compute, {} weights: accuracy {accuracy:.4} vs {f32_accuracy:.4} all f32 ({:+.2} points)",
+                manifest.precision,
+                manifest.weights.name(),
                 (accuracy - f32_accuracy) * 100.0
             ));
             if let Some(info) = manifest.quantization.as_mut() {
@@ -344,6 +352,31 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         extract_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `--weights f16|int8`: stores the large f32 tensors narrower (see [`graft_runtime::weights`]).
+fn narrow_weights(
+    graph: &[u8],
+    storage: WeightStorage,
+    manifest: &mut Manifest,
+    reporter: &dyn Reporter,
+) -> Result<Vec<u8>> {
+    manifest.weights = storage;
+    if storage == WeightStorage::F32 {
+        return Ok(graph.to_vec());
+    }
+    let narrowed =
+        graft_runtime::weights::narrow(graph, storage).map_err(|reason| CompileError::Graph {
+            stage: "weight storage",
+            reason,
+        })?;
+    reporter.message(&format!(
+        "weights   stored as {}: graph {:.1} MiB -> {:.1} MiB (widened to f32 when loaded)",
+        storage.name(),
+        graph.len() as f64 / (1 << 20) as f64,
+        narrowed.len() as f64 / (1 << 20) as f64
+    ));
+    Ok(narrowed)
 }
 
 /// Runs an encoded graph end to end (as the runtime will) on labelled images.
@@ -488,7 +521,9 @@ fn compile_with_own_head(
         &labels,
         &HeadSummary::backbone_classifier(classes),
     );
+    let mut manifest = manifest;
     let graph = cut.into_folded(&[])?.to_nnef()?;
+    let graph = narrow_weights(&graph, options.weights, &mut manifest, reporter)?;
     let bytes = artifact::encode(&manifest, &graph);
     artifact::write_atomic(&options.out, &bytes)?;
     Ok(CompileReport {

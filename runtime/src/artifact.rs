@@ -60,6 +60,10 @@ pub struct Manifest {
     pub outputs: Vec<String>,
     /// Numeric precision of the graph's convolutions: `f32` or `int8`.
     pub precision: String,
+    /// How the large weight tensors are stored (`f32`, `f16`, `int8`); they are widened to f32
+    /// when the graph is loaded (see [`crate::weights`]).
+    #[serde(default)]
+    pub weights: crate::weights::WeightStorage,
     /// How the graph was quantized, for `int8`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantizationInfo>,
@@ -513,6 +517,7 @@ mod tests {
             },
             outputs: vec!["probabilities".into(), "logits".into()],
             precision: "f32".into(),
+            weights: Default::default(),
             quantization: None,
             backbone: BackboneInfo {
                 file_name: "b.onnx".into(),

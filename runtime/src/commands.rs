@@ -365,6 +365,13 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
         ("producer", m.producer.clone()),
         ("precision", describe_precision(m)),
         (
+            "weights",
+            match m.weights {
+                crate::weights::WeightStorage::F32 => "stored f32".to_string(),
+                w => format!("stored {} (widened to f32 when loaded)", w.name()),
+            },
+        ),
+        (
             "labels",
             format!("{} classes: {}", m.labels.len(), abbreviate(&m.labels, 12)),
         ),

@@ -24,6 +24,7 @@ pub mod eval;
 pub mod model;
 pub mod preprocess;
 pub mod progress;
+pub mod weights;
 
 pub use artifact::{Artifact, Manifest};
 pub use error::{Error, Result};

@@ -128,8 +128,9 @@ impl Model {
         let mut load_timings = LoadTimings::default();
         let prepare = || -> std::result::Result<Arc<TypedSimplePlan>, String> {
             let started = std::time::Instant::now();
+            let archive = crate::weights::widen(artifact.graph_bytes())?;
             let graph = nnef
-                .model_for_read(&mut artifact.graph_bytes())
+                .model_for_read(&mut &archive[..])
                 .map_err(|e| format!("{e:#}"))?;
             check_graph(&graph, &artifact.manifest)?;
             load_timings.parse = started.elapsed().as_secs_f64();
