@@ -3,6 +3,8 @@
 //! nodes of the int8 plan (one thread, timed node by node).
 //!
 //! `cargo run --release -p graft-compiler --example int8_profile -- MODEL.onnx IMAGES_DIR [CALIB] [EVAL] [depthwise]`
+//! Calibration and evaluation images are spread evenly over the sorted list and do not overlap
+//! when CALIB + EVAL <= the number of images.
 //! IMAGES_DIR holds `<class>/<image>` (e.g. ../shared/datasets/imagenet-sample/val); images are
 //! preprocessed with tf normalisation `(x - 127) / 128` at 224x224.
 use std::collections::HashMap;
@@ -14,19 +16,27 @@ use graft_runtime::preprocess::{load_image, Normalization, Preprocessing};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::{eval, SimpleState};
 
-fn images(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+/// Every image with the index of its class folder in sorted order (for ImageNet's 1000 wnid
+/// folders, the model's class index).
+fn images(dir: &Path) -> Vec<(PathBuf, usize)> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("IMAGES_DIR")
         .flatten()
-        .flat_map(|class| {
-            std::fs::read_dir(class.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|f| f.path())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
         .collect();
-    files.sort();
+    classes.sort();
+    let mut files = Vec::new();
+    for (index, class) in classes.iter().enumerate() {
+        let mut in_class: Vec<PathBuf> = std::fs::read_dir(class)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|f| f.path())
+            .collect();
+        in_class.sort();
+        files.extend(in_class.into_iter().map(|p| (p, index)));
+    }
     files
 }
 
@@ -65,7 +75,7 @@ fn main() -> TractResult<()> {
         all.iter()
             .step_by(step)
             .take(calib_count)
-            .map(|p| tensor(p)),
+            .map(|(p, _)| tensor(p)),
         |_| {},
     )?;
     let int8 = quantize(&model, &calibration, &config)?;
@@ -79,7 +89,8 @@ fn main() -> TractResult<()> {
     let f32_plan = model.into_optimized()?.into_runnable()?;
 
     let (mut agree, mut n, mut f32_time, mut int8_time) = (0, 0, 0f64, 0f64);
-    for p in all.iter().skip(step / 2).step_by(step).take(eval_count) {
+    let (mut f32_right, mut int8_right) = (0, 0);
+    for (p, class) in all.iter().skip(step / 2).step_by(step).take(eval_count) {
         let x = tensor(p);
         let started = Instant::now();
         let a = f32_plan.run(tvec![x.clone().into()])?;
@@ -88,9 +99,15 @@ fn main() -> TractResult<()> {
         let b = int8.run(tvec![x.into()])?;
         int8_time += started.elapsed().as_secs_f64();
         let (a, b) = (a[0].view(), b[0].view());
-        agree += (top1(a.as_slice::<f32>()?) == top1(b.as_slice::<f32>()?)) as usize;
+        let (a, b) = (top1(a.as_slice::<f32>()?), top1(b.as_slice::<f32>()?));
+        agree += (a == b) as usize;
+        f32_right += (a == *class) as usize;
+        int8_right += (b == *class) as usize;
         n += 1;
     }
+    println!(
+        "top-1 against the class folders (ImageNet order when there are 1000): f32 {f32_right}/{n}, int8 {int8_right}/{n}"
+    );
     println!(
         "top-1 agreement {agree}/{n}; mean latency f32 {:.1} ms, int8 {:.1} ms ({:.2}x); int8 NNEF {} bytes",
         f32_time * 1e3 / n as f64,
@@ -99,7 +116,7 @@ fn main() -> TractResult<()> {
         bytes.len()
     );
 
-    let x = tensor(&all[0]);
+    let x = tensor(&all[0].0);
     let mut state = SimpleState::new(&int8)?;
     let mut per_node: HashMap<String, f64> = HashMap::new();
     let runs = 3;
