@@ -9,6 +9,7 @@
 //! them together.
 
 pub mod artifact;
+pub mod check;
 pub mod cut;
 pub mod error;
 pub mod extract;

@@ -56,6 +56,98 @@ enum Command {
     Bench(BenchArgs),
     /// Compile the bundled fixtures (EfficientNet-Lite0 + 72 ant/bee photos), then predict.
     Demo(DemoArgs),
+    /// Check a labelled image folder before training: counts, undecodable files, duplicates and
+    /// near duplicates (leakage between train and val, label conflicts), tiny images,
+    /// placeholders, imbalance. Exits 1 when it finds errors.
+    #[command(
+        name = "check-data",
+        after_help = "Example:\n  graft check-data data/ --json"
+    )]
+    CheckData(CheckDataArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckDataArgs {
+    /// Labelled images: DIR/<class>/* or DIR/{train,val}/<class>/*.
+    #[arg(value_name = "DIR")]
+    data: PathBuf,
+    /// Print one JSON document (every finding with every path) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Paths printed per finding in text mode (`--json` lists them all).
+const SHOWN_PATHS: usize = 10;
+
+fn run_check_data(
+    args: &CheckDataArgs,
+    out: &mut dyn std::io::Write,
+    ui: &TerminalUi,
+) -> Result<Outcome, Failure> {
+    use graft_compiler::check::{check_data, Severity};
+    let threads = args
+        .threads
+        .unwrap_or_else(graft_runtime::eval::default_threads);
+    let report = check_data(&args.data, threads, ui)?;
+    let errors = report.count(Severity::Error);
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "data      {}: {} classes{}, {} files ignored (not images)",
+            report.root.display(),
+            report.classes.len(),
+            report
+                .val_split
+                .as_ref()
+                .map(|v| format!(", splits train/{v}"))
+                .unwrap_or_default(),
+            report.ignored_files
+        )?;
+        let width = report
+            .classes
+            .iter()
+            .map(|c| c.class.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        writeln!(out, "{:<width$} {:>7} {:>7}", "class", "train", "val")?;
+        for c in &report.classes {
+            writeln!(out, "{:<width$} {:>7} {:>7}", c.class, c.train, c.val)?;
+        }
+        for finding in &report.findings {
+            let label = match finding.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+            };
+            writeln!(out, "{label:<9} {} [{}]", finding.message, finding.kind)?;
+            for path in finding.paths.iter().take(SHOWN_PATHS) {
+                writeln!(out, "          {}", path.display())?;
+            }
+            if finding.paths.len() > SHOWN_PATHS {
+                writeln!(
+                    out,
+                    "          ... and {} more (--json lists them all)",
+                    finding.paths.len() - SHOWN_PATHS
+                )?;
+            }
+        }
+        writeln!(
+            out,
+            "{errors} errors, {} warnings",
+            report.count(Severity::Warning)
+        )?;
+    }
+    Ok(if errors > 0 {
+        Outcome::Partial
+    } else {
+        Outcome::Complete
+    })
 }
 
 const COMPILE_EXAMPLES: &str = "Examples:
@@ -476,6 +568,7 @@ fn main() -> ExitCode {
             drop(stdout);
             run_demo(args, quiet)
         }
+        Command::CheckData(args) => run_check_data(args, &mut stdout, &ui),
     };
     match result {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
