@@ -39,6 +39,7 @@ impl HeadSummary {
                 epochs_run: head.history.len(),
                 best_epoch: head.best_epoch,
                 history: head.history.clone(),
+                balanced_classes: config.balance_classes,
             }),
         }
     }

@@ -216,6 +216,10 @@ struct CompileArgs {
     /// Dropout before the output layer of an mlp head.
     #[arg(long, default_value_t = TrainConfig::default().dropout)]
     dropout: f32,
+    /// Class weights in the training loss: none, or auto (inverse class frequency, so a class
+    /// with few images counts as much as a large one; see `graft check-data` for imbalance).
+    #[arg(long, default_value = "none", value_parser = ["none", "auto"])]
+    class_weights: String,
     /// Seed for the validation split, initialisation, shuffling and dropout.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u64,
@@ -360,6 +364,7 @@ impl CompileArgs {
                 patience: self.patience,
                 dropout: self.dropout,
                 seed: self.seed,
+                balance_classes: self.class_weights == "auto",
             },
             val_fraction: self.val_fraction,
             cache_dir: if self.no_cache {

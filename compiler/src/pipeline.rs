@@ -232,14 +232,19 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     check_every_class_present(&val, &folder.classes, "validation")?;
 
     reporter.message(&format!(
-        "train     {} head: AdamW lr {} weight decay {} batch {} up to {} epochs (patience {}), seed {}",
+        "train     {} head: AdamW lr {} weight decay {} batch {} up to {} epochs (patience {}), seed {}{}",
         options.train.head,
         options.train.learning_rate,
         options.train.weight_decay,
         options.train.batch_size,
         options.train.epochs,
         options.train.patience,
-        options.train.seed
+        options.train.seed,
+        if options.train.balance_classes {
+            ", classes weighted by inverse frequency"
+        } else {
+            ""
+        }
     ));
     let head = train_head(
         &options.train,

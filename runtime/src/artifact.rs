@@ -160,6 +160,9 @@ pub struct TrainingInfo {
     pub best_epoch: usize,
     /// Per-epoch loss and accuracy.
     pub history: Vec<EpochRecord>,
+    /// Whether the loss weighted classes by inverse frequency (`--class-weights auto`).
+    #[serde(default)]
+    pub balanced_classes: bool,
 }
 
 /// Loss and accuracy after one epoch.
