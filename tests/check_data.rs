@@ -1,6 +1,7 @@
 //! `graft check-data`: a folder with planted problems (train/val leakage, a label conflict, a
 //! near-duplicate, a broken file, a blank frame, a tiny photo) is reported problem by problem and
-//! exits 1; the real hymenoptera dataset's placeholder GIF is found.
+//! exits 1 (and `compile` warns about the leak and the conflict); the real hymenoptera dataset's
+//! placeholder GIF is found.
 
 mod common;
 

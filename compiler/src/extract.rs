@@ -90,6 +90,8 @@ pub struct Extraction {
     pub cache_hits: usize,
     /// Feature vectors computed by running the backbone.
     pub computed: usize,
+    /// Content hash (SHA-256) of every readable image, by position in the samples.
+    pub content_hashes: Vec<Option<ImageHash>>,
 }
 
 impl FeatureExtractor {
@@ -205,6 +207,7 @@ impl FeatureExtractor {
             },
             cache_hits,
             computed: fresh.len(),
+            content_hashes: hashes_ok,
             ..Extraction::default()
         };
         for (sample, row) in samples.iter().zip(rows) {

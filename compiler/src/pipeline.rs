@@ -2,6 +2,7 @@
 //! what happened. Stages communicate through values only; this module wires them together and
 //! tells a [`Reporter`] what is going on.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -227,6 +228,13 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let extraction = extractor.extract(&all, cache.as_ref(), options.threads, reporter)?;
     let extract_seconds = extract_started.elapsed().as_secs_f64();
     report_extraction(&extraction, cache.as_ref(), extract_seconds, reporter);
+    warn_about_duplicates(
+        &all,
+        train_samples.len(),
+        &extraction,
+        &folder.classes,
+        reporter,
+    );
     let (train, val) = split_features(&extraction.features, &val_samples);
     check_every_class_present(&train, &folder.classes, "training")?;
     check_every_class_present(&val, &folder.classes, "validation")?;
@@ -450,6 +458,53 @@ fn quantize_graph(
             val_accuracy: None,
         },
     ))
+}
+
+/// The cheap part of `graft check-data`, from the content hashes extraction computed anyway:
+/// validation images identical to training images, and identical images under two labels.
+fn warn_about_duplicates(
+    samples: &[Sample],
+    train_count: usize,
+    extraction: &Extraction,
+    classes: &[String],
+    reporter: &dyn Reporter,
+) {
+    let mut first_seen: HashMap<[u8; 32], (usize, bool)> = HashMap::new();
+    let (mut leaked, mut conflicts) = (0, Vec::new());
+    for (i, (sample, hash)) in samples.iter().zip(&extraction.content_hashes).enumerate() {
+        let Some(hash) = hash else { continue };
+        let is_val = i >= train_count;
+        match first_seen.get(hash) {
+            Some(&(label, seen_in_val)) => {
+                if is_val && !seen_in_val {
+                    leaked += 1;
+                }
+                if label != sample.label {
+                    conflicts.push(format!(
+                        "{} ({} and {})",
+                        sample.path.display(),
+                        classes[label],
+                        classes[sample.label]
+                    ));
+                }
+            }
+            None => {
+                first_seen.insert(*hash, (sample.label, is_val));
+            }
+        }
+    }
+    if leaked > 0 {
+        reporter.message(&format!(
+            "warning   {leaked} validation images are identical to training images: validation accuracy is inflated (graft check-data lists them)"
+        ));
+    }
+    if !conflicts.is_empty() {
+        reporter.message(&format!(
+            "warning   {} images appear under two labels: {}",
+            conflicts.len(),
+            conflicts.join(", ")
+        ));
+    }
 }
 
 /// `--normalize auto`: ask the backbone's own classifier (see [`crate::probe`]).
