@@ -5,7 +5,7 @@
 //! image input, NCHW with 3 channels and a known height and width (a symbolic batch dimension is
 //! fixed to 1).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -145,6 +145,106 @@ impl Backbone {
             .collect()
     }
 
+    /// The tensors the graph can be cut at as a chain: after the node producing one, no other
+    /// tensor computed from the image is still needed. Of each run of such tensors with one shape,
+    /// the last is kept, and so is every residual `Add`: the ends of blocks and stages, in graph
+    /// order, with their shapes.
+    pub fn cut_points(&self) -> Result<Vec<CutPoint>> {
+        let graph = self.graph();
+        let initializers: HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let mut consumers: HashMap<&str, usize> = HashMap::new();
+        for node in &graph.node {
+            for input in &node.input {
+                if !input.is_empty() && !initializers.contains(input.as_str()) {
+                    *consumers.entry(input.as_str()).or_default() += 1;
+                }
+            }
+        }
+        for output in &graph.output {
+            *consumers.entry(output.name.as_str()).or_default() += 1;
+        }
+        let mut live: HashSet<&str> = HashSet::from([self.input_name.as_str()]);
+        let mut chain: Vec<(&str, &str, f32)> = Vec::new();
+        let count = graph.node.len().max(1) as f32;
+        for (i, node) in graph.node.iter().enumerate() {
+            for input in &node.input {
+                if let Some(n) = consumers.get_mut(input.as_str()) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        live.remove(input.as_str());
+                    }
+                }
+            }
+            if node.op_type == "Constant" {
+                continue;
+            }
+            for output in &node.output {
+                if consumers.get(output.as_str()).copied().unwrap_or(0) > 0 {
+                    live.insert(output.as_str());
+                }
+            }
+            if let ([only], [output]) = (&live.iter().collect::<Vec<_>>()[..], &node.output[..]) {
+                if **only == output.as_str() {
+                    chain.push((
+                        output.as_str(),
+                        node.op_type.as_str(),
+                        (i + 1) as f32 / count,
+                    ));
+                }
+            }
+        }
+        let names: Vec<&str> = chain.iter().map(|c| c.0).collect();
+        let shapes = self.tensor_shapes(&names)?;
+        let mut points = Vec::new();
+        for (k, (&(tensor, op, depth), shape)) in chain.iter().zip(&shapes).enumerate() {
+            let stage_end = shapes.get(k + 1).is_none_or(|next| next != shape);
+            if stage_end || op == "Add" {
+                points.push(CutPoint {
+                    tensor: tensor.to_string(),
+                    op: op.to_string(),
+                    shape: shape.clone(),
+                    depth,
+                });
+            }
+        }
+        Ok(points)
+    }
+
+    /// Concrete shapes of the named tensors (tract's shape inference on the whole graph).
+    fn tensor_shapes(&self, names: &[&str]) -> Result<Vec<Vec<usize>>> {
+        let model_dir = self.path.parent().and_then(|p| p.to_str());
+        let mut model = tract_onnx::onnx()
+            .parse(&self.proto, model_dir)
+            .map_err(|e| CompileError::InvalidBackbone {
+                path: self.path.clone(),
+                reason: format!("tract cannot load it: {e:#}"),
+            })?
+            .model;
+        model
+            .set_input_fact(0, f32::fact(self.input_shape).into())
+            .map_err(CompileError::graph("import"))?;
+        let typed = model
+            .with_outputs_by_name(names.iter().copied())
+            .and_then(|m| m.into_typed())
+            .map_err(CompileError::graph("import"))?;
+        typed
+            .output_outlets()
+            .map_err(CompileError::graph("import"))?
+            .iter()
+            .map(|&o| {
+                let fact = typed
+                    .outlet_fact(o)
+                    .map_err(CompileError::graph("import"))?;
+                Ok(fact
+                    .shape
+                    .as_concrete()
+                    .map(|s| s.to_vec())
+                    .unwrap_or_default())
+            })
+            .collect()
+    }
+
     fn graph(&self) -> &pb::GraphProto {
         self.proto.graph.as_ref().expect("checked at load")
     }
@@ -191,6 +291,19 @@ impl Backbone {
             .map_err(|e| invalid_cut(format!("tract cannot analyse the graph up to it: {e:#}")))?;
         CutBackbone::new(self, cut.to_string(), typed)
     }
+}
+
+/// A tensor the backbone can be cut at (see [`Backbone::cut_points`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CutPoint {
+    /// ONNX tensor name, for `--cut`.
+    pub tensor: String,
+    /// Operator producing it.
+    pub op: String,
+    /// Its shape (`[1, C, H, W]` maps are global-average-pooled to `C` features).
+    pub shape: Vec<usize>,
+    /// Position in the graph, 0 (input) to 1 (output), by node count.
+    pub depth: f32,
 }
 
 fn node_label(node: &pb::NodeProto) -> String {

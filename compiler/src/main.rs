@@ -64,6 +64,87 @@ enum Command {
         after_help = "Example:\n  graft check-data data/ --json"
     )]
     CheckData(CheckDataArgs),
+    /// List where an ONNX backbone can be cut (`--cut`): the ends of its blocks and stages, with
+    /// their shapes and feature sizes, the default cut marked.
+    #[command(
+        name = "inspect-backbone",
+        after_help = "Example:\n  graft inspect-backbone efficientnet_lite0.onnx --json"
+    )]
+    InspectBackbone(InspectBackboneArgs),
+}
+
+#[derive(Args, Debug)]
+struct InspectBackboneArgs {
+    /// ONNX backbone.
+    #[arg(value_name = "ONNX")]
+    backbone: PathBuf,
+    /// Input size HxW, for backbones whose input height and width are dynamic.
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    input_size: Option<[usize; 2]>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_inspect_backbone(
+    args: &InspectBackboneArgs,
+    out: &mut dyn std::io::Write,
+) -> Result<Outcome, Failure> {
+    let backbone = graft_compiler::import::Backbone::load(&args.backbone, args.input_size)?;
+    let points = backbone.cut_points()?;
+    let default = backbone.default_cut().ok();
+    if args.json {
+        let doc = serde_json::json!({
+            "backbone": backbone.path(),
+            "input": backbone.input_shape(),
+            "default_cut": default,
+            "cut_points": points,
+        });
+        serde_json::to_writer_pretty(&mut *out, &doc).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+        return Ok(Outcome::Complete);
+    }
+    writeln!(
+        out,
+        "backbone  {} (input {:?}): {} cut points, from input to output",
+        backbone.path().display(),
+        backbone.input_shape(),
+        points.len()
+    )?;
+    let width = points
+        .iter()
+        .map(|p| p.tensor.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let op_width = points.iter().map(|p| p.op.len()).max().unwrap_or(2).max(2);
+    writeln!(
+        out,
+        "{:>5}  {:<width$}  {:<op_width$}  {:<18} {:>8}",
+        "depth", "tensor", "op", "shape", "features"
+    )?;
+    for p in &points {
+        let features = p.shape.get(1).copied().unwrap_or(0);
+        let marker = if default.as_deref() == Some(p.tensor.as_str()) {
+            "  <- default cut (pooled features before the classifier)"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "{:>4.0}%  {:<width$}  {:<op_width$}  {:<18} {:>8}{marker}",
+            p.depth * 100.0,
+            p.tensor,
+            p.op,
+            format!("{:?}", p.shape),
+            features
+        )?;
+    }
+    writeln!(
+        out,
+        "Use one with graft compile --cut TENSOR; [1, C, H, W] maps are global-average-pooled to C features."
+    )?;
+    Ok(Outcome::Complete)
 }
 
 #[derive(Args, Debug)]
@@ -574,6 +655,7 @@ fn main() -> ExitCode {
             run_demo(args, quiet)
         }
         Command::CheckData(args) => run_check_data(args, &mut stdout, &ui),
+        Command::InspectBackbone(args) => run_inspect_backbone(args, &mut stdout),
     };
     match result {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
