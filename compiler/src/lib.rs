@@ -6,7 +6,7 @@
 //! [`extract`] (features of every image, cached) -> [`train`] (new head with candle) ->
 //! [`fold`] (head appended to the graph, one NNEF graph) -> [`quantize`] (optional int8 rewrite)
 //! -> [`artifact`] (manifest + graph in one file, read by `graft_runtime`). [`pipeline`] wires
-//! them together.
+//! them together; [`check`] looks at a data folder before any of it.
 
 pub mod artifact;
 pub mod check;
