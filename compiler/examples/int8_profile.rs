@@ -2,7 +2,7 @@
 //! graft's pass, then reports top-1 agreement with f32, mean latency of both, and the slowest
 //! nodes of the int8 plan (one thread, timed node by node).
 //!
-//! `cargo run --release -p graft-compiler --example int8_profile -- MODEL.onnx IMAGES_DIR [CALIB] [EVAL] [depthwise]`
+//! `cargo run --release -p graft-compiler --example int8_profile -- MODEL.onnx IMAGES_DIR [CALIB] [EVAL] [depthwise] [per-channel]`
 //! Calibration and evaluation images are spread evenly over the sorted list and do not overlap
 //! when CALIB + EVAL <= the number of images.
 //! IMAGES_DIR holds `<class>/<image>` (e.g. ../shared/datasets/imagenet-sample/val); images are
@@ -49,13 +49,15 @@ fn top1(v: &[f32]) -> usize {
 fn main() -> TractResult<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: int8_profile MODEL.onnx IMAGES_DIR [CALIB=16] [EVAL=50] [depthwise]");
+        eprintln!("usage: int8_profile MODEL.onnx IMAGES_DIR [CALIB=16] [EVAL=50] [depthwise] [per-channel]");
         std::process::exit(2);
     }
     let calib_count: usize = args.get(3).map_or(16, |a| a.parse().expect("CALIB"));
     let eval_count: usize = args.get(4).map_or(50, |a| a.parse().expect("EVAL"));
+    let flag = |name: &str| args.iter().skip(5).any(|a| a == name);
     let config = QuantizeConfig {
-        depthwise: args.get(5).is_some_and(|a| a == "depthwise"),
+        depthwise: flag("depthwise"),
+        per_channel: flag("per-channel"),
         keep_f32: vec![],
     };
     let mut model = tract_onnx::onnx()

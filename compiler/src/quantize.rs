@@ -140,6 +140,9 @@ pub struct QuantizeConfig {
     pub depthwise: bool,
     /// Layers (by node name) kept in f32 whatever their kind.
     pub keep_f32: Vec<String>,
+    /// One weight scale per output channel for the 1x1 products (the stem convolution stays per
+    /// tensor: NNEF's quantized `conv` carries one scale per tensor).
+    pub per_channel: bool,
 }
 
 /// A quantizable layer of the f32 graph.
@@ -308,26 +311,40 @@ fn scalar_f32(model: &mut TypedModel, name: String, v: f32) -> TractResult<Outle
     model.add_const(name, tensor0(v))
 }
 
-/// Symmetric per-tensor int8 weights: `(quantized, scale)`.
-fn quantize_weights(weights: &Tensor) -> TractResult<(Tensor, f32)> {
+/// Symmetric int8 weights, one scale for the tensor or one per output channel (axis 0):
+/// `(quantized, scales)`.
+fn quantize_weights(weights: &Tensor, per_channel: bool) -> TractResult<(Tensor, Vec<f32>)> {
     let view = weights.view();
     let values = view.as_slice::<f32>()?;
-    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = (max / 127.0).max(f32::EPSILON);
-    let quantized: Vec<i8> = values
-        .iter()
-        .map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8)
-        .collect();
-    Ok((Tensor::from_shape(weights.shape(), &quantized)?, scale))
+    let rows = if per_channel { weights.shape()[0] } else { 1 };
+    let per_row = values.len() / rows.max(1);
+    let mut quantized = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(rows);
+    for row in values.chunks(per_row.max(1)) {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = (max / 127.0).max(f32::EPSILON);
+        quantized.extend(
+            row.iter()
+                .map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8),
+        );
+        scales.push(scale);
+    }
+    Ok((Tensor::from_shape(weights.shape(), &quantized)?, scales))
 }
 
-fn quantized_bias(bias: &Tensor, scale: f32, len: usize) -> TractResult<Tensor> {
+fn quantized_bias(
+    bias: &Tensor,
+    x_scale: f32,
+    k_scales: &[f32],
+    len: usize,
+) -> TractResult<Tensor> {
     let bias = bias.cast_to::<f32>()?;
     let view = bias.view();
     let values = view.as_slice::<f32>()?;
     let ints: Vec<i32> = (0..len)
         .map(|i| {
             let b = values[if values.len() == 1 { 0 } else { i }];
+            let scale = x_scale * k_scales[if k_scales.len() == 1 { 0 } else { i }];
             (b / scale).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32
         })
         .collect();
@@ -342,6 +359,7 @@ struct Rebuild<'a> {
     calibration: &'a Calibration,
     f32_wire: HashMap<OutletId, OutletId>,
     int8_wire: HashMap<OutletId, OutletId>,
+    per_channel: bool,
 }
 
 impl Rebuild<'_> {
@@ -385,7 +403,8 @@ impl Rebuild<'_> {
         let x_old = node.inputs[0];
         let (x0, x_scale) = self.qparams(x_old)?;
         let weights = const_of(self.old, node.inputs[1]).context("constant weights")?;
-        let (kernel, k_scale) = quantize_weights(&weights)?;
+        let per_channel = self.per_channel && node.op_as::<EinSum>().is_some();
+        let (kernel, k_scales) = quantize_weights(&weights, per_channel)?;
         let out_channels = weights.shape()[0];
         let bias_old = match candidate.bias_add {
             Some(add) => {
@@ -399,14 +418,14 @@ impl Rebuild<'_> {
             }
             None => const_of(self.old, node.inputs[2]).context("constant bias")?,
         };
-        let bias = quantized_bias(&bias_old, x_scale * k_scale, out_channels)?;
+        let bias = quantized_bias(&bias_old, x_scale, &k_scales, out_channels)?;
         let kernel = self.new.add_const(format!("{name}.weights_int8"), kernel)?;
         let y = if let Some(conv) = node.op_as::<Conv>() {
             let x = self.int8(x_old)?;
-            self.quantized_conv(candidate, conv, [x, kernel], bias, (x0, x_scale), k_scale)?
+            self.quantized_conv(candidate, conv, [x, kernel], bias, (x0, x_scale), &k_scales)?
         } else {
             let x = self.int8(x_old)?;
-            self.quantized_pointwise(candidate, [x, kernel], bias, (x0, x_scale), k_scale)?
+            self.quantized_pointwise(candidate, [x, kernel], bias, (x0, x_scale), &k_scales)?
         };
         self.f32_wire.insert(candidate.output(), y);
         Ok(())
@@ -420,7 +439,7 @@ impl Rebuild<'_> {
         [x, kernel]: [OutletId; 2],
         bias: Tensor,
         (x0, x_scale): (i32, f32),
-        k_scale: f32,
+        k_scales: &[f32],
     ) -> TractResult<([OutletId; 9], DatumType)> {
         let name = self.old.node(candidate.node).name.clone();
         let (y0, y_scale) = self.qparams(candidate.output())?;
@@ -436,7 +455,12 @@ impl Rebuild<'_> {
             scalar_i32(&mut self.new, format!("{name}.x0"), x0)?,
             scalar_f32(&mut self.new, format!("{name}.x_scale"), x_scale)?,
             scalar_i32(&mut self.new, format!("{name}.k0"), 0)?,
-            scalar_f32(&mut self.new, format!("{name}.k_scale"), k_scale)?,
+            match k_scales {
+                [one] => scalar_f32(&mut self.new, format!("{name}.k_scale"), *one)?,
+                many => self
+                    .new
+                    .add_const(format!("{name}.k_scale"), tensor1(many))?,
+            },
             scalar_i32(&mut self.new, format!("{name}.y0"), y0)?,
             scalar_f32(&mut self.new, format!("{name}.y_scale"), y_scale)?,
         ];
@@ -461,7 +485,7 @@ impl Rebuild<'_> {
         [x, kernel]: [OutletId; 2],
         bias: Tensor,
         x_params: (i32, f32),
-        k_scale: f32,
+        k_scales: &[f32],
     ) -> TractResult<OutletId> {
         let name = self.old.node(candidate.node).name.clone();
         let shape = self.new.outlet_fact(x)?.shape.to_tvec();
@@ -470,8 +494,13 @@ impl Rebuild<'_> {
         let flat = AxisOp::Reshape(1, tvec![h.clone(), w.clone()], tvec![pixels.clone()]);
         let x = self.new.wire_node(format!("{name}.flatten"), flat, &[x])?[0];
         let (inputs, y_dt) =
-            self.quantized_inputs(candidate, [x, kernel], bias, x_params, k_scale)?;
-        let axes: AxesMapping = "kn,mk,m,,,,,,->mn".parse()?;
+            self.quantized_inputs(candidate, [x, kernel], bias, x_params, k_scales)?;
+        let axes: AxesMapping = if k_scales.len() > 1 {
+            "kn,mk,m,,,,m,,->mn"
+        } else {
+            "kn,mk,m,,,,,,->mn"
+        }
+        .parse()?;
         let op = EinSum::newq(axes, i32::datum_type(), y_dt);
         let y = self.new.wire_node(format!("{name}.int8"), op, &inputs)?[0];
         let unflat = AxisOp::Reshape(1, tvec![pixels], tvec![h, w]);
@@ -489,11 +518,11 @@ impl Rebuild<'_> {
         x_and_kernel: [OutletId; 2],
         bias: Tensor,
         x_params: (i32, f32),
-        k_scale: f32,
+        k_scales: &[f32],
     ) -> TractResult<OutletId> {
         let name = self.old.node(candidate.node).name.clone();
         let (inputs, y_dt) =
-            self.quantized_inputs(candidate, x_and_kernel, bias, x_params, k_scale)?;
+            self.quantized_inputs(candidate, x_and_kernel, bias, x_params, k_scales)?;
         let op = Conv::new(
             conv.pool_spec.clone(),
             conv.kernel_fmt,
@@ -551,6 +580,7 @@ pub fn quantize(
             calibration,
             f32_wire: HashMap::new(),
             int8_wire: HashMap::new(),
+            per_channel: config.per_channel,
         };
         rebuild.new.symbols = model.symbols.clone();
         rebuild.new.properties = model.properties.clone();
@@ -662,7 +692,8 @@ mod tests {
     #[test]
     fn weights_round_trip_within_half_a_step() {
         let w = tensor1(&[0.5f32, -1.27, 0.01, 1.0]);
-        let (q, scale) = quantize_weights(&w).unwrap();
+        let (q, scales) = quantize_weights(&w, false).unwrap();
+        let scale = scales[0];
         assert!((scale - 0.01).abs() < 1e-7);
         assert_eq!(q.datum_type(), i8::datum_type());
         let back = q.cast_to::<f32>().unwrap();
