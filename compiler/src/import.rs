@@ -213,18 +213,8 @@ impl Backbone {
 
     /// Concrete shapes of the named tensors (tract's shape inference on the whole graph).
     fn tensor_shapes(&self, names: &[&str]) -> Result<Vec<Vec<usize>>> {
-        let model_dir = self.path.parent().and_then(|p| p.to_str());
-        let mut model = tract_onnx::onnx()
-            .parse(&self.proto, model_dir)
-            .map_err(|e| CompileError::InvalidBackbone {
-                path: self.path.clone(),
-                reason: format!("tract cannot load it: {e:#}"),
-            })?
-            .model;
-        model
-            .set_input_fact(0, f32::fact(self.input_shape).into())
-            .map_err(CompileError::graph("import"))?;
-        let typed = model
+        let typed = self
+            .inference_model()?
             .with_outputs_by_name(names.iter().copied())
             .and_then(|m| m.into_typed())
             .map_err(CompileError::graph("import"))?;
@@ -243,6 +233,22 @@ impl Backbone {
                     .unwrap_or_default())
             })
             .collect()
+    }
+
+    /// The whole ONNX graph as tract's inference model, input fixed to [`Self::input_shape`].
+    fn inference_model(&self) -> Result<InferenceModel> {
+        let model_dir = self.path.parent().and_then(|p| p.to_str());
+        let mut model = tract_onnx::onnx()
+            .parse(&self.proto, model_dir)
+            .map_err(|e| CompileError::InvalidBackbone {
+                path: self.path.clone(),
+                reason: format!("tract cannot load it: {e:#}"),
+            })?
+            .model;
+        model
+            .set_input_fact(0, f32::fact(self.input_shape).into())
+            .map_err(CompileError::graph("import"))?;
+        Ok(model)
     }
 
     fn graph(&self) -> &pb::GraphProto {
@@ -271,20 +277,8 @@ impl Backbone {
                 "no tensor of that name in the graph (the last ones are: {hint})"
             )));
         }
-        let model_dir = self.path.parent().and_then(|p| p.to_str());
-        let onnx = tract_onnx::onnx();
-        let mut model = onnx
-            .parse(&self.proto, model_dir)
-            .map_err(|e| CompileError::InvalidBackbone {
-                path: self.path.clone(),
-                reason: format!("tract cannot load it: {e:#}"),
-            })?
-            .model;
-        let shape = self.input_shape;
-        model
-            .set_input_fact(0, f32::fact(shape).into())
-            .map_err(CompileError::graph("import"))?;
-        let typed = model
+        let typed = self
+            .inference_model()?
             .with_outputs_by_name([cut])
             .and_then(|m| m.into_typed())
             .and_then(|m| m.into_decluttered())
