@@ -283,29 +283,31 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let mut manifest = manifest_for(&cut, &preprocessing, &folder.classes, &summary);
     let folded = cut.into_folded(&head.layers)?;
     let f32_graph = folded.to_nnef()?;
-    let graph = match options.precision {
-        Precision::F32 => f32_graph.clone(),
+    let int8_graph = match options.precision {
+        Precision::F32 => None,
         Precision::Int8 => {
             let (graph, info) =
                 quantize_graph(folded, &train_samples, &preprocessing, options, reporter)?;
             manifest.quantization = Some(info);
-            graph
+            Some(graph)
         }
     };
     manifest.precision = options.precision.name().into();
-    let graph = narrow_weights(&graph, options.weights, &mut manifest, reporter)?;
-    let head_val_accuracy = ConfusionMatrix::from_pairs(
+    let computed_graph = int8_graph.as_deref().unwrap_or(&f32_graph);
+    let narrowed = narrow_weights(computed_graph, options.weights, &mut manifest, reporter)?;
+    let graph = narrowed.as_deref().unwrap_or(computed_graph);
+    let head_confusion = ConfusionMatrix::from_pairs(
         folder.classes.len(),
         val.labels.iter().copied().zip(head.predict(&val)),
-    )
-    .accuracy();
+    );
+    let head_val_accuracy = head_confusion.accuracy();
     let (confusion, artifact_val_accuracy) = if options.verify {
         let val_usable: Vec<Sample> = val_samples
             .iter()
             .filter(|s| val.paths.contains(&s.path))
             .cloned()
             .collect();
-        let evaluation = run_graph(&manifest, &graph, &val_usable, options, reporter)?;
+        let evaluation = run_graph(&manifest, graph, &val_usable, options, reporter)?;
         let accuracy = evaluation.accuracy();
         reporter.message(&format!(
             "verify    artifact run end to end on {} validation images: accuracy {:.4} (head on cached features: {:.4})",
@@ -333,11 +335,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         }
         (evaluation.confusion, Some(accuracy))
     } else {
-        let confusion = ConfusionMatrix::from_pairs(
-            folder.classes.len(),
-            val.labels.iter().copied().zip(head.predict(&val)),
-        );
-        (confusion, None)
+        (head_confusion, None)
     };
     manifest.metrics = Some(Metrics {
         validation_source: validation_source.to_string(),
@@ -347,7 +345,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         val_accuracy: artifact_val_accuracy.unwrap_or(head_val_accuracy),
         confusion: confusion.counts.clone(),
     });
-    let bytes = artifact::encode(&manifest, &graph);
+    let bytes = artifact::encode(&manifest, graph);
     if reporter.cancelled() {
         return Err(CompileError::Interrupted);
     }
@@ -367,16 +365,17 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     })
 }
 
-/// `--weights f16|int8`: stores the large f32 tensors narrower (see [`graft_runtime::weights`]).
+/// `--weights f16|int8`: the graph with its large f32 tensors stored narrower (see
+/// [`graft_runtime::weights`]); `None` for `--weights f32`, where the graph is used as it is.
 fn narrow_weights(
     graph: &[u8],
     storage: WeightStorage,
     manifest: &mut Manifest,
     reporter: &dyn Reporter,
-) -> Result<Vec<u8>> {
+) -> Result<Option<Vec<u8>>> {
     manifest.weights = storage;
     if storage == WeightStorage::F32 {
-        return Ok(graph.to_vec());
+        return Ok(None);
     }
     let narrowed =
         graft_runtime::weights::narrow(graph, storage).map_err(|reason| CompileError::Graph {
@@ -389,7 +388,7 @@ fn narrow_weights(
         graph.len() as f64 / (1 << 20) as f64,
         narrowed.len() as f64 / (1 << 20) as f64
     ));
-    Ok(narrowed)
+    Ok(Some(narrowed))
 }
 
 /// Runs an encoded graph end to end (as the runtime will) on labelled images.
@@ -583,8 +582,8 @@ fn compile_with_own_head(
     );
     let mut manifest = manifest;
     let graph = cut.into_folded(&[])?.to_nnef()?;
-    let graph = narrow_weights(&graph, options.weights, &mut manifest, reporter)?;
-    let bytes = artifact::encode(&manifest, &graph);
+    let narrowed = narrow_weights(&graph, options.weights, &mut manifest, reporter)?;
+    let bytes = artifact::encode(&manifest, narrowed.as_deref().unwrap_or(&graph));
     artifact::write_atomic(&options.out, &bytes)?;
     Ok(CompileReport {
         manifest,

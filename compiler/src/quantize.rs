@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 
 use graft_runtime::artifact::LayerPrecision;
+use graft_runtime::weights::to_int8;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::axes::AxesMapping;
 use tract_onnx::tract_core::internal::TractErrorContext;
@@ -323,10 +324,7 @@ fn quantize_weights(weights: &Tensor, per_channel: bool) -> TractResult<(Tensor,
     for row in values.chunks(per_row.max(1)) {
         let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = (max / 127.0).max(f32::EPSILON);
-        quantized.extend(
-            row.iter()
-                .map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8),
-        );
+        quantized.extend(row.iter().map(|&w| to_int8(w, scale)));
         scales.push(scale);
     }
     Ok((Tensor::from_shape(weights.shape(), &quantized)?, scales))
@@ -420,11 +418,10 @@ impl Rebuild<'_> {
         };
         let bias = quantized_bias(&bias_old, x_scale, &k_scales, out_channels)?;
         let kernel = self.new.add_const(format!("{name}.weights_int8"), kernel)?;
+        let x = self.int8(x_old)?;
         let y = if let Some(conv) = node.op_as::<Conv>() {
-            let x = self.int8(x_old)?;
             self.quantized_conv(candidate, conv, [x, kernel], bias, (x0, x_scale), &k_scales)?
         } else {
-            let x = self.int8(x_old)?;
             self.quantized_pointwise(candidate, [x, kernel], bias, (x0, x_scale), &k_scales)?
         };
         self.f32_wire.insert(candidate.output(), y);

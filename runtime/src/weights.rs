@@ -148,7 +148,8 @@ fn narrowable(data: &[u8]) -> Option<(usize, usize)> {
         .then_some((values, rows))
 }
 
-fn to_int8(value: f32, scale: f32) -> i8 {
+/// `value / scale` rounded to the symmetric int8 range `[-127, 127]` (0 for a zero scale).
+pub fn to_int8(value: f32, scale: f32) -> i8 {
     if scale > 0.0 {
         (value / scale).round().clamp(-127.0, 127.0) as i8
     } else {
@@ -276,17 +277,32 @@ fn widen_entry(path: &str, data: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Whether any entry name is a narrowed tensor: reads the tar headers only, seeking over the data.
+fn has_narrowed_entries(archive: &[u8]) -> Result<bool, String> {
+    let mut tar = tar::Archive::new(std::io::Cursor::new(archive));
+    for entry in tar
+        .entries_with_seek()
+        .map_err(|e| format!("graph archive: {e}"))?
+    {
+        let entry = entry.map_err(|e| format!("graph archive: {e}"))?;
+        let path = entry
+            .path()
+            .map_err(|e| format!("graph archive entry name: {e}"))?;
+        let path = path.to_string_lossy();
+        if path.ends_with(F16_SUFFIX) || path.ends_with(I8_SUFFIX) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The archive as tract must read it: narrowed tensors widened back to f32 `.dat` files. Borrows
 /// the input when nothing is narrowed (the memory-mapped artifact is then used in place).
 pub fn widen(archive: &[u8]) -> Result<Cow<'_, [u8]>, String> {
-    let entries = read_entries(archive)?;
-    if !entries
-        .iter()
-        .any(|e| e.path.ends_with(F16_SUFFIX) || e.path.ends_with(I8_SUFFIX))
-    {
+    if !has_narrowed_entries(archive)? {
         return Ok(Cow::Borrowed(archive));
     }
-    let widened = entries
+    let widened = read_entries(archive)?
         .into_iter()
         .map(|entry| {
             let stem = entry
