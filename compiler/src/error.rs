@@ -62,6 +62,15 @@ pub enum CompileError {
     #[error("training failed: {0}")]
     Training(#[from] candle_core::Error),
 
+    /// Part of the backbone chosen for training cannot be translated to candle.
+    #[error("cannot train node {node:?}: {reason}")]
+    Untrainable {
+        /// ONNX node (or tensor) name.
+        node: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+
     /// The user pressed Ctrl-C; nothing was written but the features computed so far.
     #[error("interrupted: no artifact written")]
     Interrupted,

@@ -21,6 +21,7 @@ pub mod probe;
 pub mod quantize;
 pub mod rng;
 pub mod train;
+pub mod translate;
 pub mod ui;
 
 pub use error::{CompileError, Result};
