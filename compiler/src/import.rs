@@ -150,6 +150,32 @@ impl Backbone {
     /// the last is kept, and so is every residual `Add`: the ends of blocks and stages, in graph
     /// order, with their shapes.
     pub fn cut_points(&self) -> Result<Vec<CutPoint>> {
+        let count = self.graph().node.len().max(1) as f32;
+        let chain: Vec<(&str, &str, f32)> = self
+            .chain_points()
+            .into_iter()
+            .map(|(tensor, op, index)| (tensor, op, (index + 1) as f32 / count))
+            .collect();
+        let names: Vec<&str> = chain.iter().map(|c| c.0).collect();
+        let shapes = self.tensor_shapes(&names)?;
+        let mut points = Vec::new();
+        for (k, (&(tensor, op, depth), shape)) in chain.iter().zip(&shapes).enumerate() {
+            let stage_end = shapes.get(k + 1).is_none_or(|next| next != shape);
+            if stage_end || op == "Add" {
+                points.push(CutPoint {
+                    tensor: tensor.to_string(),
+                    op: op.to_string(),
+                    shape: shape.clone(),
+                    depth,
+                });
+            }
+        }
+        Ok(points)
+    }
+
+    /// Tensors after whose producing node (by index) no other tensor computed from the image is
+    /// still needed: the places a graph can be split into two chained parts.
+    fn chain_points(&self) -> Vec<(&str, &str, usize)> {
         let graph = self.graph();
         let initializers: HashSet<&str> =
             graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -165,8 +191,7 @@ impl Backbone {
             *consumers.entry(output.name.as_str()).or_default() += 1;
         }
         let mut live: HashSet<&str> = HashSet::from([self.input_name.as_str()]);
-        let mut chain: Vec<(&str, &str, f32)> = Vec::new();
-        let count = graph.node.len().max(1) as f32;
+        let mut chain: Vec<(&str, &str, usize)> = Vec::new();
         for (i, node) in graph.node.iter().enumerate() {
             for input in &node.input {
                 if let Some(n) = consumers.get_mut(input.as_str()) {
@@ -186,29 +211,97 @@ impl Backbone {
             }
             if let ([only], [output]) = (&live.iter().collect::<Vec<_>>()[..], &node.output[..]) {
                 if **only == output.as_str() {
-                    chain.push((
-                        output.as_str(),
-                        node.op_type.as_str(),
-                        (i + 1) as f32 / count,
-                    ));
+                    chain.push((output.as_str(), node.op_type.as_str(), i));
                 }
             }
         }
-        let names: Vec<&str> = chain.iter().map(|c| c.0).collect();
-        let shapes = self.tensor_shapes(&names)?;
-        let mut points = Vec::new();
-        for (k, (&(tensor, op, depth), shape)) in chain.iter().zip(&shapes).enumerate() {
-            let stage_end = shapes.get(k + 1).is_none_or(|next| next != shape);
-            if stage_end || op == "Add" {
-                points.push(CutPoint {
-                    tensor: tensor.to_string(),
-                    op: op.to_string(),
-                    shape: shape.clone(),
-                    depth,
-                });
+        chain
+    }
+
+    /// The blocks holding weights (Conv, Gemm, MatMul, BatchNormalization) before tensor `cut`,
+    /// in graph order. A node's block is its name up to the first numbered path segment
+    /// (`/_blocks.15/_expand_conv/Conv` is in `/_blocks.15`, `/layer4/layer4.1/conv1/Conv` in
+    /// `/layer4/layer4.1`), or its first segment (`/_conv_head/Conv` is in `/_conv_head`); when
+    /// names say nothing, each weighted node is a block of its own.
+    pub fn blocks(&self, cut: &str) -> Vec<Block> {
+        let graph = self.graph();
+        let end = graph
+            .node
+            .iter()
+            .position(|n| n.output.iter().any(|o| o == cut))
+            .map_or(graph.node.len(), |i| i + 1);
+        let weighted = |n: &pb::NodeProto| {
+            matches!(
+                n.op_type.as_str(),
+                "Conv" | "Gemm" | "MatMul" | "BatchNormalization"
+            )
+        };
+        let mut blocks: Vec<Block> = Vec::new();
+        for (index, node) in graph.node[..end].iter().enumerate() {
+            if !weighted(node) {
+                continue;
+            }
+            let name =
+                block_name(&node.name).unwrap_or_else(|| format!("{} #{index}", node.op_type));
+            match blocks.iter_mut().find(|b| b.name == name) {
+                Some(block) => block.nodes += 1,
+                None => blocks.push(Block {
+                    name,
+                    first_node: index,
+                    nodes: 1,
+                }),
             }
         }
-        Ok(points)
+        if blocks.len() == 1 && blocks[0].nodes > 1 {
+            return graph.node[..end]
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| weighted(n))
+                .map(|(index, n)| Block {
+                    name: format!("{} #{index}", n.op_type),
+                    first_node: index,
+                    nodes: 1,
+                })
+                .collect();
+        }
+        blocks
+    }
+
+    /// The last tensor before node `first_node` that the graph can be split at (see
+    /// [`Self::cut_points`]), or the image input.
+    pub fn boundary_before(&self, first_node: usize) -> String {
+        self.chain_points()
+            .into_iter()
+            .filter(|&(_, _, index)| index < first_node)
+            .map(|(tensor, _, _)| tensor.to_string())
+            .next_back()
+            .unwrap_or_else(|| self.input_name.clone())
+    }
+
+    /// The graph from the image input to tensor `tensor`, decluttered (no pooling: the tensor
+    /// as it is).
+    pub fn prefix(&self, tensor: &str) -> Result<TypedModel> {
+        self.inference_model()?
+            .with_outputs_by_name([tensor])
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+            .map_err(CompileError::graph("prefix"))
+    }
+
+    /// The ONNX graph, for translating part of it.
+    pub fn onnx_graph(&self) -> &pb::GraphProto {
+        self.graph()
+    }
+
+    /// This backbone with its graph changed by `edit` (trained weights written back); the path
+    /// and hash still name the original file, which the manifest records as the source.
+    pub fn with_graph_edit(
+        &self,
+        edit: impl FnOnce(&mut pb::GraphProto) -> Result<()>,
+    ) -> Result<Backbone> {
+        let mut changed = self.clone();
+        edit(changed.proto.graph.as_mut().expect("checked at load"))?;
+        Ok(changed)
     }
 
     /// Concrete shapes of the named tensors (tract's shape inference on the whole graph).
@@ -285,6 +378,37 @@ impl Backbone {
             .map_err(|e| invalid_cut(format!("tract cannot analyse the graph up to it: {e:#}")))?;
         CutBackbone::new(self, cut.to_string(), typed)
     }
+}
+
+/// A group of weighted nodes that fine-tuning unfreezes together (see [`Backbone::blocks`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// Name shared by its nodes (`/_blocks.15`).
+    pub name: String,
+    /// Index of its first weighted node in the ONNX graph.
+    pub first_node: usize,
+    /// Weighted nodes in it.
+    pub nodes: usize,
+}
+
+/// Block of a node named like a path: up to the first numbered segment, else the first segment.
+fn block_name(node: &str) -> Option<String> {
+    let segments: Vec<&str> = node.trim_start_matches('/').split('/').collect();
+    if segments.len() < 2 {
+        return None;
+    }
+    let parents = &segments[..segments.len() - 1];
+    let numbered = |s: &&str| {
+        s.rsplit(['.', '_'])
+            .next()
+            .is_some_and(|tail| !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()))
+            && s.contains(['.'])
+    };
+    let depth = parents
+        .iter()
+        .position(|s| numbered(s) || s.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(1, |i| i + 1);
+    Some(format!("/{}", parents[..depth].join("/")))
 }
 
 /// A tensor the backbone can be cut at (see [`Backbone::cut_points`]).
@@ -368,6 +492,32 @@ fn resolve_input_shape(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_names_follow_numbered_path_segments() {
+        assert_eq!(
+            block_name("/_blocks.15/_project_conv/Conv").as_deref(),
+            Some("/_blocks.15")
+        );
+        assert_eq!(
+            block_name("/layer4/layer4.1/conv1/Conv").as_deref(),
+            Some("/layer4/layer4.1")
+        );
+        assert_eq!(
+            block_name("/features/features.3/conv/conv.0/conv.0.0/Conv").as_deref(),
+            Some("/features/features.3")
+        );
+        assert_eq!(
+            block_name("/features/3/conv/0/Conv").as_deref(),
+            Some("/features/3")
+        );
+        assert_eq!(
+            block_name("/_conv_head/Conv").as_deref(),
+            Some("/_conv_head")
+        );
+        assert_eq!(block_name("/_swish_1/Clip").as_deref(), Some("/_swish_1"));
+        assert_eq!(block_name("Conv_12"), None);
+    }
 
     #[test]
     fn input_shape_resolution() {

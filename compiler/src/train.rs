@@ -319,9 +319,34 @@ fn measure(network: &Network, x: &Tensor, y: &Tensor) -> candle_core::Result<(f3
     Ok((loss, correct / y.dim(0)? as f32))
 }
 
+/// Loss weight of each class: 1, or with `balance` the inverse frequency
+/// `images / (classes * images of the class)`.
+pub(crate) fn class_weights(
+    labels: &[usize],
+    classes: usize,
+    balance: bool,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut counts = vec![0usize; classes];
+    for &l in labels {
+        counts[l] += 1;
+    }
+    let weights: Vec<f32> = counts
+        .iter()
+        .map(|&n| {
+            if balance && n > 0 {
+                labels.len() as f32 / (classes * n) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(weights, classes, device)
+}
+
 /// Cross-entropy with a weight per class: `sum_i w[y_i] * nll_i / sum_i w[y_i]` (the plain mean
 /// when every weight is 1).
-fn weighted_cross_entropy(
+pub(crate) fn weighted_cross_entropy(
     logits: &Tensor,
     y: &Tensor,
     class_weights: &Tensor,
@@ -388,23 +413,7 @@ pub fn train_head(
         },
     )?;
 
-    let class_weights = {
-        let mut counts = vec![0usize; classes];
-        for &l in &train.labels {
-            counts[l] += 1;
-        }
-        let weights: Vec<f32> = counts
-            .iter()
-            .map(|&n| {
-                if config.balance_classes && n > 0 {
-                    train.rows() as f32 / (classes * n) as f32
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        Tensor::from_vec(weights, classes, device)?
-    };
+    let class_weights = class_weights(&train.labels, classes, config.balance_classes, device)?;
 
     let mut shuffle_rng = Rng::new(config.seed, "head-shuffle");
     let mut dropout_rng = Rng::new(config.seed, "head-dropout");
