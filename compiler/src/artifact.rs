@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use graft_runtime::artifact::{BackboneInfo, HeadInfo, Manifest, TensorSpec, TrainingInfo};
+use graft_runtime::artifact::{
+    BackboneInfo, HeadInfo, Manifest, TensorSpec, TrainingInfo, TransferInfo,
+};
 use graft_runtime::Preprocessing;
 
 use crate::cut::CutBackbone;
@@ -40,8 +42,17 @@ impl HeadSummary {
                 best_epoch: head.best_epoch,
                 history: head.history.clone(),
                 balanced_classes: config.balance_classes,
+                transfer: None,
             }),
         }
+    }
+
+    /// Records how the backbone was trained too (fine-tuning or from scratch).
+    pub fn with_transfer(mut self, transfer: Option<TransferInfo>) -> HeadSummary {
+        if let Some(training) = self.training.as_mut() {
+            training.transfer = transfer;
+        }
+        self
     }
 
     /// The backbone's own classifier, kept as is.

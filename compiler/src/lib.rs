@@ -9,10 +9,12 @@
 //! them together; [`check`] looks at a data folder before any of it.
 
 pub mod artifact;
+pub mod augment;
 pub mod check;
 pub mod cut;
 pub mod error;
 pub mod extract;
+pub mod finetune;
 pub mod fold;
 pub mod import;
 pub mod interrupt;

@@ -21,6 +21,7 @@ use graft_runtime::{Artifact, Model};
 use crate::artifact::{manifest_for, HeadSummary};
 use crate::error::{CompileError, Result};
 use crate::extract::{Extraction, FeatureCache, FeatureExtractor, Features};
+use crate::finetune::{finetune, FinetuneConfig, Strategy, Unfreeze};
 use crate::fold::FoldedModel;
 use crate::import::Backbone;
 use crate::probe::probe_normalization;
@@ -84,6 +85,8 @@ pub struct CompileOptions {
     pub calibration_images: usize,
     /// How the artifact stores its large weight tensors (widened to f32 at load).
     pub weights: WeightStorage,
+    /// Fine-tuning or training from scratch; `None` trains the head only.
+    pub finetune: Option<FinetuneConfig>,
 }
 
 impl CompileOptions {
@@ -110,6 +113,7 @@ impl CompileOptions {
             precision: Precision::F32,
             calibration_images: 32,
             weights: WeightStorage::F32,
+            finetune: None,
         }
     }
 }
@@ -239,47 +243,64 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     check_every_class_present(&train, &folder.classes, "training")?;
     check_every_class_present(&val, &folder.classes, "validation")?;
 
-    reporter.message(&format!(
-        "train     {} head: AdamW lr {} weight decay {} batch {} up to {} epochs (patience {}), seed {}{}",
-        options.train.head,
-        options.train.learning_rate,
-        options.train.weight_decay,
-        options.train.batch_size,
-        options.train.epochs,
-        options.train.patience,
-        options.train.seed,
-        if options.train.balance_classes {
-            ", classes weighted by inverse frequency"
-        } else {
-            ""
+    let scratch = options
+        .finetune
+        .as_ref()
+        .is_some_and(|f| f.strategy == Strategy::Scratch);
+    let probe_head = if scratch {
+        None
+    } else {
+        Some(train_probe_head(
+            options,
+            &train,
+            &val,
+            folder.classes.len(),
+            reporter,
+        )?)
+    };
+    let (cut, head, train, val, transfer) = match &options.finetune {
+        None => (
+            cut,
+            probe_head.clone().expect("trained unless from scratch"),
+            train,
+            val,
+            None,
+        ),
+        Some(config) => {
+            let probe_accuracy = probe_head.as_ref().map(|h| h.best().val_accuracy);
+            let tuned = finetune_backbone(
+                &backbone,
+                &cut_name,
+                &preprocessing,
+                (&train_samples, &val_samples),
+                folder.classes.len(),
+                probe_head.as_ref(),
+                config,
+                options.threads,
+                reporter,
+            )?;
+            let cut = tuned.backbone.clone().cut(&cut_name)?;
+            let extractor = FeatureExtractor::new(&cut, &preprocessing)?;
+            let tuned_features = extractor.extract(&all, None, options.threads, reporter)?;
+            let (train, val) = split_features(&tuned_features.features, &val_samples);
+            let tract_accuracy = ConfusionMatrix::from_pairs(
+                folder.classes.len(),
+                val.labels.iter().copied().zip(tuned.head.predict(&val)),
+            )
+            .accuracy();
+            reporter.message(&format!(
+                "check     fine-tuned backbone in tract: validation accuracy {tract_accuracy:.4} (candle: {:.4}{})",
+                tuned.head.best().val_accuracy,
+                probe_accuracy.map_or(String::new(), |a| format!(", head alone before fine-tuning: {a:.4}"))
+            ));
+            (cut, tuned.head, train, val, Some(tuned.info))
         }
-    ));
-    let head = train_head(
-        &options.train,
-        &train,
-        &val,
-        folder.classes.len(),
-        &Device::Cpu,
-        &mut |r| {
-            reporter.epoch(r);
-            if reporter.cancelled() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
-    )?;
-    let best = *head.best();
-    reporter.message(&format!(
-        "kept      epoch {} of {}: train accuracy {:.4}, validation accuracy {:.4} (loss {:.4})",
-        head.best_epoch,
-        head.history.len(),
-        best.train_accuracy,
-        best.val_accuracy,
-        best.val_loss
-    ));
+    };
 
-    let summary = HeadSummary::trained(&head, &options.train);
+    // The training record is the head's own training on frozen features (from scratch, there
+    // is none: the joint training is recorded); joint training is recorded as the transfer.
+    let summary = HeadSummary::trained(probe_head.as_ref().unwrap_or(&head), &options.train)
+        .with_transfer(transfer);
     let mut manifest = manifest_for(&cut, &preprocessing, &folder.classes, &summary);
     let folded = cut.into_folded(&head.layers)?;
     let f32_graph = folded.to_nnef()?;
@@ -363,6 +384,126 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         extract_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Trains the head on frozen features (the whole job of `--strategy head`, the first step of
+/// `finetune`).
+fn train_probe_head(
+    options: &CompileOptions,
+    train: &Features,
+    val: &Features,
+    classes: usize,
+    reporter: &dyn Reporter,
+) -> Result<TrainedHead> {
+    reporter.message(&format!(
+        "train     {} head: AdamW lr {} weight decay {} batch {} up to {} epochs (patience {}), seed {}{}",
+        options.train.head,
+        options.train.learning_rate,
+        options.train.weight_decay,
+        options.train.batch_size,
+        options.train.epochs,
+        options.train.patience,
+        options.train.seed,
+        if options.train.balance_classes {
+            ", classes weighted by inverse frequency"
+        } else {
+            ""
+        }
+    ));
+    let head = train_head(
+        &options.train,
+        train,
+        val,
+        classes,
+        &Device::Cpu,
+        &mut |r| {
+            reporter.epoch(r);
+            if reporter.cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )?;
+    let best = *head.best();
+    reporter.message(&format!(
+        "kept      epoch {} of {}: train accuracy {:.4}, validation accuracy {:.4} (loss {:.4})",
+        head.best_epoch,
+        head.history.len(),
+        best.train_accuracy,
+        best.val_accuracy,
+        best.val_loss
+    ));
+
+    Ok(head)
+}
+
+/// Fine-tunes (or trains from scratch) the backbone and the head, reporting what it does.
+#[allow(clippy::too_many_arguments)]
+fn finetune_backbone(
+    backbone: &Backbone,
+    cut: &str,
+    preprocessing: &Preprocessing,
+    (train, val): (&[Sample], &[Sample]),
+    classes: usize,
+    probe_head: Option<&TrainedHead>,
+    config: &FinetuneConfig,
+    threads: usize,
+    reporter: &dyn Reporter,
+) -> Result<crate::finetune::FineTuned> {
+    let what = match (&config.strategy, &config.unfreeze) {
+        (Strategy::Scratch, _) => "every layer from random weights".to_string(),
+        (_, Unfreeze::All) => "every backbone layer".to_string(),
+        (_, Unfreeze::Blocks(n)) => format!("the top {n} blocks"),
+        (_, Unfreeze::From(t)) => format!("everything after {t:?}"),
+    };
+    reporter.message(&format!(
+        "{:<9} {what} + head: {} backbone lr {} head lr {} weight decay {} {} schedule, batch {}, up to {} epochs (patience {}){}",
+        config.strategy.to_string(),
+        config.optimizer,
+        config.backbone_learning_rate,
+        config.head_learning_rate,
+        config.weight_decay,
+        config.schedule,
+        config.batch_size,
+        config.epochs,
+        config.patience,
+        if config.augmentation.is_some() { ", augmented" } else { ", no augmentation" }
+    ));
+    let tuned = finetune(
+        backbone,
+        cut,
+        preprocessing,
+        train,
+        val,
+        classes,
+        probe_head,
+        config,
+        threads,
+        reporter,
+        &mut |r| {
+            reporter.epoch(r);
+            if reporter.cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )?;
+    let info = &tuned.info;
+    reporter.message(&format!(
+        "trained   {} weights in {} blocks after {:?} ({}): kept epoch {} of {}, validation accuracy {:.4}; {:.1} s, {:.1} images/s forward+backward",
+        info.trainable_weights,
+        info.unfrozen_blocks.len(),
+        info.boundary,
+        info.unfrozen_blocks.join(", "),
+        info.best_epoch,
+        info.epochs_run,
+        tuned.head.best().val_accuracy,
+        info.seconds,
+        info.train_images_per_second
+    ));
+    Ok(tuned)
 }
 
 /// `--weights f16|int8`: the graph with its large f32 tensors stored narrower (see

@@ -163,6 +163,48 @@ pub struct TrainingInfo {
     /// Whether the loss weighted classes by inverse frequency (`--class-weights auto`).
     #[serde(default)]
     pub balanced_classes: bool,
+    /// Fine-tuning or training from scratch, when the backbone was trained too.
+    #[serde(default)]
+    pub transfer: Option<TransferInfo>,
+}
+
+/// How the backbone itself was trained (`graft compile --strategy finetune|scratch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferInfo {
+    /// `finetune` or `scratch`.
+    pub strategy: String,
+    /// Tensor below which the backbone stayed frozen (the image input: nothing frozen).
+    pub boundary: String,
+    /// Names of the blocks that were trained.
+    pub unfrozen_blocks: Vec<String>,
+    /// Trained backbone weights (scalars).
+    pub trainable_weights: usize,
+    /// `adamw` or `sgd` (with momentum).
+    pub optimizer: String,
+    /// Base learning rate of the backbone layers.
+    pub backbone_learning_rate: f64,
+    /// Base learning rate of the head.
+    pub head_learning_rate: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Learning-rate schedule.
+    pub schedule: String,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Whether training images were augmented.
+    pub augmented: bool,
+    /// Epochs run.
+    pub epochs_run: usize,
+    /// Epoch whose weights were kept (1-based; 0 when no epoch lowered the validation loss below
+    /// the starting weights', which are then kept).
+    pub best_epoch: usize,
+    /// Per-epoch loss and accuracy of the joint training.
+    pub history: Vec<EpochRecord>,
+    /// Wall-clock seconds of the joint training (frozen layers, augmentation and evaluation
+    /// included).
+    pub seconds: f64,
+    /// Forward + backward throughput of the trainable part and head, images per second.
+    pub train_images_per_second: f64,
 }
 
 /// Loss and accuracy after one epoch.

@@ -424,6 +424,26 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
                 t.best_epoch
             ),
         ));
+        if let Some(x) = &t.transfer {
+            lines.push((
+                "transfer",
+                format!(
+                    "{} from {:?}: {} blocks ({} weights), {} backbone lr {} head lr {}, {} schedule{}; {} epochs run, kept epoch {}, {:.1} images/s",
+                    x.strategy,
+                    x.boundary,
+                    x.unfrozen_blocks.len(),
+                    x.trainable_weights,
+                    x.optimizer,
+                    x.backbone_learning_rate,
+                    x.head_learning_rate,
+                    x.schedule,
+                    if x.augmented { ", augmented" } else { "" },
+                    x.epochs_run,
+                    x.best_epoch,
+                    x.train_images_per_second
+                ),
+            ));
+        }
     }
     if let Some(x) = &m.metrics {
         lines.push((

@@ -1,0 +1,828 @@
+//! Fine-tune: retrain the top blocks of the backbone together with the head, or the whole
+//! network from random weights (the baseline that shows what transfer is worth).
+//!
+//! The backbone is split at a boundary tensor. The frozen part below it runs in tract, once per
+//! image when images are not augmented (its outputs are kept in memory) or once per image and
+//! epoch when they are. The trainable part above it is translated to candle
+//! ([`crate::translate`]) with its ONNX weights as variables, and trained with the head by
+//! AdamW or SGD with momentum, the backbone at a smaller learning rate than the head, on a
+//! cosine or step schedule, early-stopping on the validation loss. The weights of the best epoch
+//! are written back into the ONNX initializers, so cutting, folding, quantizing and the runtime
+//! handle a fine-tuned backbone exactly like the original.
+
+use std::fmt;
+use std::ops::ControlFlow;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use graft_runtime::artifact::{EpochRecord, TransferInfo};
+use graft_runtime::dataset::Sample;
+use graft_runtime::eval::par_map;
+use graft_runtime::preprocess::{load_image, Preprocessing};
+use graft_runtime::progress::Progress;
+use image::DynamicImage;
+use tract_onnx::prelude::{tvec, IntoRunnable, IntoTValue, TypedSimplePlan};
+
+use crate::augment::Augmentation;
+use crate::error::{CompileError, Result};
+use crate::import::Backbone;
+use crate::rng::Rng;
+use crate::train::{class_weights, weighted_cross_entropy, Dense, HeadKind, TrainedHead};
+use crate::translate::Subgraph;
+
+/// What to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Frozen backbone, new head (feature extraction / linear probe).
+    #[default]
+    Head,
+    /// Head first, then the top blocks and the head together at small learning rates.
+    Finetune,
+    /// Every layer from random weights, no pretraining: the baseline.
+    Scratch,
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "head" => Ok(Strategy::Head),
+            "finetune" => Ok(Strategy::Finetune),
+            "scratch" => Ok(Strategy::Scratch),
+            _ => Err(format!(
+                "unknown strategy {s:?}: expected head, finetune or scratch"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Head => "head",
+            Strategy::Finetune => "finetune",
+            Strategy::Scratch => "scratch",
+        })
+    }
+}
+
+/// Which part of the backbone is trained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unfreeze {
+    /// The top N weighted blocks (see [`Backbone::blocks`]).
+    Blocks(usize),
+    /// Every layer.
+    All,
+    /// Everything after this tensor.
+    From(String),
+}
+
+impl FromStr for Unfreeze {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "all" {
+            return Ok(Unfreeze::All);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Unfreeze::Blocks(n)),
+            _ => Err(format!(
+                "--unfreeze {s:?}: expected a number of top blocks (1 or more) or \"all\""
+            )),
+        }
+    }
+}
+
+/// Optimizer of the joint training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// AdamW (decoupled weight decay).
+    AdamW,
+    /// SGD with heavy-ball momentum and L2 weight decay.
+    Sgd,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "adamw" => Ok(OptimizerKind::AdamW),
+            "sgd" => Ok(OptimizerKind::Sgd),
+            _ => Err(format!("unknown optimizer {s:?}: expected adamw or sgd")),
+        }
+    }
+}
+
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::Sgd => "sgd",
+        })
+    }
+}
+
+/// Learning-rate schedule over the epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// The same rate every epoch.
+    Constant,
+    /// Half a cosine from the base rate to zero.
+    Cosine,
+    /// The base rate, divided by 10 after each third of the epochs.
+    Step,
+}
+
+impl Schedule {
+    /// Factor of the base rate in epoch `epoch` (0-based) of `epochs`.
+    pub fn factor(self, epoch: usize, epochs: usize) -> f64 {
+        let progress = epoch as f64 / epochs.max(1) as f64;
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Schedule::Step => 0.1f64.powi((progress * 3.0).floor() as i32),
+        }
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "constant" => Ok(Schedule::Constant),
+            "cosine" => Ok(Schedule::Cosine),
+            "step" => Ok(Schedule::Step),
+            _ => Err(format!(
+                "unknown schedule {s:?}: expected cosine, step or constant"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Schedule::Constant => "constant",
+            Schedule::Cosine => "cosine",
+            Schedule::Step => "step",
+        })
+    }
+}
+
+/// Settings of fine-tuning and of training from scratch.
+#[derive(Debug, Clone)]
+pub struct FinetuneConfig {
+    /// `Finetune` or `Scratch` (`Head` never reaches this module).
+    pub strategy: Strategy,
+    /// What to unfreeze (ignored by `Scratch`, which trains everything).
+    pub unfreeze: Unfreeze,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Learning rate of the unfrozen backbone layers.
+    pub backbone_learning_rate: f64,
+    /// Learning rate of the head.
+    pub head_learning_rate: f64,
+    /// Weight decay (decoupled for AdamW, L2 for SGD).
+    pub weight_decay: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Maximum epochs.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation loss.
+    pub patience: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Random variations of the training images, or none (frozen outputs computed once).
+    pub augmentation: Option<Augmentation>,
+    /// Seed of initialisation, shuffling and augmentation.
+    pub seed: u64,
+    /// Weight classes by inverse frequency in the loss.
+    pub balance_classes: bool,
+    /// Where candle trains.
+    pub device: Device,
+}
+
+impl FinetuneConfig {
+    /// Defaults for `strategy`: AdamW, backbone 1e-4 / head 1e-3 for fine-tuning (1e-3 for both
+    /// from scratch), weight decay 1e-4, cosine schedule, 10 epochs (patience 5), batch 16,
+    /// augmentation on, top 2 blocks, CPU.
+    pub fn new(strategy: Strategy) -> FinetuneConfig {
+        let scratch = strategy == Strategy::Scratch;
+        FinetuneConfig {
+            strategy,
+            unfreeze: if scratch {
+                Unfreeze::All
+            } else {
+                Unfreeze::Blocks(2)
+            },
+            optimizer: OptimizerKind::AdamW,
+            backbone_learning_rate: if scratch { 1e-3 } else { 1e-4 },
+            head_learning_rate: 1e-3,
+            weight_decay: 1e-4,
+            momentum: 0.9,
+            schedule: Schedule::Cosine,
+            epochs: 10,
+            patience: 5,
+            batch_size: 16,
+            augmentation: Some(Augmentation::default()),
+            seed: 42,
+            balance_classes: false,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// The backbone split into a frozen prefix (tract) and a trainable part (candle).
+pub struct TrainablePart {
+    /// Tensor between the two parts.
+    pub boundary: String,
+    /// Names of the unfrozen blocks.
+    pub blocks: Vec<String>,
+    /// The trainable part.
+    pub subgraph: Subgraph,
+    prefix: Option<Arc<TypedSimplePlan>>,
+    input_shape: Vec<usize>,
+    boundary_shape: Vec<usize>,
+}
+
+impl TrainablePart {
+    /// Splits `backbone` below `unfreeze`, the trainable part ending at tensor `cut`.
+    pub fn new(
+        backbone: &Backbone,
+        cut: &str,
+        unfreeze: &Unfreeze,
+        device: &Device,
+    ) -> Result<TrainablePart> {
+        let blocks = backbone.blocks(cut);
+        let boundary = match unfreeze {
+            Unfreeze::All => backbone.input_name().to_string(),
+            Unfreeze::From(tensor) => tensor.clone(),
+            Unfreeze::Blocks(n) => {
+                let Some(first) = blocks.len().checked_sub(*n).map(|i| &blocks[i]) else {
+                    return Err(CompileError::InvalidOption(format!(
+                        "--unfreeze {n}: the backbone has only {} blocks with weights before {cut:?}",
+                        blocks.len()
+                    )));
+                };
+                backbone.boundary_before(first.first_node)
+            }
+        };
+        let subgraph =
+            Subgraph::extract(backbone.onnx_graph(), &boundary, cut, device, DType::F32)?;
+        let boundary_index = backbone
+            .onnx_graph()
+            .node
+            .iter()
+            .position(|n| n.output.contains(&boundary));
+        let unfrozen = blocks
+            .iter()
+            .filter(|b| boundary_index.is_none_or(|i| b.first_node > i))
+            .map(|b| b.name.clone())
+            .collect();
+        let input_shape = backbone.input_shape().to_vec();
+        let (prefix, boundary_shape) = if boundary == backbone.input_name() {
+            (None, input_shape.clone())
+        } else {
+            let model = backbone.prefix(&boundary)?;
+            let fact = model
+                .output_fact(0)
+                .map_err(CompileError::graph("prefix"))?;
+            let shape = fact
+                .shape
+                .as_concrete()
+                .map(|s| s.to_vec())
+                .ok_or_else(|| CompileError::Untrainable {
+                    node: boundary.clone(),
+                    reason: "its shape is not fixed".into(),
+                })?;
+            let plan = model
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(CompileError::graph("prefix"))?;
+            (Some(plan), shape)
+        };
+        Ok(TrainablePart {
+            boundary,
+            blocks: unfrozen,
+            subgraph,
+            prefix,
+            input_shape,
+            boundary_shape,
+        })
+    }
+
+    /// Number of values of one image's boundary tensor.
+    pub fn boundary_len(&self) -> usize {
+        self.boundary_shape[1..].iter().product()
+    }
+
+    /// The boundary tensor of one preprocessed image (`[3, H, W]` values), computed by tract.
+    pub fn boundary_of(&self, chw: Vec<f32>) -> Result<Vec<f32>> {
+        let Some(plan) = &self.prefix else {
+            return Ok(chw);
+        };
+        let input = tract_onnx::prelude::Tensor::from_shape(&self.input_shape, &chw)
+            .map_err(CompileError::graph("prefix"))?;
+        let out = plan
+            .run(tvec!(input.into_tvalue()))
+            .map_err(CompileError::graph("prefix"))?;
+        Ok(out[0]
+            .view()
+            .as_slice::<f32>()
+            .map_err(CompileError::graph("prefix"))?
+            .to_vec())
+    }
+
+    /// `[N, D]` features of a batch of boundary tensors (flattened, `N * boundary_len` values):
+    /// the trainable part, then global average pooling when the cut is a feature map.
+    pub fn features(&self, boundary: &Tensor, train: bool) -> Result<Tensor> {
+        let mut shape = self.boundary_shape.clone();
+        shape[0] = boundary.elem_count() / self.boundary_len();
+        let out = self.subgraph.forward(&boundary.reshape(shape)?, train)?;
+        Ok(match out.rank() {
+            4 => out.mean(D::Minus1)?.mean(D::Minus1)?,
+            _ => out.flatten_from(1)?,
+        })
+    }
+}
+
+/// The result of fine-tuning: the backbone with trained weights and the head trained with it.
+pub struct FineTuned {
+    /// The backbone, its trained initializers replaced.
+    pub backbone: Backbone,
+    /// The head, on the fine-tuned backbone's raw features (the initial head itself when no
+    /// epoch of joint training beat it).
+    pub head: TrainedHead,
+    /// What was done, for the manifest.
+    pub info: TransferInfo,
+}
+
+/// A dense head layer as candle variables.
+struct HeadLayer {
+    weight: Var,
+    bias: Var,
+}
+
+/// SGD with heavy-ball momentum: `v = m v + g + wd w`, `w -= lr v`.
+struct SgdMomentum {
+    vars: Vec<Var>,
+    velocity: Vec<Option<Tensor>>,
+    learning_rate: f64,
+    momentum: f64,
+    weight_decay: f64,
+}
+
+impl SgdMomentum {
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        for (var, velocity) in self.vars.iter().zip(self.velocity.iter_mut()) {
+            let Some(grad) = grads.get(var) else {
+                continue;
+            };
+            let grad = (grad + (var.as_tensor() * self.weight_decay)?)?;
+            let v = match velocity.take() {
+                Some(v) => ((v * self.momentum)? + grad)?,
+                None => grad,
+            };
+            var.set(&(var.as_tensor() - (&v * self.learning_rate)?)?)?;
+            *velocity = Some(v);
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer per parameter group (backbone, head), so each has its own learning rate.
+enum GroupOptimizer {
+    AdamW(AdamW),
+    Sgd(SgdMomentum),
+}
+
+impl GroupOptimizer {
+    fn new(
+        kind: OptimizerKind,
+        vars: Vec<Var>,
+        learning_rate: f64,
+        config: &FinetuneConfig,
+    ) -> candle_core::Result<GroupOptimizer> {
+        Ok(match kind {
+            OptimizerKind::AdamW => GroupOptimizer::AdamW(AdamW::new(
+                vars,
+                ParamsAdamW {
+                    lr: learning_rate,
+                    weight_decay: config.weight_decay,
+                    ..ParamsAdamW::default()
+                },
+            )?),
+            OptimizerKind::Sgd => GroupOptimizer::Sgd(SgdMomentum {
+                velocity: vec![None; vars.len()],
+                vars,
+                learning_rate,
+                momentum: config.momentum,
+                weight_decay: config.weight_decay,
+            }),
+        })
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        match self {
+            GroupOptimizer::AdamW(o) => o.set_learning_rate(lr),
+            GroupOptimizer::Sgd(o) => o.learning_rate = lr,
+        }
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        match self {
+            GroupOptimizer::AdamW(o) => o.step(grads),
+            GroupOptimizer::Sgd(o) => o.step(grads),
+        }
+    }
+}
+
+/// Decoded images with their labels; undecodable ones are left out (extraction reports them).
+struct Images {
+    images: Vec<DynamicImage>,
+    labels: Vec<usize>,
+}
+
+fn decode_all(samples: &[Sample], threads: usize, progress: &dyn Progress, what: &str) -> Images {
+    progress.start(what, samples.len());
+    let decoded = par_map(
+        samples,
+        threads,
+        |s| load_image(&s.path).ok(),
+        || progress.advance(),
+    );
+    progress.finish();
+    let mut out = Images {
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
+    for (sample, image) in samples.iter().zip(decoded) {
+        if let Some(image) = image {
+            out.images.push(image);
+            out.labels.push(sample.label);
+        }
+    }
+    out
+}
+
+/// Trains the part of `backbone` above the boundary chosen by `config`, and a head on its
+/// features at tensor `cut`, on `train` images, early-stopping on `val` images. `initial_head`
+/// (the head trained on frozen features) starts the head; without one (from scratch) the head
+/// starts at zero. `on_epoch` is called after every epoch; `ControlFlow::Break` stops with
+/// [`CompileError::Interrupted`].
+#[allow(clippy::too_many_arguments)]
+pub fn finetune(
+    backbone: &Backbone,
+    cut: &str,
+    preprocessing: &Preprocessing,
+    train: &[Sample],
+    val: &[Sample],
+    classes: usize,
+    initial_head: Option<&TrainedHead>,
+    config: &FinetuneConfig,
+    threads: usize,
+    progress: &dyn Progress,
+    on_epoch: &mut dyn FnMut(&EpochRecord) -> ControlFlow<()>,
+) -> Result<FineTuned> {
+    let device = &config.device;
+    let unfreeze = match config.strategy {
+        Strategy::Scratch => Unfreeze::All,
+        _ => config.unfreeze.clone(),
+    };
+    let part = TrainablePart::new(backbone, cut, &unfreeze, device)?;
+    if config.strategy == Strategy::Scratch {
+        part.subgraph.reinitialize(config.seed)?;
+    }
+    let feature_dim = {
+        let probe = Tensor::zeros(part.boundary_len(), DType::F32, device)?;
+        part.features(&probe, false)?.dim(1)?
+    };
+    let head_layers: Vec<HeadLayer> = match initial_head {
+        Some(head) => head
+            .layers
+            .iter()
+            .map(|l| -> Result<HeadLayer> {
+                Ok(HeadLayer {
+                    weight: Var::from_vec(l.weight.clone(), (l.outputs, l.inputs), device)?,
+                    bias: Var::from_vec(l.bias.clone(), l.outputs, device)?,
+                })
+            })
+            .collect::<Result<_>>()?,
+        None => vec![HeadLayer {
+            weight: Var::zeros((classes, feature_dim), DType::F32, device)?,
+            bias: Var::zeros(classes, DType::F32, device)?,
+        }],
+    };
+    let head_kind = initial_head.map_or(HeadKind::Linear, |h| h.kind);
+    let head_forward = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for (i, layer) in head_layers.iter().enumerate() {
+            x = x
+                .matmul(&layer.weight.as_tensor().t()?)?
+                .broadcast_add(layer.bias.as_tensor())?;
+            if i + 1 < head_layers.len() {
+                x = x.relu()?;
+            }
+        }
+        Ok(x)
+    };
+
+    let train_images = decode_all(train, threads, progress, "decoding training images");
+    let val_images = decode_all(val, threads, progress, "decoding validation images");
+    if train_images.images.is_empty() || val_images.images.is_empty() {
+        return Err(CompileError::NotEnoughData(
+            "fine-tuning needs decodable training and validation images".into(),
+        ));
+    }
+    let frozen_outputs = |images: &Images, what: &str, augment: Option<(&Augmentation, u64)>| {
+        progress.start(what, images.images.len());
+        let indices: Vec<usize> = (0..images.images.len()).collect();
+        let rows = par_map(
+            &indices,
+            threads,
+            |&i| {
+                if progress.cancelled() {
+                    return Err(CompileError::Interrupted);
+                }
+                let chw = match augment {
+                    Some((aug, epoch)) => aug.apply(
+                        &images.images[i],
+                        preprocessing,
+                        config.seed,
+                        (epoch << 32) | i as u64,
+                    ),
+                    None => preprocessing.apply(&images.images[i]),
+                };
+                part.boundary_of(chw)
+            },
+            || progress.advance(),
+        );
+        progress.finish();
+        rows.into_iter().collect::<Result<Vec<Vec<f32>>>>()
+    };
+    let val_rows = frozen_outputs(&val_images, "frozen layers (validation)", None)?;
+    let fixed_train_rows = match config.augmentation {
+        None => Some(frozen_outputs(
+            &train_images,
+            "frozen layers (training)",
+            None,
+        )?),
+        Some(_) => None,
+    };
+
+    let class_weights = class_weights(
+        &train_images.labels,
+        classes,
+        config.balance_classes,
+        device,
+    )?;
+    let backbone_vars = part.subgraph.trainable_vars();
+    let head_vars: Vec<Var> = head_layers
+        .iter()
+        .flat_map(|l| [l.weight.clone(), l.bias.clone()])
+        .collect();
+    let mut backbone_optimizer = GroupOptimizer::new(
+        config.optimizer,
+        backbone_vars,
+        config.backbone_learning_rate,
+        config,
+    )?;
+    let mut head_optimizer = GroupOptimizer::new(
+        config.optimizer,
+        head_vars.clone(),
+        config.head_learning_rate,
+        config,
+    )?;
+
+    let batch_tensor = |rows: &[&Vec<f32>]| -> candle_core::Result<Tensor> {
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(flat, rows.len() * part.boundary_len(), device)
+    };
+    let evaluate = || -> Result<(f32, f32)> {
+        let mut loss_sum = 0.0f64;
+        let mut correct = 0usize;
+        for (chunk, labels) in val_rows.chunks(32).zip(val_images.labels.chunks(32)) {
+            let rows: Vec<&Vec<f32>> = chunk.iter().collect();
+            let logits = head_forward(&part.features(&batch_tensor(&rows)?, false)?)?;
+            let y = Tensor::from_vec(
+                labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+                labels.len(),
+                device,
+            )?;
+            loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64
+                * labels.len() as f64;
+            correct += logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as usize;
+        }
+        let n = val_rows.len() as f64;
+        Ok(((loss_sum / n) as f32, (correct as f64 / n) as f32))
+    };
+
+    let mut shuffle = Rng::new(config.seed, "finetune-shuffle");
+    let mut history: Vec<EpochRecord> = Vec::new();
+    let snapshot_head = || {
+        head_vars
+            .iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<candle_core::Result<Vec<_>>>()
+    };
+    // Epoch 0 is the starting point, the head trained on frozen features: joint training is
+    // kept only if it lowers the validation loss below it. Random weights are never kept.
+    let start_loss = match initial_head {
+        Some(_) => evaluate()?.0,
+        None => f32::INFINITY,
+    };
+    let mut best = (
+        start_loss,
+        0usize,
+        part.subgraph.snapshot()?,
+        snapshot_head()?,
+    );
+    let started = Instant::now();
+    let mut images_trained = 0usize;
+    let mut training_seconds = 0.0f64;
+    for epoch in 0..config.epochs {
+        let factor = config.schedule.factor(epoch, config.epochs);
+        backbone_optimizer.set_learning_rate(config.backbone_learning_rate * factor);
+        head_optimizer.set_learning_rate(config.head_learning_rate * factor);
+        let augmented;
+        let train_rows = match (&fixed_train_rows, &config.augmentation) {
+            (Some(rows), _) => rows,
+            (None, Some(aug)) => {
+                augmented = frozen_outputs(
+                    &train_images,
+                    &format!("epoch {}: augmenting + frozen layers", epoch + 1),
+                    Some((aug, epoch as u64)),
+                )?;
+                &augmented
+            }
+            (None, None) => unreachable!("rows are fixed when there is no augmentation"),
+        };
+        let mut order: Vec<usize> = (0..train_rows.len()).collect();
+        shuffle.shuffle(&mut order);
+        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        let step_started = Instant::now();
+        progress.start(&format!("epoch {}: training", epoch + 1), order.len());
+        for batch in order.chunks(config.batch_size.max(1)) {
+            if progress.cancelled() {
+                progress.finish();
+                return Err(CompileError::Interrupted);
+            }
+            let rows: Vec<&Vec<f32>> = batch.iter().map(|&i| &train_rows[i]).collect();
+            let labels: Vec<u32> = batch
+                .iter()
+                .map(|&i| train_images.labels[i] as u32)
+                .collect();
+            let y = Tensor::from_vec(labels, batch.len(), device)?;
+            let logits = head_forward(&part.features(&batch_tensor(&rows)?, true)?)?;
+            let loss = weighted_cross_entropy(&logits, &y, &class_weights)?;
+            let grads = loss.backward()?;
+            backbone_optimizer.step(&grads)?;
+            head_optimizer.step(&grads)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+            correct += logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as usize;
+            for _ in 0..batch.len() {
+                progress.advance();
+            }
+        }
+        progress.finish();
+        training_seconds += step_started.elapsed().as_secs_f64();
+        images_trained += order.len();
+        let (val_loss, val_accuracy) = evaluate()?;
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            train_loss: (loss_sum / order.len() as f64) as f32,
+            train_accuracy: correct as f32 / order.len() as f32,
+            val_loss,
+            val_accuracy,
+        };
+        history.push(record);
+        if val_loss < best.0 {
+            best = (
+                val_loss,
+                epoch + 1,
+                part.subgraph.snapshot()?,
+                snapshot_head()?,
+            );
+        }
+        if on_epoch(&record).is_break() {
+            return Err(CompileError::Interrupted);
+        }
+        if epoch + 1 - best.1 >= config.patience.max(1) {
+            break;
+        }
+    }
+    let (_, best_epoch, backbone_snapshot, head_snapshot) = best;
+    part.subgraph.restore(&backbone_snapshot)?;
+    for (var, value) in head_vars.iter().zip(&head_snapshot) {
+        var.set(value)?;
+    }
+    let layers = head_layers
+        .iter()
+        .map(|l| -> Result<Dense> {
+            let (outputs, inputs) = l.weight.dims2()?;
+            Ok(Dense {
+                weight: l.weight.flatten_all()?.to_vec1()?,
+                bias: l.bias.to_vec1()?,
+                inputs,
+                outputs,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tuned = backbone.with_graph_edit(|graph| part.subgraph.write_back(graph))?;
+    let info = TransferInfo {
+        strategy: config.strategy.to_string(),
+        boundary: part.boundary.clone(),
+        unfrozen_blocks: part.blocks.clone(),
+        trainable_weights: part.subgraph.trainable_weights(),
+        optimizer: config.optimizer.to_string(),
+        backbone_learning_rate: config.backbone_learning_rate,
+        head_learning_rate: config.head_learning_rate,
+        weight_decay: config.weight_decay,
+        schedule: config.schedule.to_string(),
+        batch_size: config.batch_size,
+        augmented: config.augmentation.is_some(),
+        epochs_run: history.len(),
+        best_epoch,
+        history: history.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+        train_images_per_second: images_trained as f64 / training_seconds.max(1e-9),
+    };
+    Ok(FineTuned {
+        backbone: tuned,
+        head: match initial_head {
+            Some(head) if best_epoch == 0 => head.clone(),
+            _ => TrainedHead {
+                kind: head_kind,
+                layers,
+                history,
+                best_epoch,
+            },
+        },
+        info,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_start_at_the_base_rate_and_decay() {
+        assert_eq!(Schedule::Cosine.factor(0, 10), 1.0);
+        assert!((Schedule::Cosine.factor(5, 10) - 0.5).abs() < 1e-12);
+        assert!(Schedule::Cosine.factor(9, 10) < 0.03);
+        assert_eq!(Schedule::Step.factor(3, 9), 0.1);
+        assert!((Schedule::Step.factor(8, 9) - 0.01).abs() < 1e-12);
+        assert_eq!(Schedule::Constant.factor(7, 9), 1.0);
+    }
+
+    #[test]
+    fn options_parse_with_clear_errors() {
+        assert_eq!("3".parse::<Unfreeze>(), Ok(Unfreeze::Blocks(3)));
+        assert_eq!("all".parse::<Unfreeze>(), Ok(Unfreeze::All));
+        assert_eq!(
+            "0".parse::<Unfreeze>().unwrap_err(),
+            "--unfreeze \"0\": expected a number of top blocks (1 or more) or \"all\""
+        );
+        assert_eq!(
+            "lora".parse::<Strategy>().unwrap_err(),
+            "unknown strategy \"lora\": expected head, finetune or scratch"
+        );
+        assert_eq!("sgd".parse::<OptimizerKind>(), Ok(OptimizerKind::Sgd));
+    }
+
+    #[test]
+    fn sgd_momentum_accumulates_velocity() {
+        let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let mut sgd = SgdMomentum {
+            vars: vec![w.clone()],
+            velocity: vec![None],
+            learning_rate: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        };
+        for _ in 0..2 {
+            let loss = (w.as_tensor() * 2.0).unwrap().sum_all().unwrap();
+            sgd.step(&loss.backward().unwrap()).unwrap();
+        }
+        let value = w.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!(
+            (value - (1.0 - 0.2 - 0.1 * (0.9 * 2.0 + 2.0))).abs() < 1e-6,
+            "{value}"
+        );
+    }
+}
