@@ -33,8 +33,9 @@ fn fixture_images() -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// The candle translation of the top blocks, fed by tract's frozen prefix, gives the features
-/// tract computes for the whole cut graph (relative difference <= 1e-4).
+/// The candle translation of the top blocks (or of the whole network), fed by tract's frozen
+/// prefix, gives the features tract computes for the whole cut graph (relative difference
+/// <= 1e-4).
 #[test]
 fn translated_top_blocks_match_tract() {
     let backbone = Backbone::load(&lite0(), None).unwrap();

@@ -22,6 +22,7 @@ use crate::error::{CompileError, Result};
 use crate::rng::Rng;
 
 mod depthwise;
+pub use depthwise::depthwise_conv_cpu;
 
 /// ONNX `TensorProto.DataType` values graft reads.
 const ONNX_FLOAT: i32 = 1;
