@@ -608,7 +608,7 @@ const CASES: &[Case] = &[
     Case {
         name: "unknown head",
         build: |dir| {
-            fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--head", &"svm"]), Expect::ErrorPrefix("error: invalid value 'svm' for '--head <HEAD>': unknown head \"svm\": expected linear or mlp:H".into()))
+            fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--head", &"rbf"]), Expect::ErrorPrefix("error: invalid value 'rbf' for '--head <HEAD>': unknown head \"rbf\": expected linear, logreg, svm or mlp:H".into()))
         },
     },
     Case {

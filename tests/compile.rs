@@ -410,11 +410,11 @@ fn bad_backbones_and_cuts_are_clear_errors() {
         out.stderr
     );
 
-    let bad_head = compile(&lite0(), &["--head", "svm"]).expect_code(1);
+    let bad_head = compile(&lite0(), &["--head", "rbf"]).expect_code(1);
     assert!(
         bad_head
             .stderr
-            .contains("unknown head \"svm\": expected linear or mlp:H"),
+            .contains("unknown head \"rbf\": expected linear, logreg, svm or mlp:H"),
         "{}",
         bad_head.stderr
     );

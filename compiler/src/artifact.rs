@@ -10,7 +10,7 @@ use graft_runtime::artifact::{
 use graft_runtime::Preprocessing;
 
 use crate::cut::CutBackbone;
-use crate::train::{TrainConfig, TrainedHead};
+use crate::train::{HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
 
 /// tract version the compiler is built against (checked against Cargo.lock by a test).
 pub const TRACT_VERSION: &str = "0.23.9";
@@ -34,7 +34,17 @@ impl HeadSummary {
             },
             training: Some(TrainingInfo {
                 seed: config.seed,
-                optimizer: "AdamW".into(),
+                optimizer: match head.kind {
+                    HeadKind::LogReg => format!(
+                        "accelerated gradient descent, L2 {} chosen by {CV_FOLDS}-fold CV",
+                        LAMBDA_PATH[head.best_epoch - 1]
+                    ),
+                    HeadKind::Svm => format!(
+                        "Pegasos, L2 {} chosen by {CV_FOLDS}-fold CV",
+                        LAMBDA_PATH[head.best_epoch - 1]
+                    ),
+                    _ => "AdamW".into(),
+                },
                 learning_rate: config.learning_rate,
                 weight_decay: config.weight_decay,
                 batch_size: config.batch_size,

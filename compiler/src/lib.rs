@@ -18,6 +18,7 @@ pub mod finetune;
 pub mod fold;
 pub mod import;
 pub mod interrupt;
+pub mod linear;
 pub mod pipeline;
 pub mod probe;
 pub mod quantize;

@@ -276,7 +276,9 @@ struct CompileArgs {
     /// features]. A [1,C,H,W] feature map is global-average-pooled.
     #[arg(long, value_name = "TENSOR")]
     cut: Option<String>,
-    /// Head to train: linear (softmax regression) or mlp:H (H hidden units, ReLU, dropout).
+    /// Head to train: linear (softmax regression, AdamW), logreg (logistic regression solved to
+    /// convergence) or svm (one-vs-rest linear SVM), both with the L2 strength chosen by 5-fold
+    /// cross-validation, or mlp:H (H hidden units, ReLU, dropout).
     #[arg(long, default_value = "linear", value_parser = parse_head)]
     head: HeadKind,
     /// Input normalisation: auto (ask the backbone's own classifier which of imagenet, tf, unit

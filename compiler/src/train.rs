@@ -29,13 +29,21 @@ pub enum HeadKind {
         /// Hidden units.
         hidden: usize,
     },
+    /// Multinomial logistic regression solved to convergence, L2 strength chosen by 5-fold
+    /// cross-validation ([`crate::linear`]).
+    LogReg,
+    /// One-vs-rest linear SVM (hinge loss), L2 strength chosen by 5-fold cross-validation.
+    Svm,
 }
 
 impl FromStr for HeadKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "linear" {
-            return Ok(HeadKind::Linear);
+        match s {
+            "linear" => return Ok(HeadKind::Linear),
+            "logreg" => return Ok(HeadKind::LogReg),
+            "svm" => return Ok(HeadKind::Svm),
+            _ => {}
         }
         if let Some(h) = s.strip_prefix("mlp:") {
             return match h.parse::<usize>() {
@@ -46,7 +54,7 @@ impl FromStr for HeadKind {
             };
         }
         Err(format!(
-            "unknown head {s:?}: expected linear or mlp:H (e.g. mlp:256)"
+            "unknown head {s:?}: expected linear, logreg, svm or mlp:H (e.g. mlp:256)"
         ))
     }
 }
@@ -56,6 +64,8 @@ impl fmt::Display for HeadKind {
         match self {
             HeadKind::Linear => write!(f, "linear"),
             HeadKind::Mlp { hidden } => write!(f, "mlp:{hidden}"),
+            HeadKind::LogReg => write!(f, "logreg"),
+            HeadKind::Svm => write!(f, "svm"),
         }
     }
 }
@@ -391,11 +401,22 @@ pub fn train_head(
     };
     let (train_x, train_y) = to_tensors(train)?;
     let (val_x, val_y) = to_tensors(val)?;
+    if matches!(config.head, HeadKind::LogReg | HeadKind::Svm) {
+        return fit_convex_head(
+            config,
+            &standardizer,
+            (train, &train_x, &train_y),
+            (val, &val_x, &val_y),
+            classes,
+            on_epoch,
+        );
+    }
 
     let mut init_rng = Rng::new(config.seed, "head-init");
     let widths: Vec<usize> = match config.head {
         HeadKind::Linear => vec![dim, classes],
         HeadKind::Mlp { hidden } => vec![dim, hidden, classes],
+        HeadKind::LogReg | HeadKind::Svm => unreachable!("fitted by fit_convex_head"),
     };
     let network = Network {
         layers: widths
@@ -467,9 +488,136 @@ pub fn train_head(
     })
 }
 
+/// L2 strengths tried by cross-validation for `logreg` and `svm`.
+pub const LAMBDA_PATH: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+
+/// Folds of the cross-validation that picks the L2 strength.
+pub const CV_FOLDS: usize = 5;
+
+/// `--head logreg|svm`: picks the L2 strength from [`LAMBDA_PATH`] by stratified
+/// [`CV_FOLDS`]-fold cross-validated accuracy on the training rows, then fits all of them. The
+/// history holds one record per strength tried (`epoch` = its position in the path;
+/// `train_accuracy` = its cross-validated accuracy; validation numbers of the final fit in the
+/// chosen one's record only make sense there), and the chosen one is `best_epoch`.
+fn fit_convex_head(
+    config: &TrainConfig,
+    standardizer: &Standardizer,
+    (train, train_x, train_y): (&Features, &Tensor, &Tensor),
+    (_, val_x, val_y): (&Features, &Tensor, &Tensor),
+    classes: usize,
+    on_epoch: &mut dyn FnMut(&EpochRecord) -> ControlFlow<()>,
+) -> Result<TrainedHead> {
+    use crate::linear::{fit_logistic, fit_svm, stratified_folds, LinearModel};
+    let dim = train.dim;
+    let x: Vec<f32> = train_x.flatten_all()?.to_vec1()?;
+    let fit =
+        |rows: &[usize], lambda: f64, iterations: usize| -> candle_core::Result<LinearModel> {
+            let xs: Vec<f32> = rows
+                .iter()
+                .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
+                .collect();
+            let ys: Vec<usize> = rows.iter().map(|&i| train.labels[i]).collect();
+            match config.head {
+                HeadKind::Svm => fit_svm(&xs, dim, &ys, classes, lambda, iterations),
+                _ => fit_logistic(&xs, dim, &ys, classes, lambda, iterations),
+            }
+        };
+    let to_network = |model: &LinearModel| -> candle_core::Result<Network> {
+        Ok(Network {
+            layers: vec![Layer {
+                weight: Var::from_vec(model.weight.clone(), (classes, dim), train_x.device())?,
+                bias: Var::from_vec(model.bias.clone(), classes, train_x.device())?,
+            }],
+            dropout: 0.0,
+        })
+    };
+    let folds = stratified_folds(&train.labels, CV_FOLDS, config.seed);
+    let mut history = Vec::new();
+    let mut best: Option<(f32, usize, f64)> = None;
+    for (k, &lambda) in LAMBDA_PATH.iter().enumerate() {
+        let mut correct = 0usize;
+        for held in &folds {
+            let rest: Vec<usize> = (0..train.rows())
+                .filter(|i| held.binary_search(i).is_err())
+                .collect();
+            let model = fit(&rest, lambda, 300)?;
+            let held_x: Vec<f32> = held
+                .iter()
+                .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
+                .collect();
+            correct += model
+                .predict(&held_x)
+                .iter()
+                .zip(held)
+                .filter(|(p, &i)| **p == train.labels[i])
+                .count();
+        }
+        let cv_accuracy = correct as f32 / train.rows() as f32;
+        let model = fit(&(0..train.rows()).collect::<Vec<_>>(), lambda, 1000)?;
+        let network = to_network(&model)?;
+        let (train_loss, _) = measure(&network, train_x, train_y)?;
+        let (val_loss, val_accuracy) = measure(&network, val_x, val_y)?;
+        let record = EpochRecord {
+            epoch: k + 1,
+            train_loss,
+            train_accuracy: cv_accuracy,
+            val_loss,
+            val_accuracy,
+        };
+        if on_epoch(&record).is_break() {
+            return Err(CompileError::Interrupted);
+        }
+        history.push(record);
+        // Ties go to the stronger regularisation (later in the path): the simpler model.
+        if best.is_none_or(|(a, _, _)| cv_accuracy >= a) {
+            best = Some((cv_accuracy, k + 1, lambda));
+        }
+    }
+    let (_, best_epoch, lambda) = best.expect("the path is not empty");
+    let model = fit(&(0..train.rows()).collect::<Vec<_>>(), lambda, 1000)?;
+    let mut layer = Dense {
+        weight: model.weight,
+        bias: model.bias,
+        inputs: dim,
+        outputs: classes,
+    };
+    standardizer.fold_into(&mut layer);
+    Ok(TrainedHead {
+        kind: config.head,
+        layers: vec![layer],
+        history,
+        best_epoch,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logreg_and_svm_heads_separate_blobs() {
+        for head in [HeadKind::LogReg, HeadKind::Svm] {
+            let config = TrainConfig {
+                head,
+                ..TrainConfig::default()
+            };
+            let trained = train_head(
+                &config,
+                &blobs(60, 1),
+                &blobs(30, 2),
+                3,
+                &Device::Cpu,
+                &mut |_| ControlFlow::Continue(()),
+            )
+            .unwrap();
+            assert_eq!(trained.history.len(), LAMBDA_PATH.len());
+            assert_eq!(
+                trained.predict(&blobs(30, 3)),
+                blobs(30, 3).labels,
+                "{head}"
+            );
+        }
+    }
 
     fn blobs(n: usize, seed: u64) -> Features {
         let mut rng = Rng::new(seed, "blobs");
@@ -598,7 +746,9 @@ mod tests {
             Ok(HeadKind::Mlp { hidden: 64 })
         );
         assert!("mlp:0".parse::<HeadKind>().is_err());
-        assert!("svm".parse::<HeadKind>().is_err());
+        assert_eq!("svm".parse::<HeadKind>(), Ok(HeadKind::Svm));
+        assert_eq!("logreg".parse::<HeadKind>(), Ok(HeadKind::LogReg));
+        assert!("rbf".parse::<HeadKind>().is_err());
         assert_eq!(HeadKind::Mlp { hidden: 7 }.to_string(), "mlp:7");
     }
 }
