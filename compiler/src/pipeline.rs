@@ -27,7 +27,7 @@ use crate::import::Backbone;
 use crate::probe::probe_normalization;
 use crate::quantize::{Precision, QuantizeConfig, METHOD};
 use crate::rng::Rng;
-use crate::train::{train_head, TrainConfig, TrainedHead};
+use crate::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
 
 /// Receives what the pipeline has to say: progress of long loops, messages, epochs.
 pub trait Reporter: Progress {
@@ -395,21 +395,27 @@ fn train_probe_head(
     classes: usize,
     reporter: &dyn Reporter,
 ) -> Result<TrainedHead> {
-    reporter.message(&format!(
-        "train     {} head: AdamW lr {} weight decay {} batch {} up to {} epochs (patience {}), seed {}{}",
-        options.train.head,
-        options.train.learning_rate,
-        options.train.weight_decay,
-        options.train.batch_size,
-        options.train.epochs,
-        options.train.patience,
-        options.train.seed,
-        if options.train.balance_classes {
-            ", classes weighted by inverse frequency"
-        } else {
-            ""
-        }
-    ));
+    let balance = if options.train.balance_classes {
+        ", classes weighted by inverse frequency"
+    } else {
+        ""
+    };
+    reporter.message(&match options.train.head {
+        HeadKind::LogReg | HeadKind::Svm => format!(
+            "train     {} head: L2 strength from {:?} by stratified {CV_FOLDS}-fold cross-validation, seed {}{balance}",
+            options.train.head, LAMBDA_PATH, options.train.seed
+        ),
+        _ => format!(
+            "train     {} head: AdamW lr {} weight decay {} batch {} up to {} epochs (patience {}), seed {}{balance}",
+            options.train.head,
+            options.train.learning_rate,
+            options.train.weight_decay,
+            options.train.batch_size,
+            options.train.epochs,
+            options.train.patience,
+            options.train.seed,
+        ),
+    });
     let head = train_head(
         &options.train,
         train,
