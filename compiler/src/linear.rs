@@ -109,23 +109,12 @@ fn logistic_objective(
 }
 
 /// Multinomial logistic regression with L2 strength `lambda` (bias not penalised) on the
-/// row-major `[rows, dim]` matrix `x`, to a gradient norm below `1e-5` or `max_iterations`.
+/// row-major `[rows, dim]` matrix `x`, to a gradient norm below `1e-5` or `max_iterations`,
+/// computing in `dtype` (F32, or F64 for exact checks).
 pub fn fit_logistic(
     x: &[f32],
     dim: usize,
-    labels: &[usize],
-    classes: usize,
-    lambda: f64,
-    max_iterations: usize,
-) -> candle_core::Result<LinearModel> {
-    fit_logistic_dtype(x, dim, labels, classes, lambda, max_iterations, DType::F32)
-}
-
-fn fit_logistic_dtype(
-    x: &[f32],
-    dim: usize,
-    labels: &[usize],
-    classes: usize,
+    (labels, classes): (&[usize], usize),
     lambda: f64,
     max_iterations: usize,
     dtype: DType,
@@ -254,7 +243,7 @@ mod tests {
         let x = [1.0f32, -1.0];
         let labels = [1usize, 0];
         let lambda = 0.1;
-        let model = fit_logistic_dtype(&x, 1, &labels, 2, lambda, 5000, DType::F64).unwrap();
+        let model = fit_logistic(&x, 1, (&labels, 2), lambda, 5000, DType::F64).unwrap();
         let (w0, w1) = (model.weight[0] as f64, model.weight[1] as f64);
         assert!(
             (w0 + w1).abs() < 1e-4 && model.bias[0].abs() < 1e-4,

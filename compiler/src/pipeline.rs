@@ -386,6 +386,16 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     })
 }
 
+/// Shows an epoch's record; asks training to stop when the user pressed Ctrl-C.
+fn report_epoch(reporter: &dyn Reporter, record: &EpochRecord) -> ControlFlow<()> {
+    reporter.epoch(record);
+    if reporter.cancelled() {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
+    }
+}
+
 /// Trains the head on frozen features (the whole job of `--strategy head`, the first step of
 /// `finetune`).
 fn train_probe_head(
@@ -422,14 +432,7 @@ fn train_probe_head(
         val,
         classes,
         &Device::Cpu,
-        &mut |r| {
-            reporter.epoch(r);
-            if reporter.cancelled() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
+        &mut |r| report_epoch(reporter, r),
     )?;
     let best = *head.best();
     reporter.message(&format!(
@@ -487,14 +490,7 @@ fn finetune_backbone(
         config,
         threads,
         reporter,
-        &mut |r| {
-            reporter.epoch(r);
-            if reporter.cancelled() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
+        &mut |r| report_epoch(reporter, r),
     )?;
     let info = &tuned.info;
     reporter.message(&format!(

@@ -519,7 +519,7 @@ fn fit_convex_head(
             let ys: Vec<usize> = rows.iter().map(|&i| train.labels[i]).collect();
             match config.head {
                 HeadKind::Svm => fit_svm(&xs, dim, &ys, classes, lambda, iterations),
-                _ => fit_logistic(&xs, dim, &ys, classes, lambda, iterations),
+                _ => fit_logistic(&xs, dim, (&ys, classes), lambda, iterations, DType::F32),
             }
         };
     let to_network = |model: &LinearModel| -> candle_core::Result<Network> {

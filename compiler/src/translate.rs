@@ -271,15 +271,8 @@ impl Subgraph {
                     }
                 }
                 ONNX_INT64 => {
-                    let values = if proto.raw_data.is_empty() {
-                        proto.int64_data.clone()
-                    } else {
-                        proto
-                            .raw_data
-                            .chunks_exact(8)
-                            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                            .collect()
-                    };
+                    let values =
+                        little_endian(&proto.raw_data, &proto.int64_data, i64::from_le_bytes);
                     integer_constants.insert(name, values);
                 }
                 other => {
@@ -753,15 +746,7 @@ fn float_values(proto: &pb::TensorProto) -> std::result::Result<Vec<f32>, String
         return Err("weights stored as ONNX external data cannot be trained".into());
     }
     let count: usize = proto.dims.iter().map(|&d| d as usize).product();
-    let values: Vec<f32> = if proto.raw_data.is_empty() {
-        proto.float_data.clone()
-    } else {
-        proto
-            .raw_data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect()
-    };
+    let values = little_endian(&proto.raw_data, &proto.float_data, f32::from_le_bytes);
     if values.len() != count {
         return Err(format!(
             "holds {} values for dims {:?}",
@@ -770,6 +755,20 @@ fn float_values(proto: &pb::TensorProto) -> std::result::Result<Vec<f32>, String
         ));
     }
     Ok(values)
+}
+
+/// A tensor's values: from `raw_data` (little-endian bytes) when present, else the typed field.
+fn little_endian<T: Clone, const N: usize>(
+    raw: &[u8],
+    typed: &[T],
+    from_bytes: fn([u8; N]) -> T,
+) -> Vec<T> {
+    if raw.is_empty() {
+        return typed.to_vec();
+    }
+    raw.chunks_exact(N)
+        .map(|b| from_bytes(b.try_into().expect("chunks of N bytes")))
+        .collect()
 }
 
 fn axis_index(axis: i64, rank: usize) -> usize {

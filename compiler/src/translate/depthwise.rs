@@ -44,6 +44,15 @@ impl Geometry {
         }
     }
 
+    /// Values in one input plane, in one output plane, and kernel taps.
+    fn sizes(&self) -> (usize, usize, usize) {
+        (
+            self.height * self.width,
+            self.out[0] * self.out[1],
+            self.kernel[0] * self.kernel[1],
+        )
+    }
+
     /// Calls `f(tap, input offset in the plane, output offset in the plane)` for every tap and
     /// output position.
     #[inline]
@@ -93,11 +102,7 @@ impl CustomOp2 for Forward {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let g = Geometry::new(l1.dims(), l2.dims(), self.strides, self.dilations);
-        let (plane_in, plane_out, taps) = (
-            g.height * g.width,
-            g.out[0] * g.out[1],
-            g.kernel[0] * g.kernel[1],
-        );
+        let (plane_in, plane_out, taps) = g.sizes();
         let mut y = vec![0f32; g.batch * g.channels * plane_out];
         y.par_chunks_mut(plane_out)
             .enumerate()
@@ -168,11 +173,7 @@ impl CustomOp2 for InputGradient {
             self.strides,
             self.dilations,
         );
-        let (plane_in, plane_out, taps) = (
-            g.height * g.width,
-            g.out[0] * g.out[1],
-            g.kernel[0] * g.kernel[1],
-        );
+        let (plane_in, plane_out, taps) = g.sizes();
         let mut gx = vec![0f32; g.batch * g.channels * plane_in];
         gx.par_chunks_mut(plane_in)
             .enumerate()
@@ -216,11 +217,7 @@ impl CustomOp2 for WeightGradient {
             self.strides,
             self.dilations,
         );
-        let (plane_in, plane_out, taps) = (
-            g.height * g.width,
-            g.out[0] * g.out[1],
-            g.kernel[0] * g.kernel[1],
-        );
+        let (plane_in, plane_out, taps) = g.sizes();
         let mut gw = vec![0f32; g.channels * taps];
         gw.par_chunks_mut(taps).enumerate().for_each(|(c, out)| {
             for n in 0..g.batch {
