@@ -251,6 +251,7 @@ fn run_check_data(
 const COMPILE_EXAMPLES: &str = "Examples:
   graft compile --backbone efficientnet_lite0.onnx --data hymenoptera/ --out bees.graft
   graft compile --backbone b.onnx --data flowers/ --out f.graft --head mlp:256 --normalize tf
+  graft compile --backbone b.onnx --data flowers/ --out f.graft --strategy finetune --unfreeze 2
   graft compile --backbone b.onnx --keep-imagenet-head --labels imagenet.txt --out imagenet.graft
 
 DATA is DIR/<class>/<image> (20 % of each class is held out for validation, seeded) or
