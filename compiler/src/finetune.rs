@@ -30,7 +30,9 @@ use crate::augment::Augmentation;
 use crate::error::{CompileError, Result};
 use crate::import::Backbone;
 use crate::rng::Rng;
-use crate::train::{class_weights, weighted_cross_entropy, Dense, HeadKind, TrainedHead};
+use crate::train::{
+    class_weights, correct_predictions, weighted_cross_entropy, Dense, HeadKind, TrainedHead,
+};
 use crate::translate::Subgraph;
 
 /// What to train.
@@ -615,12 +617,7 @@ pub fn finetune(
             )?;
             loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64
                 * labels.len() as f64;
-            correct += logits
-                .argmax(D::Minus1)?
-                .eq(&y)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as usize;
+            correct += correct_predictions(&logits, &y)?;
         }
         let n = val_rows.len() as f64;
         Ok(((loss_sum / n) as f32, (correct as f64 / n) as f32))
@@ -688,12 +685,7 @@ pub fn finetune(
             backbone_optimizer.step(&grads)?;
             head_optimizer.step(&grads)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-            correct += logits
-                .argmax(D::Minus1)?
-                .eq(&y)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as usize;
+            correct += correct_predictions(&logits, &y)?;
             for _ in 0..batch.len() {
                 progress.advance();
             }

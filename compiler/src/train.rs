@@ -320,13 +320,18 @@ fn apply_dropout(x: &Tensor, p: f32, rng: &mut Rng) -> candle_core::Result<Tenso
 fn measure(network: &Network, x: &Tensor, y: &Tensor) -> candle_core::Result<(f32, f32)> {
     let logits = network.forward(x, None)?;
     let loss = candle_nn::loss::cross_entropy(&logits, y)?.to_scalar::<f32>()?;
-    let predicted = logits.argmax(D::Minus1)?;
-    let correct = predicted
+    let correct = correct_predictions(&logits, y)?;
+    Ok((loss, correct as f32 / y.dim(0)? as f32))
+}
+
+/// Rows of `logits` whose largest value is at the label in `y`.
+pub(crate) fn correct_predictions(logits: &Tensor, y: &Tensor) -> candle_core::Result<usize> {
+    Ok(logits
+        .argmax(D::Minus1)?
         .eq(y)?
         .to_dtype(DType::F32)?
         .sum_all()?
-        .to_scalar::<f32>()?;
-    Ok((loss, correct / y.dim(0)? as f32))
+        .to_scalar::<f32>()? as usize)
 }
 
 /// Loss weight of each class: 1, or with `balance` the inverse frequency
