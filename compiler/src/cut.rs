@@ -50,7 +50,7 @@ impl CutBackbone {
         }
         let features = match cut_shape[..] {
             [1, _] => output,
-            [1, _, h, w] => global_average_pool(&mut model, output, h * w)?,
+            [1, _, h, w] => global_average_pool(&mut model, output, h * w, "graft.pool")?,
             _ => {
                 return Err(invalid(format!(
                 "its shape {cut_shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
@@ -104,21 +104,98 @@ impl CutBackbone {
     }
 }
 
-/// Wires `mean over H, W` of a `[1, C, H, W]` outlet, giving `[1, C]`.
-fn global_average_pool(model: &mut TypedModel, input: OutletId, area: usize) -> Result<OutletId> {
+/// Several cuts of one backbone computed by one graph: one forward pass per image gives the
+/// features of every cut (what `graft advise` compares).
+#[derive(Debug, Clone)]
+pub struct MultiCut {
+    cuts: Vec<(String, Vec<usize>)>,
+    model: TypedModel,
+}
+
+impl MultiCut {
+    /// Cuts `backbone` at every tensor of `cuts` at once; output `k` is the `[1, D]` feature
+    /// vector of `cuts[k]`, pooled as [`Backbone::cut`] pools it.
+    pub fn new(backbone: &Backbone, cuts: &[String]) -> Result<MultiCut> {
+        let mut model = backbone.typed_with_outputs(cuts)?;
+        let outputs = model
+            .output_outlets()
+            .map_err(CompileError::graph("cut"))?
+            .to_vec();
+        let mut features = Vec::new();
+        let mut described = Vec::new();
+        for (k, (&outlet, name)) in outputs.iter().zip(cuts).enumerate() {
+            let fact = model
+                .outlet_fact(outlet)
+                .map_err(CompileError::graph("cut"))?
+                .clone();
+            let invalid = |reason: String| CompileError::InvalidCut {
+                path: backbone.path().to_path_buf(),
+                cut: name.clone(),
+                reason,
+            };
+            let shape: Vec<usize> = fact
+                .shape
+                .as_concrete()
+                .ok_or_else(|| invalid(format!("its shape {:?} is not fixed", fact.shape)))?
+                .to_vec();
+            features.push(match shape[..] {
+                [1, _] => outlet,
+                [1, _, h, w] => {
+                    global_average_pool(&mut model, outlet, h * w, &format!("graft.pool{k}"))?
+                }
+                _ => return Err(invalid(format!(
+                    "its shape {shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
+                ))),
+            });
+            described.push((name.clone(), shape));
+        }
+        model
+            .select_output_outlets(&features)
+            .map_err(CompileError::graph("cut"))?;
+        let model = model
+            .into_decluttered()
+            .map_err(CompileError::graph("cut"))?;
+        model
+            .check_consistency()
+            .map_err(CompileError::graph("cut"))?;
+        Ok(MultiCut {
+            cuts: described,
+            model,
+        })
+    }
+
+    /// The cut tensors with their shapes (before pooling), in output order.
+    pub fn cuts(&self) -> &[(String, Vec<usize>)] {
+        &self.cuts
+    }
+
+    /// The decluttered graph from image to every cut's features.
+    pub fn model(&self) -> &TypedModel {
+        &self.model
+    }
+}
+
+/// Wires `mean over H, W` of a `[1, C, H, W]` outlet, giving `[1, C]`; node names start with
+/// `prefix`.
+fn global_average_pool(
+    model: &mut TypedModel,
+    input: OutletId,
+    area: usize,
+    prefix: &str,
+) -> Result<OutletId> {
     let wire = |model: &mut TypedModel| -> TractResult<OutletId> {
         let sum = model.wire_node(
-            "graft.pool.sum",
+            format!("{prefix}.sum"),
             Reduce::new(tvec![2, 3], Reducer::Sum),
             &[input],
         )?[0];
         let scale = model.add_const(
-            "graft.pool.scale",
+            format!("{prefix}.scale"),
             tensor0(1.0f32 / area as f32).broadcast_into_rank(4)?,
         )?;
-        let mean = model.wire_node("graft.pool.mean", math::mul(), &[sum, scale])?[0];
-        let squeezed = model.wire_node("graft.pool.squeeze_w", AxisOp::Rm(3), &[mean])?[0];
-        Ok(model.wire_node("graft.pool.features", AxisOp::Rm(2), &[squeezed])?[0])
+        let mean = model.wire_node(format!("{prefix}.mean"), math::mul(), &[sum, scale])?[0];
+        let squeezed = model.wire_node(format!("{prefix}.squeeze_w"), AxisOp::Rm(3), &[mean])?[0];
+        Ok(model.wire_node(format!("{prefix}.features"), AxisOp::Rm(2), &[squeezed])?[0])
     };
     wire(model).map_err(CompileError::graph("cut"))
 }

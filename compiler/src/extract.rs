@@ -19,8 +19,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
-use crate::cut::CutBackbone;
+use crate::cut::{CutBackbone, MultiCut};
 use crate::error::{CompileError, Result};
+use crate::import::Backbone;
 
 /// Version of the cache layout and of the feature computation; bump to invalidate old caches.
 const CACHE_VERSION: u32 = 1;
@@ -31,12 +32,13 @@ const CACHE_FILE: &str = "features.bin";
 /// SHA-256 of an image file's content.
 pub type ImageHash = [u8; 32];
 
-/// The optimized frozen graph plus the preprocessing that feeds it.
+/// The optimized frozen graph plus the preprocessing that feeds it. Usually one cut (one
+/// output); for a [`MultiCut`], one output per cut, all computed by one forward pass.
 pub struct FeatureExtractor {
     plan: Arc<TypedSimplePlan>,
     preprocessing: Preprocessing,
     input_shape: Vec<usize>,
-    dim: usize,
+    dims: Vec<usize>,
 }
 
 /// Features of the images that could be decoded, in sample order.
@@ -97,9 +99,35 @@ pub struct Extraction {
 impl FeatureExtractor {
     /// Optimizes the cut graph for this CPU.
     pub fn new(cut: &CutBackbone, preprocessing: &Preprocessing) -> Result<FeatureExtractor> {
-        let input_shape = cut.backbone().input_shape().to_vec();
-        let plan = cut
-            .model()
+        FeatureExtractor::for_graph(
+            cut.model(),
+            cut.backbone().input_shape().to_vec(),
+            vec![cut.feature_dim()],
+            preprocessing,
+        )
+    }
+
+    /// Optimizes the graph of several cuts for this CPU.
+    pub fn for_cuts(
+        cuts: &MultiCut,
+        backbone: &Backbone,
+        preprocessing: &Preprocessing,
+    ) -> Result<FeatureExtractor> {
+        FeatureExtractor::for_graph(
+            cuts.model(),
+            backbone.input_shape().to_vec(),
+            cuts.cuts().iter().map(|(_, shape)| shape[1]).collect(),
+            preprocessing,
+        )
+    }
+
+    fn for_graph(
+        model: &TypedModel,
+        input_shape: Vec<usize>,
+        dims: Vec<usize>,
+        preprocessing: &Preprocessing,
+    ) -> Result<FeatureExtractor> {
+        let plan = model
             .clone()
             .into_optimized()
             .and_then(|m| m.into_runnable())
@@ -108,31 +136,31 @@ impl FeatureExtractor {
             plan,
             preprocessing: preprocessing.clone(),
             input_shape,
-            dim: cut.feature_dim(),
+            dims,
         })
     }
 
-    /// Length of one feature vector.
+    /// Length of one feature vector (of the first output).
     pub fn dim(&self) -> usize {
-        self.dim
+        self.dims[0]
     }
 
-    /// Features of one image file's bytes.
+    /// Features of one image file's bytes (the first output).
     pub fn features_of(&self, bytes: &[u8], path: &Path) -> Result<Vec<f32>> {
+        Ok(self.outputs_of(bytes, path)?.swap_remove(0))
+    }
+
+    /// Features of one image file's bytes, one vector per output.
+    fn outputs_of(&self, bytes: &[u8], path: &Path) -> Result<Vec<Vec<f32>>> {
+        let graph = CompileError::graph("feature extraction");
         let image = decode_image(bytes, path)?;
         let chw = self.preprocessing.apply(&image);
-        let input = Tensor::from_shape(&self.input_shape, &chw)
-            .map_err(CompileError::graph("feature extraction"))?;
-        let out = self
-            .plan
-            .run(tvec!(input.into_tvalue()))
-            .map_err(CompileError::graph("feature extraction"))?;
-        let features = out[0]
-            .view()
-            .as_slice::<f32>()
-            .map_err(CompileError::graph("feature extraction"))?
-            .to_vec();
-        Ok(features)
+        let input = Tensor::from_shape(&self.input_shape, &chw).map_err(&graph)?;
+        let outputs = self.plan.run(tvec!(input.into_tvalue())).map_err(&graph)?;
+        outputs
+            .iter()
+            .map(|out| Ok(out.view().as_slice::<f32>().map_err(&graph)?.to_vec()))
+            .collect()
     }
 
     /// Features for every sample, taken from `cache` when present there and computed otherwise
@@ -146,15 +174,44 @@ impl FeatureExtractor {
         threads: usize,
         progress: &dyn Progress,
     ) -> Result<Extraction> {
+        Ok(self
+            .extract_outputs(samples, &[cache.cloned()], threads, progress)?
+            .swap_remove(0))
+    }
+
+    /// [`Self::extract`] for every output at once, `caches[k]` caching output `k` (all `None`,
+    /// or one per output): an image is computed unless every cache holds it.
+    pub fn extract_outputs(
+        &self,
+        samples: &[Sample],
+        caches: &[Option<FeatureCache>],
+        threads: usize,
+        progress: &dyn Progress,
+    ) -> Result<Vec<Extraction>> {
+        let outputs = self.dims.len();
+        let caching = caches.len() == outputs && caches.iter().all(Option::is_some);
+        let caches: Vec<&FeatureCache> = if caching {
+            caches.iter().flatten().collect()
+        } else {
+            Vec::new()
+        };
         let hashes = par_map(samples, threads, |s| hash_file(&s.path), || {});
-        let cached = cache.map(|c| c.load()).transpose()?.unwrap_or_default();
-        let mut rows: Vec<Option<Result<Vec<f32>>>> = Vec::with_capacity(samples.len());
+        let cached = caches
+            .iter()
+            .map(|c| c.load())
+            .collect::<Result<Vec<CachedFeatures>>>()?;
+        let mut rows: Vec<Option<Result<Vec<Vec<f32>>>>> = Vec::with_capacity(samples.len());
         let mut todo = Vec::new();
         let mut hashes_ok = Vec::with_capacity(samples.len());
         for (i, hash) in hashes.into_iter().enumerate() {
             match hash {
                 Ok(h) => {
-                    match cached.get(&h) {
+                    let hits: Option<Vec<Vec<f32>>> = if caching {
+                        cached.iter().map(|c| c.get(&h)).collect()
+                    } else {
+                        None
+                    };
+                    match hits {
                         Some(f) => rows.push(Some(Ok(f))),
                         None => {
                             rows.push(None);
@@ -180,53 +237,67 @@ impl FeatureExtractor {
                 }
                 let path = &samples[i].path;
                 let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
-                self.features_of(&bytes, path)
+                self.outputs_of(&bytes, path)
             },
             || progress.advance(),
         );
         progress.finish();
-        let mut fresh = Vec::new();
+        let mut fresh: Vec<Vec<(ImageHash, Vec<f32>)>> = vec![Vec::new(); outputs];
         for (&i, result) in todo.iter().zip(computed) {
             if let (Ok(f), Some(h)) = (&result, &hashes_ok[i]) {
-                fresh.push((*h, f.clone()));
+                for (k, features) in f.iter().enumerate() {
+                    fresh[k].push((*h, features.clone()));
+                }
             }
             rows[i] = Some(result);
         }
-        if let Some(cache) = cache {
+        for ((cache, old), fresh) in caches.iter().zip(&cached).zip(&fresh) {
             if !fresh.is_empty() {
-                cache.store(&cached, &fresh)?;
+                cache.store(old, fresh)?;
             }
         }
         if progress.cancelled() {
             return Err(CompileError::Interrupted);
         }
-        let mut extraction = Extraction {
-            features: Features {
-                dim: self.dim,
-                ..Features::default()
-            },
-            cache_hits,
-            computed: fresh.len(),
-            content_hashes: hashes_ok,
-            ..Extraction::default()
-        };
+        let mut extractions: Vec<Extraction> = self
+            .dims
+            .iter()
+            .zip(&fresh)
+            .map(|(&dim, fresh)| Extraction {
+                features: Features {
+                    dim,
+                    ..Features::default()
+                },
+                cache_hits,
+                computed: fresh.len(),
+                content_hashes: hashes_ok.clone(),
+                ..Extraction::default()
+            })
+            .collect();
         for (sample, row) in samples.iter().zip(rows) {
             match row.expect("every row is filled") {
-                Ok(f) => {
-                    extraction.features.data.extend_from_slice(&f);
-                    extraction.features.labels.push(sample.label);
-                    extraction.features.paths.push(sample.path.clone());
+                Ok(per_output) => {
+                    for (extraction, f) in extractions.iter_mut().zip(per_output) {
+                        extraction.features.data.extend_from_slice(&f);
+                        extraction.features.labels.push(sample.label);
+                        extraction.features.paths.push(sample.path.clone());
+                    }
                 }
-                Err(CompileError::Runtime(e)) if e.is_user_error() => extraction
-                    .failures
-                    .push((sample.path.clone(), e.to_string())),
-                Err(e @ CompileError::Io { .. }) => extraction
-                    .failures
-                    .push((sample.path.clone(), e.to_string())),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    let message = match e {
+                        CompileError::Runtime(e) if e.is_user_error() => e.to_string(),
+                        e @ CompileError::Io { .. } => e.to_string(),
+                        e => return Err(e),
+                    };
+                    for extraction in &mut extractions {
+                        extraction
+                            .failures
+                            .push((sample.path.clone(), message.clone()));
+                    }
+                }
             }
         }
-        Ok(extraction)
+        Ok(extractions)
     }
 }
 
@@ -290,10 +361,24 @@ impl FeatureCache {
         cut: &CutBackbone,
         preprocessing: &Preprocessing,
     ) -> Result<FeatureCache> {
+        FeatureCache::for_tensor(
+            root,
+            (cut.backbone(), cut.cut_name(), cut.feature_dim()),
+            preprocessing,
+        )
+    }
+
+    /// The cache for the `dim`-wide features of the backbone cut at tensor `cut`; the same cache
+    /// [`FeatureCache::new`] opens for that cut.
+    pub fn for_tensor(
+        root: &Path,
+        (backbone, cut, dim): (&Backbone, &str, usize),
+        preprocessing: &Preprocessing,
+    ) -> Result<FeatureCache> {
         let key = CacheKey {
             version: CACHE_VERSION,
-            backbone_sha256: cut.backbone().sha256(),
-            cut: cut.cut_name(),
+            backbone_sha256: backbone.sha256(),
+            cut,
             preprocessing,
         };
         let key_json = serde_json::to_string_pretty(&key).expect("key serializes");
@@ -304,10 +389,7 @@ impl FeatureCache {
         if !key_path.exists() {
             graft_runtime::artifact::write_atomic(&key_path, key_json.as_bytes())?;
         }
-        Ok(FeatureCache {
-            dir,
-            dim: cut.feature_dim(),
-        })
+        Ok(FeatureCache { dir, dim })
     }
 
     /// The folder holding this key's features.

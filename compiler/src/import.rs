@@ -288,6 +288,24 @@ impl Backbone {
             .map_err(CompileError::graph("prefix"))
     }
 
+    /// The graph from the image input to the named tensors (its outputs, in that order),
+    /// decluttered.
+    pub(crate) fn typed_with_outputs(&self, tensors: &[String]) -> Result<TypedModel> {
+        let known = self.tensor_names();
+        if let Some(missing) = tensors.iter().find(|t| !known.contains(t)) {
+            return Err(CompileError::InvalidCut {
+                path: self.path.clone(),
+                cut: missing.clone(),
+                reason: "no tensor of that name in the graph".into(),
+            });
+        }
+        self.inference_model()?
+            .with_outputs_by_name(tensors.iter().map(|t| t.as_str()))
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+            .map_err(CompileError::graph("cut"))
+    }
+
     /// The ONNX graph, for translating part of it.
     pub fn onnx_graph(&self) -> &pb::GraphProto {
         self.graph()

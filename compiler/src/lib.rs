@@ -8,6 +8,7 @@
 //! -> [`artifact`] (manifest + graph in one file, read by `graft_runtime`). [`pipeline`] wires
 //! them together; [`check`] looks at a data folder before any of it.
 
+pub mod advise;
 pub mod artifact;
 pub mod augment;
 pub mod check;

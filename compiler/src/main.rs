@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use graft_compiler::advise::advise;
 use graft_compiler::finetune::{FinetuneConfig, OptimizerKind, Schedule, Strategy, Unfreeze};
-use graft_compiler::pipeline::{compile, CompileOptions, CompileReport};
+use graft_compiler::pipeline::{compile, CompileOptions, CompileReport, Reporter};
 use graft_compiler::quantize::Precision;
 use graft_compiler::train::{HeadKind, TrainConfig};
 use graft_compiler::ui::TerminalUi;
@@ -88,6 +89,87 @@ enum Command {
         after_help = "Example:\n  graft inspect-backbone efficientnet_lite0.onnx --json"
     )]
     InspectBackbone(InspectBackboneArgs),
+    /// Measure how well a backbone's features transfer to a dataset and recommend what to
+    /// transfer: cross-validated linear probes at several cuts, the backbone's own classifier's
+    /// confidence on the images, images per class. `graft compile --strategy auto` follows it.
+    #[command(after_help = ADVISE_EXAMPLES)]
+    Advise(AdviseArgs),
+}
+
+const ADVISE_EXAMPLES: &str = "Examples:
+  graft advise --backbone efficientnet_lite0.onnx --data flowers/
+  graft advise --backbone efficientnet_lite0.onnx --data flowers/ --plot probes.svg --json
+
+Only the training images are looked at (DIR/train, or what compile keeps for training after
+holding out --val-fraction), so the validation accuracy of the advised compile stays honest.
+Features of every probed cut go to the feature cache that compile reads.";
+
+#[derive(Args, Debug)]
+struct AdviseArgs {
+    /// ONNX backbone.
+    #[arg(long, value_name = "ONNX")]
+    backbone: PathBuf,
+    /// Labelled images: DIR/<class>/* or DIR/{train,val}/<class>/*.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Input normalisation, as for compile.
+    #[arg(long, default_value = "auto", value_parser = parse_normalization)]
+    normalize: NormalizeChoice,
+    /// Input size HxW, for backbones whose input height and width are dynamic.
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    input_size: Option<[usize; 2]>,
+    /// Seed of the validation hold-out and the cross-validation folds (as for compile).
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    seed: u64,
+    /// Fraction held out for validation when DIR has no val/ split (as for compile).
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f32,
+    /// Feature cache folder [default: as for compile].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Do not read or write the feature cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also write the plot of probe accuracy vs cut depth to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_advise(args: &AdviseArgs, quiet: bool) -> Result<Outcome, Failure> {
+    let ui = TerminalUi::new(quiet);
+    let mut options = CompileOptions::new(&args.backbone, PathBuf::new());
+    options.data = Some(args.data.clone());
+    options.input_size = args.input_size;
+    options.normalization = match &args.normalize {
+        NormalizeChoice::Auto => None,
+        NormalizeChoice::Fixed(n) => Some(n.clone()),
+    };
+    options.train.seed = args.seed;
+    options.val_fraction = args.val_fraction;
+    options.cache_dir = if args.no_cache {
+        None
+    } else {
+        Some(args.cache_dir.clone().unwrap_or_else(default_cache_dir))
+    };
+    options.threads = args.threads.unwrap_or_else(default_threads);
+    let advice = advise(&options, &ui)?;
+    if let Some(plot) = &args.plot {
+        graft_runtime::artifact::write_atomic(plot, advice.plot_svg().as_bytes())?;
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &advice).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", advice.to_text())?;
+    }
+    Ok(Outcome::Complete)
 }
 
 #[derive(Args, Debug)]
@@ -364,10 +446,11 @@ struct CompileArgs {
     #[arg(long)]
     json: bool,
     /// What to train: head (frozen backbone, new head), finetune (the head first, then the top
-    /// --unfreeze blocks and the head together at small learning rates) or scratch (every layer
-    /// from random weights: the no-transfer baseline).
+    /// --unfreeze blocks and the head together at small learning rates), scratch (every layer
+    /// from random weights: the no-transfer baseline), or auto (run `graft advise` first and
+    /// follow it: it sets --cut, --head, --strategy and --unfreeze).
     #[arg(long, default_value = "head", value_parser = parse_strategy, help_heading = "Fine-tuning")]
-    strategy: Strategy,
+    strategy: StrategyChoice,
     /// Blocks to retrain with --strategy finetune: the top N blocks with weights (see graft
     /// inspect-backbone for the graph), or all.
     #[arg(long, default_value = "2", value_parser = parse_unfreeze, value_name = "N|all", help_heading = "Fine-tuning")]
@@ -487,8 +570,20 @@ fn default_cache_dir() -> PathBuf {
     }
 }
 
-fn parse_strategy(s: &str) -> Result<Strategy, String> {
+/// `--strategy`: one of the fixed strategies, or `auto` (follow `graft advise`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum StrategyChoice {
+    Auto,
+    Fixed(Strategy),
+}
+
+fn parse_strategy(s: &str) -> Result<StrategyChoice, String> {
+    if s == "auto" {
+        return Ok(StrategyChoice::Auto);
+    }
     s.parse()
+        .map(StrategyChoice::Fixed)
+        .map_err(|_| format!("unknown strategy {s:?}: expected head, finetune, scratch or auto"))
 }
 
 fn parse_unfreeze(s: &str) -> Result<Unfreeze, String> {
@@ -532,11 +627,12 @@ fn cuda_device() -> Result<candle_core::Device, Failure> {
 impl CompileArgs {
     /// The fine-tuning settings, when --strategy asks for more than a head.
     fn finetune(&self) -> Result<Option<FinetuneConfig>, Failure> {
-        if self.strategy == Strategy::Head {
-            return Ok(None);
-        }
-        let mut config = FinetuneConfig::new(self.strategy);
-        if self.strategy == Strategy::Finetune {
+        let strategy = match self.strategy {
+            StrategyChoice::Fixed(Strategy::Head) | StrategyChoice::Auto => return Ok(None),
+            StrategyChoice::Fixed(strategy) => strategy,
+        };
+        let mut config = FinetuneConfig::new(strategy);
+        if strategy == Strategy::Finetune {
             config.unfreeze = match &self.unfreeze_from {
                 Some(tensor) => Unfreeze::From(tensor.clone()),
                 None => self.unfreeze.clone(),
@@ -697,7 +793,25 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
 
 fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
     let ui = TerminalUi::new(quiet);
-    let report = compile(&args.options()?, &ui)?;
+    let mut options = args.options()?;
+    if args.strategy == StrategyChoice::Auto {
+        if args.cut.is_some() || args.unfreeze_from.is_some() {
+            return Err(Failure {
+                message: "--strategy auto chooses the cut and the blocks to retrain: leave out --cut and --unfreeze-from".into(),
+                code: 1,
+            });
+        }
+        let advice = advise(&options, &ui)?;
+        for reason in &advice.recommendation.reasons {
+            ui.message(&format!("advice    {reason}"));
+        }
+        ui.message(&format!(
+            "advice    compiling with {}",
+            advice.recommendation.flags()
+        ));
+        advice.recommendation.apply(&mut options)?;
+    }
+    let report = compile(&options, &ui)?;
     print_report(&report, &args.out, args.json)?;
     Ok(Outcome::Complete)
 }
@@ -810,6 +924,10 @@ fn main() -> ExitCode {
         }
         Command::CheckData(args) => run_check_data(args, &mut stdout, &ui),
         Command::InspectBackbone(args) => run_inspect_backbone(args, &mut stdout),
+        Command::Advise(args) => {
+            drop(stdout);
+            run_advise(args, quiet)
+        }
     };
     match result {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,

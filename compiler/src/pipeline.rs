@@ -154,20 +154,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         width,
         &backbone.sha256()[..12]
     ));
-    let mut preprocessing = Preprocessing::for_input(
-        height as u32,
-        width as u32,
-        options
-            .normalization
-            .clone()
-            .unwrap_or_else(Normalization::imagenet),
-    );
-    if let Some(r) = options.resize_shorter {
-        preprocessing.resize_shorter = r;
-    }
-    preprocessing.filter = options.filter;
-    preprocessing.channel_order = options.channel_order;
-    preprocessing.validate()?;
+    let mut preprocessing = preprocessing_for(&backbone, options)?;
 
     if options.keep_imagenet_head {
         if options.normalization.is_none() {
@@ -384,6 +371,30 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         extract_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The preprocessing the options ask for (ImageNet statistics until `--normalize auto` has
+/// probed the backbone).
+pub(crate) fn preprocessing_for(
+    backbone: &Backbone,
+    options: &CompileOptions,
+) -> Result<Preprocessing> {
+    let [_, _, height, width] = backbone.input_shape();
+    let mut preprocessing = Preprocessing::for_input(
+        height as u32,
+        width as u32,
+        options
+            .normalization
+            .clone()
+            .unwrap_or_else(Normalization::imagenet),
+    );
+    if let Some(r) = options.resize_shorter {
+        preprocessing.resize_shorter = r;
+    }
+    preprocessing.filter = options.filter;
+    preprocessing.channel_order = options.channel_order;
+    preprocessing.validate()?;
+    Ok(preprocessing)
 }
 
 /// Shows an epoch's record; asks training to stop when the user pressed Ctrl-C.
@@ -650,7 +661,7 @@ fn warn_about_duplicates(
 }
 
 /// `--normalize auto`: ask the backbone's own classifier (see [`crate::probe`]).
-fn choose_normalization(
+pub(crate) fn choose_normalization(
     backbone: &Backbone,
     preprocessing: &Preprocessing,
     samples: &[Sample],
@@ -779,7 +790,7 @@ pub fn read_labels(path: &Path, expected: usize) -> Result<Vec<String>> {
 
 /// Training and validation samples: the folder's validation split, or a stratified, seeded
 /// holdout of `val_fraction` of each class.
-fn split(
+pub(crate) fn split(
     folder: &ImageFolder,
     options: &CompileOptions,
 ) -> Result<(Vec<Sample>, Vec<Sample>, &'static str)> {

@@ -499,6 +499,151 @@ pub const LAMBDA_PATH: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 /// Folds of the cross-validation that picks the L2 strength.
 pub const CV_FOLDS: usize = 5;
 
+/// Cross-validated accuracy of a linear classifier at one L2 strength.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CvScore {
+    /// L2 strength.
+    pub lambda: f64,
+    /// Held-out accuracy over all folds (correct / rows).
+    pub accuracy: f32,
+    /// Held-out accuracy of each fold.
+    pub fold_accuracies: Vec<f32>,
+}
+
+impl CvScore {
+    /// Standard error of the mean of the fold accuracies (0 with fewer than two folds).
+    pub fn standard_error(&self) -> f32 {
+        let k = self.fold_accuracies.len();
+        if k < 2 {
+            return 0.0;
+        }
+        let mean = self.fold_accuracies.iter().sum::<f32>() / k as f32;
+        let var = self
+            .fold_accuracies
+            .iter()
+            .map(|a| (a - mean) * (a - mean))
+            .sum::<f32>()
+            / (k - 1) as f32;
+        (var / k as f32).sqrt()
+    }
+}
+
+/// Stratified `folds`-fold cross-validation of a `logreg` or `svm` head on `features`
+/// (standardized with their own statistics) at every strength of [`LAMBDA_PATH`]; returns the
+/// score at the strength that cross-validates best.
+pub fn cross_validate(
+    kind: HeadKind,
+    features: &Features,
+    classes: usize,
+    folds: usize,
+    seed: u64,
+) -> Result<CvScore> {
+    let x = Standardizer::fit(features).apply(features);
+    let mut path = cross_validation_path(
+        kind,
+        (&x, features.dim),
+        (&features.labels, classes),
+        folds,
+        seed,
+    )?;
+    Ok(path.swap_remove(best_on_path(&path)))
+}
+
+/// The cross-validated score at every strength of [`LAMBDA_PATH`].
+fn cross_validation_path(
+    kind: HeadKind,
+    (x, dim): (&[f32], usize),
+    (labels, classes): (&[usize], usize),
+    folds: usize,
+    seed: u64,
+) -> Result<Vec<CvScore>> {
+    let folds = crate::linear::stratified_folds(labels, folds, seed);
+    // correct[k][f]: rows of fold f predicted right at LAMBDA_PATH[k]. Each fold walks the path
+    // from the strongest regularisation down, warm-starting from the previous solution.
+    let mut correct = vec![vec![0usize; folds.len()]; LAMBDA_PATH.len()];
+    for (f, held) in folds.iter().enumerate() {
+        let rest: Vec<usize> = (0..labels.len())
+            .filter(|i| held.binary_search(i).is_err())
+            .collect();
+        let held_x: Vec<f32> = held
+            .iter()
+            .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        let mut previous = None;
+        for (k, &lambda) in LAMBDA_PATH.iter().enumerate().rev() {
+            let model = fit_linear(
+                kind,
+                (x, dim),
+                (labels, classes),
+                &rest,
+                (lambda, 300),
+                previous.as_ref(),
+            )?;
+            correct[k][f] = model
+                .predict(&held_x)
+                .iter()
+                .zip(held)
+                .filter(|(p, &i)| **p == labels[i])
+                .count();
+            previous = Some(model);
+        }
+    }
+    Ok(LAMBDA_PATH
+        .iter()
+        .zip(&correct)
+        .map(|(&lambda, right)| CvScore {
+            lambda,
+            accuracy: right.iter().sum::<usize>() as f32 / labels.len().max(1) as f32,
+            fold_accuracies: right
+                .iter()
+                .zip(&folds)
+                .map(|(&r, held)| r as f32 / held.len().max(1) as f32)
+                .collect(),
+        })
+        .collect())
+}
+
+/// Index of the best score; ties go to the stronger regularisation (later in the path), the
+/// simpler model.
+fn best_on_path(path: &[CvScore]) -> usize {
+    let mut best = 0;
+    for (k, score) in path.iter().enumerate() {
+        if score.accuracy >= path[best].accuracy {
+            best = k;
+        }
+    }
+    best
+}
+
+/// Fits a `logreg` or `svm` classifier on the given rows of the row-major `x`, with L2
+/// strength `lambda`, for at most `iterations`; logistic regression starts from `start`.
+fn fit_linear(
+    kind: HeadKind,
+    (x, dim): (&[f32], usize),
+    (labels, classes): (&[usize], usize),
+    rows: &[usize],
+    (lambda, iterations): (f64, usize),
+    start: Option<&crate::linear::LinearModel>,
+) -> candle_core::Result<crate::linear::LinearModel> {
+    let xs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
+        .collect();
+    let ys: Vec<usize> = rows.iter().map(|&i| labels[i]).collect();
+    match kind {
+        HeadKind::Svm => crate::linear::fit_svm(&xs, dim, &ys, classes, lambda, iterations),
+        _ => crate::linear::fit_logistic_from(
+            &xs,
+            dim,
+            (&ys, classes),
+            lambda,
+            iterations,
+            DType::F32,
+            start,
+        ),
+    }
+}
+
 /// `--head logreg|svm`: picks the L2 strength from [`LAMBDA_PATH`] by stratified
 /// [`CV_FOLDS`]-fold cross-validated accuracy on the training rows, then fits all of them. The
 /// history holds one record per strength tried (`epoch` = its position in the path;
@@ -512,21 +657,9 @@ fn fit_convex_head(
     classes: usize,
     on_epoch: &mut dyn FnMut(&EpochRecord) -> ControlFlow<()>,
 ) -> Result<TrainedHead> {
-    use crate::linear::{fit_logistic, fit_svm, stratified_folds, LinearModel};
+    use crate::linear::LinearModel;
     let dim = train.dim;
     let x: Vec<f32> = train_x.flatten_all()?.to_vec1()?;
-    let fit =
-        |rows: &[usize], lambda: f64, iterations: usize| -> candle_core::Result<LinearModel> {
-            let xs: Vec<f32> = rows
-                .iter()
-                .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
-                .collect();
-            let ys: Vec<usize> = rows.iter().map(|&i| train.labels[i]).collect();
-            match config.head {
-                HeadKind::Svm => fit_svm(&xs, dim, &ys, classes, lambda, iterations),
-                _ => fit_logistic(&xs, dim, (&ys, classes), lambda, iterations, DType::F32),
-            }
-        };
     let to_network = |model: &LinearModel| -> candle_core::Result<Network> {
         Ok(Network {
             layers: vec![Layer {
@@ -536,36 +669,37 @@ fn fit_convex_head(
             dropout: 0.0,
         })
     };
-    let folds = stratified_folds(&train.labels, CV_FOLDS, config.seed);
+    let path = cross_validation_path(
+        config.head,
+        (&x, dim),
+        (&train.labels, classes),
+        CV_FOLDS,
+        config.seed,
+    )?;
+    // The fit on every training row at each strength, strongest first (warm starts).
+    let all_rows: Vec<usize> = (0..train.rows()).collect();
+    let mut models = Vec::with_capacity(path.len());
+    for score in path.iter().rev() {
+        let model = fit_linear(
+            config.head,
+            (&x, dim),
+            (&train.labels, classes),
+            &all_rows,
+            (score.lambda, 1000),
+            models.last(),
+        )?;
+        models.push(model);
+    }
+    models.reverse();
     let mut history = Vec::new();
-    let mut best: Option<(f32, usize, f64)> = None;
-    for (k, &lambda) in LAMBDA_PATH.iter().enumerate() {
-        let mut correct = 0usize;
-        for held in &folds {
-            let rest: Vec<usize> = (0..train.rows())
-                .filter(|i| held.binary_search(i).is_err())
-                .collect();
-            let model = fit(&rest, lambda, 300)?;
-            let held_x: Vec<f32> = held
-                .iter()
-                .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
-                .collect();
-            correct += model
-                .predict(&held_x)
-                .iter()
-                .zip(held)
-                .filter(|(p, &i)| **p == train.labels[i])
-                .count();
-        }
-        let cv_accuracy = correct as f32 / train.rows() as f32;
-        let model = fit(&(0..train.rows()).collect::<Vec<_>>(), lambda, 1000)?;
-        let network = to_network(&model)?;
+    for (k, (score, model)) in path.iter().zip(&models).enumerate() {
+        let network = to_network(model)?;
         let (train_loss, _) = measure(&network, train_x, train_y)?;
         let (val_loss, val_accuracy) = measure(&network, val_x, val_y)?;
         let record = EpochRecord {
             epoch: k + 1,
             train_loss,
-            train_accuracy: cv_accuracy,
+            train_accuracy: score.accuracy,
             val_loss,
             val_accuracy,
         };
@@ -573,13 +707,9 @@ fn fit_convex_head(
             return Err(CompileError::Interrupted);
         }
         history.push(record);
-        // Ties go to the stronger regularisation (later in the path): the simpler model.
-        if best.is_none_or(|(a, _, _)| cv_accuracy >= a) {
-            best = Some((cv_accuracy, k + 1, lambda));
-        }
     }
-    let (_, best_epoch, lambda) = best.expect("the path is not empty");
-    let model = fit(&(0..train.rows()).collect::<Vec<_>>(), lambda, 1000)?;
+    let chosen = best_on_path(&path);
+    let model = models.swap_remove(chosen);
     let mut layer = Dense {
         weight: model.weight,
         bias: model.bias,
@@ -591,7 +721,7 @@ fn fit_convex_head(
         kind: config.head,
         layers: vec![layer],
         history,
-        best_epoch,
+        best_epoch: chosen + 1,
     })
 }
 
