@@ -143,9 +143,11 @@ impl MultiCut {
                 [1, _, h, w] => {
                     global_average_pool(&mut model, outlet, h * w, &format!("graft.pool{k}"))?
                 }
-                _ => return Err(invalid(format!(
+                _ => {
+                    return Err(invalid(format!(
                     "its shape {shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
-                ))),
+                )))
+                }
             });
             described.push((name.clone(), shape));
         }

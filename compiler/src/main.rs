@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use graft_compiler::advise::advise;
 use graft_compiler::finetune::{FinetuneConfig, OptimizerKind, Schedule, Strategy, Unfreeze};
 use graft_compiler::pipeline::{compile, CompileOptions, CompileReport, Reporter};
@@ -94,6 +94,14 @@ enum Command {
     /// confidence on the images, images per class. `graft compile --strategy auto` follows it.
     #[command(after_help = ADVISE_EXAMPLES)]
     Advise(AdviseArgs),
+    /// Print a shell completion script for graft.
+    #[command(
+        after_help = "Examples:\n  graft completions bash > ~/.local/share/bash-completion/completions/graft\n  graft completions zsh > ~/.zfunc/_graft\n  graft completions fish > ~/.config/fish/completions/graft.fish"
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 const ADVISE_EXAMPLES: &str = "Examples:
@@ -334,6 +342,7 @@ const COMPILE_EXAMPLES: &str = "Examples:
   graft compile --backbone efficientnet_lite0.onnx --data hymenoptera/ --out bees.graft
   graft compile --backbone b.onnx --data flowers/ --out f.graft --head mlp:256 --normalize tf
   graft compile --backbone b.onnx --data flowers/ --out f.graft --strategy finetune --unfreeze 2
+  graft compile --backbone b.onnx --data flowers/ --out f.graft --strategy auto   (see graft advise)
   graft compile --backbone b.onnx --keep-imagenet-head --labels imagenet.txt --out imagenet.graft
 
 DATA is DIR/<class>/<image> (20 % of each class is held out for validation, seeded) or
@@ -927,6 +936,14 @@ fn main() -> ExitCode {
         Command::Advise(args) => {
             drop(stdout);
             run_advise(args, quiet)
+        }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "graft", &mut script);
+            stdout
+                .write_all(&script)
+                .map(|()| Outcome::Complete)
+                .map_err(Into::into)
         }
     };
     match result {

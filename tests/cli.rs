@@ -1,0 +1,60 @@
+//! The `graft` command line itself: every command has help with an example, and completion
+//! scripts cover every command.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn graft() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_graft"))
+}
+
+const COMMANDS: [&str; 11] = [
+    "compile",
+    "predict",
+    "eval",
+    "inspect",
+    "bench",
+    "demo",
+    "check-data",
+    "inspect-backbone",
+    "advise",
+    "completions",
+    "help",
+];
+
+#[test]
+fn every_command_is_listed_and_has_an_example() {
+    let help = run(graft(), &["--help"]).expect_code(0).stdout;
+    for command in COMMANDS {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(command)),
+            "{command} missing from graft --help:\n{help}"
+        );
+    }
+    for command in COMMANDS.iter().filter(|c| !matches!(**c, "help" | "demo")) {
+        let help = run(graft(), &[command, "--help"]).expect_code(0).stdout;
+        assert!(
+            help.contains("Example"),
+            "graft {command} --help has no example:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn completion_scripts_cover_every_command() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = run(graft(), &["completions", shell]).expect_code(0).stdout;
+        for command in COMMANDS {
+            assert!(script.contains(command), "{shell} script lacks {command}");
+        }
+    }
+    let bad = run(graft(), &["completions", "tcsh"]).expect_code(1);
+    assert!(
+        bad.stderr.contains("invalid value 'tcsh' for '<SHELL>'"),
+        "{}",
+        bad.stderr
+    );
+}
