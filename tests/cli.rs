@@ -58,3 +58,53 @@ fn completion_scripts_cover_every_command() {
         bad.stderr
     );
 }
+
+#[test]
+fn verbose_logs_every_stage_with_its_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("v.graft");
+    let out = run(
+        graft(),
+        &[
+            "-vv".as_ref(),
+            "compile".as_ref(),
+            "--backbone".as_ref(),
+            lite0().as_os_str(),
+            "--data".as_ref(),
+            hymenoptera_mini().as_os_str(),
+            "--out".as_ref(),
+            artifact.as_os_str(),
+            "--no-cache".as_ref(),
+            "--no-verify".as_ref(),
+        ],
+    )
+    .expect_code(0);
+    for name in [
+        "import",
+        "cut",
+        "normalize",
+        "extract",
+        "train",
+        "fold",
+        "write",
+    ] {
+        let line = format!("stage{{name=\"{name}\"}}: graft_compiler::pipeline: close time.busy=");
+        assert!(out.stderr.contains(&line), "no {line}\n{}", out.stderr);
+    }
+    assert!(out
+        .stderr
+        .contains("features extracted images=72 cache_hits=0 computed=72 skipped=0"));
+    assert!(
+        out.stderr
+            .contains("DEBUG stage{name=\"train\"}: graft_compiler::pipeline: epoch epoch=1 "),
+        "{}",
+        out.stderr
+    );
+    let both = run(graft(), &["-q", "-v", "inspect", "x.graft"]).expect_code(1);
+    assert!(
+        both.stderr
+            .contains("the argument '--quiet' cannot be used with '--verbose...'"),
+        "{}",
+        both.stderr
+    );
+}

@@ -21,7 +21,9 @@ use crate::error::{CompileError, Result};
 use crate::extract::{FeatureCache, FeatureExtractor, Features};
 use crate::finetune::{FinetuneConfig, Strategy, Unfreeze};
 use crate::import::{Backbone, CutPoint};
-use crate::pipeline::{choose_normalization, preprocessing_for, split, CompileOptions, Reporter};
+use crate::pipeline::{
+    choose_normalization, preprocessing_for, split, stage, CompileOptions, Reporter,
+};
 use crate::train::{cross_validate, CvScore, HeadKind, CV_FOLDS};
 
 /// Cuts shallower than this (fraction of the graph) are not probed: their few generic channels,
@@ -212,8 +214,9 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
             .collect::<Result<Vec<_>>>()?,
         None => Vec::new(),
     };
-    let mut extractions =
-        extractor.extract_outputs(&train_samples, &caches, options.threads, reporter)?;
+    let mut extractions = stage("extract", || {
+        extractor.extract_outputs(&train_samples, &caches, options.threads, reporter)
+    })?;
     let classes = folder.classes.len();
     let similarity = classifier.map(|_| {
         let logits = extractions.pop().expect("one extraction per output");
@@ -224,13 +227,16 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
         if reporter.cancelled() {
             return Err(CompileError::Interrupted);
         }
-        let cv = cross_validate(
-            HeadKind::LogReg,
-            &extraction.features,
-            classes,
-            CV_FOLDS,
-            options.train.seed,
-        )?;
+        let cv = stage("probe", || {
+            cross_validate(
+                HeadKind::LogReg,
+                &extraction.features,
+                classes,
+                CV_FOLDS,
+                options.train.seed,
+            )
+        })?;
+        tracing::info!(cut = %point.tensor, accuracy = cv.accuracy, lambda = cv.lambda, "probed");
         reporter.message(&format!(
             "probe     {:<42} {:>5} features: accuracy {:.4} ± {:.4}",
             point.tensor,

@@ -43,8 +43,12 @@ use graft_runtime::weights::WeightStorage;
 #[command(name = "graft", version, propagate_version = true)]
 struct Cli {
     /// Print nothing but results and errors.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// Also log each pipeline stage (import, cut, extract, train, fold, quantize, verify, write)
+    /// with its duration and numbers on stderr; -vv adds every epoch.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -915,6 +919,19 @@ fn main() -> ExitCode {
         }
     };
     graft_compiler::interrupt::install_handler();
+    if cli.verbose > 0 {
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_max_level(if cli.verbose > 1 {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::INFO
+            })
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .init();
+    }
     let quiet = cli.quiet;
     let ui = TerminalUi::new(quiet);
     let mut stdout = std::io::stdout().lock();

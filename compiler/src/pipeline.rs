@@ -145,7 +145,9 @@ pub struct CompileReport {
 pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<CompileReport> {
     let started = Instant::now();
     check_output_path(&options.out)?;
-    let backbone = Backbone::load(&options.backbone, options.input_size)?;
+    let backbone = stage("import", || {
+        Backbone::load(&options.backbone, options.input_size)
+    })?;
     let [_, _, height, width] = backbone.input_shape();
     reporter.message(&format!(
         "backbone  {} (input {}x{}, sha256 {})",
@@ -171,7 +173,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         Some(c) => c.clone(),
         None => backbone.default_cut()?,
     };
-    let cut = backbone.clone().cut(&cut_name)?;
+    let cut = stage("cut", || backbone.clone().cut(&cut_name))?;
     reporter.message(&format!(
         "cut       at {:?}: features {:?}{}",
         cut.cut_name(),
@@ -203,8 +205,9 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     ));
 
     if options.normalization.is_none() {
-        preprocessing.normalization =
-            choose_normalization(&backbone, &preprocessing, &train_samples, options, reporter)?;
+        preprocessing.normalization = stage("normalize", || {
+            choose_normalization(&backbone, &preprocessing, &train_samples, options, reporter)
+        })?;
     }
 
     let extract_started = Instant::now();
@@ -216,7 +219,16 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         .transpose()?;
     let mut all = train_samples.clone();
     all.extend(val_samples.iter().cloned());
-    let extraction = extractor.extract(&all, cache.as_ref(), options.threads, reporter)?;
+    let extraction = stage("extract", || {
+        extractor.extract(&all, cache.as_ref(), options.threads, reporter)
+    })?;
+    tracing::info!(
+        images = all.len(),
+        cache_hits = extraction.cache_hits,
+        computed = extraction.computed,
+        skipped = extraction.failures.len(),
+        "features extracted"
+    );
     let extract_seconds = extract_started.elapsed().as_secs_f64();
     report_extraction(&extraction, cache.as_ref(), extract_seconds, reporter);
     warn_about_duplicates(
@@ -237,13 +249,9 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let probe_head = if scratch {
         None
     } else {
-        Some(train_probe_head(
-            options,
-            &train,
-            &val,
-            folder.classes.len(),
-            reporter,
-        )?)
+        Some(stage("train", || {
+            train_probe_head(options, &train, &val, folder.classes.len(), reporter)
+        })?)
     };
     let (cut, head, train, val, transfer) = match &options.finetune {
         None => (
@@ -255,17 +263,19 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         ),
         Some(config) => {
             let probe_accuracy = probe_head.as_ref().map(|h| h.best().val_accuracy);
-            let tuned = finetune_backbone(
-                &backbone,
-                &cut_name,
-                &preprocessing,
-                (&train_samples, &val_samples),
-                folder.classes.len(),
-                probe_head.as_ref(),
-                config,
-                options.threads,
-                reporter,
-            )?;
+            let tuned = stage("finetune", || {
+                finetune_backbone(
+                    &backbone,
+                    &cut_name,
+                    &preprocessing,
+                    (&train_samples, &val_samples),
+                    folder.classes.len(),
+                    probe_head.as_ref(),
+                    config,
+                    options.threads,
+                    reporter,
+                )
+            })?;
             let cut = tuned.backbone.clone().cut(&cut_name)?;
             let extractor = FeatureExtractor::new(&cut, &preprocessing)?;
             let tuned_features = extractor.extract(&all, None, options.threads, reporter)?;
@@ -289,13 +299,17 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let summary = HeadSummary::trained(probe_head.as_ref().unwrap_or(&head), &options.train)
         .with_transfer(transfer);
     let mut manifest = manifest_for(&cut, &preprocessing, &folder.classes, &summary);
-    let folded = cut.into_folded(&head.layers)?;
-    let f32_graph = folded.to_nnef()?;
+    let (folded, f32_graph) = stage("fold", || {
+        let folded = cut.into_folded(&head.layers)?;
+        let graph = folded.to_nnef()?;
+        Ok((folded, graph))
+    })?;
     let int8_graph = match options.precision {
         Precision::F32 => None,
         Precision::Int8 => {
-            let (graph, info) =
-                quantize_graph(folded, &train_samples, &preprocessing, options, reporter)?;
+            let (graph, info) = stage("quantize", || {
+                quantize_graph(folded, &train_samples, &preprocessing, options, reporter)
+            })?;
             manifest.quantization = Some(info);
             Some(graph)
         }
@@ -315,7 +329,9 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             .filter(|s| val.paths.contains(&s.path))
             .cloned()
             .collect();
-        let evaluation = run_graph(&manifest, graph, &val_usable, options, reporter)?;
+        let evaluation = stage("verify", || {
+            run_graph(&manifest, graph, &val_usable, options, reporter)
+        })?;
         let accuracy = evaluation.accuracy();
         reporter.message(&format!(
             "verify    artifact run end to end on {} validation images: accuracy {:.4} (head on cached features: {:.4})",
@@ -357,7 +373,10 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     if reporter.cancelled() {
         return Err(CompileError::Interrupted);
     }
-    artifact::write_atomic(&options.out, &bytes)?;
+    stage("write", || {
+        artifact::write_atomic(&options.out, &bytes).map_err(Into::into)
+    })?;
+    tracing::info!(path = %options.out.display(), bytes = bytes.len(), "artifact written");
     let mut skipped = extraction.failures.clone();
     skipped.sort();
     Ok(CompileReport {
@@ -397,8 +416,23 @@ pub(crate) fn preprocessing_for(
     Ok(preprocessing)
 }
 
+/// Runs one stage of the pipeline inside a tracing span named after it (`graft -v` logs each
+/// span's duration when it closes).
+pub(crate) fn stage<T>(name: &'static str, run: impl FnOnce() -> Result<T>) -> Result<T> {
+    let _span = tracing::info_span!("stage", name).entered();
+    run()
+}
+
 /// Shows an epoch's record; asks training to stop when the user pressed Ctrl-C.
 fn report_epoch(reporter: &dyn Reporter, record: &EpochRecord) -> ControlFlow<()> {
+    tracing::debug!(
+        epoch = record.epoch,
+        train_loss = record.train_loss,
+        train_accuracy = record.train_accuracy,
+        val_loss = record.val_loss,
+        val_accuracy = record.val_accuracy,
+        "epoch"
+    );
     reporter.epoch(record);
     if reporter.cancelled() {
         ControlFlow::Break(())
