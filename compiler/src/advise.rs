@@ -24,6 +24,7 @@ use crate::import::{Backbone, CutPoint};
 use crate::pipeline::{
     choose_normalization, preprocessing_for, split, stage, CompileOptions, Reporter,
 };
+use crate::svg::{LineChart, Series};
 use crate::train::{cross_validate, CvScore, HeadKind, CV_FOLDS};
 
 /// Cuts shallower than this (fraction of the graph) are not probed: their few generic channels,
@@ -478,87 +479,58 @@ impl Advice {
         out
     }
 
-    /// A self-contained SVG plot of probe accuracy (with one standard error) against cut depth.
+    /// A self-contained SVG plot of probe accuracy (with one standard error) against cut depth,
+    /// the advised cut in red.
     pub fn plot_svg(&self) -> String {
-        let (w, h) = (640.0, 360.0);
-        let (left, right, top, bottom) = (60.0, 20.0, 40.0, 50.0);
         let lowest = self
             .probes
             .iter()
             .map(|p| p.cv.accuracy - p.cv.standard_error())
             .fold(1.0f32, f32::min);
-        let y_min = ((lowest * 10.0).floor() / 10.0).clamp(0.0, 0.9) as f64;
-        let x = |depth: f32| left + depth as f64 * (w - left - right);
-        let y = |acc: f32| top + (1.0 - (acc as f64 - y_min) / (1.0 - y_min)) * (h - top - bottom);
-        let mut svg = format!(
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
-<rect width="{w}" height="{h}" fill="white"/>
-<text x="{}" y="22" text-anchor="middle" font-size="14">Linear probe accuracy vs cut depth (stratified 5-fold CV)</text>
-"#,
-            w / 2.0
-        );
-        for tenth in (y_min * 10.0).round() as u32..=10 {
-            let tick = tenth as f64 / 10.0;
-            let ty = y(tick as f32);
-            svg.push_str(&format!(
-                "<line x1=\"{left}\" x2=\"{}\" y1=\"{ty:.1}\" y2=\"{ty:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.1}</text>\n",
-                w - right,
-                left - 6.0,
-                ty + 4.0
-            ));
+        LineChart {
+            title: "Linear probe accuracy vs cut depth (stratified 5-fold CV)".into(),
+            x_label: "cut depth (share of the backbone's nodes)".into(),
+            y_label: "accuracy".into(),
+            x_range: (0.0, 1.0),
+            y_range: (((lowest as f64 * 10.0).floor() / 10.0).clamp(0.0, 0.9), 1.0),
+            x_ticks: (0..=4)
+                .map(|q| (q as f64 / 4.0, format!("{}%", q * 25)))
+                .collect(),
+            series: vec![Series {
+                name: "logistic regression".into(),
+                color: "#1f77b4",
+                points: self
+                    .probes
+                    .iter()
+                    .map(|p| (p.depth as f64, p.cv.accuracy as f64))
+                    .collect(),
+                errors: Some(
+                    self.probes
+                        .iter()
+                        .map(|p| p.cv.standard_error() as f64)
+                        .collect(),
+                ),
+                highlight: self
+                    .probes
+                    .iter()
+                    .position(|p| p.tensor == self.recommendation.cut),
+                tooltips: self
+                    .probes
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} ({} features): {:.4} ± {:.4}",
+                            p.tensor,
+                            p.shape[1],
+                            p.cv.accuracy,
+                            p.cv.standard_error()
+                        )
+                    })
+                    .collect(),
+            }],
         }
-        for pct in (0..=100).step_by(25) {
-            let tx = x(pct as f32 / 100.0);
-            svg.push_str(&format!(
-                "<line x1=\"{tx:.1}\" x2=\"{tx:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"#000\"/><text x=\"{tx:.1}\" y=\"{}\" text-anchor=\"middle\">{pct}%</text>\n",
-                h - bottom,
-                h - bottom + 5.0,
-                h - bottom + 18.0
-            ));
-        }
-        svg.push_str(&format!(
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{b}\" y2=\"{b}\" stroke=\"#000\"/><line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{b}\" stroke=\"#000\"/>\n<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">cut depth (share of the backbone's nodes)</text>\n<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">accuracy</text>\n",
-            w - right,
-            (left + w - right) / 2.0,
-            h - 12.0,
-            (top + h - bottom) / 2.0,
-            b = h - bottom,
-        ));
-        let points: Vec<String> = self
-            .probes
-            .iter()
-            .map(|p| format!("{:.1},{:.1}", x(p.depth), y(p.cv.accuracy)))
-            .collect();
-        svg.push_str(&format!(
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n",
-            points.join(" ")
-        ));
-        for p in &self.probes {
-            let (px, se) = (x(p.depth), p.cv.standard_error());
-            let advised = p.tensor == self.recommendation.cut;
-            svg.push_str(&format!(
-                "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#1f77b4\"/><circle cx=\"{px:.1}\" cy=\"{:.1}\" r=\"{}\" fill=\"{}\"><title>{} ({} features): {:.4} ± {:.4}</title></circle>\n",
-                y((p.cv.accuracy + se).min(1.0)),
-                y(p.cv.accuracy - se),
-                y(p.cv.accuracy),
-                if advised { 6 } else { 4 },
-                if advised { "#d62728" } else { "#1f77b4" },
-                xml_escape(&p.tensor),
-                p.shape[1],
-                p.cv.accuracy,
-                se
-            ));
-        }
-        svg.push_str("</svg>\n");
-        svg
+        .to_svg()
     }
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]
@@ -731,7 +703,10 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<circle").count(), 2);
         assert_eq!(svg.matches("#d62728").count(), 1);
-        assert!(svg.contains(">1.0</text>") && svg.contains(">0.5</text>"));
+        assert!(
+            svg.contains(">1</text>") && svg.contains(">0.5</text>"),
+            "{svg}"
+        );
         let text = advice.to_text();
         assert!(text.contains("<- advised"), "{text}");
     }

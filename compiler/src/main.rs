@@ -65,9 +65,9 @@ enum Command {
     Predict(PredictArgs),
     /// Accuracy, per-class precision/recall and confusion matrix on labelled images.
     #[command(
-        after_help = "Example:\n  graft eval model.graft data/   (uses data/val when present)"
+        after_help = "Examples:\n  graft eval model.graft data/   (uses data/val when present)\n  graft eval model.graft data/ --report report/   (then open report/index.html)"
     )]
-    Eval(EvalArgs),
+    Eval(GraftEvalArgs),
     /// Show what an artifact contains: labels, preprocessing, provenance, metrics.
     #[command(after_help = "Example:\n  graft inspect model.graft --json")]
     Inspect(InspectArgs),
@@ -182,6 +182,59 @@ fn run_advise(args: &AdviseArgs, quiet: bool) -> Result<Outcome, Failure> {
         write!(out, "{}", advice.to_text())?;
     }
     Ok(Outcome::Complete)
+}
+
+#[derive(Args, Debug)]
+struct GraftEvalArgs {
+    #[command(flatten)]
+    eval: EvalArgs,
+    /// Also write an HTML report (confusion matrix, per-class precision/recall, misclassified
+    /// images, training curves from the artifact, latency, size) and metrics.json into this
+    /// folder.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+}
+
+fn run_eval(args: &GraftEvalArgs, ui: &TerminalUi) -> Result<Outcome, Failure> {
+    let mut stdout = std::io::stdout().lock();
+    let (outcome, evaluation) = commands::eval_returning(&args.eval, &mut stdout, ui)?;
+    if let Some(dir) = &args.report {
+        let page = write_report(
+            dir,
+            &args.eval.model,
+            &evaluation,
+            format!("{}", args.eval.data.display()),
+        )?;
+        ui.message(&format!("report    {}", page.display()));
+    }
+    Ok(outcome)
+}
+
+/// Writes the report of `artifact` evaluated as `evaluation`, with its latency.
+fn write_report(
+    dir: &Path,
+    artifact: &Path,
+    evaluation: &graft_runtime::eval::Evaluation,
+    evaluated_on: String,
+) -> Result<PathBuf, Failure> {
+    let model = graft_runtime::Model::load(artifact)?;
+    let latency = graft_compiler::report::measure_latency(&model, 20)?;
+    let artifact_bytes = std::fs::metadata(artifact)
+        .map_err(|e| Failure {
+            message: format!("{}: {e}", artifact.display()),
+            code: 1,
+        })?
+        .len();
+    let input = graft_compiler::report::ReportInput {
+        title: format!("graft report: {}", artifact.display()),
+        artifact,
+        artifact_bytes,
+        manifest: model.manifest(),
+        evaluation,
+        evaluated_on,
+        latency: Some(latency),
+    };
+    Ok(graft_compiler::report::write_report(dir, &input)?)
 }
 
 #[derive(Args, Debug)]
@@ -448,6 +501,11 @@ struct CompileArgs {
     /// Skip running the finished artifact on the validation images.
     #[arg(long)]
     no_verify: bool,
+    /// Also write an HTML report (training curves, confusion matrix, per-class
+    /// precision/recall, misclassified images, f32 vs quantized accuracy, latency, size) and
+    /// metrics.json into this folder.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_verify")]
+    report: Option<PathBuf>,
     /// Keep the backbone's own classifier (no training, --data not needed): an artifact of the
     /// unmodified model, for checking the import against the original.
     #[arg(long)]
@@ -825,6 +883,20 @@ fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
         advice.recommendation.apply(&mut options)?;
     }
     let report = compile(&options, &ui)?;
+    if let (Some(dir), Some(evaluation)) = (&args.report, &report.evaluation) {
+        let page = write_report(
+            dir,
+            &args.out,
+            evaluation,
+            match report.manifest.metrics.as_ref() {
+                Some(m) if m.validation_source == "holdout" => {
+                    "validation images held out of the training folder".into()
+                }
+                _ => "the validation split".into(),
+            },
+        )?;
+        ui.message(&format!("report    {}", page.display()));
+    }
     print_report(&report, &args.out, args.json)?;
     Ok(Outcome::Complete)
 }
@@ -941,7 +1013,10 @@ fn main() -> ExitCode {
             run_compile(args, quiet)
         }
         Command::Predict(args) => commands::predict(args, &mut stdout, &ui).map_err(Into::into),
-        Command::Eval(args) => commands::eval(args, &mut stdout, &ui).map_err(Into::into),
+        Command::Eval(args) => {
+            drop(stdout);
+            run_eval(args, &ui)
+        }
         Command::Inspect(args) => commands::inspect(args, &mut stdout).map_err(Into::into),
         Command::Bench(args) => graft_runtime::bench::bench(args, &mut stdout).map_err(Into::into),
         Command::Demo(args) => {

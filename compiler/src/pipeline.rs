@@ -139,6 +139,8 @@ pub struct CompileReport {
     pub extract_seconds: f64,
     /// Wall-clock seconds of the whole compile.
     pub total_seconds: f64,
+    /// The written artifact run end to end on the validation images (`None` without verify).
+    pub evaluation: Option<graft_runtime::eval::Evaluation>,
 }
 
 /// Runs the whole pipeline and writes the artifact.
@@ -323,6 +325,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         val.labels.iter().copied().zip(head.predict(&val)),
     );
     let head_val_accuracy = head_confusion.accuracy();
+    let mut verified = None;
     let (confusion, artifact_val_accuracy) = if options.verify {
         let val_usable: Vec<Sample> = val_samples
             .iter()
@@ -357,7 +360,9 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
                 info.f32_val_accuracy = Some(f32_accuracy);
             }
         }
-        (evaluation.confusion, Some(accuracy))
+        let confusion = evaluation.confusion.clone();
+        verified = Some(evaluation);
+        (confusion, Some(accuracy))
     } else {
         (head_confusion, None)
     };
@@ -389,6 +394,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         artifact_val_accuracy,
         extract_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
+        evaluation: verified,
     })
 }
 
@@ -783,6 +789,7 @@ fn compile_with_own_head(
         artifact_val_accuracy: None,
         extract_seconds: 0.0,
         total_seconds: started.elapsed().as_secs_f64(),
+        evaluation: None,
     })
 }
 

@@ -253,8 +253,8 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     Ok(Outcome::Complete)
 }
 
-/// A deterministic 640x480 colour gradient with some texture.
-fn synthetic_image() -> DynamicImage {
+/// A deterministic 640x480 colour gradient with some texture (what `bench` feeds by default).
+pub fn synthetic_image() -> DynamicImage {
     DynamicImage::ImageRgb8(RgbImage::from_fn(640, 480, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 251) as u8])
     }))

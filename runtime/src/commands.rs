@@ -232,6 +232,15 @@ struct EvalReport<'a> {
 
 /// `eval`: accuracy, per-class precision/recall and the confusion matrix on labelled images.
 pub fn eval(args: &EvalArgs, out: &mut dyn Write, progress: &dyn Progress) -> Result<Outcome> {
+    eval_returning(args, out, progress).map(|(outcome, _)| outcome)
+}
+
+/// [`eval`], also returning the evaluation (for reports).
+pub fn eval_returning(
+    args: &EvalArgs,
+    out: &mut dyn Write,
+    progress: &dyn Progress,
+) -> Result<(Outcome, Evaluation)> {
     let model = Model::load(&args.model)?;
     let evaluation = evaluate_folder(
         &model,
@@ -281,11 +290,12 @@ pub fn eval(args: &EvalArgs, out: &mut dyn Write, progress: &dyn Progress) -> Re
             writeln!(out, "{} images skipped", evaluation.failures.len()).map_err(io)?;
         }
     }
-    Ok(if evaluation.failures.is_empty() {
+    let outcome = if evaluation.failures.is_empty() {
         Outcome::Complete
     } else {
         Outcome::Partial
-    })
+    };
+    Ok((outcome, evaluation))
 }
 
 /// `inspect`: what is inside an artifact.

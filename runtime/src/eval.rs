@@ -153,6 +153,21 @@ pub struct Evaluation {
     pub confusion: ConfusionMatrix,
     /// Images that could not be classified, with the reason.
     pub failures: Vec<(PathBuf, String)>,
+    /// Every misclassified image, in sample order.
+    pub mistakes: Vec<Mistake>,
+}
+
+/// A misclassified image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Mistake {
+    /// The image file.
+    pub path: PathBuf,
+    /// Index of its true label.
+    pub truth: usize,
+    /// Index of the predicted label.
+    pub predicted: usize,
+    /// Softmax probability of the predicted label.
+    pub probability: f32,
 }
 
 impl Evaluation {
@@ -215,15 +230,33 @@ pub fn evaluate(
     let outcomes = par_map(
         samples,
         threads,
-        |s| (!progress.cancelled()).then(|| model.classify_path(&s.path).map(|c| c.top1())),
+        |s| {
+            (!progress.cancelled()).then(|| {
+                model.classify_path(&s.path).map(|c| {
+                    let top = c.top1();
+                    (top, c.probabilities[top])
+                })
+            })
+        },
         || progress.advance(),
     );
     progress.finish();
     let mut confusion = ConfusionMatrix::new(labels.len());
     let mut failures = Vec::new();
+    let mut mistakes = Vec::new();
     for (sample, outcome) in samples.iter().zip(outcomes) {
         match outcome {
-            Some(Ok(predicted)) => confusion.add(sample.label, predicted),
+            Some(Ok((predicted, probability))) => {
+                confusion.add(sample.label, predicted);
+                if predicted != sample.label {
+                    mistakes.push(Mistake {
+                        path: sample.path.clone(),
+                        truth: sample.label,
+                        predicted,
+                        probability,
+                    });
+                }
+            }
             Some(Err(e)) => failures.push((sample.path.clone(), e.to_string())),
             None => {}
         }
@@ -232,6 +265,7 @@ pub fn evaluate(
         labels,
         confusion,
         failures,
+        mistakes,
     }
 }
 

@@ -1,0 +1,173 @@
+//! `--report DIR`: a real compile (Lite0 + the fixture ant/bee photos) writes an offline HTML page
+//! and metrics.json whose numbers equal what the compiler printed; `graft eval --report` on
+//! deliberately mislabelled photos shows every one of them in the misclassified grid.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+use common::*;
+
+fn graft() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_graft"))
+}
+
+#[derive(serde::Deserialize)]
+struct Metrics {
+    images: u64,
+    accuracy: f32,
+    confusion: Vec<Vec<u64>>,
+    head_history: Vec<serde_json::Value>,
+    latency: Option<serde_json::Value>,
+    mistakes: Vec<Mistake>,
+}
+
+#[derive(serde::Deserialize)]
+struct Mistake {
+    truth: String,
+    predicted: String,
+}
+
+fn read_metrics(dir: &Path) -> Metrics {
+    serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap()
+}
+
+/// The `<svg>...</svg>` elements of a page.
+fn svgs(html: &str) -> Vec<&str> {
+    html.match_indices("<svg")
+        .map(|(start, _)| {
+            let end = html[start..].find("</svg>").expect("svg closed") + start;
+            &html[start..end]
+        })
+        .collect()
+}
+
+#[test]
+fn compile_and_eval_reports_show_the_printed_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("bees.graft");
+    let report = dir.path().join("report");
+    let compiled = run(
+        graft(),
+        &[
+            OsStr::new("compile"),
+            OsStr::new("--backbone"),
+            lite0().as_os_str(),
+            OsStr::new("--data"),
+            hymenoptera_mini().as_os_str(),
+            OsStr::new("--out"),
+            artifact.as_os_str(),
+            OsStr::new("--no-cache"),
+            OsStr::new("--report"),
+            report.as_os_str(),
+        ],
+    )
+    .expect_code(0);
+    let printed = compiled
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("validation accuracy "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the compiler prints the validation accuracy")
+        .to_string();
+    assert!(compiled.stderr.contains(&format!(
+        "report    {}",
+        report.join("index.html").display()
+    )));
+    let metrics = read_metrics(&report);
+    assert_eq!(format!("{:.4}", metrics.accuracy), printed);
+    assert_eq!(metrics.images, 24);
+    assert_eq!(metrics.confusion.iter().flatten().sum::<u64>(), 24);
+    assert!(metrics.latency.is_some());
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    assert!(
+        html.contains(&format!("<td>{printed} on 24 images")),
+        "the page shows the printed accuracy"
+    );
+    assert!(
+        !html.contains("src=\"http") && !html.contains("href=") && !html.contains("<script"),
+        "nothing to fetch, nothing to run"
+    );
+    let charts = svgs(&html);
+    assert_eq!(
+        charts.len(),
+        4,
+        "head loss, head accuracy, confusion, per-class"
+    );
+    let epochs = metrics.head_history.len();
+    for chart in &charts[..2] {
+        assert_eq!(
+            chart.matches("<circle").count(),
+            2 * epochs,
+            "train and validation points for each of the {epochs} epochs"
+        );
+    }
+    for (count, cell) in metrics.confusion.iter().flatten().zip(
+        charts[2]
+            .split("</title></rect><text")
+            .skip(1)
+            .map(|rest| rest.split('>').nth(1).unwrap().split('<').next().unwrap()),
+    ) {
+        assert_eq!(cell, count.to_string(), "heat map cells show the counts");
+    }
+    assert_eq!(charts[3].matches("<rect x=").count(), 2 * 2 + 2);
+
+    // The validation photos with their labels swapped: every photo the model gets right is a
+    // mistake here, shown with its image.
+    let swapped = dir.path().join("swapped");
+    for (from, to) in [("ants", "bees"), ("bees", "ants")] {
+        std::fs::create_dir_all(swapped.join(to)).unwrap();
+        for entry in std::fs::read_dir(hymenoptera_mini().join("val").join(from)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, swapped.join(to).join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let eval_report = dir.path().join("eval-report");
+    let evaluated = run(
+        graft(),
+        &[
+            OsStr::new("eval"),
+            artifact.as_os_str(),
+            swapped.as_os_str(),
+            OsStr::new("--report"),
+            eval_report.as_os_str(),
+        ],
+    )
+    .expect_code(0);
+    let metrics = read_metrics(&eval_report);
+    assert!(evaluated
+        .stdout
+        .starts_with(&format!("accuracy {:.4} on 24 images", metrics.accuracy)));
+    let wrong = ((1.0 - metrics.accuracy) * 24.0).round() as usize;
+    assert!(wrong >= 20, "the photos are recognised as what they show");
+    assert_eq!(metrics.mistakes.len(), wrong);
+    assert!(metrics.mistakes.iter().all(|m| m.truth != m.predicted));
+    let html = std::fs::read_to_string(eval_report.join("index.html")).unwrap();
+    assert_eq!(html.matches("<figure").count(), wrong);
+    assert_eq!(html.matches("src=\"data:image/jpeg;base64,").count(), wrong);
+
+    let conflict = run(
+        graft(),
+        &[
+            OsStr::new("compile"),
+            OsStr::new("--backbone"),
+            lite0().as_os_str(),
+            OsStr::new("--data"),
+            hymenoptera_mini().as_os_str(),
+            OsStr::new("--out"),
+            artifact.as_os_str(),
+            OsStr::new("--no-verify"),
+            OsStr::new("--report"),
+            report.as_os_str(),
+        ],
+    )
+    .expect_code(1);
+    assert!(
+        conflict
+            .stderr
+            .contains("the argument '--no-verify' cannot be used with '--report <DIR>'"),
+        "{}",
+        conflict.stderr
+    );
+}
