@@ -1,6 +1,7 @@
 //! `--report DIR`: a real compile (Lite0 + the fixture ant/bee photos) writes an offline HTML page
 //! and metrics.json whose numbers equal what the compiler printed; `graft eval --report` on
-//! deliberately mislabelled photos shows every one of them in the misclassified grid.
+//! deliberately mislabelled photos shows every one of them in the misclassified grid. Both
+//! pages render in headless Chromium without console errors.
 
 mod common;
 
@@ -147,6 +148,10 @@ fn compile_and_eval_reports_show_the_printed_numbers() {
     assert_eq!(html.matches("<figure").count(), wrong);
     assert_eq!(html.matches("src=\"data:image/jpeg;base64,").count(), wrong);
 
+    for page in [report.join("index.html"), eval_report.join("index.html")] {
+        render_in_chromium(&page, &dir.path().join("screenshot.png"));
+    }
+
     let conflict = run(
         graft(),
         &[
@@ -169,5 +174,62 @@ fn compile_and_eval_reports_show_the_printed_numbers() {
             .contains("the argument '--no-verify' cannot be used with '--report <DIR>'"),
         "{}",
         conflict.stderr
+    );
+}
+
+/// Debian's Chromium, or `None` (then the rendering check is skipped with a note, unless
+/// `GRAFT_REQUIRE_BROWSER` is set, as `.ci/run` does after installing it).
+fn chromium() -> Option<&'static str> {
+    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("GRAFT_REQUIRE_BROWSER").is_none(),
+            "GRAFT_REQUIRE_BROWSER is set but Chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!("note: Chromium not installed; the report was not rendered in a browser");
+    }
+    found
+}
+
+/// Renders `page` headless, takes a screenshot, and checks that the page logged nothing to the
+/// console and that the screenshot shows the charts (many non-white pixels).
+fn render_in_chromium(page: &Path, screenshot: &Path) {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1360,2000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", screenshot.display()))
+        .arg(format!("file://{}", page.canonicalize().unwrap().display()))
+        .output()
+        .expect("chromium runs");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chromium failed:\n{log}");
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+    let shot = image::open(screenshot).expect("a PNG screenshot").to_rgb8();
+    let coloured = shot
+        .pixels()
+        .filter(|p| p.0.iter().any(|&c| c < 200))
+        .count();
+    assert!(
+        coloured * 50 > (shot.width() * shot.height()) as usize,
+        "the screenshot is nearly blank ({coloured} non-white pixels)"
     );
 }

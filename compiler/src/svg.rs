@@ -8,7 +8,7 @@ const WIDTH: f64 = 640.0;
 const HEIGHT: f64 = 360.0;
 const LEFT: f64 = 64.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 40.0;
+const TOP: f64 = 52.0;
 const BOTTOM: f64 = 50.0;
 
 /// One line of a [`LineChart`].
@@ -114,17 +114,7 @@ impl LineChart {
                     if highlighted { "#d62728" } else { series.color }
                 );
             }
-            let ly = TOP + 4.0 + 16.0 * k as f64;
-            let _ = writeln!(
-                svg,
-                r#"<rect x="{}" y="{:.1}" width="12" height="4" fill="{}"/><text x="{}" y="{:.1}">{}</text>"#,
-                WIDTH - RIGHT - 150.0,
-                ly,
-                series.color,
-                WIDTH - RIGHT - 134.0,
-                ly + 5.0,
-                escape(&series.name)
-            );
+            svg.push_str(&legend_entry(k, series.color, &series.name));
         }
         svg.push_str("</svg>\n");
         svg
@@ -180,15 +170,7 @@ pub fn bar_chart(
         );
     }
     for (k, (name, color, _)) in sets.iter().enumerate() {
-        let ly = TOP + 4.0 + 16.0 * k as f64;
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{}" y="{ly:.1}" width="12" height="8" fill="{color}"/><text x="{}" y="{:.1}">{}</text>"#,
-            WIDTH - RIGHT - 110.0,
-            WIDTH - RIGHT - 94.0,
-            ly + 8.0,
-            escape(name)
-        );
+        svg.push_str(&legend_entry(k, color, name));
     }
     svg.push_str(&axes());
     svg.push_str("</svg>\n");
@@ -199,8 +181,8 @@ pub fn bar_chart(
 /// shaded by its share of the row and labelled with its count.
 pub fn heat_map(title: &str, labels: &[String], counts: &[Vec<u64>]) -> String {
     let n = labels.len().max(1);
-    let label_width = 110.0;
-    let cell = ((WIDTH - label_width - RIGHT) / n as f64).min(60.0);
+    let label_width = 90.0;
+    let cell = ((WIDTH - label_width - RIGHT) / n as f64).min(90.0);
     let height = TOP + label_width + cell * n as f64 + 10.0;
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">
@@ -277,6 +259,18 @@ fn frame(title: &str, x_label: &str, y_label: &str) -> String {
         escape(x_label),
         (TOP + HEIGHT - BOTTOM) / 2.0,
         escape(y_label)
+    )
+}
+
+/// Legend entry `k`, in a row between the title and the plot.
+fn legend_entry(k: usize, color: &str, name: &str) -> String {
+    let x = LEFT + 170.0 * k as f64;
+    format!(
+        "<rect x=\"{x:.1}\" y=\"{}\" width=\"12\" height=\"8\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>\n",
+        TOP - 12.0,
+        x + 16.0,
+        TOP - 4.0,
+        escape(name)
     )
 }
 
