@@ -13,13 +13,7 @@ fn graft() -> &'static Path {
 }
 
 fn graft_run() -> PathBuf {
-    let path = graft().with_file_name(format!("graft-run{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace` so it is built",
-        path.display()
-    );
-    path
+    graft_run_beside(graft())
 }
 
 /// One compile of the fixtures shared by the tests of this file.

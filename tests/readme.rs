@@ -14,13 +14,7 @@ fn graft() -> &'static Path {
 }
 
 fn graft_run() -> PathBuf {
-    let path = graft().with_file_name(format!("graft-run{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace` so it is built",
-        path.display()
-    );
-    path
+    graft_run_beside(graft())
 }
 
 /// The command lines between the README's `readme-examples` markers.

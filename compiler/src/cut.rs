@@ -33,39 +33,8 @@ impl CutBackbone {
             reason,
         };
         let output = model.output_outlets().map_err(CompileError::graph("cut"))?[0];
-        let fact = model
-            .outlet_fact(output)
-            .map_err(CompileError::graph("cut"))?
-            .clone();
-        let cut_shape: Vec<usize> = fact
-            .shape
-            .as_concrete()
-            .ok_or_else(|| invalid(format!("its shape {:?} is not fixed", fact.shape)))?
-            .to_vec();
-        if fact.datum_type != f32::datum_type() {
-            return Err(invalid(format!(
-                "it holds {:?}, not f32 features",
-                fact.datum_type
-            )));
-        }
-        let features = match cut_shape[..] {
-            [1, _] => output,
-            [1, _, h, w] => global_average_pool(&mut model, output, h * w, "graft.pool")?,
-            _ => {
-                return Err(invalid(format!(
-                "its shape {cut_shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
-            )))
-            }
-        };
-        model
-            .select_output_outlets(&[features])
-            .map_err(CompileError::graph("cut"))?;
-        let model = model
-            .into_decluttered()
-            .map_err(CompileError::graph("cut"))?;
-        model
-            .check_consistency()
-            .map_err(CompileError::graph("cut"))?;
+        let (cut_shape, features) = pooled_features(&mut model, output, "graft.pool", &invalid)?;
+        let model = with_outputs(model, &[features])?;
         Ok(CutBackbone {
             backbone,
             cut,
@@ -124,42 +93,17 @@ impl MultiCut {
         let mut features = Vec::new();
         let mut described = Vec::new();
         for (k, (&outlet, name)) in outputs.iter().zip(cuts).enumerate() {
-            let fact = model
-                .outlet_fact(outlet)
-                .map_err(CompileError::graph("cut"))?
-                .clone();
             let invalid = |reason: String| CompileError::InvalidCut {
                 path: backbone.path().to_path_buf(),
                 cut: name.clone(),
                 reason,
             };
-            let shape: Vec<usize> = fact
-                .shape
-                .as_concrete()
-                .ok_or_else(|| invalid(format!("its shape {:?} is not fixed", fact.shape)))?
-                .to_vec();
-            features.push(match shape[..] {
-                [1, _] => outlet,
-                [1, _, h, w] => {
-                    global_average_pool(&mut model, outlet, h * w, &format!("graft.pool{k}"))?
-                }
-                _ => {
-                    return Err(invalid(format!(
-                    "its shape {shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
-                )))
-                }
-            });
+            let (shape, pooled) =
+                pooled_features(&mut model, outlet, &format!("graft.pool{k}"), &invalid)?;
+            features.push(pooled);
             described.push((name.clone(), shape));
         }
-        model
-            .select_output_outlets(&features)
-            .map_err(CompileError::graph("cut"))?;
-        let model = model
-            .into_decluttered()
-            .map_err(CompileError::graph("cut"))?;
-        model
-            .check_consistency()
-            .map_err(CompileError::graph("cut"))?;
+        let model = with_outputs(model, &features)?;
         Ok(MultiCut {
             cuts: described,
             model,
@@ -175,6 +119,51 @@ impl MultiCut {
     pub fn model(&self) -> &TypedModel {
         &self.model
     }
+}
+
+/// `model` computing just `outputs`, decluttered and checked.
+fn with_outputs(mut model: TypedModel, outputs: &[OutletId]) -> Result<TypedModel> {
+    let graph = CompileError::graph("cut");
+    model.select_output_outlets(outputs).map_err(&graph)?;
+    let model = model.into_decluttered().map_err(&graph)?;
+    model.check_consistency().map_err(&graph)?;
+    Ok(model)
+}
+
+/// Checks that `outlet` holds fixed-shape f32 features, `[1, C]` or `[1, C, H, W]`, and returns
+/// its shape and the `[1, C]` features (global-average-pooled for a map; pool nodes named with
+/// `prefix`).
+fn pooled_features(
+    model: &mut TypedModel,
+    outlet: OutletId,
+    prefix: &str,
+    invalid: &dyn Fn(String) -> CompileError,
+) -> Result<(Vec<usize>, OutletId)> {
+    let fact = model
+        .outlet_fact(outlet)
+        .map_err(CompileError::graph("cut"))?
+        .clone();
+    let shape: Vec<usize> = fact
+        .shape
+        .as_concrete()
+        .ok_or_else(|| invalid(format!("its shape {:?} is not fixed", fact.shape)))?
+        .to_vec();
+    if fact.datum_type != f32::datum_type() {
+        return Err(invalid(format!(
+            "it holds {:?}, not f32 features",
+            fact.datum_type
+        )));
+    }
+    let features = match shape[..] {
+        [1, _] => outlet,
+        [1, _, h, w] => global_average_pool(model, outlet, h * w, prefix)?,
+        _ => {
+            return Err(invalid(format!(
+                "its shape {shape:?} is neither [1, C] features nor a [1, C, H, W] feature map"
+            )))
+        }
+    };
+    Ok((shape, features))
 }
 
 /// Wires `mean over H, W` of a `[1, C, H, W]` outlet, giving `[1, C]`; node names start with

@@ -136,15 +136,8 @@ struct AdviseArgs {
     /// Fraction held out for validation when DIR has no val/ split (as for compile).
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f32,
-    /// Feature cache folder [default: as for compile].
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Do not read or write the feature cache.
-    #[arg(long, conflicts_with = "cache_dir")]
-    no_cache: bool,
-    /// Worker threads [default: all cores].
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    work: WorkArgs,
     /// Also write the plot of probe accuracy vs cut depth to this SVG file.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
@@ -164,12 +157,8 @@ fn run_advise(args: &AdviseArgs, quiet: bool) -> Result<Outcome, Failure> {
     };
     options.train.seed = args.seed;
     options.val_fraction = args.val_fraction;
-    options.cache_dir = if args.no_cache {
-        None
-    } else {
-        Some(args.cache_dir.clone().unwrap_or_else(default_cache_dir))
-    };
-    options.threads = args.threads.unwrap_or_else(default_threads);
+    options.cache_dir = args.work.cache_dir();
+    options.threads = args.work.threads();
     let advice = advise(&options, &ui)?;
     if let Some(plot) = &args.plot {
         graft_runtime::artifact::write_atomic(plot, advice.plot_svg().as_bytes())?;
@@ -475,16 +464,8 @@ struct CompileArgs {
     /// Fraction of each class held out for validation when DIR has no val split.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f32,
-    /// Feature cache folder [default: $GRAFT_CACHE_DIR, else $XDG_CACHE_HOME/graft, else
-    /// ~/.cache/graft].
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Do not read or write the feature cache.
-    #[arg(long, conflicts_with = "cache_dir")]
-    no_cache: bool,
-    /// Worker threads for feature extraction and verification [default: all cores].
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    work: WorkArgs,
     /// Graph precision: f32, or int8 (convolutions and 1x1 products quantized after training,
     /// activation ranges calibrated on training images; the artifact records the validation
     /// accuracy of both). See docs/PERFORMANCE.md for int8 speed on your CPU.
@@ -628,6 +609,35 @@ fn parse_weights(s: &str) -> Result<WeightStorage, String> {
     s.parse()
 }
 
+/// Feature cache and worker threads, shared by compile and advise.
+#[derive(Args, Debug)]
+struct WorkArgs {
+    /// Feature cache folder [default: $GRAFT_CACHE_DIR, else $XDG_CACHE_HOME/graft, else
+    /// ~/.cache/graft].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Do not read or write the feature cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+    /// Worker threads for feature extraction and evaluation [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl WorkArgs {
+    fn cache_dir(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            None
+        } else {
+            Some(self.cache_dir.clone().unwrap_or_else(default_cache_dir))
+        }
+    }
+
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(default_threads)
+    }
+}
+
 fn default_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
         return dir.into();
@@ -767,12 +777,8 @@ impl CompileArgs {
                 balance_classes: self.class_weights == "auto",
             },
             val_fraction: self.val_fraction,
-            cache_dir: if self.no_cache {
-                None
-            } else {
-                Some(self.cache_dir.clone().unwrap_or_else(default_cache_dir))
-            },
-            threads: self.threads.unwrap_or_else(default_threads),
+            cache_dir: self.work.cache_dir(),
+            threads: self.work.threads(),
             verify: !self.no_verify,
             precision: self.precision,
             calibration_images: self.calibration_images,

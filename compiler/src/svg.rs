@@ -55,17 +55,7 @@ impl LineChart {
         let x = |v: f64| LEFT + (v - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT);
         let y = |v: f64| TOP + (1.0 - (v - y0) / (y1 - y0)) * (HEIGHT - TOP - BOTTOM);
         let mut svg = frame(&self.title, &self.x_label, &self.y_label);
-        for tick in ticks(y0, y1) {
-            let ty = y(tick);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{LEFT}" x2="{}" y1="{ty:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-                WIDTH - RIGHT,
-                LEFT - 6.0,
-                ty + 4.0,
-                tick_label(tick)
-            );
-        }
+        svg.push_str(&grid(y0, y1, y));
         for (value, label) in &self.x_ticks {
             let tx = x(*value);
             let _ = writeln!(
@@ -133,17 +123,7 @@ pub fn bar_chart(
     let (y0, y1) = widen(y_range);
     let y = |v: f64| TOP + (1.0 - (v - y0) / (y1 - y0)) * (HEIGHT - TOP - BOTTOM);
     let mut svg = frame(title, "", y_label);
-    for tick in ticks(y0, y1) {
-        let ty = y(tick);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{}" y1="{ty:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            WIDTH - RIGHT,
-            LEFT - 6.0,
-            ty + 4.0,
-            tick_label(tick)
-        );
-    }
+    svg.push_str(&grid(y0, y1, y));
     let slot = (WIDTH - LEFT - RIGHT) / categories.len().max(1) as f64;
     let bar = slot * 0.8 / sets.len().max(1) as f64;
     for (c, category) in categories.iter().enumerate() {
@@ -260,6 +240,23 @@ fn frame(title: &str, x_label: &str, y_label: &str) -> String {
         (TOP + HEIGHT - BOTTOM) / 2.0,
         escape(y_label)
     )
+}
+
+/// Horizontal grid lines with their labels at round values of `[y0, y1]`, placed by `y`.
+fn grid(y0: f64, y1: f64, y: impl Fn(f64) -> f64) -> String {
+    let mut svg = String::new();
+    for tick in ticks(y0, y1) {
+        let ty = y(tick);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{}" y1="{ty:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            WIDTH - RIGHT,
+            LEFT - 6.0,
+            ty + 4.0,
+            tick_label(tick)
+        );
+    }
+    svg
 }
 
 /// Legend entry `k`, in a row between the title and the plot.

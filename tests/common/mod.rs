@@ -78,3 +78,14 @@ macro_rules! args {
         &[$(::std::ffi::OsStr::new(&$a)),*]
     };
 }
+
+/// The `graft-run` binary built beside `graft` (the tests run with `cargo test --workspace`).
+pub fn graft_run_beside(graft: &Path) -> PathBuf {
+    let path = graft.with_file_name(format!("graft-run{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` so it is built",
+        path.display()
+    );
+    path
+}
