@@ -224,6 +224,7 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
         similarity(&logits.features)
     });
     let mut scored = Vec::new();
+    reporter.start("cross-validating probes", probes.len());
     for (point, extraction) in probes.into_iter().zip(&extractions) {
         if reporter.cancelled() {
             return Err(CompileError::Interrupted);
@@ -252,7 +253,9 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
             depth: point.depth,
             cv,
         });
+        reporter.advance();
     }
+    reporter.finish();
     let train_per_class = graft_runtime::dataset::counts(&train_samples, classes);
     let recommendation = recommend(&scored, similarity.as_ref(), &train_per_class);
     Ok(Advice {
