@@ -84,22 +84,23 @@ fn advise_probes_each_stage_and_compile_auto_follows_it_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let plot = dir.path().join("probes.svg");
-    let out = run(
-        graft(),
-        &[
+    let advise = |extra: &[&OsStr]| {
+        let backbone = lite0();
+        let data = hymenoptera_mini();
+        let mut args = vec![
             OsStr::new("advise"),
             OsStr::new("--backbone"),
-            lite0().as_os_str(),
+            backbone.as_os_str(),
             OsStr::new("--data"),
-            hymenoptera_mini().as_os_str(),
+            data.as_os_str(),
             OsStr::new("--cache-dir"),
             cache.as_os_str(),
-            OsStr::new("--plot"),
-            plot.as_os_str(),
-            OsStr::new("--json"),
-        ],
-    )
-    .expect_code(0);
+        ];
+        args.extend_from_slice(extra);
+        run(graft(), &args)
+    };
+    let out =
+        advise(&[OsStr::new("--plot"), plot.as_os_str(), OsStr::new("--json")]).expect_code(0);
     let advice: Advice = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(advice.train_per_class, [24, 24]);
     let tensors: Vec<&str> = advice.probes.iter().map(|p| p.tensor.as_str()).collect();
@@ -148,19 +149,7 @@ fn advise_probes_each_stage_and_compile_auto_follows_it_from_the_cache() {
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert_eq!(svg.matches("<circle").count(), 4, "{svg}");
 
-    let text = run(
-        graft(),
-        &[
-            OsStr::new("advise"),
-            OsStr::new("--backbone"),
-            lite0().as_os_str(),
-            OsStr::new("--data"),
-            hymenoptera_mini().as_os_str(),
-            OsStr::new("--cache-dir"),
-            cache.as_os_str(),
-        ],
-    )
-    .expect_code(0);
+    let text = advise(&[]).expect_code(0);
     assert!(
         text.stdout
             .contains("advice      head: graft compile ... --cut features --head logreg"),
@@ -170,12 +159,14 @@ fn advise_probes_each_stage_and_compile_auto_follows_it_from_the_cache() {
 
     let artifact = dir.path().join("auto.graft");
     let compile = |extra: &[&OsStr]| {
+        let backbone = lite0();
+        let data = hymenoptera_mini();
         let mut args = vec![
             OsStr::new("compile"),
             OsStr::new("--backbone"),
-            lite0().into_os_string().leak(),
+            backbone.as_os_str(),
             OsStr::new("--data"),
-            hymenoptera_mini().into_os_string().leak(),
+            data.as_os_str(),
             OsStr::new("--out"),
             artifact.as_os_str(),
             OsStr::new("--cache-dir"),

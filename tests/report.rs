@@ -49,22 +49,23 @@ fn compile_and_eval_reports_show_the_printed_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let artifact = dir.path().join("bees.graft");
     let report = dir.path().join("report");
-    let compiled = run(
-        graft(),
-        &[
+    let compile = |extra: &[&OsStr]| {
+        let backbone = lite0();
+        let data = hymenoptera_mini();
+        let mut args = vec![
             OsStr::new("compile"),
             OsStr::new("--backbone"),
-            lite0().as_os_str(),
+            backbone.as_os_str(),
             OsStr::new("--data"),
-            hymenoptera_mini().as_os_str(),
+            data.as_os_str(),
             OsStr::new("--out"),
             artifact.as_os_str(),
-            OsStr::new("--no-cache"),
-            OsStr::new("--report"),
-            report.as_os_str(),
-        ],
-    )
-    .expect_code(0);
+        ];
+        args.extend_from_slice(extra);
+        args.extend([OsStr::new("--report"), report.as_os_str()]);
+        run(graft(), &args)
+    };
+    let compiled = compile(&[OsStr::new("--no-cache")]).expect_code(0);
     let printed = compiled
         .stdout
         .lines()
@@ -152,22 +153,7 @@ fn compile_and_eval_reports_show_the_printed_numbers() {
         render_in_chromium(&page, &dir.path().join("screenshot.png"));
     }
 
-    let conflict = run(
-        graft(),
-        &[
-            OsStr::new("compile"),
-            OsStr::new("--backbone"),
-            lite0().as_os_str(),
-            OsStr::new("--data"),
-            hymenoptera_mini().as_os_str(),
-            OsStr::new("--out"),
-            artifact.as_os_str(),
-            OsStr::new("--no-verify"),
-            OsStr::new("--report"),
-            report.as_os_str(),
-        ],
-    )
-    .expect_code(1);
+    let conflict = compile(&[OsStr::new("--no-verify")]).expect_code(1);
     assert!(
         conflict
             .stderr

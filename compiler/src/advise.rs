@@ -24,7 +24,7 @@ use crate::import::{Backbone, CutPoint};
 use crate::pipeline::{
     choose_normalization, preprocessing_for, split, stage, CompileOptions, Reporter,
 };
-use crate::svg::{LineChart, Series};
+use crate::svg::{accuracy_range, LineChart, Series};
 use crate::train::{cross_validate, CvScore, HeadKind, CV_FOLDS};
 
 /// Cuts shallower than this (fraction of the graph) are not probed: their few generic channels,
@@ -495,7 +495,7 @@ impl Advice {
             x_label: "cut depth (share of the backbone's nodes)".into(),
             y_label: "accuracy".into(),
             x_range: (0.0, 1.0),
-            y_range: (((lowest as f64 * 10.0).floor() / 10.0).clamp(0.0, 0.9), 1.0),
+            y_range: accuracy_range(lowest as f64),
             x_ticks: (0..=4)
                 .map(|q| (q as f64 / 4.0, format!("{}%", q * 25)))
                 .collect(),

@@ -289,21 +289,35 @@ impl Backbone {
     }
 
     /// The graph from the image input to the named tensors (its outputs, in that order),
-    /// decluttered.
+    /// decluttered. A name that is not a tensor of the graph, or a graph tract cannot analyse
+    /// up to it, is an [`CompileError::InvalidCut`].
     pub(crate) fn typed_with_outputs(&self, tensors: &[String]) -> Result<TypedModel> {
+        let invalid_cut = |reason: String| CompileError::InvalidCut {
+            path: self.path.clone(),
+            cut: tensors.join(", "),
+            reason,
+        };
         let known = self.tensor_names();
         if let Some(missing) = tensors.iter().find(|t| !known.contains(t)) {
+            let hint = known
+                .iter()
+                .rev()
+                .take(8)
+                .rev()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(CompileError::InvalidCut {
                 path: self.path.clone(),
                 cut: missing.clone(),
-                reason: "no tensor of that name in the graph".into(),
+                reason: format!("no tensor of that name in the graph (the last ones are: {hint})"),
             });
         }
         self.inference_model()?
             .with_outputs_by_name(tensors.iter().map(|t| t.as_str()))
             .and_then(|m| m.into_typed())
             .and_then(|m| m.into_decluttered())
-            .map_err(CompileError::graph("cut"))
+            .map_err(|e| invalid_cut(format!("tract cannot analyse the graph up to it: {e:#}")))
     }
 
     /// The ONNX graph, for translating part of it.
@@ -369,31 +383,7 @@ impl Backbone {
     /// Cuts the graph at tensor `cut`: the result computes that tensor from the image input
     /// (globally average-pooled to `[1, C]` when it is a `[1, C, H, W]` feature map).
     pub fn cut(self, cut: &str) -> Result<CutBackbone> {
-        let invalid_cut = |reason: String| CompileError::InvalidCut {
-            path: self.path.clone(),
-            cut: cut.to_string(),
-            reason,
-        };
-        let tensors = self.tensor_names();
-        if !tensors.iter().any(|t| t == cut) {
-            let hint = tensors
-                .iter()
-                .rev()
-                .take(8)
-                .rev()
-                .map(|t| t.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(invalid_cut(format!(
-                "no tensor of that name in the graph (the last ones are: {hint})"
-            )));
-        }
-        let typed = self
-            .inference_model()?
-            .with_outputs_by_name([cut])
-            .and_then(|m| m.into_typed())
-            .and_then(|m| m.into_decluttered())
-            .map_err(|e| invalid_cut(format!("tract cannot analyse the graph up to it: {e:#}")))?;
+        let typed = self.typed_with_outputs(&[cut.to_string()])?;
         CutBackbone::new(self, cut.to_string(), typed)
     }
 }

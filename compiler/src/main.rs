@@ -151,10 +151,7 @@ fn run_advise(args: &AdviseArgs, quiet: bool) -> Result<Outcome, Failure> {
     let mut options = CompileOptions::new(&args.backbone, PathBuf::new());
     options.data = Some(args.data.clone());
     options.input_size = args.input_size;
-    options.normalization = match &args.normalize {
-        NormalizeChoice::Auto => None,
-        NormalizeChoice::Fixed(n) => Some(n.clone()),
-    };
+    options.normalization = args.normalize.normalization();
     options.train.seed = args.seed;
     options.val_fraction = args.val_fraction;
     options.cache_dir = args.work.cache_dir();
@@ -579,6 +576,16 @@ enum NormalizeChoice {
     Fixed(Normalization),
 }
 
+impl NormalizeChoice {
+    /// The fixed normalisation, or `None` for `auto` (the compiler probes the backbone).
+    fn normalization(&self) -> Option<Normalization> {
+        match self {
+            NormalizeChoice::Auto => None,
+            NormalizeChoice::Fixed(n) => Some(n.clone()),
+        }
+    }
+}
+
 fn parse_normalization(s: &str) -> Result<NormalizeChoice, String> {
     match s {
         "auto" => Ok(NormalizeChoice::Auto),
@@ -754,10 +761,7 @@ impl CompileArgs {
             keep_imagenet_head: self.keep_imagenet_head,
             labels_file: self.labels.clone(),
             input_size: self.input_size,
-            normalization: match &self.normalize {
-                NormalizeChoice::Auto => None,
-                NormalizeChoice::Fixed(n) => Some(n.clone()),
-            },
+            normalization: self.normalize.normalization(),
             resize_shorter: self.resize,
             filter: self.filter,
             channel_order: if self.bgr {

@@ -325,8 +325,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         val.labels.iter().copied().zip(head.predict(&val)),
     );
     let head_val_accuracy = head_confusion.accuracy();
-    let mut verified = None;
-    let (confusion, artifact_val_accuracy) = if options.verify {
+    let verified = if options.verify {
         let val_usable: Vec<Sample> = val_samples
             .iter()
             .filter(|s| val.paths.contains(&s.path))
@@ -360,12 +359,14 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
                 info.f32_val_accuracy = Some(f32_accuracy);
             }
         }
-        let confusion = evaluation.confusion.clone();
-        verified = Some(evaluation);
-        (confusion, Some(accuracy))
+        Some(evaluation)
     } else {
-        (head_confusion, None)
+        None
     };
+    let artifact_val_accuracy = verified.as_ref().map(|e| e.accuracy());
+    let confusion = verified
+        .as_ref()
+        .map_or(head_confusion, |e| e.confusion.clone());
     manifest.metrics = Some(Metrics {
         validation_source: validation_source.to_string(),
         train_images: train.rows(),

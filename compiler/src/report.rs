@@ -17,7 +17,7 @@ use graft_runtime::preprocess::load_image;
 use serde::Serialize;
 
 use crate::error::{CompileError, Result};
-use crate::svg::{bar_chart, escape, heat_map, LineChart, Series};
+use crate::svg::{accuracy_range, bar_chart, escape, heat_map, LineChart, Series};
 
 /// Misclassified images shown on the page (all are listed in `metrics.json`).
 pub const SHOWN_MISTAKES: usize = 24;
@@ -312,7 +312,7 @@ fn history_chart(
         (lo.min(v), hi.max(v))
     });
     let y_range = if quantity == "accuracy" {
-        (((lo * 10.0).floor() / 10.0).clamp(0.0, 0.9), 1.0)
+        accuracy_range(lo)
     } else {
         (0.0, hi * 1.05)
     };

@@ -215,6 +215,11 @@ pub fn heat_map(title: &str, labels: &[String], counts: &[Vec<u64>]) -> String {
     svg
 }
 
+/// A y range for accuracies from the tenth at or below `lowest` (at most 0.9) up to 1.
+pub fn accuracy_range(lowest: f64) -> (f64, f64) {
+    (((lowest * 10.0).floor() / 10.0).clamp(0.0, 0.9), 1.0)
+}
+
 /// Escapes text for XML and HTML.
 pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")

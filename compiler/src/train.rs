@@ -565,10 +565,7 @@ fn cross_validation_path(
         let rest: Vec<usize> = (0..labels.len())
             .filter(|i| held.binary_search(i).is_err())
             .collect();
-        let held_x: Vec<f32> = held
-            .iter()
-            .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
-            .collect();
+        let held_x = gather_rows(x, dim, held);
         let mut previous = None;
         for (k, &lambda) in LAMBDA_PATH.iter().enumerate().rev() {
             let model = fit_linear(
@@ -615,6 +612,13 @@ fn best_on_path(path: &[CvScore]) -> usize {
     best
 }
 
+/// The given rows of the row-major `[_, dim]` matrix `x`, in that order.
+fn gather_rows(x: &[f32], dim: usize, rows: &[usize]) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
+        .collect()
+}
+
 /// Fits a `logreg` or `svm` classifier on the given rows of the row-major `x`, with L2
 /// strength `lambda`, for at most `iterations`; logistic regression starts from `start`.
 fn fit_linear(
@@ -625,10 +629,7 @@ fn fit_linear(
     (lambda, iterations): (f64, usize),
     start: Option<&crate::linear::LinearModel>,
 ) -> candle_core::Result<crate::linear::LinearModel> {
-    let xs: Vec<f32> = rows
-        .iter()
-        .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
-        .collect();
+    let xs = gather_rows(x, dim, rows);
     let ys: Vec<usize> = rows.iter().map(|&i| labels[i]).collect();
     match kind {
         HeadKind::Svm => crate::linear::fit_svm(&xs, dim, &ys, classes, lambda, iterations),
