@@ -46,6 +46,13 @@ fn benches(c: &mut Criterion) {
     c.bench_function("runtime/classify_tensor/f32/batch1", |b| {
         b.iter(|| model.classify_tensor(black_box(&chw)).unwrap())
     });
+    // Guards batch throughput: eight images through the shared plan on all cores
+    // (`Model::classify_batch`, what `predict` does with each batch).
+    let threads = graft_runtime::eval::default_threads();
+    let batch: Vec<&[f32]> = vec![chw.as_slice(); 8];
+    c.bench_function("runtime/classify_tensor/f32/batch8", |b| {
+        b.iter(|| model.classify_batch(black_box(&batch), threads).unwrap())
+    });
     // The same graph quantized (`--precision int8`), measured in the same run as the f32 one:
     // the ratio of the two is the int8 speed-up (or slow-down) of tract's kernels on this CPU.
     let int8_artifact = dir.path().join("bees-int8.graft");
@@ -59,6 +66,13 @@ fn benches(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("batch1", |b| {
         b.iter(|| int8_model.classify_tensor(black_box(&chw)).unwrap())
+    });
+    group.bench_function("batch8", |b| {
+        b.iter(|| {
+            int8_model
+                .classify_batch(black_box(&batch), threads)
+                .unwrap()
+        })
     });
     group.finish();
     // Guards preprocessing cost (resize shorter side to 256, crop, normalise) of a ~256 px JPEG.

@@ -201,6 +201,83 @@ fn predict_prints_top_k_and_graft_run_agrees() {
         "{}",
         text.stdout
     );
+    assert!(
+        text.stderr.starts_with("classified 1 image in ")
+            && text.stderr.contains(" images/s (1 thread, batches of 32)"),
+        "{}",
+        text.stderr
+    );
+
+    // Batches of 5 stream the same 13 lines, in the same order, as one batch of 32.
+    let whole = run(graft(), args!["predict", c.artifact, images[0], images[1]]).expect_code(0);
+    let batched = run(
+        graft(),
+        args![
+            "predict",
+            c.artifact,
+            images[0],
+            images[1],
+            "--batch",
+            "5",
+            "--threads",
+            "2"
+        ],
+    )
+    .expect_code(0);
+    assert_eq!(whole.stdout.lines().count(), 13);
+    assert_eq!(whole.stdout, batched.stdout);
+    assert!(
+        batched.stderr.contains("classified 13 images in ")
+            && batched
+                .stderr
+                .contains(" images/s (2 threads, batches of 5)"),
+        "{}",
+        batched.stderr
+    );
+    let zero = run(
+        graft(),
+        args!["predict", c.artifact, images[0], "--batch", "0"],
+    )
+    .expect_code(1);
+    assert!(
+        zero.stderr
+            .contains("invalid value '0' for '--batch <BATCH>'"),
+        "{}",
+        zero.stderr
+    );
+}
+
+#[test]
+fn bench_reports_batch_latency_and_throughput() {
+    let c = compiled();
+    let doc = json(
+        &run(
+            graft_run().as_path(),
+            args![
+                "bench",
+                c.artifact,
+                "--iterations",
+                "16",
+                "--batch",
+                "4",
+                "--threads",
+                "2",
+                "--json"
+            ],
+        )
+        .expect_code(0)
+        .stdout,
+    );
+    assert_eq!(doc["batch"], 4);
+    assert_eq!(doc["threads"], 2);
+    assert_eq!(doc["batch_latency"]["runs"], 5, "16 / 4 runs, at least 5");
+    let p50 = doc["batch_latency"]["p50"].as_f64().unwrap();
+    let single = doc["latency"]["p50"].as_f64().unwrap();
+    assert!(p50 > 0.0 && single > 0.0);
+    assert!(doc["batch_throughput"].as_f64().unwrap() > 0.0);
+    for key in ["load_ms", "first_inference_ms", "throughput", "size_bytes"] {
+        assert!(doc[key].as_f64().unwrap() > 0.0, "{key}: {doc}");
+    }
 }
 
 #[test]

@@ -51,6 +51,28 @@ fn int8_artifact_agrees_with_f32_at_a_third_of_the_size() {
     };
     assert_eq!((count("conv", "int8"), count("pointwise", "int8")), (1, 31));
     assert_eq!(count("depthwise", "f32"), 16);
+    assert!(quantization
+        .layers
+        .iter()
+        .filter(|l| l.kind == "depthwise")
+        .all(|l| l.reason.as_deref() == Some("kept f32: tract has no int8 depthwise kernel")));
+    let tried: Vec<&str> = quantization
+        .calibration_trials
+        .iter()
+        .map(|t| t.method.as_str())
+        .collect();
+    assert_eq!(tried, ["min-max", "percentile", "entropy"]);
+    let best = quantization
+        .calibration_trials
+        .iter()
+        .map(|t| t.simulated_accuracy)
+        .fold(0f32, f32::max);
+    assert_eq!(
+        quantization.simulated_accuracy,
+        Some(best),
+        "the most accurate method is kept"
+    );
+    assert_eq!(quantization.accuracy_budget, Some(0.01));
     let (f32_accuracy, int8_accuracy) = (
         quantization.f32_val_accuracy.unwrap(),
         quantization.val_accuracy.unwrap(),
@@ -92,6 +114,94 @@ fn int8_artifact_agrees_with_f32_at_a_third_of_the_size() {
         ),
         "{}",
         inspect.stdout
+    );
+}
+
+/// With a calibration method that loses accuracy (entropy on the fixture), the search returns the
+/// most sensitive layers to f32 until the simulated loss fits the budget, and says so.
+#[test]
+fn accuracy_budget_returns_the_most_sensitive_layers_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bees-entropy.graft");
+    let graft = std::path::Path::new(env!("CARGO_BIN_EXE_graft"));
+    let fixtures = hymenoptera_mini();
+    let lite0 = lite0();
+    let args: Vec<&std::ffi::OsStr> = [
+        "compile".as_ref(),
+        "--backbone".as_ref(),
+        lite0.as_os_str(),
+        "--data".as_ref(),
+        fixtures.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--normalize".as_ref(),
+        "tf".as_ref(),
+        "--precision".as_ref(),
+        "int8".as_ref(),
+        "--calibration".as_ref(),
+        "entropy".as_ref(),
+        "--accuracy-budget".as_ref(),
+        "0.5".as_ref(),
+        "--no-verify".as_ref(),
+    ]
+    .to_vec();
+    let compiled = run(graft, &args).expect_code(0);
+    let model = Model::load(&out).unwrap();
+    let q = model.manifest().quantization.clone().unwrap();
+    assert_eq!(q.calibration_trials.len(), 1);
+    assert_eq!(q.calibration_trials[0].method, "entropy");
+    assert!(
+        q.method.starts_with("entropy activation ranges"),
+        "{}",
+        q.method
+    );
+    let fallbacks: Vec<&str> = q
+        .layers
+        .iter()
+        .filter(|l| l.reason.as_deref() == Some("kept f32: accuracy budget"))
+        .map(|l| l.layer.as_str())
+        .collect();
+    let simulated_loss = 1.0 - q.simulated_accuracy.unwrap();
+    let entropy_loss = 1.0 - q.calibration_trials[0].simulated_accuracy;
+    assert!(
+        entropy_loss > 0.005,
+        "entropy on the fixture loses {entropy_loss}: nothing to fall back from"
+    );
+    assert!(!fallbacks.is_empty());
+    assert!(
+        simulated_loss <= 0.005 + 1e-6,
+        "simulated accuracy {:?} after {} fallbacks",
+        q.simulated_accuracy,
+        fallbacks.len()
+    );
+    assert!(
+        compiled.stderr.contains(&format!(
+            "quantize  {} most sensitive layers back to f32 for the 0.50-point budget",
+            fallbacks.len()
+        )),
+        "{}",
+        compiled.stderr
+    );
+    let inspect = run(graft, &["inspect".as_ref(), out.as_os_str()]).expect_code(0);
+    assert!(
+        inspect.stdout.contains(&format!(
+            "kept f32 for the 0.50-point budget: {}",
+            fallbacks[0]
+        )),
+        "{}",
+        inspect.stdout
+    );
+
+    let bad = run(
+        graft,
+        &[&args[..11], &["--accuracy-budget".as_ref(), "150".as_ref()]].concat(),
+    )
+    .expect_code(1);
+    assert!(
+        bad.stderr
+            .contains("\"150\" is not a number of percentage points from 0 to 100"),
+        "{}",
+        bad.stderr
     );
 }
 

@@ -1,8 +1,12 @@
-//! Where an int8 graph spends its time: quantizes an ONNX classifier (its own head kept) with
-//! graft's pass, then reports top-1 agreement with f32, mean latency of both, and the slowest
-//! nodes of the int8 plan (one thread, timed node by node).
+//! int8 on an unmodified ONNX classifier (its own head kept), with graft's quantization pass:
+//! the search over calibration methods and f32 fallbacks (simulated, scored by top-1 agreement
+//! with f32), then optionally the real int8 graph run end to end (top-1 against the labels and
+//! agreement with f32, mean latency of both) and the slowest nodes of its plan.
 //!
-//! `cargo run --release -p graft-compiler --example int8_profile -- MODEL.onnx IMAGES_DIR [CALIB] [EVAL] [depthwise] [per-channel]`
+//! `cargo run --release -p graft-compiler --example int8_profile -- MODEL.onnx IMAGES_DIR [CALIB] [EVAL] [OPTION...]`
+//! Options: `depthwise`, `per-channel` (which layers / scales), `method=min-max|percentile|entropy`
+//! (default: try all), `budget=POINTS` of agreement int8 may lose (default 1), `real` (run the
+//! int8 graph too: ~1 s per image on CPUs without VNNI), `profile` (per-node timing).
 //! Calibration and evaluation images are spread evenly over the sorted list and do not overlap
 //! when CALIB + EVAL <= the number of images.
 //! IMAGES_DIR holds `<class>/<image>` (e.g. ../shared/datasets/imagenet-sample/val); images are
@@ -11,8 +15,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use graft_compiler::quantize::{calibrate, quantize, QuantizeConfig};
+use graft_compiler::quantize::search::{search, Probe, SearchOptions};
+use graft_compiler::quantize::{calibrate, quantize, simulate, CalibrationMethod, QuantizeConfig};
+use graft_runtime::eval::{default_threads, par_map};
 use graft_runtime::preprocess::{load_image, Normalization, Preprocessing};
+use graft_runtime::progress::NoProgress;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::{eval, SimpleState};
 
@@ -40,26 +47,44 @@ fn images(dir: &Path) -> Vec<(PathBuf, usize)> {
     files
 }
 
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let exp: Vec<f32> = v.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
 fn top1(v: &[f32]) -> usize {
     (0..v.len())
         .max_by(|&a, &b| v[a].total_cmp(&v[b]))
         .unwrap_or(0)
 }
 
-fn main() -> TractResult<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: int8_profile MODEL.onnx IMAGES_DIR [CALIB=16] [EVAL=50] [depthwise] [per-channel]");
+        eprintln!("usage: int8_profile MODEL.onnx IMAGES_DIR [CALIB=16] [EVAL=1000] [OPTION...]");
         std::process::exit(2);
     }
     let calib_count: usize = args.get(3).map_or(16, |a| a.parse().expect("CALIB"));
-    let eval_count: usize = args.get(4).map_or(50, |a| a.parse().expect("EVAL"));
-    let flag = |name: &str| args.iter().skip(5).any(|a| a == name);
+    let eval_count: usize = args.get(4).map_or(1000, |a| a.parse().expect("EVAL"));
+    let options = &args[5.min(args.len())..];
+    let flag = |name: &str| options.iter().any(|a| a == name);
+    let value = |name: &str| {
+        options
+            .iter()
+            .find_map(|a| a.strip_prefix(name)?.strip_prefix('='))
+    };
     let config = QuantizeConfig {
         depthwise: flag("depthwise"),
         per_channel: flag("per-channel"),
         keep_f32: vec![],
     };
+    let methods = match value("method") {
+        Some(m) => vec![m.parse::<CalibrationMethod>()?],
+        None => CalibrationMethod::ALL.to_vec(),
+    };
+    let budget: f64 = value("budget").map_or(Ok(1.0), str::parse)? / 100.0;
     let mut model = tract_onnx::onnx()
         .model_for_path(&args[1])?
         .into_typed()?
@@ -67,20 +92,78 @@ fn main() -> TractResult<()> {
     model.properties.retain(|k, _| !k.starts_with("onnx."));
     let all = images(Path::new(&args[2]));
     let preprocessing = Preprocessing::for_input(224, 224, Normalization::tf());
-    let tensor = |p: &Path| -> Tensor {
+    let tensor = |p: &PathBuf| -> Tensor {
         let image = load_image(p).expect("image");
         Tensor::from_shape(&[1, 3, 224, 224], &preprocessing.apply(&image)).expect("tensor")
     };
+    let threads = default_threads();
     let step = (all.len() / calib_count.max(eval_count).max(1)).max(1);
-    let calibration = calibrate(
+    let calibration_inputs: Vec<Tensor> = all
+        .iter()
+        .step_by(step)
+        .take(calib_count)
+        .map(|(p, _)| tensor(p))
+        .collect();
+    let evaluated: Vec<&(PathBuf, usize)> = all
+        .iter()
+        .skip(step / 2)
+        .step_by(step)
+        .take(eval_count)
+        .collect();
+    let eval_inputs: Vec<Tensor> = par_map(&evaluated, threads, |(p, _)| tensor(p), || ());
+    let labels: Vec<usize> = evaluated.iter().map(|(_, c)| *c).collect();
+    let n = eval_inputs.len();
+
+    let started = Instant::now();
+    let calibration = calibrate(&model, &calibration_inputs, |_| {})?;
+    // Scored by agreement with f32 (no labels): the budget is spent on agreement.
+    let probe = Probe::new(&model, eval_inputs.clone(), None, threads)?;
+    let f32_right = {
+        let f32_probe = Probe::new(&model, eval_inputs.clone(), Some(labels.clone()), threads)?;
+        f32_probe.reference().accuracy.unwrap_or(0.0)
+    };
+    let result = search(
         &model,
-        all.iter()
-            .step_by(step)
-            .take(calib_count)
-            .map(|(p, _)| tensor(p)),
-        |_| {},
+        &calibration,
+        &probe,
+        &SearchOptions {
+            methods,
+            budget,
+            base: config.clone(),
+        },
+        &NoProgress,
     )?;
-    let int8 = quantize(&model, &calibration, &config)?;
+    println!(
+        "{n} images, {} calibration images; f32 top-1 {:.1} %",
+        calibration.images,
+        f32_right * 100.0
+    );
+    for trial in &result.trials {
+        println!(
+            "simulated {:<10} agreement {:.1} %, divergence {:.4}",
+            trial.method.name(),
+            trial.measurement.agreement * 100.0,
+            trial.measurement.divergence
+        );
+    }
+    for fallback in &result.fallbacks {
+        println!(
+            "back to f32: {} (sensitivity {:.4})",
+            fallback.layer, fallback.divergence
+        );
+    }
+    println!(
+        "chosen: {}, {} layers back to f32; simulated agreement {:.1} % ({:.0} s)",
+        result.method.name(),
+        result.fallbacks.len(),
+        result.simulated.agreement * 100.0,
+        started.elapsed().as_secs_f64()
+    );
+    let ranges = calibration.ranges(result.method);
+    let int8 = quantize(&model, &ranges, &result.config)?;
+    let simulated = simulate(&model, &ranges, &result.config)?
+        .into_optimized()?
+        .into_runnable()?;
     // Through NNEF and back, optimised as graft's runtime does.
     let nnef = tract_nnef::nnef();
     let mut bytes = vec![];
@@ -89,53 +172,115 @@ fn main() -> TractResult<()> {
     int8.optimize()?;
     let int8 = int8.into_runnable()?;
     let f32_plan = model.into_optimized()?.into_runnable()?;
+    println!("int8 NNEF {} bytes", bytes.len());
 
-    let (mut agree, mut n, mut f32_time, mut int8_time) = (0, 0, 0f64, 0f64);
-    let (mut f32_right, mut int8_right) = (0, 0);
-    for (p, class) in all.iter().skip(step / 2).step_by(step).take(eval_count) {
-        let x = tensor(p);
+    if flag("real") {
         let started = Instant::now();
-        let a = f32_plan.run(tvec![x.clone().into()])?;
-        f32_time += started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        let b = int8.run(tvec![x.into()])?;
-        int8_time += started.elapsed().as_secs_f64();
-        let (a, b) = (a[0].view(), b[0].view());
-        let (a, b) = (top1(a.as_slice::<f32>()?), top1(b.as_slice::<f32>()?));
-        agree += (a == b) as usize;
-        f32_right += (a == *class) as usize;
-        int8_right += (b == *class) as usize;
-        n += 1;
+        let runs = par_map(
+            &eval_inputs,
+            threads,
+            |x| -> TractResult<(usize, usize, usize, f64, f64, f32, f32)> {
+                let started = Instant::now();
+                let a = f32_plan.run(tvec![x.clone().into()])?;
+                let f32_time = started.elapsed().as_secs_f64();
+                let started = Instant::now();
+                let b = int8.run(tvec![x.clone().into()])?;
+                let int8_time = started.elapsed().as_secs_f64();
+                let c = simulated.run(tvec![x.clone().into()])?;
+                let top =
+                    |t: &TValue| -> TractResult<usize> { Ok(top1(t.view().as_slice::<f32>()?)) };
+                let gap = |t: &TValue, u: &TValue| -> TractResult<f32> {
+                    let (t, u) = (t.view(), u.view());
+                    let (t, u) = (softmax(t.as_slice::<f32>()?), softmax(u.as_slice::<f32>()?));
+                    Ok(t.iter()
+                        .zip(&u)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs())))
+                };
+                Ok((
+                    top(&a[0])?,
+                    top(&b[0])?,
+                    top(&c[0])?,
+                    f32_time,
+                    int8_time,
+                    gap(&b[0], &c[0])?,
+                    gap(&b[0], &a[0])?,
+                ))
+            },
+            || (),
+        );
+        let (mut agree, mut sim_agree, mut f32_ok, mut int8_ok) = (0, 0, 0, 0);
+        let (mut f32_time, mut int8_time) = (0f64, 0f64);
+        let (mut sim_gap, mut f32_gap) = (0f32, 0f32);
+        for (run, label) in runs.into_iter().zip(&labels) {
+            let (a, b, c, ft, it, sg, fg) = run?;
+            sim_gap = sim_gap.max(sg);
+            f32_gap = f32_gap.max(fg);
+            agree += (a == b) as usize;
+            sim_agree += (b == c) as usize;
+            f32_ok += (a == *label) as usize;
+            int8_ok += (b == *label) as usize;
+            f32_time += ft;
+            int8_time += it;
+        }
+        println!(
+            "real int8: top-1 against the labels f32 {f32_ok}/{n}, int8 {int8_ok}/{n}; agreement with f32 {agree}/{n}; with the simulation {sim_agree}/{n} ({:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        println!(
+            "largest probability difference of real int8: from the simulation {sim_gap:.4}, from f32 {f32_gap:.4}"
+        );
+        println!(
+            "mean latency ({threads} threads busy) f32 {:.1} ms, int8 {:.1} ms ({:.2}x)",
+            f32_time * 1e3 / n as f64,
+            int8_time * 1e3 / n as f64,
+            int8_time / f32_time
+        );
     }
-    println!(
-        "top-1 against the class folders (ImageNet order when there are 1000): f32 {f32_right}/{n}, int8 {int8_right}/{n}"
-    );
-    println!(
-        "top-1 agreement {agree}/{n}; mean latency f32 {:.1} ms, int8 {:.1} ms ({:.2}x); int8 NNEF {} bytes",
-        f32_time * 1e3 / n as f64,
-        int8_time * 1e3 / n as f64,
-        int8_time / f32_time,
-        bytes.len()
-    );
 
-    let x = tensor(&all[0].0);
-    let mut state = SimpleState::new(&int8)?;
+    if flag("profile") {
+        let x = calibration_inputs[0].clone();
+        for (name, plan) in [("f32", &f32_plan), ("int8", &int8)] {
+            let (per_node, per_op) = profile(plan, &x)?;
+            let total: f64 = per_op.iter().map(|(_, t)| t).sum();
+            println!("{name} plan: {:.2} ms in total; by operator:", total * 1e3);
+            for (op, seconds) in per_op.iter().take(8) {
+                println!("{:8.2} ms  {op}", seconds * 1e3);
+            }
+            println!("{name} plan: slowest nodes:");
+            for (node, seconds) in per_node.iter().take(12) {
+                println!("{:8.2} ms  {node}", seconds * 1e3);
+            }
+        }
+    }
+    Ok(())
+}
+
+type Timings = Vec<(String, f64)>;
+
+/// Mean time per node and per operator kind over 5 runs of `plan` on `x`, slowest first.
+fn profile(plan: &Arc<TypedSimplePlan>, x: &Tensor) -> TractResult<(Timings, Timings)> {
+    let mut state = SimpleState::new(plan)?;
     let mut per_node: HashMap<String, f64> = HashMap::new();
-    let runs = 3;
-    for _ in 0..runs {
+    let mut per_op: HashMap<String, f64> = HashMap::new();
+    let runs = 5;
+    for run in 0..=runs {
         state.run_plan_with_eval(tvec![x.clone().into()], |ctx, st, node, inputs| {
             let started = Instant::now();
             let result = eval(ctx, st, node, inputs);
-            *per_node
-                .entry(format!("{} ({})", node.name, node.op.name()))
-                .or_default() += started.elapsed().as_secs_f64() / runs as f64;
+            if run > 0 {
+                let seconds = started.elapsed().as_secs_f64() / runs as f64;
+                *per_node
+                    .entry(format!("{} ({})", node.name, node.op.name()))
+                    .or_default() += seconds;
+                *per_op.entry(node.op.name().to_string()).or_default() += seconds;
+            }
             result
         })?;
     }
-    let mut slowest: Vec<_> = per_node.into_iter().collect();
-    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
-    for (node, seconds) in slowest.iter().take(15) {
-        println!("{:8.2} ms  {node}", seconds * 1e3);
-    }
-    Ok(())
+    let sorted = |map: HashMap<String, f64>| {
+        let mut v: Timings = map.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    Ok((sorted(per_node), sorted(per_op)))
 }

@@ -471,6 +471,14 @@ struct CompileArgs {
     /// Training images to calibrate int8 activation ranges on.
     #[arg(long, default_value_t = 32, value_name = "N")]
     calibration_images: usize,
+    /// How int8 activation ranges are chosen: auto (simulate min-max, percentile and entropy on
+    /// the validation images and keep the most accurate), or one of them.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "min-max", "percentile", "entropy"])]
+    calibration: String,
+    /// Validation accuracy, in percentage points, int8 may lose against f32; beyond it the most
+    /// sensitive layers (measured one by one) go back to f32 until the simulated loss fits.
+    #[arg(long, default_value_t = 1.0, value_name = "POINTS", value_parser = parse_budget)]
+    accuracy_budget: f64,
     /// How the artifact stores its large weight tensors: f32, f16 (half the size) or int8
     /// (symmetric per output channel, a quarter). They are widened back to f32 when the artifact
     /// is loaded, so inference runs at f32 speed; the end-to-end check measures the accuracy.
@@ -606,6 +614,15 @@ fn parse_size(s: &str) -> Result<[usize; 2], String> {
         return Err(err());
     }
     Ok([h, w])
+}
+
+fn parse_budget(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of percentage points from 0 to 100"
+        )),
+    }
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
@@ -786,6 +803,11 @@ impl CompileArgs {
             verify: !self.no_verify,
             precision: self.precision,
             calibration_images: self.calibration_images,
+            calibration: (self.calibration != "auto")
+                .then(|| self.calibration.parse())
+                .transpose()
+                .map_err(|message: String| Failure { message, code: 1 })?,
+            accuracy_budget: self.accuracy_budget / 100.0,
             weights: self.weights,
             finetune: self.finetune()?,
         })
@@ -956,6 +978,7 @@ fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
         top_k: 2,
         json: false,
         threads: None,
+        batch: 32,
     };
     let outcome = commands::predict(
         &predict,

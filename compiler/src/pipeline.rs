@@ -10,7 +10,9 @@ use std::time::Instant;
 use tract_onnx::prelude::Tensor;
 
 use candle_core::Device;
-use graft_runtime::artifact::{self, EpochRecord, Manifest, Metrics, QuantizationInfo};
+use graft_runtime::artifact::{
+    self, CalibrationTrial, EpochRecord, Manifest, Metrics, QuantizationInfo,
+};
 use graft_runtime::dataset::{ImageFolder, Sample};
 use graft_runtime::eval::{evaluate, ConfusionMatrix};
 use graft_runtime::preprocess::{ChannelOrder, Normalization, Preprocessing, ResizeFilter};
@@ -25,7 +27,8 @@ use crate::finetune::{finetune, FinetuneConfig, Strategy, Unfreeze};
 use crate::fold::FoldedModel;
 use crate::import::Backbone;
 use crate::probe::probe_normalization;
-use crate::quantize::{Precision, QuantizeConfig, METHOD};
+use crate::quantize::search::{search, Probe, SearchOptions, SearchResult};
+use crate::quantize::{calibrate, plan, quantize, CalibrationMethod, Precision, QuantizeConfig};
 use crate::rng::Rng;
 use crate::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
 
@@ -83,6 +86,12 @@ pub struct CompileOptions {
     pub precision: Precision,
     /// Training images to calibrate int8 activation ranges on.
     pub calibration_images: usize,
+    /// How activation ranges are chosen; `None` tries every method and keeps the most accurate
+    /// on the validation images (simulated).
+    pub calibration: Option<CalibrationMethod>,
+    /// Validation accuracy (a fraction: 0.01 is one point) int8 may lose against f32 before
+    /// the most sensitive layers go back to f32.
+    pub accuracy_budget: f64,
     /// How the artifact stores its large weight tensors (widened to f32 at load).
     pub weights: WeightStorage,
     /// Fine-tuning or training from scratch; `None` trains the head only.
@@ -112,6 +121,8 @@ impl CompileOptions {
             verify: true,
             precision: Precision::F32,
             calibration_images: 32,
+            calibration: None,
+            accuracy_budget: 0.01,
             weights: WeightStorage::F32,
             finetune: None,
         }
@@ -306,11 +317,22 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         let graph = folded.to_nnef()?;
         Ok((folded, graph))
     })?;
+    let val_usable: Vec<Sample> = val_samples
+        .iter()
+        .filter(|s| val.paths.contains(&s.path))
+        .cloned()
+        .collect();
     let int8_graph = match options.precision {
         Precision::F32 => None,
         Precision::Int8 => {
             let (graph, info) = stage("quantize", || {
-                quantize_graph(folded, &train_samples, &preprocessing, options, reporter)
+                quantize_graph(
+                    folded,
+                    (&train_samples, &val_usable),
+                    &preprocessing,
+                    options,
+                    reporter,
+                )
             })?;
             manifest.quantization = Some(info);
             Some(graph)
@@ -326,11 +348,6 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     );
     let head_val_accuracy = head_confusion.accuracy();
     let verified = if options.verify {
-        let val_usable: Vec<Sample> = val_samples
-            .iter()
-            .filter(|s| val.paths.contains(&s.path))
-            .cloned()
-            .collect();
         let evaluation = stage("verify", || {
             run_graph(&manifest, graph, &val_usable, options, reporter)
         })?;
@@ -605,20 +622,23 @@ fn run_graph(
     Ok(evaluation)
 }
 
-/// `--precision int8`: calibrates on a seeded sample of the training images and quantizes.
-fn quantize_graph(
-    folded: FoldedModel,
+/// Most validation images the int8 search runs on (a seeded sample beyond that).
+const MAX_PROBE_IMAGES: usize = 1000;
+
+/// Up to `limit` of `samples` in seeded random order, decoded and preprocessed as
+/// `[1, 3, H, W]` tensors with their labels; undecodable images are passed over.
+fn input_tensors(
     samples: &[Sample],
+    limit: usize,
+    seed: (u64, &str),
     preprocessing: &Preprocessing,
-    options: &CompileOptions,
-    reporter: &dyn Reporter,
-) -> Result<(Vec<u8>, QuantizationInfo)> {
+) -> Result<(Vec<Tensor>, Vec<usize>)> {
     let mut order: Vec<&Sample> = samples.iter().collect();
-    Rng::new(options.train.seed, "calibration").shuffle(&mut order);
+    Rng::new(seed.0, seed.1).shuffle(&mut order);
     let [height, width] = preprocessing.crop;
-    let mut inputs = Vec::new();
+    let (mut tensors, mut labels) = (Vec::new(), Vec::new());
     for sample in order {
-        if inputs.len() >= options.calibration_images {
+        if tensors.len() >= limit {
             break;
         }
         let Ok(image) = graft_runtime::preprocess::load_image(&sample.path) else {
@@ -628,30 +648,137 @@ fn quantize_graph(
             &[1, 3, height as usize, width as usize],
             &preprocessing.apply(&image),
         )
-        .map_err(CompileError::graph("calibration input"))?;
-        inputs.push(tensor);
+        .map_err(CompileError::graph("quantization input"))?;
+        tensors.push(tensor);
+        labels.push(sample.label);
     }
+    Ok((tensors, labels))
+}
+
+/// `--precision int8`: calibrates on a seeded sample of the training images, chooses the
+/// calibration method and the layers kept in f32 by simulating on the validation images
+/// ([`search`]), and quantizes.
+fn quantize_graph(
+    folded: FoldedModel,
+    (train_samples, val_samples): (&[Sample], &[Sample]),
+    preprocessing: &Preprocessing,
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<(Vec<u8>, QuantizationInfo)> {
+    let seed = options.train.seed;
+    let (inputs, _) = input_tensors(
+        train_samples,
+        options.calibration_images,
+        (seed, "calibration"),
+        preprocessing,
+    )?;
     let calibration_images = inputs.len();
-    let config = QuantizeConfig::default();
-    let (quantized, layers) = folded.into_quantized(inputs, &config, |_| {})?;
-    let int8 = layers.iter().filter(|l| l.precision == "int8").count();
-    reporter.message(&format!(
-        "quantize  int8: {int8} of {} layers (depthwise kept f32: tract has no int8 depthwise kernel), activation ranges from {calibration_images} training images",
-        layers.len()
-    ));
+    let calibration = calibrate(&folded.model, &inputs, |_| {})?;
+    let (probe_inputs, labels) = input_tensors(
+        val_samples,
+        MAX_PROBE_IMAGES,
+        (seed, "quantization probe"),
+        preprocessing,
+    )?;
+    let probe = Probe::new(&folded.model, probe_inputs, Some(labels), options.threads)?;
+    let base = QuantizeConfig::default();
+    let result = search(
+        &folded.model,
+        &calibration,
+        &probe,
+        &SearchOptions {
+            methods: options
+                .calibration
+                .map_or(CalibrationMethod::ALL.to_vec(), |m| vec![m]),
+            budget: options.accuracy_budget,
+            base: base.clone(),
+        },
+        reporter,
+    )?;
     if reporter.cancelled() {
         return Err(CompileError::Interrupted);
     }
+    report_search(&result, options, reporter);
+    let mut layers = plan(&folded.model, &result.config)?;
+    for layer in &mut layers {
+        layer.reason = if result.fallbacks.iter().any(|f| f.layer == layer.layer) {
+            Some("kept f32: accuracy budget".into())
+        } else if layer.kind == "depthwise" && !base.depthwise {
+            Some("kept f32: tract has no int8 depthwise kernel".into())
+        } else {
+            None
+        };
+    }
+    let quantized = quantize(
+        &folded.model,
+        &calibration.ranges(result.method),
+        &result.config,
+    )?;
+    let int8 = layers.iter().filter(|l| l.precision == "int8").count();
+    reporter.message(&format!(
+        "quantize  int8: {int8} of {} layers, {} activation ranges from {calibration_images} training images",
+        layers.len(),
+        result.method.name()
+    ));
+    let graph = FoldedModel {
+        model: quantized,
+        classes: folded.classes,
+    }
+    .to_nnef()?;
     Ok((
-        quantized.to_nnef()?,
+        graph,
         QuantizationInfo {
-            method: METHOD.into(),
+            method: format!(
+                "{} activation ranges (asymmetric per tensor), int8 weights symmetric per tensor",
+                result.method.name()
+            ),
             calibration_images,
             layers,
             f32_val_accuracy: None,
             val_accuracy: None,
+            calibration_trials: result
+                .trials
+                .iter()
+                .map(|t| CalibrationTrial {
+                    method: t.method.name().into(),
+                    simulated_accuracy: t.measurement.score() as f32,
+                })
+                .collect(),
+            accuracy_budget: Some(options.accuracy_budget as f32),
+            simulated_accuracy: Some(result.simulated.score() as f32),
         },
     ))
+}
+
+/// Prints what the int8 search measured and chose.
+fn report_search(result: &SearchResult, options: &CompileOptions, reporter: &dyn Reporter) {
+    let trials: Vec<String> = result
+        .trials
+        .iter()
+        .map(|t| format!("{} {:.4}", t.method.name(), t.measurement.score()))
+        .collect();
+    reporter.message(&format!(
+        "quantize  simulated int8 on {} validation images (f32 {:.4}): {}; using {}",
+        result.images,
+        result.reference.score(),
+        trials.join(", "),
+        result.method.name()
+    ));
+    let budget = options.accuracy_budget * 100.0;
+    if result.fallbacks.is_empty() {
+        reporter.message(&format!(
+            "quantize  loss {:.2} points, within the {budget:.2}-point budget: no layer falls back to f32",
+            result.loss() * 100.0
+        ));
+    } else {
+        let names: Vec<&str> = result.fallbacks.iter().map(|f| f.layer.as_str()).collect();
+        reporter.message(&format!(
+            "quantize  {} most sensitive layers back to f32 for the {budget:.2}-point budget (loss now {:.2} points): {}",
+            names.len(),
+            result.loss() * 100.0,
+            names.join(", ")
+        ));
+    }
 }
 
 /// The cheap part of `graft check-data`, from the content hashes extraction computed anyway:

@@ -1,7 +1,7 @@
 //! Quantize: static post-training int8 quantization of the folded graph, as one graph rewrite.
 //!
-//! [`calibrate`] runs the f32 graph on sample images and records the range of every activation.
-//! [`quantize`] then rebuilds the graph with the chosen convolutions and pointwise (1x1) matrix
+//! [`calibrate`] runs the f32 graph on sample images and records the range of every activation
+//! ([`calibration`]). [`quantize`] then rebuilds the graph with the chosen convolutions and pointwise (1x1) matrix
 //! products in int8: weights symmetric per tensor, activations asymmetric per tensor from the
 //! calibrated range. A ReLU6 (`max(x, 0)` then `min(x, 6)`) after a quantized layer is absorbed
 //! into the output range, which clamps exactly as the activation did. Quantized layers that feed
@@ -10,6 +10,16 @@
 //!
 //! tract runs such convolutions with its integer matrix-multiply kernels, and writes them to NNEF
 //! as ordinary `conv` / `tract_core_einsum_q` with a `graph.quant` file carrying the scales.
+//!
+//! [`simulate`] is the same rewrite with every quantized layer computed in f32 on int8-rounded
+//! values (weights, bias, input and output go through the same quantizing casts): it runs at f32
+//! speed where tract's int8 kernels are slow, which is what lets [`search`] try calibration
+//! methods and per-layer fallbacks against the validation images.
+
+pub mod calibration;
+pub mod search;
+
+pub use calibration::{calibrate, ActivationRanges, Calibration, CalibrationMethod, Range};
 
 use std::collections::HashMap;
 
@@ -22,116 +32,8 @@ use tract_onnx::tract_core::ops::cast::cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
-use tract_onnx::tract_core::ops::konst::Const;
 
 use crate::error::{CompileError, Result};
-use crate::fold::FoldedModel;
-
-/// Observed value range of one activation tensor.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Range {
-    /// Smallest value seen.
-    pub min: f32,
-    /// Largest value seen.
-    pub max: f32,
-}
-
-impl Range {
-    fn update(&mut self, values: &[f32]) {
-        for &v in values {
-            if v.is_finite() {
-                self.min = self.min.min(v);
-                self.max = self.max.max(v);
-            }
-        }
-    }
-
-    /// The int8 parameters `(zero_point, scale)` covering this range (and zero).
-    pub fn qparams(&self) -> (i32, f32) {
-        let min = self.min.min(0.0);
-        let max = self.max.max(0.0);
-        let scale = ((max - min) / 255.0).max(f32::EPSILON);
-        let zero_point = (-128.0 - min / scale).round().clamp(-128.0, 127.0) as i32;
-        (zero_point, scale)
-    }
-}
-
-/// Activation ranges of a graph, measured by running it on calibration images.
-#[derive(Debug, Clone)]
-pub struct Calibration {
-    ranges: HashMap<OutletId, Range>,
-    /// Number of images the ranges were measured on.
-    pub images: usize,
-}
-
-impl Calibration {
-    /// The range measured at `outlet` of the calibrated graph.
-    pub fn range(&self, outlet: OutletId) -> Option<Range> {
-        self.ranges.get(&outlet).copied()
-    }
-}
-
-/// Runs `model` (the folded f32 graph) on every input tensor and records the range of each f32
-/// activation.
-pub fn calibrate(
-    model: &TypedModel,
-    inputs: impl IntoIterator<Item = Tensor>,
-    mut on_image: impl FnMut(usize),
-) -> Result<Calibration> {
-    let outlets: Vec<OutletId> = model
-        .eval_order()
-        .map_err(CompileError::graph("calibrate"))?
-        .into_iter()
-        .filter(|&n| !model.node(n).op_is::<Const>())
-        .flat_map(|n| (0..model.node(n).outputs.len()).map(move |slot| OutletId::new(n, slot)))
-        .filter(|&o| {
-            model
-                .outlet_fact(o)
-                .is_ok_and(|f| f.datum_type == f32::datum_type())
-        })
-        .collect();
-    let mut probe = model.clone();
-    probe
-        .select_output_outlets(&outlets)
-        .map_err(CompileError::graph("calibrate"))?;
-    let plan = probe
-        .into_optimized()
-        .and_then(|m| m.into_runnable())
-        .map_err(CompileError::graph("calibrate"))?;
-    let mut ranges: HashMap<OutletId, Range> = outlets
-        .iter()
-        .map(|&o| {
-            (
-                o,
-                Range {
-                    min: f32::INFINITY,
-                    max: f32::NEG_INFINITY,
-                },
-            )
-        })
-        .collect();
-    let mut images = 0;
-    for input in inputs {
-        let values = plan
-            .run(tvec![input.into()])
-            .map_err(CompileError::graph("calibrate"))?;
-        for (outlet, value) in outlets.iter().zip(values) {
-            let view = value.view();
-            let slice = view
-                .as_slice::<f32>()
-                .map_err(CompileError::graph("calibrate"))?;
-            ranges.get_mut(outlet).expect("every outlet").update(slice);
-        }
-        images += 1;
-        on_image(images);
-    }
-    if images == 0 {
-        return Err(CompileError::NotEnoughData(
-            "quantization needs at least one calibration image".into(),
-        ));
-    }
-    Ok(Calibration { ranges, images })
-}
 
 /// Which layers [`quantize`] turns to int8.
 #[derive(Debug, Clone, Default)]
@@ -292,6 +194,7 @@ pub fn plan(model: &TypedModel, config: &QuantizeConfig) -> Result<Vec<LayerPrec
                 "f32"
             }
             .to_string(),
+            reason: None,
         })
         .collect())
 }
@@ -354,7 +257,8 @@ fn quantized_bias(
 struct Rebuild<'a> {
     old: &'a TypedModel,
     new: TypedModel,
-    calibration: &'a Calibration,
+    ranges: &'a ActivationRanges,
+    simulate: bool,
     f32_wire: HashMap<OutletId, OutletId>,
     int8_wire: HashMap<OutletId, OutletId>,
     per_channel: bool,
@@ -362,7 +266,7 @@ struct Rebuild<'a> {
 
 impl Rebuild<'_> {
     fn qparams(&self, old: OutletId) -> TractResult<(i32, f32)> {
-        self.calibration
+        self.ranges
             .range(old)
             .map(|r| r.qparams())
             .with_context(|| format!("no calibrated range for {:?}", self.old.node(old.node).name))
@@ -417,6 +321,11 @@ impl Rebuild<'_> {
             None => const_of(self.old, node.inputs[2]).context("constant bias")?,
         };
         let bias = quantized_bias(&bias_old, x_scale, &k_scales, out_channels)?;
+        if self.simulate {
+            let y = self.simulated(candidate, x_old, (&kernel, &k_scales), &bias, x_scale)?;
+            self.f32_wire.insert(candidate.output(), y);
+            return Ok(());
+        }
         let kernel = self.new.add_const(format!("{name}.weights_int8"), kernel)?;
         let x = self.int8(x_old)?;
         let y = if let Some(conv) = node.op_as::<Conv>() {
@@ -426,6 +335,89 @@ impl Rebuild<'_> {
         };
         self.f32_wire.insert(candidate.output(), y);
         Ok(())
+    }
+
+    /// `candidate` in f32 on int8-rounded values: the input through the quantizing cast and
+    /// back, dequantized int8 weights and bias, the original f32 product, then the output
+    /// through its quantizing cast (which also clamps as the absorbed activation did) and back.
+    fn simulated(
+        &mut self,
+        candidate: &Candidate,
+        x_old: OutletId,
+        (kernel, k_scales): (&Tensor, &[f32]),
+        bias: &Tensor,
+        x_scale: f32,
+    ) -> TractResult<OutletId> {
+        let node = self.old.node(candidate.node);
+        let name = node.name.clone();
+        let x = self.int8(x_old)?;
+        let x = self
+            .new
+            .wire_node(format!("{name}.x_rounded"), cast(f32::datum_type()), &[x])?[0];
+        let rows = kernel.shape()[0];
+        let kernel_values = kernel.cast_to::<f32>()?;
+        let kernel_view = kernel_values.view();
+        let per_row = kernel.len() / rows.max(1);
+        let weights: Vec<f32> = kernel_view
+            .as_slice::<f32>()?
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w * k_scales[if k_scales.len() == 1 { 0 } else { i / per_row }])
+            .collect();
+        let weights = self.new.add_const(
+            format!("{name}.weights_rounded"),
+            Tensor::from_shape(kernel.shape(), &weights)?,
+        )?;
+        let bias_view = bias.view();
+        let bias_values: Vec<f32> = bias_view
+            .as_slice::<i32>()?
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| b as f32 * x_scale * k_scales[if k_scales.len() == 1 { 0 } else { i }])
+            .collect();
+        let y = if node.op_is::<Conv>() {
+            let bias = self
+                .new
+                .add_const(format!("{name}.bias_rounded"), tensor1(&bias_values))?;
+            self.new
+                .wire_node(&name, node.op.clone(), &[x, weights, bias])?[0]
+        } else {
+            let product = self.new.wire_node(&name, node.op.clone(), &[x, weights])?[0];
+            let add = self
+                .old
+                .node(candidate.bias_add.context("pointwise layer without bias")?);
+            let old_bias = add
+                .inputs
+                .iter()
+                .find(|i| i.node != node.id)
+                .context("bias")?;
+            let shape = self
+                .old
+                .outlet_fact(*old_bias)?
+                .shape
+                .as_concrete()
+                .context("bias shape")?
+                .to_vec();
+            let bias = self.new.add_const(
+                format!("{name}.bias_rounded"),
+                Tensor::from_shape(&shape, &bias_values)?,
+            )?;
+            let inputs: TVec<OutletId> = add
+                .inputs
+                .iter()
+                .map(|i| if i.node == node.id { product } else { bias })
+                .collect();
+            self.new.wire_node(&add.name, add.op.clone(), &inputs)?[0]
+        };
+        let (y0, y_scale) = self.qparams(candidate.output())?;
+        let y_dt = i8::datum_type().quantize(QParams::ZpScale {
+            zero_point: y0,
+            scale: y_scale,
+        });
+        let y = self
+            .new
+            .wire_node(format!("{name}.y_rounded"), cast(y_dt), &[y])?[0];
+        self.dequantized(candidate, y)
     }
 
     /// The nine inputs of a tract quantized product (x, kernel, int32 bias, then zero point and
@@ -554,12 +546,31 @@ fn is_pointwise(einsum: &EinSum) -> bool {
         && x[1..] == output[1..]
 }
 
-/// Rebuilds `model` with its quantizable layers in int8 where `config` chooses them, using the
-/// activation ranges of `calibration` (measured on this same `model`).
+/// Rebuilds `model` with its quantizable layers in int8 where `config` chooses them, using
+/// `ranges` (calibrated on this same `model`).
 pub fn quantize(
     model: &TypedModel,
-    calibration: &Calibration,
+    ranges: &ActivationRanges,
     config: &QuantizeConfig,
+) -> Result<TypedModel> {
+    rewrite(model, ranges, config, false)
+}
+
+/// The graph [`quantize`] would build, with every int8 layer computed in f32 on int8-rounded
+/// values: the same numbers up to the rounding of the integer requantization, at f32 speed.
+pub fn simulate(
+    model: &TypedModel,
+    ranges: &ActivationRanges,
+    config: &QuantizeConfig,
+) -> Result<TypedModel> {
+    rewrite(model, ranges, config, true)
+}
+
+fn rewrite(
+    model: &TypedModel,
+    ranges: &ActivationRanges,
+    config: &QuantizeConfig,
+    simulate: bool,
 ) -> Result<TypedModel> {
     let rewrite = || -> TractResult<TypedModel> {
         let found = candidates(model)?;
@@ -574,7 +585,8 @@ pub fn quantize(
         let mut rebuild = Rebuild {
             old: model,
             new: TypedModel::default(),
-            calibration,
+            ranges,
+            simulate,
             f32_wire: HashMap::new(),
             int8_wire: HashMap::new(),
             per_channel: config.per_channel,
@@ -604,33 +616,11 @@ pub fn quantize(
         new.check_consistency()?;
         Ok(new)
     };
-    rewrite().map_err(CompileError::graph("quantize"))
-}
-
-/// The calibration method [`quantize`] uses, as recorded in the artifact.
-pub const METHOD: &str =
-    "min-max ranges, int8 weights symmetric per tensor, activations asymmetric per tensor";
-
-impl FoldedModel {
-    /// Calibrates on `inputs` (preprocessed images, `[1, 3, H, W]`) and quantizes the graph
-    /// (see [`quantize`]); returns the int8 graph and the precision chosen for each layer.
-    pub fn into_quantized(
-        self,
-        inputs: Vec<Tensor>,
-        config: &QuantizeConfig,
-        on_image: impl FnMut(usize),
-    ) -> Result<(FoldedModel, Vec<LayerPrecision>)> {
-        let calibration = calibrate(&self.model, inputs, on_image)?;
-        let layers = plan(&self.model, config)?;
-        let model = quantize(&self.model, &calibration, config)?;
-        Ok((
-            FoldedModel {
-                model,
-                classes: self.classes,
-            },
-            layers,
-        ))
-    }
+    rewrite().map_err(CompileError::graph(if simulate {
+        "simulate quantization"
+    } else {
+        "quantize"
+    }))
 }
 
 /// How the artifact computes the graph.
@@ -671,22 +661,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn qparams_cover_the_range_and_zero() {
-        let (zp, scale) = Range { min: 0.0, max: 6.0 }.qparams();
-        assert_eq!(zp, -128);
-        assert!((scale - 6.0 / 255.0).abs() < 1e-7);
-        let (zp, scale) = Range {
-            min: -1.0,
-            max: 1.0,
-        }
-        .qparams();
-        assert!((scale - 2.0 / 255.0).abs() < 1e-7);
-        assert_eq!(zp, -1, "-128 - (-1 / scale) = -0.5 rounds away from zero");
-        let (zp, _) = Range { min: 2.0, max: 4.0 }.qparams();
-        assert_eq!(zp, -128, "zero stays representable");
-    }
-
-    #[test]
     fn weights_round_trip_within_half_a_step() {
         let w = tensor1(&[0.5f32, -1.27, 0.01, 1.0]);
         let (q, scales) = quantize_weights(&w, false).unwrap();
@@ -704,5 +678,27 @@ mod tests {
             let b = b * scale;
             assert!((a - b).abs() <= scale / 2.0 + 1e-7, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn rounding_casts_survive_tracts_optimiser() {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([4])).unwrap();
+        let dt = i8::datum_type().quantize(QParams::ZpScale {
+            zero_point: -128,
+            scale: 0.5,
+        });
+        let q = model.wire_node("q", cast(dt), &[x]).unwrap();
+        let y = model.wire_node("y", cast(f32::datum_type()), &q).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let out = plan
+            .run(tvec![tensor1(&[0.3f32, 1.1, -2.0, 500.0]).into()])
+            .unwrap();
+        assert_eq!(
+            out[0].view().as_slice::<f32>().unwrap(),
+            &[0.5, 1.0, 0.0, 127.5],
+            "rounded to the 0.5 grid and clamped to [0, 127.5]"
+        );
     }
 }

@@ -97,6 +97,24 @@ pub struct QuantizationInfo {
     /// Validation accuracy of the quantized graph, run end to end.
     #[serde(default)]
     pub val_accuracy: Option<f32>,
+    /// Every calibration method tried, with its simulated validation accuracy.
+    #[serde(default)]
+    pub calibration_trials: Vec<CalibrationTrial>,
+    /// Validation accuracy int8 was allowed to lose against f32 (0.01: one point).
+    #[serde(default)]
+    pub accuracy_budget: Option<f32>,
+    /// Simulated validation accuracy of the chosen quantization.
+    #[serde(default)]
+    pub simulated_accuracy: Option<f32>,
+}
+
+/// One calibration method tried by the compiler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationTrial {
+    /// `min-max`, `percentile` or `entropy`.
+    pub method: String,
+    /// Validation accuracy of the int8 graph simulated in f32 with this method's ranges.
+    pub simulated_accuracy: f32,
 }
 
 /// The precision chosen for one quantizable layer.
@@ -108,6 +126,9 @@ pub struct LayerPrecision {
     pub kind: String,
     /// `int8` or `f32`.
     pub precision: String,
+    /// Why an f32 layer was not quantized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Name and shape of a graph tensor.

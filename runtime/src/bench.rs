@@ -29,9 +29,13 @@ pub struct BenchArgs {
     /// Untimed runs before measuring.
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
-    /// Threads sharing the model for the throughput run [default: all cores].
+    /// Threads sharing the model for the batch and throughput runs [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Images per batch for the batch-latency run: a batch's preprocessed images run on the
+    /// `--threads` workers through the same batch-1 graph.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
     /// Threads inside each matrix product (tract's multithread-mm; needs a build with the
     /// `multithread` feature).
     #[arg(long, default_value_t = 1)]
@@ -89,8 +93,14 @@ pub struct BenchReport {
     pub latency: Latency,
     /// Preprocessing (resize, crop, normalise) of a decoded image.
     pub preprocess: Latency,
-    /// Threads used for the throughput run.
+    /// Threads used for the batch and throughput runs.
     pub threads: usize,
+    /// Images per batch.
+    pub batch: usize,
+    /// Time to classify one batch of preprocessed images on `threads` threads.
+    pub batch_latency: Latency,
+    /// Images per second in the batch run (graph execution only).
+    pub batch_throughput: f64,
     /// Threads inside each matrix product.
     pub intra_op_threads: usize,
     /// Images per second, preprocessing included, with `threads` threads sharing the model.
@@ -146,6 +156,20 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     );
 
     let threads = args.threads.unwrap_or_else(default_threads).max(1);
+    let batch = args.batch as usize;
+    let batch_tensors: Vec<&[f32]> = (0..batch)
+        .map(|i| tensors[i % tensors.len()].as_slice())
+        .collect();
+    let batch_runs = (args.iterations / batch).max(5);
+    let mut batch_samples = Vec::with_capacity(batch_runs);
+    for _ in 0..batch_runs {
+        let started = Instant::now();
+        model.classify_batch(&batch_tensors, threads)?;
+        batch_samples.push(started.elapsed().as_secs_f64());
+    }
+    let batch_latency = Latency::from_seconds(batch_samples);
+    let batch_throughput = batch as f64 / (batch_latency.mean / 1e3);
+
     let total = args.iterations.max(threads);
     let next = AtomicUsize::new(0);
     let started = Instant::now();
@@ -180,6 +204,9 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         latency,
         preprocess,
         threads,
+        batch,
+        batch_latency,
+        batch_throughput,
         intra_op_threads: args.intra_op_threads,
         throughput,
         peak_rss_bytes: peak_rss_bytes(),
@@ -226,6 +253,19 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
         (
             "preprocess",
             format!("p50 {:.2} ms per image (decoding excluded)", r.preprocess.p50),
+        ),
+        (
+            "batch",
+            format!(
+                "{} images on {} thread(s), {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms; {:.1} images/s",
+                r.batch,
+                r.threads,
+                r.batch_latency.runs,
+                r.batch_latency.p50,
+                r.batch_latency.p90,
+                r.batch_latency.p99,
+                r.batch_throughput
+            ),
         ),
         (
             "throughput",

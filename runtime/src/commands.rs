@@ -43,6 +43,11 @@ pub struct PredictArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Images decoded and classified together; text results are printed batch by batch, so
+    /// memory stays bounded on large folders. The images of a batch run on the worker threads
+    /// through the same batch-1 graph (in tract a batch-8 graph is slower per image).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
 }
 
 /// Arguments of `eval`.
@@ -83,7 +88,8 @@ struct Failure<'a> {
     error: String,
 }
 
-/// `predict`: top-k labels for each image.
+/// `predict`: top-k labels for each image, computed [`PredictArgs::batch`] images at a time.
+/// The throughput (images per second, loading excluded) goes to stderr at the end.
 pub fn predict(
     args: &PredictArgs,
     out: &mut dyn Write,
@@ -91,58 +97,90 @@ pub fn predict(
 ) -> Result<Outcome> {
     let model = Model::load(&args.model)?;
     let images = expand_images(&args.images)?;
-    progress.start("classifying", images.len());
-    let results = par_map(
-        &images,
-        args.threads.unwrap_or_else(default_threads),
-        |path| model.classify_path(path),
-        || progress.advance(),
-    );
-    progress.finish();
+    let threads = args.threads.unwrap_or_else(default_threads).max(1);
     let labels = model.labels();
+    let io = |e| Error::io("<stdout>", e);
+    let started = std::time::Instant::now();
+    progress.start("classifying", images.len());
     let mut predictions = Vec::new();
     let mut failures = Vec::new();
-    for (path, result) in images.iter().zip(results) {
-        match result {
-            Ok(c) => predictions.push(ImagePrediction {
-                path,
-                top_k: c.top_k(args.top_k.max(1), labels),
-            }),
-            Err(e) => {
-                eprintln!("warning: skipped {e}");
-                failures.push(Failure {
-                    path,
-                    error: e.to_string(),
-                });
+    let mut cancelled = false;
+    let mut classified = 0;
+    for batch in images.chunks(args.batch as usize) {
+        let results = par_map(
+            batch,
+            threads,
+            |path| model.classify_path(path),
+            || progress.advance(),
+        );
+        let first_new = predictions.len();
+        for (path, result) in batch.iter().zip(results) {
+            match result {
+                Ok(c) => {
+                    classified += 1;
+                    predictions.push(ImagePrediction {
+                        path,
+                        top_k: c.top_k(args.top_k.max(1), labels),
+                    })
+                }
+                Err(e) => {
+                    eprintln!("warning: skipped {e}");
+                    failures.push(Failure {
+                        path,
+                        error: e.to_string(),
+                    });
+                }
             }
         }
+        if !args.json {
+            for p in &predictions[first_new..] {
+                let scores: Vec<String> = p
+                    .top_k
+                    .iter()
+                    .map(|s| format!("{} {:.3}", s.label, s.probability))
+                    .collect();
+                writeln!(out, "{}: {}", p.path.display(), scores.join(", ")).map_err(io)?;
+            }
+            out.flush().map_err(io)?;
+            predictions.clear();
+        }
+        if progress.cancelled() {
+            cancelled = true;
+            break;
+        }
     }
-    let io = |e| Error::io("<stdout>", e);
+    progress.finish();
+    let seconds = started.elapsed().as_secs_f64();
     if args.json {
         let doc = serde_json::json!({ "model": args.model, "predictions": predictions, "failures": failures });
         writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("json")).map_err(io)?;
-    } else {
-        for p in &predictions {
-            let scores: Vec<String> = p
-                .top_k
-                .iter()
-                .map(|s| format!("{} {:.3}", s.label, s.probability))
-                .collect();
-            writeln!(out, "{}: {}", p.path.display(), scores.join(", ")).map_err(io)?;
-        }
-        if !failures.is_empty() {
-            eprintln!(
-                "{} of {} images could not be classified",
-                failures.len(),
-                images.len()
-            );
-        }
+    } else if !failures.is_empty() {
+        eprintln!(
+            "{} of {} images could not be classified",
+            failures.len(),
+            images.len()
+        );
     }
-    Ok(if failures.is_empty() {
+    eprintln!(
+        "{}",
+        throughput_line(classified, seconds, threads.min(images.len()), args.batch)
+    );
+    Ok(if failures.is_empty() && !cancelled {
         Outcome::Complete
     } else {
         Outcome::Partial
     })
+}
+
+/// `classified 72 images in 2.10 s: 34.3 images/s (2 threads, batches of 32)`.
+fn throughput_line(images: usize, seconds: f64, threads: usize, batch: u32) -> String {
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    format!(
+        "classified {} in {seconds:.2} s: {:.1} images/s ({}, batches of {batch})",
+        plural(images, "image"),
+        images as f64 / seconds.max(1e-9),
+        plural(threads, "thread"),
+    )
 }
 
 /// Files named on the command line, with folders expanded to the images below them (sorted).
@@ -348,8 +386,38 @@ fn describe_precision(m: &Manifest) -> String {
         ),
         _ => String::new(),
     };
+    let trials = if q.calibration_trials.is_empty() {
+        String::new()
+    } else {
+        let tried: Vec<String> = q
+            .calibration_trials
+            .iter()
+            .map(|t| format!("{} {:.4}", t.method, t.simulated_accuracy))
+            .collect();
+        format!("; simulated validation accuracy {}", tried.join(", "))
+    };
+    let budget_fallbacks: Vec<&str> = q
+        .layers
+        .iter()
+        .filter(|l| l.reason.as_deref() == Some("kept f32: accuracy budget"))
+        .map(|l| l.layer.as_str())
+        .collect();
+    let budget = match q.accuracy_budget {
+        Some(b) if budget_fallbacks.is_empty() => {
+            format!(
+                "; within the {:.2}-point budget with no fallback",
+                b * 100.0
+            )
+        }
+        Some(b) => format!(
+            "; kept f32 for the {:.2}-point budget: {}",
+            b * 100.0,
+            budget_fallbacks.join(", ")
+        ),
+        None => String::new(),
+    };
     format!(
-        "{}: {int8} of {} layers int8 ({}), {} on {} images{accuracy}",
+        "{}: {int8} of {} layers int8 ({}), {} on {} images{trials}{budget}{accuracy}",
         m.precision,
         q.layers.len(),
         kinds.join(", "),
