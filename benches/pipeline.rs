@@ -15,7 +15,7 @@ use graft_compiler::train::{train_head, TrainConfig};
 use graft_runtime::dataset::ImageFolder;
 use graft_runtime::preprocess::{load_image, Normalization};
 use graft_runtime::progress::NoProgress;
-use graft_runtime::Model;
+use graft_runtime::{LoadOptions, Model};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
@@ -45,6 +45,18 @@ fn benches(c: &mut Criterion) {
     // Guards the deployed path: one 224x224 image through the folded f32 graph (tract, 1 thread).
     c.bench_function("runtime/classify_tensor/f32/batch1", |b| {
         b.iter(|| model.classify_tensor(black_box(&chw)).unwrap())
+    });
+    // The same artifact with tract's own operators instead of graft's kernels (runtime/src/
+    // kernels.rs): the ratio to the bench above is what the depthwise kernel buys.
+    let tract_kernels = Model::load_with(
+        &artifact,
+        LoadOptions {
+            graft_kernels: false,
+        },
+    )
+    .unwrap();
+    c.bench_function("runtime/classify_tensor/f32_tract_kernels/batch1", |b| {
+        b.iter(|| tract_kernels.classify_tensor(black_box(&chw)).unwrap())
     });
     // Guards batch throughput: eight images through the shared plan on all cores
     // (`Model::classify_batch`, what `predict` does with each batch).

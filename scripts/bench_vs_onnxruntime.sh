@@ -4,13 +4,19 @@
 # Batch 1, one thread everywhere. docs/PERFORMANCE.md quotes the output.
 #
 # usage: scripts/bench_vs_onnxruntime.sh [RUNS]     (default 200)
-# Installs onnxruntime and numpy into target/bench-venv (pip).
+# Installs onnxruntime and numpy into target/bench-venv (pip), unless BENCH_PYTHON names a Python
+# that already has them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-200}
 venv=target/bench-venv
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q onnxruntime numpy
+if [ -n "${BENCH_PYTHON:-}" ]; then
+  python=$BENCH_PYTHON
+else
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q onnxruntime numpy
+  python=$venv/bin/python
+fi
 cargo build --release --quiet -p graft-compiler --bin graft --example onnx_baseline
 model=target/bench-imagenet.graft
 ./target/release/graft compile --quiet --backbone fixtures/efficientnet_lite0.onnx --keep-imagenet-head \
@@ -18,10 +24,12 @@ model=target/bench-imagenet.graft
 
 echo "== graft runtime (artifact: Lite0 + ImageNet head + softmax)"
 ./target/release/graft bench "$model" fixtures/golden/0000_n01440764.png --iterations "$runs" --threads 1
+echo "== graft runtime, tract's own operators (--tract-kernels)"
+./target/release/graft bench "$model" fixtures/golden/0000_n01440764.png --iterations "$runs" --threads 1 --tract-kernels
 echo "== tract on the original ONNX"
 ./target/release/examples/onnx_baseline fixtures/efficientnet_lite0.onnx "$runs"
-echo "== onnxruntime $("$venv/bin/python" -c 'import onnxruntime; print(onnxruntime.__version__)') on the original ONNX"
-"$venv/bin/python" - fixtures/efficientnet_lite0.onnx "$runs" <<'PY'
+echo "== onnxruntime $("$python" -c 'import onnxruntime; print(onnxruntime.__version__)') on the original ONNX"
+"$python" - fixtures/efficientnet_lite0.onnx "$runs" <<'PY'
 import sys, time
 import numpy as np
 import onnxruntime as ort

@@ -127,9 +127,7 @@ impl FeatureExtractor {
         dims: Vec<usize>,
         preprocessing: &Preprocessing,
     ) -> Result<FeatureExtractor> {
-        let plan = model
-            .clone()
-            .into_optimized()
+        let plan = graft_runtime::kernels::into_optimized(model.clone())
             .and_then(|m| m.into_runnable())
             .map_err(CompileError::graph("feature extraction"))?;
         Ok(FeatureExtractor {

@@ -301,8 +301,7 @@ impl TrainablePart {
                     node: boundary.clone(),
                     reason: "its shape is not fixed".into(),
                 })?;
-            let plan = model
-                .into_optimized()
+            let plan = graft_runtime::kernels::into_optimized(model)
                 .and_then(|m| m.into_runnable())
                 .map_err(CompileError::graph("prefix"))?;
             (Some(plan), shape)

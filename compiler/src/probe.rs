@@ -153,10 +153,7 @@ pub fn probe_normalization(
     if classifier.cut_shape().len() != 2 || classifier.feature_dim() < 2 {
         return Ok(None);
     }
-    let plan = classifier
-        .model()
-        .clone()
-        .into_optimized()
+    let plan = graft_runtime::kernels::into_optimized(classifier.model().clone())
         .and_then(|m| m.into_runnable())
         .map_err(CompileError::graph("normalization probe"))?;
     let run = Runner {

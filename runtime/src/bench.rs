@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::commands::Outcome;
 use crate::error::{Error, Result};
 use crate::eval::default_threads;
-use crate::model::{LoadTimings, Model};
+use crate::model::{LoadOptions, LoadTimings, Model};
 use crate::preprocess::load_image;
 
 /// Arguments of `bench`.
@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// `multithread` feature).
     #[arg(long, default_value_t = 1)]
     pub intra_op_threads: usize,
+    /// Run tract's own operators instead of graft's kernels (to compare the two).
+    #[arg(long)]
+    pub tract_kernels: bool,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -118,7 +121,12 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     }
     crate::set_intra_op_threads(args.intra_op_threads)?;
     let started = Instant::now();
-    let model = Model::load(&args.model)?;
+    let model = Model::load_with(
+        &args.model,
+        LoadOptions {
+            graft_kernels: !args.tract_kernels,
+        },
+    )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let images: Vec<DynamicImage> = if args.images.is_empty() {
         vec![synthetic_image()]

@@ -21,6 +21,7 @@ pub mod commands;
 pub mod dataset;
 pub mod error;
 pub mod eval;
+pub mod kernels;
 pub mod model;
 pub mod preprocess;
 pub mod progress;
@@ -28,7 +29,7 @@ pub mod weights;
 
 pub use artifact::{Artifact, Manifest};
 pub use error::{Error, Result};
-pub use model::{Classification, LabelScore, Model};
+pub use model::{Classification, LabelScore, LoadOptions, Model};
 pub use preprocess::{Normalization, Preprocessing};
 
 /// Sets how many threads tract may use inside one matrix product (intra-op parallelism). `1` (the

@@ -84,9 +84,30 @@ impl Classification {
     }
 }
 
+/// How a graph is prepared for running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Swap in graft's kernels where tract is slow ([`crate::kernels`]); off gives tract's own
+    /// operators, for comparison.
+    pub graft_kernels: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            graft_kernels: true,
+        }
+    }
+}
+
 impl Model {
     /// Loads, validates and prepares the artifact at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        Self::load_with(path, LoadOptions::default())
+    }
+
+    /// [`Model::load`] with explicit options.
+    pub fn load_with(path: impl AsRef<Path>, options: LoadOptions) -> Result<Model> {
         // tract's NNEF reader parses its standard library when created (~10 ms); do that on a
         // second thread while this one maps and validates the file.
         let (artifact, nnef, validate) = std::thread::scope(|scope| {
@@ -100,7 +121,7 @@ impl Model {
                 validate,
             )
         });
-        let mut model = Self::prepare(artifact?, &nnef)?;
+        let mut model = Self::prepare(artifact?, &nnef, options)?;
         model.load_timings.validate = validate;
         Ok(model)
     }
@@ -117,10 +138,14 @@ impl Model {
     /// [`Error::InvalidGraph`] instead of bringing the process down; this needs the default
     /// `panic = "unwind"`.
     pub fn from_artifact(artifact: Artifact) -> Result<Model> {
-        Self::prepare(artifact, &tract_nnef::nnef())
+        Self::prepare(artifact, &tract_nnef::nnef(), LoadOptions::default())
     }
 
-    fn prepare(artifact: Artifact, nnef: &tract_nnef::framework::Nnef) -> Result<Model> {
+    fn prepare(
+        artifact: Artifact,
+        nnef: &tract_nnef::framework::Nnef,
+        options: LoadOptions,
+    ) -> Result<Model> {
         let invalid = |reason: String| Error::InvalidGraph {
             path: artifact.path.clone(),
             reason,
@@ -138,6 +163,9 @@ impl Model {
             // The compiler decluttered the graph before writing it, so only tract's CPU-specific
             // optimisation runs here (skipping a second declutter saves ~40 % of this step).
             let mut graph = graph;
+            if options.graft_kernels {
+                crate::kernels::use_graft_kernels(&mut graph).map_err(|e| format!("{e:#}"))?;
+            }
             let plan = graph
                 .optimize()
                 .and_then(|_| graph.into_runnable())

@@ -299,8 +299,7 @@ pub fn calibrate(
     probe
         .select_output_outlets(&outlets)
         .map_err(CompileError::graph("calibrate"))?;
-    let plan = probe
-        .into_optimized()
+    let plan = graft_runtime::kernels::into_optimized(probe)
         .and_then(|m| m.into_runnable())
         .map_err(CompileError::graph("calibrate"))?;
     let mut done = 0;

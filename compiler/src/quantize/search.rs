@@ -114,9 +114,7 @@ impl Probe {
     }
 
     fn outputs(&self, model: &TypedModel, limit: usize) -> Result<Vec<Vec<f32>>> {
-        let plan = model
-            .clone()
-            .into_optimized()
+        let plan = graft_runtime::kernels::into_optimized(model.clone())
             .and_then(|m| m.into_runnable())
             .map_err(CompileError::graph("quantization probe"))?;
         let inputs = &self.inputs[..limit.min(self.inputs.len())];

@@ -1,0 +1,436 @@
+//! Kernels: graft's own implementations of operators that tract runs slowly on CPU, swapped into a
+//! graph before it is optimised ([`use_graft_kernels`]). Artifacts keep standard tract NNEF; only
+//! the plan built from them differs, so the same file runs with or without them.
+//!
+//! Depthwise convolution: tract 0.23's `DepthWiseConv` walks padding zones with generic scalar
+//! code (under 1 G multiply-adds/s here), about half of EfficientNet-Lite0's time.
+//! [`DepthwiseConv`] copies each channel once into a zero-padded plane split into one plane per
+//! column phase of the stride, so every kernel tap becomes a contiguous multiply-add over an
+//! output row, which the compiler vectorises. On x86-64 an AVX2+FMA build of the loop is chosen
+//! at run time when the CPU has it; aarch64 always has NEON and FMA.
+
+use std::sync::Arc;
+
+use tract_core::internal::*;
+use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::nn::DataFormat;
+
+/// A depthwise 2-D convolution (one filter per channel), f32, batch 1, NCHW or CHW.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DepthwiseConv {
+    channels: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    /// Zero rows above and columns left of the input.
+    pad: [usize; 2],
+    input: [usize; 2],
+    output: [usize; 2],
+    /// The output's full shape (`[1, C, H, W]` or `[C, H, W]`).
+    output_shape: TVec<usize>,
+    /// `[C, kh * kw]`.
+    weights: Arc<Vec<f32>>,
+    /// `[C]`.
+    bias: Arc<Vec<f32>>,
+}
+
+// tract compares operators for equality (to merge identical nodes); weights that compare equal
+// are the same operator, and NaN weights never come out of a folded graph.
+impl Eq for DepthwiseConv {}
+
+/// The constant value at `outlet`: a constant, or an operator of constants (the NNEF reader
+/// leaves casts of stored tensors in place), evaluated here.
+fn konst(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
+    konst_within(model, outlet, 3)
+}
+
+fn konst_within(model: &TypedModel, outlet: OutletId, depth: usize) -> Option<Arc<Tensor>> {
+    let fact = model.outlet_fact(outlet).ok()?;
+    if let Some(value) = &fact.konst {
+        return Some(value.clone());
+    }
+    let node = model.node(outlet.node);
+    if depth == 0 || node.inputs.is_empty() {
+        return None;
+    }
+    let inputs: Option<TVec<TValue>> = node
+        .inputs
+        .iter()
+        .map(|&i| Some(konst_within(model, i, depth - 1)?.into_tvalue()))
+        .collect();
+    let outputs = node.op.eval_out_of_plan(inputs?).ok()??;
+    Some(outputs.get(outlet.slot)?.clone().into_arc_tensor())
+}
+
+impl DepthwiseConv {
+    /// The kernel for `node` when it is a convolution this kernel computes exactly: f32, one
+    /// group per channel, constant weights and bias, no dilation, a batch of one.
+    pub fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DepthwiseConv>> {
+        let Some(conv) = node.op_as::<Conv>() else {
+            return Ok(None);
+        };
+        let spec = &conv.pool_spec;
+        let input_fact = model.outlet_fact(node.inputs[0])?;
+        let output_fact = &node.outputs[0].fact;
+        let channels = spec.input_channels;
+        let batch_axis = match spec.data_format {
+            DataFormat::NCHW => true,
+            DataFormat::CHW => false,
+            _ => return Ok(None),
+        };
+        if conv.q_params.is_some()
+            || conv.kernel_fmt != KernelFormat::OIHW
+            || conv.group != channels
+            || spec.output_channels != channels
+            || channels < 2
+            || node.inputs.len() != 3
+            || input_fact.datum_type != f32::datum_type()
+            || output_fact.datum_type != f32::datum_type()
+            || spec.kernel_shape.len() != 2
+            || spec.dilations().iter().any(|&d| d != 1)
+        {
+            return Ok(None);
+        }
+        let (Some(input_shape), Some(output_shape)) = (
+            input_fact.shape.as_concrete(),
+            output_fact.shape.as_concrete(),
+        ) else {
+            return Ok(None);
+        };
+        let rank = if batch_axis { 4 } else { 3 };
+        if input_shape.len() != rank
+            || output_shape.len() != rank
+            || (batch_axis && (input_shape[0] != 1 || output_shape[0] != 1))
+        {
+            return Ok(None);
+        }
+        let spatial = &input_shape[rank - 2..];
+        let padding = spec.computed_padding(spatial);
+        let (Some(weights), Some(bias)) =
+            (konst(model, node.inputs[1]), konst(model, node.inputs[2]))
+        else {
+            return Ok(None);
+        };
+        let taps = spec.kernel_shape[0] * spec.kernel_shape[1];
+        if weights.datum_type() != f32::datum_type()
+            || weights.len() != channels * taps
+            || bias.datum_type() != f32::datum_type()
+            || (bias.len() != channels && bias.len() != 1)
+        {
+            return Ok(None);
+        }
+        let bias_values = bias.view().as_slice::<f32>()?.to_vec();
+        let bias = if bias_values.len() == 1 {
+            vec![bias_values[0]; channels]
+        } else {
+            bias_values
+        };
+        let strides = spec.strides();
+        Ok(Some(DepthwiseConv {
+            channels,
+            kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
+            stride: [strides[0], strides[1]],
+            pad: [padding[0].pad_before, padding[1].pad_before],
+            input: [spatial[0], spatial[1]],
+            output: [output_shape[rank - 2], output_shape[rank - 1]],
+            output_shape: output_shape.into(),
+            weights: Arc::new(weights.view().as_slice::<f32>()?.to_vec()),
+            bias: Arc::new(bias),
+        }))
+    }
+
+    /// Convolves `input` (`C x H x W`, contiguous) into `output` (`C x OH x OW`).
+    pub fn run(&self, input: &[f32], output: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { self.run_avx2_fma(input, output) };
+        }
+        self.run_portable(input, output)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2_fma(&self, input: &[f32], output: &mut [f32]) {
+        self.convolve::<true>(input, output)
+    }
+
+    fn run_portable(&self, input: &[f32], output: &mut [f32]) {
+        // aarch64 has fused multiply-add in its base instruction set.
+        self.convolve::<{ cfg!(target_arch = "aarch64") }>(input, output)
+    }
+
+    #[inline(always)]
+    fn convolve<const FMA: bool>(&self, input: &[f32], output: &mut [f32]) {
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [ih, iw] = self.input;
+        let [oh, ow] = self.output;
+        let [pad_top, pad_left] = self.pad;
+        // Padded rows and columns every output reads.
+        let rows = (oh - 1) * sh + kh;
+        let phase_width = (ow - 1) + kw.div_ceil(sw);
+        // One plane per column phase, plus `kw` of slack read by the unused columns of the
+        // last row.
+        let mut phases = vec![0f32; sw * rows * phase_width + kw];
+        let mut accumulator = vec![0f32; if sh == 1 { oh * phase_width } else { 0 }];
+        for channel in 0..self.channels {
+            phases.iter_mut().for_each(|v| *v = 0.0);
+            let plane = &input[channel * ih * iw..(channel + 1) * ih * iw];
+            for row in pad_top..rows.min(ih + pad_top) {
+                let source = &plane[(row - pad_top) * iw..(row - pad_top + 1) * iw];
+                for phase in 0..sw {
+                    let start = (phase * rows + row) * phase_width;
+                    let target = &mut phases[start..start + phase_width];
+                    if sw == 1 {
+                        let n = iw.min(phase_width.saturating_sub(pad_left));
+                        target[pad_left..pad_left + n].copy_from_slice(&source[..n]);
+                        continue;
+                    }
+                    // Column `offset * sw + phase` of the padded row is input column
+                    // `offset * sw + phase - pad_left`.
+                    let first = (pad_left.saturating_sub(phase)).div_ceil(sw);
+                    for (offset, value) in target.iter_mut().enumerate().skip(first) {
+                        let x = offset * sw + phase - pad_left;
+                        if x >= iw {
+                            break;
+                        }
+                        *value = source[x];
+                    }
+                }
+            }
+            let weights = &self.weights[channel * kh * kw..(channel + 1) * kh * kw];
+            let out = &mut output[channel * oh * ow..(channel + 1) * oh * ow];
+            let bias = self.bias[channel];
+            if sh == 1 {
+                // Rows are consecutive in the phase planes: each tap is one multiply-add over
+                // all output rows at once, computed `phase_width` wide (the extra columns are
+                // dropped below; they only ever read padding or the next row).
+                accumulator.iter_mut().for_each(|v| *v = bias);
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let start = ((kx % sw) * rows + ky) * phase_width + kx / sw;
+                        let source = &phases[start..start + accumulator.len()];
+                        axpy::<FMA>(&mut accumulator, weights[ky * kw + kx], source);
+                    }
+                }
+                for (out_row, row) in out
+                    .chunks_exact_mut(ow)
+                    .zip(accumulator.chunks_exact(phase_width))
+                {
+                    out_row.copy_from_slice(&row[..ow]);
+                }
+                continue;
+            }
+            for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+                out_row.iter_mut().for_each(|v| *v = bias);
+                for ky in 0..kh {
+                    let row = oy * sh + ky;
+                    for kx in 0..kw {
+                        let start = ((kx % sw) * rows + row) * phase_width + kx / sw;
+                        axpy::<FMA>(out_row, weights[ky * kw + kx], &phases[start..start + ow]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out += w * source`, element by element (the loop the compiler vectorises).
+#[inline(always)]
+fn axpy<const FMA: bool>(out: &mut [f32], w: f32, source: &[f32]) {
+    for (o, &s) in out.iter_mut().zip(source) {
+        *o = if FMA { w.mul_add(s, *o) } else { *o + w * s };
+    }
+}
+
+impl Op for DepthwiseConv {
+    fn name(&self) -> StaticName {
+        "GraftDepthwiseConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} channels, kernel {:?}, stride {:?}, pad {:?}, {:?} -> {:?}",
+            self.channels, self.kernel, self.stride, self.pad, self.input, self.output
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DepthwiseConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let view = input.view();
+        let values = view.as_slice::<f32>()?;
+        let expected = self.channels * self.input[0] * self.input[1];
+        ensure!(
+            values.len() == expected,
+            "GraftDepthwiseConv expects {expected} values, got {}",
+            values.len()
+        );
+        let mut output = vec![0f32; self.channels * self.output[0] * self.output[1]];
+        self.run(values, &mut output);
+        Ok(tvec!(
+            Tensor::from_shape(&self.output_shape, &output)?.into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for DepthwiseConv {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+
+    as_op!();
+}
+
+/// Replaces every convolution one of graft's kernels computes exactly with that kernel; returns
+/// how many were replaced. Run it on a typed graph before `optimize`.
+pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        if let Some(kernel) = DepthwiseConv::for_node(model, node)? {
+            let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], kernel)?;
+            patch.apply(model)?;
+            replaced += 1;
+        }
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// `model.into_optimized()` with graft's kernels swapped in after decluttering.
+pub fn into_optimized(model: TypedModel) -> TractResult<TypedModel> {
+    let mut model = model.into_decluttered()?;
+    use_graft_kernels(&mut model)?;
+    model.optimize()?;
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+
+    /// A depthwise convolution through tract's own operator and through graft's kernel.
+    fn both(
+        channels: usize,
+        input: [usize; 2],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: PaddingSpec,
+    ) -> (Vec<f32>, Vec<f32>, TVec<usize>) {
+        let mut model = TypedModel::default();
+        let x = model
+            .add_source("x", f32::fact([1, channels, input[0], input[1]]))
+            .unwrap();
+        let taps = kernel[0] * kernel[1];
+        let weights: Vec<f32> = (0..channels * taps)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let weights = model
+            .add_const(
+                "w",
+                Tensor::from_shape(&[channels, 1, kernel[0], kernel[1]], &weights).unwrap(),
+            )
+            .unwrap();
+        let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.25 - 1.0).collect();
+        let bias = model.add_const("b", tensor1(&bias)).unwrap();
+        let conv = Conv::new(
+            PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: kernel.iter().copied().collect(),
+                padding,
+                dilations: None,
+                strides: Some(stride.iter().copied().collect()),
+                input_channels: channels,
+                output_channels: channels,
+            },
+            KernelFormat::OIHW,
+            channels,
+            None,
+        );
+        let y = model.wire_node("conv", conv, &[x, weights, bias]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let values: Vec<f32> = (0..channels * input[0] * input[1])
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 17.0)
+            .collect();
+        let image = Tensor::from_shape(&[1, channels, input[0], input[1]], &values).unwrap();
+        let run = |model: TypedModel| {
+            let out = model
+                .into_optimized()
+                .unwrap()
+                .into_runnable()
+                .unwrap()
+                .run(tvec![image.clone().into()])
+                .unwrap();
+            (
+                out[0].view().as_slice::<f32>().unwrap().to_vec(),
+                out[0].shape().into(),
+            )
+        };
+        let (reference, shape) = run(model.clone());
+        assert_eq!(use_graft_kernels(&mut model).unwrap(), 1);
+        assert!(model.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
+        let (ours, our_shape) = run(model);
+        assert_eq!(shape, our_shape);
+        (reference, ours, shape)
+    }
+
+    #[test]
+    fn matches_tract_for_strides_kernels_and_paddings() {
+        let explicit = |t, l, b, r| PaddingSpec::Explicit(tvec![t, l], tvec![b, r]);
+        for (channels, input, kernel, stride, padding) in [
+            (3, [7, 9], [3, 3], [1, 1], explicit(1, 1, 1, 1)),
+            (4, [8, 8], [3, 3], [2, 2], explicit(0, 0, 1, 1)),
+            (5, [11, 10], [5, 5], [2, 2], explicit(2, 2, 2, 2)),
+            (2, [9, 9], [5, 5], [1, 1], PaddingSpec::SameUpper),
+            (6, [6, 13], [3, 3], [1, 2], PaddingSpec::Valid),
+            (3, [10, 10], [3, 3], [3, 3], explicit(1, 1, 0, 0)),
+        ] {
+            let (reference, ours, shape) = both(channels, input, kernel, stride, padding);
+            let worst = reference
+                .iter()
+                .zip(&ours)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < 1e-4, "{shape:?}: differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn leaves_other_convolutions_alone() {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 4, 6, 6])).unwrap();
+        let w = model
+            .add_const("w", Tensor::zero::<f32>(&[2, 2, 3, 3]).unwrap())
+            .unwrap();
+        let b = model.add_const("b", tensor1(&[0f32, 0.0])).unwrap();
+        let grouped = Conv::new(
+            PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec![3, 3],
+                padding: PaddingSpec::Valid,
+                dilations: None,
+                strides: None,
+                input_channels: 4,
+                output_channels: 2,
+            },
+            KernelFormat::OIHW,
+            2,
+            None,
+        );
+        let y = model.wire_node("grouped", grouped, &[x, w, b]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        assert_eq!(use_graft_kernels(&mut model).unwrap(), 0);
+    }
+}
