@@ -7,6 +7,7 @@
 //! Options: `depthwise`, `per-channel` (which layers / scales), `method=min-max|percentile|entropy`
 //! (default: try all), `budget=POINTS` of agreement int8 may lose (default 1), `real` (run the
 //! int8 graph too: ~1 s per image on CPUs without VNNI), `profile` (per-node timing).
+//! Plans are built as graft's runtime builds them (graft's depthwise kernel swapped in).
 //! Calibration and evaluation images are spread evenly over the sorted list and do not overlap
 //! when CALIB + EVAL <= the number of images.
 //! IMAGES_DIR holds `<class>/<image>` (e.g. ../shared/datasets/imagenet-sample/val); images are
@@ -161,17 +162,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let ranges = calibration.ranges(result.method);
     let int8 = quantize(&model, &ranges, &result.config)?;
-    let simulated = simulate(&model, &ranges, &result.config)?
-        .into_optimized()?
-        .into_runnable()?;
+    let simulated =
+        graft_runtime::kernels::into_optimized(simulate(&model, &ranges, &result.config)?)?
+            .into_runnable()?;
     // Through NNEF and back, optimised as graft's runtime does.
     let nnef = tract_nnef::nnef();
     let mut bytes = vec![];
     nnef.write_to_tar(&int8, &mut bytes)?;
     let mut int8 = nnef.model_for_read(&mut &bytes[..])?;
+    graft_runtime::kernels::use_graft_kernels(&mut int8)?;
     int8.optimize()?;
     let int8 = int8.into_runnable()?;
-    let f32_plan = model.into_optimized()?.into_runnable()?;
+    let f32_plan = graft_runtime::kernels::into_optimized(model)?.into_runnable()?;
     println!("int8 NNEF {} bytes", bytes.len());
 
     if flag("real") {
