@@ -479,6 +479,11 @@ struct CompileArgs {
     /// sensitive layers (measured one by one) go back to f32 until the simulated loss fits.
     #[arg(long, default_value_t = 1.0, value_name = "POINTS", value_parser = parse_budget)]
     accuracy_budget: f64,
+    /// Which layers may be int8: all that the accuracy budget allows, or only those that also
+    /// run faster in int8 than in f32 when timed alone on this machine (use `faster` when
+    /// compiling on the CPU the artifact will run on).
+    #[arg(long, default_value = "all", value_parser = ["all", "faster"])]
+    int8_layers: String,
     /// How the artifact stores its large weight tensors: f32, f16 (half the size) or int8
     /// (symmetric per output channel, a quarter). They are widened back to f32 when the artifact
     /// is loaded, so inference runs at f32 speed; the end-to-end check measures the accuracy.
@@ -808,6 +813,7 @@ impl CompileArgs {
                 .transpose()
                 .map_err(|message: String| Failure { message, code: 1 })?,
             accuracy_budget: self.accuracy_budget / 100.0,
+            int8_only_where_faster: self.int8_layers == "faster",
             weights: self.weights,
             finetune: self.finetune()?,
         })

@@ -28,7 +28,10 @@ use crate::fold::FoldedModel;
 use crate::import::Backbone;
 use crate::probe::probe_normalization;
 use crate::quantize::search::{search, Probe, SearchOptions, SearchResult};
-use crate::quantize::{calibrate, plan, quantize, CalibrationMethod, Precision, QuantizeConfig};
+use crate::quantize::{
+    calibrate, plan, quantize, time_layers, CalibrationMethod, LayerTiming, Precision,
+    QuantizeConfig,
+};
 use crate::rng::Rng;
 use crate::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
 
@@ -92,6 +95,8 @@ pub struct CompileOptions {
     /// Validation accuracy (a fraction: 0.01 is one point) int8 may lose against f32 before
     /// the most sensitive layers go back to f32.
     pub accuracy_budget: f64,
+    /// Time each int8 layer alone on this machine and keep f32 where int8 is slower.
+    pub int8_only_where_faster: bool,
     /// How the artifact stores its large weight tensors (widened to f32 at load).
     pub weights: WeightStorage,
     /// Fine-tuning or training from scratch; `None` trains the head only.
@@ -123,6 +128,7 @@ impl CompileOptions {
             calibration_images: 32,
             calibration: None,
             accuracy_budget: 0.01,
+            int8_only_where_faster: false,
             weights: WeightStorage::F32,
             finetune: None,
         }
@@ -699,21 +705,40 @@ fn quantize_graph(
         return Err(CompileError::Interrupted);
     }
     report_search(&result, options, reporter);
-    let mut layers = plan(&folded.model, &result.config)?;
+    let ranges = calibration.ranges(result.method);
+    let mut config = result.config.clone();
+    let timings = if options.int8_only_where_faster {
+        let timings = time_layers(&folded.model, &ranges, &config, 15)?;
+        let slower: Vec<&LayerTiming> = timings.iter().filter(|t| t.int8_ms > t.f32_ms).collect();
+        config
+            .keep_f32
+            .extend(slower.iter().map(|t| t.layer.clone()));
+        reporter.message(&format!(
+            "quantize  timed alone here: {} of {} int8 layers are slower than in f32 and stay f32 (int8 {:.2} ms vs f32 {:.2} ms in all)",
+            slower.len(),
+            timings.len(),
+            timings.iter().map(|t| t.int8_ms).sum::<f64>(),
+            timings.iter().map(|t| t.f32_ms).sum::<f64>(),
+        ));
+        timings
+    } else {
+        vec![]
+    };
+    let mut layers = plan(&folded.model, &config)?;
     for layer in &mut layers {
+        let timing = timings.iter().find(|t| t.layer == layer.layer);
+        layer.timed_ms = timing.map(|t| [t.f32_ms as f32, t.int8_ms as f32]);
         layer.reason = if result.fallbacks.iter().any(|f| f.layer == layer.layer) {
             Some("kept f32: accuracy budget".into())
         } else if layer.kind == "depthwise" && !base.depthwise {
             Some("kept f32: tract has no int8 depthwise kernel".into())
+        } else if timing.is_some_and(|t| t.int8_ms > t.f32_ms) {
+            Some("kept f32: slower in int8 on the compiling machine".into())
         } else {
             None
         };
     }
-    let quantized = quantize(
-        &folded.model,
-        &calibration.ranges(result.method),
-        &result.config,
-    )?;
+    let quantized = quantize(&folded.model, &ranges, &config)?;
     let int8 = layers.iter().filter(|l| l.precision == "int8").count();
     reporter.message(&format!(
         "quantize  int8: {int8} of {} layers, {} activation ranges from {calibration_images} training images",
@@ -729,8 +754,13 @@ fn quantize_graph(
         graph,
         QuantizationInfo {
             method: format!(
-                "{} activation ranges (asymmetric per tensor), int8 weights symmetric per tensor",
-                result.method.name()
+                "{} activation ranges (asymmetric per tensor), int8 weights symmetric per {}",
+                result.method.name(),
+                if config.per_channel {
+                    "output channel (1x1 products; per tensor for the stem)"
+                } else {
+                    "tensor"
+                }
             ),
             calibration_images,
             layers,
@@ -764,6 +794,17 @@ fn report_search(result: &SearchResult, options: &CompileOptions, reporter: &dyn
         trials.join(", "),
         result.method.name()
     ));
+    if let Some(per_channel) = result.per_channel {
+        reporter.message(&format!(
+            "quantize  per-channel weight scales: {:.4} ({})",
+            per_channel.score(),
+            if result.config.per_channel {
+                "kept: more accurate"
+            } else {
+                "not kept: no more accurate, and tract runs them slower"
+            }
+        ));
+    }
     let budget = options.accuracy_budget * 100.0;
     if result.fallbacks.is_empty() {
         reporter.message(&format!(

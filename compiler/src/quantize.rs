@@ -195,6 +195,7 @@ pub fn plan(model: &TypedModel, config: &QuantizeConfig) -> Result<Vec<LayerPrec
             }
             .to_string(),
             reason: None,
+            timed_ms: None,
         })
         .collect())
 }
@@ -213,6 +214,116 @@ fn scalar_i32(model: &mut TypedModel, name: String, v: i32) -> TractResult<Outle
 
 fn scalar_f32(model: &mut TypedModel, name: String, v: f32) -> TractResult<OutletId> {
     model.add_const(name, tensor0(v))
+}
+
+/// How long one quantizable layer takes alone on this machine (one thread, best of several runs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerTiming {
+    /// Node name.
+    pub layer: String,
+    /// The layer in f32 (product, bias, activation), in milliseconds.
+    pub f32_ms: f64,
+    /// The layer in int8 with the casts at its boundaries, in milliseconds.
+    pub int8_ms: f64,
+}
+
+/// The single-layer graph of `candidate`: its input as the source, its product, bias and
+/// activation, its output; and the ranges of that input and output in the new graph.
+fn layer_alone(
+    model: &TypedModel,
+    candidate: &Candidate,
+    ranges: &ActivationRanges,
+) -> TractResult<(TypedModel, ActivationRanges)> {
+    let mut alone = TypedModel::default();
+    let input = model.node(candidate.node).inputs[0];
+    let source = alone.add_source("x", model.outlet_fact(input)?.clone())?;
+    let mut wires: HashMap<OutletId, OutletId> = HashMap::from([(input, source)]);
+    let nodes = std::iter::once(candidate.node)
+        .chain(candidate.bias_add)
+        .chain(candidate.activation.iter().copied());
+    for id in nodes {
+        let node = model.node(id);
+        let mut inputs = tvec![];
+        for (ix, outlet) in node.inputs.iter().enumerate() {
+            let wire = match wires.get(outlet) {
+                Some(wire) => *wire,
+                None => {
+                    let konst = const_of(model, *outlet).context("a non-constant side input")?;
+                    alone.add_const(format!("{}.{ix}", node.name), konst)?
+                }
+            };
+            inputs.push(wire);
+        }
+        let output = alone.wire_node(&node.name, node.op.clone(), &inputs)?[0];
+        wires.insert(OutletId::new(id, 0), output);
+    }
+    let output = wires[&candidate.output()];
+    alone.select_output_outlets(&[output])?;
+    let range = |outlet| {
+        ranges
+            .range(outlet)
+            .with_context(|| format!("no calibrated range for {:?}", model.node(outlet.node).name))
+    };
+    let alone_ranges = ActivationRanges::from_ranges([
+        (source, range(input)?),
+        (output, range(candidate.output())?),
+    ]);
+    Ok((alone, alone_ranges))
+}
+
+/// Best of `runs` timed runs of `model` on zeros, after two untimed ones, in milliseconds.
+fn best_time(model: TypedModel, runs: usize) -> TractResult<f64> {
+    let input = model
+        .input_fact(0)?
+        .shape
+        .as_concrete()
+        .context("fixed input shape")?
+        .to_vec();
+    let input = Tensor::zero::<f32>(&input)?;
+    let plan = graft_runtime::kernels::into_optimized(model)?.into_runnable()?;
+    let mut best = f64::INFINITY;
+    for run in 0..runs + 2 {
+        let started = std::time::Instant::now();
+        plan.run(tvec![input.clone().into()])?;
+        if run >= 2 {
+            best = best.min(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(best)
+}
+
+/// Times every layer `config` puts in int8, alone, in f32 and in int8 (with the casts at its
+/// boundaries), on this machine: how [`QuantizeConfig::keep_f32`] can be extended with the
+/// layers tract runs slower in int8 here.
+pub fn time_layers(
+    model: &TypedModel,
+    ranges: &ActivationRanges,
+    config: &QuantizeConfig,
+    runs: usize,
+) -> Result<Vec<LayerTiming>> {
+    let timings = || -> TractResult<Vec<LayerTiming>> {
+        let mut timings = vec![];
+        for candidate in candidates(model)?
+            .iter()
+            .filter(|c| chosen(model, c, config))
+        {
+            let (alone, alone_ranges) = layer_alone(model, candidate, ranges)?;
+            let everything = QuantizeConfig {
+                depthwise: true,
+                keep_f32: vec![],
+                per_channel: config.per_channel,
+            };
+            let int8 = rewrite(&alone, &alone_ranges, &everything, false)
+                .map_err(|e| TractError::msg(e.to_string()))?;
+            timings.push(LayerTiming {
+                layer: model.node(candidate.node).name.clone(),
+                f32_ms: best_time(alone, runs)?,
+                int8_ms: best_time(int8, runs)?,
+            });
+        }
+        Ok(timings)
+    };
+    timings().map_err(CompileError::graph("time layers"))
 }
 
 /// Symmetric int8 weights, one scale for the tensor or one per output channel (axis 0):

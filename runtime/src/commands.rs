@@ -416,8 +416,20 @@ fn describe_precision(m: &Manifest) -> String {
         ),
         None => String::new(),
     };
+    let slower = q
+        .layers
+        .iter()
+        .filter(|l| {
+            l.reason.as_deref() == Some("kept f32: slower in int8 on the compiling machine")
+        })
+        .count();
+    let timed = if q.layers.iter().any(|l| l.timed_ms.is_some()) {
+        format!("; {slower} layers kept f32 as slower in int8 when timed on the compiling machine")
+    } else {
+        String::new()
+    };
     format!(
-        "{}: {int8} of {} layers int8 ({}), {} on {} images{trials}{budget}{accuracy}",
+        "{}: {int8} of {} layers int8 ({}), {} on {} images{trials}{budget}{timed}{accuracy}",
         m.precision,
         q.layers.len(),
         kinds.join(", "),

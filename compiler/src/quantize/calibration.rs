@@ -237,6 +237,13 @@ impl ActivationRanges {
     pub fn range(&self, outlet: OutletId) -> Option<Range> {
         self.ranges.get(&outlet).copied()
     }
+
+    /// Ranges given outlet by outlet.
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (OutletId, Range)>) -> ActivationRanges {
+        ActivationRanges {
+            ranges: ranges.into_iter().collect(),
+        }
+    }
 }
 
 /// What calibration observed at every f32 activation of a graph.

@@ -2,7 +2,9 @@
 //!
 //! Every candidate is the [`super::simulate`]d graph (int8 numbers at f32 speed), compared with the
 //! f32 graph on the same images ([`Probe`]). [`search`] first tries each calibration method and
-//! keeps the most accurate; if that loses more than the accuracy budget, it measures how much each
+//! keeps the most accurate, then per-channel weight scales for the 1x1 products (kept only when
+//! strictly more accurate: tract runs them slower); if that loses more than the accuracy budget,
+//! it measures how much each
 //! int8 layer alone disturbs the output (its sensitivity) and returns layers to f32, most sensitive
 //! first, until the loss fits the budget.
 
@@ -204,6 +206,10 @@ pub struct SearchResult {
     pub trials: Vec<Trial>,
     /// Layers returned to f32, in the order they were.
     pub fallbacks: Vec<Fallback>,
+    /// The kept method with one weight scale per output channel for the 1x1 products, when the
+    /// base configuration is per tensor; chosen only when strictly more accurate (tract runs
+    /// per-channel products slower).
+    pub per_channel: Option<Measurement>,
     /// The simulated outcome of the final choice.
     pub simulated: Measurement,
     /// Probe images measured.
@@ -250,6 +256,19 @@ pub fn search(
     let mut simulated = best.measurement;
     let ranges = calibration.ranges(method);
     let mut config = options.base.clone();
+    let mut per_channel = None;
+    if !config.per_channel {
+        let candidate = QuantizeConfig {
+            per_channel: true,
+            ..config.clone()
+        };
+        let measurement = probe.measure(&simulate(model, &ranges, &candidate)?)?;
+        per_channel = Some(measurement);
+        if measurement.score() > simulated.score() + 1e-9 {
+            config = candidate;
+            simulated = measurement;
+        }
+    }
     let mut fallbacks = Vec::new();
     let within = |m: &Measurement| reference.score() - m.score() <= options.budget + 1e-9;
     if !within(&simulated) {
@@ -302,6 +321,7 @@ pub fn search(
         reference,
         trials,
         fallbacks,
+        per_channel,
         simulated,
         images: probe.len(),
     })
