@@ -7,6 +7,11 @@
 //! a third of the int8 Lite0 graph's time). [`QuantizedCast`] does the same arithmetic, bit for
 //! bit, in a loop the compiler vectorises.
 //!
+//! In an int8 graph, depthwise convolutions stay f32 (tract has no int8 depthwise kernel), so each
+//! sits in a dequantize -> convolve -> clamp -> quantize chain. [`QuantizedDepthwise`] runs such a
+//! chain as one operator with the same arithmetic (dequantizing into the padded planes,
+//! quantizing from the accumulator), so the f32 tensors are never written out.
+//!
 //! Depthwise convolution: tract 0.23's `DepthWiseConv` walks padding zones with generic scalar
 //! code (under 1 G multiply-adds/s here), about half of EfficientNet-Lite0's time.
 //! [`DepthwiseConv`] copies each channel once into a zero-padded plane split into one plane per
@@ -17,6 +22,7 @@
 use std::sync::Arc;
 
 use tract_core::internal::*;
+use tract_core::ops::change_axes::AxisOp;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
 
@@ -145,6 +151,10 @@ impl DepthwiseConv {
 
     /// Convolves `input` (`C x H x W`, contiguous) into `output` (`C x OH x OW`).
     pub fn run(&self, input: &[f32], output: &mut [f32]) {
+        self.dispatch(Planes::F32(input), Sink::F32(output))
+    }
+
+    fn dispatch(&self, input: Planes, output: Sink) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
@@ -155,17 +165,17 @@ impl DepthwiseConv {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2_fma(&self, input: &[f32], output: &mut [f32]) {
+    unsafe fn run_avx2_fma(&self, input: Planes, output: Sink) {
         self.convolve::<true>(input, output)
     }
 
-    fn run_portable(&self, input: &[f32], output: &mut [f32]) {
+    fn run_portable(&self, input: Planes, output: Sink) {
         // aarch64 has fused multiply-add in its base instruction set.
         self.convolve::<{ cfg!(target_arch = "aarch64") }>(input, output)
     }
 
     #[inline(always)]
-    fn convolve<const FMA: bool>(&self, input: &[f32], output: &mut [f32]) {
+    fn convolve<const FMA: bool>(&self, input: Planes, mut output: Sink) {
         let [kh, kw] = self.kernel;
         let [sh, sw] = self.stride;
         let [ih, iw] = self.input;
@@ -178,9 +188,22 @@ impl DepthwiseConv {
         // last row.
         let mut phases = vec![0f32; sw * rows * phase_width + kw];
         let mut accumulator = vec![0f32; if sh == 1 { oh * phase_width } else { 0 }];
+        let mut dequantized = vec![0f32; if input.is_int8() { ih * iw } else { 0 }];
+        let mut results = vec![0f32; if output.is_int8() { oh * ow } else { 0 }];
         for channel in 0..self.channels {
             phases.iter_mut().for_each(|v| *v = 0.0);
-            let plane = &input[channel * ih * iw..(channel + 1) * ih * iw];
+            let plane: &[f32] = match input {
+                Planes::F32(values) => &values[channel * ih * iw..(channel + 1) * ih * iw],
+                Planes::Int8 {
+                    values,
+                    zero_point,
+                    scale,
+                } => {
+                    let values = &values[channel * ih * iw..(channel + 1) * ih * iw];
+                    dequantize_portable(values, &mut dequantized, zero_point, scale);
+                    &dequantized
+                }
+            };
             for row in pad_top..rows.min(ih + pad_top) {
                 let source = &plane[(row - pad_top) * iw..(row - pad_top + 1) * iw];
                 for phase in 0..sw {
@@ -204,7 +227,10 @@ impl DepthwiseConv {
                 }
             }
             let weights = &self.weights[channel * kh * kw..(channel + 1) * kh * kw];
-            let out = &mut output[channel * oh * ow..(channel + 1) * oh * ow];
+            let out: &mut [f32] = match &mut output {
+                Sink::F32(values) => &mut values[channel * oh * ow..(channel + 1) * oh * ow],
+                Sink::Int8 { .. } => &mut results,
+            };
             let bias = self.bias[channel];
             if sh == 1 {
                 // Rows are consecutive in the phase planes: each tap is one multiply-add over
@@ -224,19 +250,68 @@ impl DepthwiseConv {
                 {
                     out_row.copy_from_slice(&row[..ow]);
                 }
-                continue;
-            }
-            for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
-                out_row.iter_mut().for_each(|v| *v = bias);
-                for ky in 0..kh {
-                    let row = oy * sh + ky;
-                    for kx in 0..kw {
-                        let start = ((kx % sw) * rows + row) * phase_width + kx / sw;
-                        axpy::<FMA>(out_row, weights[ky * kw + kx], &phases[start..start + ow]);
+            } else {
+                for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+                    out_row.iter_mut().for_each(|v| *v = bias);
+                    for ky in 0..kh {
+                        let row = oy * sh + ky;
+                        for kx in 0..kw {
+                            let start = ((kx % sw) * rows + row) * phase_width + kx / sw;
+                            axpy::<FMA>(out_row, weights[ky * kw + kx], &phases[start..start + ow]);
+                        }
                     }
                 }
             }
+            if let Sink::Int8 {
+                values,
+                zero_point,
+                scale,
+                clamp,
+            } = &mut output
+            {
+                for [low, high] in clamp.iter() {
+                    results.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
+                }
+                let values = &mut values[channel * oh * ow..(channel + 1) * oh * ow];
+                quantize_portable(&results, values, *zero_point, *scale);
+            }
         }
+    }
+}
+
+/// Where a depthwise convolution reads its input planes.
+#[derive(Clone, Copy)]
+enum Planes<'a> {
+    F32(&'a [f32]),
+    Int8 {
+        values: &'a [i8],
+        zero_point: f32,
+        scale: f32,
+    },
+}
+
+impl Planes<'_> {
+    fn is_int8(&self) -> bool {
+        matches!(self, Planes::Int8 { .. })
+    }
+}
+
+/// Where a depthwise convolution writes its output planes.
+enum Sink<'a> {
+    F32(&'a mut [f32]),
+    /// Clamped by each `[low, high]` in turn (the activations the kernel absorbed), then
+    /// quantized.
+    Int8 {
+        values: &'a mut [i8],
+        zero_point: f32,
+        scale: f32,
+        clamp: Vec<[f32; 2]>,
+    },
+}
+
+impl Sink<'_> {
+    fn is_int8(&self) -> bool {
+        matches!(self, Sink::Int8 { .. })
     }
 }
 
@@ -446,6 +521,207 @@ impl TypedOp for QuantizedCast {
     as_op!();
 }
 
+/// A depthwise convolution between int8 tensors, replacing the chain an int8 graph has around
+/// an f32 depthwise convolution: dequantize, convolve, clamp (ReLU6 as `max` then `min`),
+/// quantize. The same f32 arithmetic in the same order, bit for bit, without writing the f32
+/// tensors out: each channel is dequantized into the padded planes and quantized straight from
+/// the accumulator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedDepthwise {
+    conv: DepthwiseConv,
+    input: DatumType,
+    output: DatumType,
+    /// The shape of the quantizing cast this replaces (unit axes may differ from the conv's).
+    output_shape: TVec<usize>,
+    /// `[low, high]` for each absorbed `max` (`[c, inf]`) or `min` (`[-inf, c]`), in order.
+    clamp: Vec<[f32; 2]>,
+}
+
+// See the note on `DepthwiseConv`'s `Eq`.
+impl Eq for QuantizedDepthwise {}
+
+impl QuantizedDepthwise {
+    /// The fused kernel starting at `node` when it is a dequantizing cast feeding (alone) a
+    /// graft depthwise convolution whose output reaches a quantizing cast through `max` / `min`
+    /// with constants only; returns it and the quantizing cast's node id.
+    fn for_chain(
+        model: &TypedModel,
+        node: &TypedNode,
+    ) -> TractResult<Option<(QuantizedDepthwise, usize)>> {
+        let Some(dequantize) = node.op_as::<QuantizedCast>() else {
+            return Ok(None);
+        };
+        if dequantize.to_int8 {
+            return Ok(None);
+        }
+        let outputs = model.output_outlets()?;
+        let only_successor = |id: usize| -> Option<&TypedNode> {
+            let node = model.node(id);
+            let successors = &node.outputs.first()?.successors;
+            (node.outputs.len() == 1
+                && successors.len() == 1
+                && !outputs.contains(&OutletId::new(id, 0)))
+            .then(|| model.node(successors[0].node))
+        };
+        // Unit axes added or removed and f32-to-f32 casts (left by the NNEF reader around the
+        // batch axis) change nothing in a contiguous buffer.
+        let passes_through = |node: &TypedNode| -> bool {
+            if let Some(axis) = node.op_as::<AxisOp>() {
+                return matches!(axis, AxisOp::Add(_) | AxisOp::Rm(_));
+            }
+            node.op_as::<tract_core::ops::cast::Cast>()
+                .is_some_and(|c| c.to == f32::datum_type())
+                && model
+                    .outlet_fact(node.inputs[0])
+                    .is_ok_and(|f| f.datum_type == f32::datum_type())
+        };
+        let mut conv_node = only_successor(node.id);
+        while let Some(next) = conv_node.filter(|n| passes_through(n)) {
+            conv_node = only_successor(next.id);
+        }
+        let Some(conv_node) = conv_node else {
+            return Ok(None);
+        };
+        let Some(conv) = conv_node.op_as::<DepthwiseConv>() else {
+            return Ok(None);
+        };
+        let mut clamp = vec![];
+        let mut current = conv_node.id;
+        loop {
+            let Some(next) = only_successor(current) else {
+                return Ok(None);
+            };
+            if passes_through(next) {
+                current = next.id;
+                continue;
+            }
+            if let Some(quantize) = next.op_as::<QuantizedCast>() {
+                if !quantize.to_int8 {
+                    return Ok(None);
+                }
+                let Some(shape) = model
+                    .outlet_fact(OutletId::new(next.id, 0))?
+                    .shape
+                    .as_concrete()
+                else {
+                    return Ok(None);
+                };
+                let fused = QuantizedDepthwise {
+                    conv: conv.clone(),
+                    input: dequantize.quantized,
+                    output: quantize.quantized,
+                    output_shape: shape.into(),
+                    clamp,
+                };
+                return Ok(Some((fused, next.id)));
+            }
+            let name = next.op.name();
+            if (name != "Max" && name != "Min") || next.inputs.len() != 2 {
+                return Ok(None);
+            }
+            let Some(other) = next.inputs.iter().find(|i| i.node != current) else {
+                return Ok(None);
+            };
+            let Some(value) = konst(model, *other).filter(|k| k.len() == 1) else {
+                return Ok(None);
+            };
+            let value = value.cast_to_scalar::<f32>()?;
+            clamp.push(if name == "Max" {
+                [value, f32::INFINITY]
+            } else {
+                [f32::NEG_INFINITY, value]
+            });
+            current = next.id;
+        }
+    }
+}
+
+impl Op for QuantizedDepthwise {
+    fn name(&self) -> StaticName {
+        "GraftQuantizedDepthwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let mut info = self.conv.info()?;
+        info.push(format!(
+            "{:?} -> {:?}, clamp {:?}",
+            self.input, self.output, self.clamp
+        ));
+        Ok(info)
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QuantizedDepthwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let view = input.view();
+        let values = view.as_slice::<i8>()?;
+        let conv = &self.conv;
+        let expected = conv.channels * conv.input[0] * conv.input[1];
+        ensure!(
+            values.len() == expected,
+            "GraftQuantizedDepthwise expects {expected} values, got {}",
+            values.len()
+        );
+        let (in_zero_point, in_scale) = self.input.zp_scale();
+        let (out_zero_point, out_scale) = self.output.zp_scale();
+        let mut output = Tensor::zero_dt(self.output, &self.output_shape)?;
+        {
+            let mut plain = output.try_as_plain_ram_mut()?;
+            conv.dispatch(
+                Planes::Int8 {
+                    values,
+                    zero_point: in_zero_point as f32,
+                    scale: in_scale,
+                },
+                Sink::Int8 {
+                    values: plain.as_slice_mut::<i8>()?,
+                    zero_point: out_zero_point as f32,
+                    scale: out_scale,
+                    clamp: self.clamp.clone(),
+                },
+            );
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for QuantizedDepthwise {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.output.fact(&*self.output_shape)))
+    }
+
+    as_op!();
+}
+
+/// Fuses every dequantize -> depthwise -> clamp -> quantize chain into one
+/// [`QuantizedDepthwise`]; returns how many.
+fn fuse_quantized_depthwise(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some((kernel, quantize)) = QuantizedDepthwise::for_chain(model, node)? else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::default();
+        let input = patch.tap_model(model, node.inputs[0])?;
+        let name = format!("{}.int8_depthwise", model.node(quantize).name);
+        let output = patch.wire_node(name, kernel, &[input])?[0];
+        patch.shunt_outside(model, OutletId::new(quantize, 0), output)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
 /// Replaces every operator one of graft's kernels computes with that kernel; returns how many
 /// were replaced. Run it on a typed graph before `optimize`.
 pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
@@ -462,6 +738,7 @@ pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
         patch.apply(model)?;
         replaced += 1;
     }
+    replaced += fuse_quantized_depthwise(model)?;
     if replaced > 0 {
         model.compact()?;
     }
@@ -610,6 +887,107 @@ mod tests {
             reference.1.view().as_slice::<f32>().unwrap().to_vec(),
         );
         assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn int8_depthwise_chain_is_fused_with_the_unfused_arithmetic() {
+        let (channels, size) = (4, [9, 8]);
+        let qi8 =
+            |zero_point, scale| i8::datum_type().quantize(QParams::ZpScale { zero_point, scale });
+        let (x_dt, y_dt) = (qi8(-5, 0.05), qi8(-128, 6.0 / 255.0));
+        let mut model = TypedModel::default();
+        let x = model
+            .add_source("x", x_dt.fact([1, channels, size[0], size[1]]))
+            .unwrap();
+        let x_f32 = model
+            .wire_node(
+                "dequantize",
+                tract_core::ops::cast::cast(f32::datum_type()),
+                &[x],
+            )
+            .unwrap();
+        let weights: Vec<f32> = (0..channels * 9)
+            .map(|i| ((i * 29 % 17) as f32 - 8.0) / 5.0)
+            .collect();
+        let weights = model
+            .add_const(
+                "w",
+                Tensor::from_shape(&[channels, 1, 3, 3], &weights).unwrap(),
+            )
+            .unwrap();
+        let bias = model
+            .add_const("b", tensor1(&[0.5f32, -0.25, 1.0, 0.0]))
+            .unwrap();
+        let conv = Conv::new(
+            PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec![3, 3],
+                padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+                dilations: None,
+                strides: Some(tvec![2, 1]),
+                input_channels: channels,
+                output_channels: channels,
+            },
+            KernelFormat::OIHW,
+            channels,
+            None,
+        );
+        let y = model
+            .wire_node("conv", conv, &[x_f32[0], weights, bias])
+            .unwrap();
+        let zero = model.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
+        let six = model.add_const("six", tensor4(&[[[[6f32]]]])).unwrap();
+        let y = model
+            .wire_node("relu", tract_core::ops::math::max(), &[y[0], zero])
+            .unwrap();
+        let y = model
+            .wire_node("relu6", tract_core::ops::math::min(), &[y[0], six])
+            .unwrap();
+        let y = model
+            .wire_node("quantize", tract_core::ops::cast::cast(y_dt), &y)
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+
+        let raw: Vec<i8> = (0..channels * size[0] * size[1])
+            .map(|i| ((i * 73 % 256) as i32 - 128) as i8)
+            .collect();
+        let mut input = Tensor::from_shape(&[1, channels, size[0], size[1]], &raw).unwrap();
+        unsafe { input.set_datum_type(x_dt) };
+        let run = |model: TypedModel| -> Vec<i8> {
+            let out = model
+                .into_optimized()
+                .unwrap()
+                .into_runnable()
+                .unwrap()
+                .run(tvec![input.clone().into()])
+                .unwrap();
+            out[0].view().as_slice::<i8>().unwrap().to_vec()
+        };
+        let reference = run(model.clone());
+        let conv_node = model.node_by_name("conv").unwrap();
+        let kernel = DepthwiseConv::for_node(&model, conv_node).unwrap().unwrap();
+        let mut fused = model.clone();
+        use_graft_kernels(&mut fused).unwrap();
+        assert!(fused
+            .nodes()
+            .iter()
+            .any(|n| n.op_is::<QuantizedDepthwise>()));
+        assert!(!fused.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
+        let ours = run(fused);
+
+        // The unfused arithmetic by hand: dequantize, graft's f32 kernel, max, min, quantize.
+        let dequantized: Vec<f32> = raw.iter().map(|&q| (q as f32 + 5.0) * 0.05).collect();
+        let mut convolved = vec![0f32; ours.len()];
+        kernel.run(&dequantized, &mut convolved);
+        let mut expected = vec![0i8; ours.len()];
+        let clamped: Vec<f32> = convolved.iter().map(|v| v.clamp(0.0, 6.0)).collect();
+        quantize_portable(&clamped, &mut expected, -128.0, 6.0 / 255.0);
+        assert_eq!(ours, expected, "bit for bit with the unfused chain");
+        // And within one step of tract's own operators (its convolution rounds differently).
+        assert!(ours
+            .iter()
+            .zip(&reference)
+            .all(|(a, b)| (*a as i32 - *b as i32).abs() <= 1));
     }
 
     #[test]
