@@ -12,17 +12,16 @@
 //! when CALIB + EVAL <= the number of images.
 //! IMAGES_DIR holds `<class>/<image>` (e.g. ../shared/datasets/imagenet-sample/val); images are
 //! preprocessed with tf normalisation `(x - 127) / 128` at 224x224.
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use graft_compiler::quantize::search::{search, Probe, SearchOptions};
 use graft_compiler::quantize::{calibrate, quantize, simulate, CalibrationMethod, QuantizeConfig};
+use graft_runtime::bench::profile_plan;
 use graft_runtime::eval::{default_threads, par_map};
 use graft_runtime::preprocess::{load_image, Normalization, Preprocessing};
 use graft_runtime::progress::NoProgress;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::plan::{eval, SimpleState};
 
 /// Every image with the index of its class folder in sorted order (for ImageNet's 1000 wnid
 /// folders, the model's class index).
@@ -242,7 +241,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if flag("profile") {
         let x = calibration_inputs[0].clone();
         for (name, plan) in [("f32", &f32_plan), ("int8", &int8)] {
-            let (per_node, per_op) = profile(plan, &x)?;
+            let (per_node, per_op) = profile_plan(plan, &x, 5)?;
             let total: f64 = per_op.iter().map(|(_, t)| t).sum();
             println!("{name} plan: {:.2} ms in total; by operator:", total * 1e3);
             for (op, seconds) in per_op.iter().take(8) {
@@ -255,34 +254,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
-}
-
-type Timings = Vec<(String, f64)>;
-
-/// Mean time per node and per operator kind over 5 runs of `plan` on `x`, slowest first.
-fn profile(plan: &Arc<TypedSimplePlan>, x: &Tensor) -> TractResult<(Timings, Timings)> {
-    let mut state = SimpleState::new(plan)?;
-    let mut per_node: HashMap<String, f64> = HashMap::new();
-    let mut per_op: HashMap<String, f64> = HashMap::new();
-    let runs = 5;
-    for run in 0..=runs {
-        state.run_plan_with_eval(tvec![x.clone().into()], |ctx, st, node, inputs| {
-            let started = Instant::now();
-            let result = eval(ctx, st, node, inputs);
-            if run > 0 {
-                let seconds = started.elapsed().as_secs_f64() / runs as f64;
-                *per_node
-                    .entry(format!("{} ({})", node.name, node.op.name()))
-                    .or_default() += seconds;
-                *per_op.entry(node.op.name().to_string()).or_default() += seconds;
-            }
-            result
-        })?;
-    }
-    let sorted = |map: HashMap<String, f64>| {
-        let mut v: Timings = map.into_iter().collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
-    };
-    Ok((sorted(per_node), sorted(per_op)))
 }

@@ -3,12 +3,9 @@
 //! with tract's own operators instead of graft's kernels.
 //!
 //! `cargo run --release -p graft-runtime --example profile -- MODEL.graft [--tract-kernels] [NODES]`
-use std::collections::HashMap;
-use std::time::Instant;
-
+use graft_runtime::bench::profile_plan;
 use graft_runtime::kernels::use_graft_kernels;
 use graft_runtime::weights::widen;
-use tract_core::plan::{eval, SimpleState};
 use tract_core::prelude::*;
 
 fn main() -> TractResult<()> {
@@ -31,29 +28,7 @@ fn main() -> TractResult<()> {
     graph.optimize()?;
     let plan = graph.into_runnable()?;
     let x = Tensor::zero::<f32>(&artifact.manifest.input.shape)?;
-    let mut state = SimpleState::new(&plan)?;
-    let (mut per_op, mut per_node) = (HashMap::new(), HashMap::new());
-    let runs = 20;
-    for run in 0..=runs {
-        state.run_plan_with_eval(tvec![x.clone().into()], |ctx, st, node, inputs| {
-            let started = Instant::now();
-            let result = eval(ctx, st, node, inputs);
-            if run > 0 {
-                let seconds = started.elapsed().as_secs_f64() / runs as f64;
-                *per_op.entry(node.op.name().to_string()).or_insert(0.0) += seconds;
-                *per_node
-                    .entry(format!("{} ({})", node.name, node.op.name()))
-                    .or_insert(0.0) += seconds;
-            }
-            result
-        })?;
-    }
-    let sorted = |map: HashMap<String, f64>| {
-        let mut v: Vec<(String, f64)> = map.into_iter().collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
-    };
-    let per_op = sorted(per_op);
+    let (per_node, per_op) = profile_plan(&plan, &x, 20)?;
     let total: f64 = per_op.iter().map(|(_, t)| t).sum();
     println!(
         "{path} ({}, {} kernels): {:.2} ms per image, by operator:",
@@ -69,7 +44,7 @@ fn main() -> TractResult<()> {
         );
     }
     println!("slowest nodes:");
-    for (node, seconds) in sorted(per_node).iter().take(nodes) {
+    for (node, seconds) in per_node.iter().take(nodes) {
         println!("{:8.2} ms  {node}", seconds * 1e3);
     }
     Ok(())

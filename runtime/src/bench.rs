@@ -301,6 +301,43 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     Ok(Outcome::Complete)
 }
 
+/// Time spent per name, slowest first, in seconds.
+pub type Timings = Vec<(String, f64)>;
+
+/// Where a plan spends its time: mean seconds per node (`name (operator)`) and per operator over
+/// `runs` runs on `input`, after one untimed run; slowest first.
+pub fn profile_plan(
+    plan: &std::sync::Arc<tract_core::prelude::TypedSimplePlan>,
+    input: &tract_core::prelude::Tensor,
+    runs: usize,
+) -> tract_core::prelude::TractResult<(Timings, Timings)> {
+    use std::collections::HashMap;
+    use tract_core::plan::{eval, SimpleState};
+    use tract_core::prelude::*;
+    let mut state = SimpleState::new(plan)?;
+    let (mut per_node, mut per_op) = (HashMap::new(), HashMap::new());
+    for run in 0..=runs {
+        state.run_plan_with_eval(tvec![input.clone().into()], |ctx, st, node, inputs| {
+            let started = Instant::now();
+            let result = eval(ctx, st, node, inputs);
+            if run > 0 {
+                let seconds = started.elapsed().as_secs_f64() / runs as f64;
+                *per_op.entry(node.op.name().to_string()).or_insert(0.0) += seconds;
+                *per_node
+                    .entry(format!("{} ({})", node.name, node.op.name()))
+                    .or_insert(0.0) += seconds;
+            }
+            result
+        })?;
+    }
+    let sorted = |map: HashMap<String, f64>| {
+        let mut v: Timings = map.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    Ok((sorted(per_node), sorted(per_op)))
+}
+
 /// A deterministic 640x480 colour gradient with some texture (what `bench` feeds by default).
 pub fn synthetic_image() -> DynamicImage {
     DynamicImage::ImageRgb8(RgbImage::from_fn(640, 480, |x, y| {

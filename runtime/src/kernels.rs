@@ -149,6 +149,15 @@ impl DepthwiseConv {
         }))
     }
 
+    fn check_input(&self, len: usize) -> TractResult<()> {
+        let expected = self.channels * self.input[0] * self.input[1];
+        ensure!(
+            len == expected,
+            "graft's depthwise kernel expects {expected} input values, got {len}"
+        );
+        Ok(())
+    }
+
     /// Convolves `input` (`C x H x W`, contiguous) into `output` (`C x OH x OW`).
     pub fn run(&self, input: &[f32], output: &mut [f32]) {
         self.dispatch(Planes::F32(input), Sink::F32(output))
@@ -349,12 +358,7 @@ impl EvalOp for DepthwiseConv {
         let input = args_1!(inputs);
         let view = input.view();
         let values = view.as_slice::<f32>()?;
-        let expected = self.channels * self.input[0] * self.input[1];
-        ensure!(
-            values.len() == expected,
-            "GraftDepthwiseConv expects {expected} values, got {}",
-            values.len()
-        );
+        self.check_input(values.len())?;
         let mut output = vec![0f32; self.channels * self.output[0] * self.output[1]];
         self.run(values, &mut output);
         Ok(tvec!(
@@ -665,12 +669,7 @@ impl EvalOp for QuantizedDepthwise {
         let view = input.view();
         let values = view.as_slice::<i8>()?;
         let conv = &self.conv;
-        let expected = conv.channels * conv.input[0] * conv.input[1];
-        ensure!(
-            values.len() == expected,
-            "GraftQuantizedDepthwise expects {expected} values, got {}",
-            values.len()
-        );
+        conv.check_input(values.len())?;
         let (in_zero_point, in_scale) = self.input.zp_scale();
         let (out_zero_point, out_scale) = self.output.zp_scale();
         let mut output = Tensor::zero_dt(self.output, &self.output_shape)?;
