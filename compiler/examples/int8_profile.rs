@@ -116,12 +116,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let started = Instant::now();
     let calibration = calibrate(&model, &calibration_inputs, |_| {})?;
+    let probe = Probe::new(&model, eval_inputs.clone(), Some(labels.clone()), threads)?;
+    let f32_right = probe.reference().accuracy.unwrap_or(0.0);
     // Scored by agreement with f32 (no labels): the budget is spent on agreement.
-    let probe = Probe::new(&model, eval_inputs.clone(), None, threads)?;
-    let f32_right = {
-        let f32_probe = Probe::new(&model, eval_inputs.clone(), Some(labels.clone()), threads)?;
-        f32_probe.reference().accuracy.unwrap_or(0.0)
-    };
+    let probe = probe.without_labels();
     let result = search(
         &model,
         &calibration,

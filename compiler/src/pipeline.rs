@@ -729,11 +729,11 @@ fn quantize_graph(
         let timing = timings.iter().find(|t| t.layer == layer.layer);
         layer.timed_ms = timing.map(|t| [t.f32_ms as f32, t.int8_ms as f32]);
         layer.reason = if result.fallbacks.iter().any(|f| f.layer == layer.layer) {
-            Some("kept f32: accuracy budget".into())
+            Some(artifact::KEPT_F32_FOR_BUDGET.into())
         } else if layer.kind == "depthwise" && !base.depthwise {
-            Some("kept f32: tract has no int8 depthwise kernel".into())
+            Some(artifact::KEPT_F32_NO_INT8_DEPTHWISE.into())
         } else if timing.is_some_and(|t| t.int8_ms > t.f32_ms) {
-            Some("kept f32: slower in int8 on the compiling machine".into())
+            Some(artifact::KEPT_F32_SLOWER_IN_INT8.into())
         } else {
             None
         };

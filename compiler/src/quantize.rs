@@ -383,12 +383,17 @@ impl Rebuild<'_> {
             .with_context(|| format!("no calibrated range for {:?}", self.old.node(old.node).name))
     }
 
+    /// The int8 type of the value at `old`: its calibrated zero point and scale.
+    fn qi8(&self, old: OutletId) -> TractResult<DatumType> {
+        let (zero_point, scale) = self.qparams(old)?;
+        Ok(i8::datum_type().quantize(QParams::ZpScale { zero_point, scale }))
+    }
+
     fn int8(&mut self, old: OutletId) -> TractResult<OutletId> {
         if let Some(w) = self.int8_wire.get(&old) {
             return Ok(*w);
         }
-        let (zero_point, scale) = self.qparams(old)?;
-        let dt = i8::datum_type().quantize(QParams::ZpScale { zero_point, scale });
+        let dt = self.qi8(old)?;
         let name = format!("{}.quantize", self.old.node(old.node).name);
         let wire = self.new.wire_node(name, cast(dt), &[self.f32_wire[&old]])?[0];
         self.int8_wire.insert(old, wire);
@@ -433,7 +438,14 @@ impl Rebuild<'_> {
         };
         let bias = quantized_bias(&bias_old, x_scale, &k_scales, out_channels)?;
         if self.simulate {
-            let y = self.simulated(candidate, x_old, (&kernel, &k_scales), &bias, x_scale)?;
+            let rounded_bias = (&bias, bias_old.shape());
+            let y = self.simulated(
+                candidate,
+                x_old,
+                (&kernel, &k_scales),
+                rounded_bias,
+                x_scale,
+            )?;
             self.f32_wire.insert(candidate.output(), y);
             return Ok(());
         }
@@ -456,7 +468,7 @@ impl Rebuild<'_> {
         candidate: &Candidate,
         x_old: OutletId,
         (kernel, k_scales): (&Tensor, &[f32]),
-        bias: &Tensor,
+        (bias, bias_shape): (&Tensor, &[usize]),
         x_scale: f32,
     ) -> TractResult<OutletId> {
         let node = self.old.node(candidate.node);
@@ -486,45 +498,33 @@ impl Rebuild<'_> {
             .enumerate()
             .map(|(i, &b)| b as f32 * x_scale * k_scales[if k_scales.len() == 1 { 0 } else { i }])
             .collect();
-        let y = if node.op_is::<Conv>() {
-            let bias = self
-                .new
-                .add_const(format!("{name}.bias_rounded"), tensor1(&bias_values))?;
-            self.new
-                .wire_node(&name, node.op.clone(), &[x, weights, bias])?[0]
+        // The original bias's shape, unless it was one value broadcast over the channels.
+        let len = [bias_values.len()];
+        let shape = if bias_shape.iter().product::<usize>() == bias_values.len() {
+            bias_shape
         } else {
-            let product = self.new.wire_node(&name, node.op.clone(), &[x, weights])?[0];
-            let add = self
-                .old
-                .node(candidate.bias_add.context("pointwise layer without bias")?);
-            let old_bias = add
-                .inputs
-                .iter()
-                .find(|i| i.node != node.id)
-                .context("bias")?;
-            let shape = self
-                .old
-                .outlet_fact(*old_bias)?
-                .shape
-                .as_concrete()
-                .context("bias shape")?
-                .to_vec();
-            let bias = self.new.add_const(
-                format!("{name}.bias_rounded"),
-                Tensor::from_shape(&shape, &bias_values)?,
-            )?;
-            let inputs: TVec<OutletId> = add
-                .inputs
-                .iter()
-                .map(|i| if i.node == node.id { product } else { bias })
-                .collect();
-            self.new.wire_node(&add.name, add.op.clone(), &inputs)?[0]
+            &len[..]
         };
-        let (y0, y_scale) = self.qparams(candidate.output())?;
-        let y_dt = i8::datum_type().quantize(QParams::ZpScale {
-            zero_point: y0,
-            scale: y_scale,
-        });
+        let bias = self.new.add_const(
+            format!("{name}.bias_rounded"),
+            Tensor::from_shape(shape, &bias_values)?,
+        )?;
+        let y = match candidate.bias_add {
+            None => self
+                .new
+                .wire_node(&name, node.op.clone(), &[x, weights, bias])?[0],
+            Some(add) => {
+                let product = self.new.wire_node(&name, node.op.clone(), &[x, weights])?[0];
+                let add = self.old.node(add);
+                let inputs: TVec<OutletId> = add
+                    .inputs
+                    .iter()
+                    .map(|i| if i.node == node.id { product } else { bias })
+                    .collect();
+                self.new.wire_node(&add.name, add.op.clone(), &inputs)?[0]
+            }
+        };
+        let y_dt = self.qi8(candidate.output())?;
         let y = self
             .new
             .wire_node(format!("{name}.y_rounded"), cast(y_dt), &[y])?[0];
@@ -543,10 +543,7 @@ impl Rebuild<'_> {
     ) -> TractResult<([OutletId; 9], DatumType)> {
         let name = self.old.node(candidate.node).name.clone();
         let (y0, y_scale) = self.qparams(candidate.output())?;
-        let y_dt = i8::datum_type().quantize(QParams::ZpScale {
-            zero_point: y0,
-            scale: y_scale,
-        });
+        let y_dt = self.qi8(candidate.output())?;
         let bias = self.new.add_const(format!("{name}.bias_int32"), bias)?;
         let inputs = [
             x,

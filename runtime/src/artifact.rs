@@ -117,6 +117,13 @@ pub struct CalibrationTrial {
     pub simulated_accuracy: f32,
 }
 
+/// [`LayerPrecision::reason`] of a layer the accuracy budget returned to f32.
+pub const KEPT_F32_FOR_BUDGET: &str = "kept f32: accuracy budget";
+/// [`LayerPrecision::reason`] of a depthwise convolution (tract has no int8 kernel for it).
+pub const KEPT_F32_NO_INT8_DEPTHWISE: &str = "kept f32: tract has no int8 depthwise kernel";
+/// [`LayerPrecision::reason`] of a layer timed slower in int8 than in f32 when compiled.
+pub const KEPT_F32_SLOWER_IN_INT8: &str = "kept f32: slower in int8 on the compiling machine";
+
 /// The precision chosen for one quantizable layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerPrecision {
@@ -126,7 +133,7 @@ pub struct LayerPrecision {
     pub kind: String,
     /// `int8` or `f32`.
     pub precision: String,
-    /// Why an f32 layer was not quantized.
+    /// Why an f32 layer was not quantized (one of the `KEPT_F32_*` texts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// The layer alone in f32 and in int8 on the compiling machine, in milliseconds, when timed

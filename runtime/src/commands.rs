@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::artifact::Manifest;
+use crate::artifact::{self, Manifest};
 use crate::dataset::{has_image_extension, ImageFolder, Sample};
 use crate::error::{Error, Result};
 use crate::eval::{default_threads, evaluate, par_map, ClassStats, Evaluation};
@@ -113,7 +113,6 @@ pub fn predict(
             |path| model.classify_path(path),
             || progress.advance(),
         );
-        let first_new = predictions.len();
         for (path, result) in batch.iter().zip(results) {
             match result {
                 Ok(c) => {
@@ -133,7 +132,8 @@ pub fn predict(
             }
         }
         if !args.json {
-            for p in &predictions[first_new..] {
+            // Text streams: this batch's lines now; JSON keeps every prediction for one document.
+            for p in &predictions {
                 let scores: Vec<String> = p
                     .top_k
                     .iter()
@@ -399,7 +399,7 @@ fn describe_precision(m: &Manifest) -> String {
     let budget_fallbacks: Vec<&str> = q
         .layers
         .iter()
-        .filter(|l| l.reason.as_deref() == Some("kept f32: accuracy budget"))
+        .filter(|l| l.reason.as_deref() == Some(artifact::KEPT_F32_FOR_BUDGET))
         .map(|l| l.layer.as_str())
         .collect();
     let budget = match q.accuracy_budget {
@@ -419,9 +419,7 @@ fn describe_precision(m: &Manifest) -> String {
     let slower = q
         .layers
         .iter()
-        .filter(|l| {
-            l.reason.as_deref() == Some("kept f32: slower in int8 on the compiling machine")
-        })
+        .filter(|l| l.reason.as_deref() == Some(artifact::KEPT_F32_SLOWER_IN_INT8))
         .count();
     let timed = if q.layers.iter().any(|l| l.timed_ms.is_some()) {
         format!("; {slower} layers kept f32 as slower in int8 when timed on the compiling machine")

@@ -112,7 +112,20 @@ impl Probe {
 
     /// Runs `model` on every probe image and compares it with the f32 graph.
     pub fn measure(&self, model: &TypedModel) -> Result<Measurement> {
-        Ok(self.compare(&self.outputs(model, usize::MAX)?))
+        self.measure_first(model, usize::MAX)
+    }
+
+    /// [`Probe::measure`] on the first `limit` images only.
+    pub fn measure_first(&self, model: &TypedModel, limit: usize) -> Result<Measurement> {
+        Ok(self.compare(&self.outputs(model, limit)?))
+    }
+
+    /// The same probe scored by agreement with f32 instead of accuracy (labels dropped).
+    pub fn without_labels(self) -> Probe {
+        Probe {
+            labels: None,
+            ..self
+        }
     }
 
     fn outputs(&self, model: &TypedModel, limit: usize) -> Result<Vec<Vec<f32>>> {
@@ -134,6 +147,7 @@ impl Probe {
         .map_err(CompileError::graph("quantization probe"))
     }
 
+    /// Compares `outputs` (of the first `outputs.len()` images) with the f32 graph's.
     fn compare(&self, outputs: &[Vec<f32>]) -> Measurement {
         let n = outputs.len() as f64;
         let agreement = outputs
@@ -285,16 +299,11 @@ pub fn search(
                 .keep_f32
                 .extend(int8.iter().filter(|l| *l != layer).cloned());
             let candidate = simulate(model, &ranges, &alone)?;
-            let outputs = probe.outputs(&candidate, SENSITIVITY_IMAGES)?;
-            let divergence = outputs
-                .iter()
-                .zip(&probe.reference)
-                .map(|(o, r)| divergence(r, o))
-                .sum::<f64>()
-                / outputs.len() as f64;
             sensitivity.push(Fallback {
                 layer: layer.clone(),
-                divergence,
+                divergence: probe
+                    .measure_first(&candidate, SENSITIVITY_IMAGES)?
+                    .divergence,
             });
             progress.advance();
             if progress.cancelled() {
