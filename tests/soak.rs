@@ -52,27 +52,46 @@ fn shared_model_is_thread_safe_and_memory_stays_flat() {
     let images = Arc::new(images);
     let reference = Arc::new(reference);
 
-    // Warm up every thread's allocator arenas before taking the baseline.
-    let run_round = |count: usize| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (model, images, reference) = (model.clone(), images.clone(), reference.clone());
-                std::thread::spawn(move || {
+    // The same worker threads run the warm-up and the soak, as in a server: each keeps its
+    // allocator arena, so RSS after the warm-up is the steady state a leak would grow from.
+    // (Fresh threads per round may each get a new malloc arena under contention, which reads as
+    // growth but is not a leak.)
+    let warm_up = (predictions / 4).max(threads * 8);
+    let phase = Arc::new(std::sync::Barrier::new(threads + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (model, images, reference, phase) = (
+                model.clone(),
+                images.clone(),
+                reference.clone(),
+                phase.clone(),
+            );
+            std::thread::spawn(move || -> Result<(), String> {
+                let run = |count: usize| -> Result<(), String> {
                     for i in 0..count / threads {
                         let k = (i * threads + t) % images.len();
-                        let got = model.classify(&images[k]).unwrap().probabilities;
-                        assert_eq!(got, reference[k], "thread {t}, image {k}");
+                        let got = model.classify(&images[k]).map_err(|e| e.to_string())?;
+                        if got.probabilities != reference[k] {
+                            return Err(format!("thread {t}, image {k}: differs from one thread"));
+                        }
                     }
-                })
+                    Ok(())
+                };
+                // Reach both barriers whatever happens, so a failure cannot hang the test.
+                let warmed = run(warm_up);
+                phase.wait();
+                phase.wait();
+                warmed?;
+                run(predictions)
             })
-            .collect();
-        for h in handles {
-            h.join().expect("worker panicked");
-        }
-    };
-    run_round(threads * 8);
+        })
+        .collect();
+    phase.wait();
     let baseline = rss_kib();
-    run_round(predictions);
+    phase.wait();
+    for h in handles {
+        h.join().expect("worker panicked").unwrap();
+    }
     let after = rss_kib();
     eprintln!(
         "soak: {predictions} predictions on {threads} threads, all equal to the single-thread result; RSS {baseline} KiB after warm-up, {after} KiB at the end"
