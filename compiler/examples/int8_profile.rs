@@ -96,6 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let image = load_image(p).expect("image");
         Tensor::from_shape(&[1, 3, 224, 224], &preprocessing.apply(&image)).expect("tensor")
     };
+    let pixels = |p: &PathBuf| preprocessing.pixels(&load_image(p).expect("image"));
     let threads = default_threads();
     let step = (all.len() / calib_count.max(eval_count).max(1)).max(1);
     let calibration_inputs: Vec<Tensor> = all
@@ -110,13 +111,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .step_by(step)
         .take(eval_count)
         .collect();
-    let eval_inputs: Vec<Tensor> = par_map(&evaluated, threads, |(p, _)| tensor(p), || ());
+    let eval_images: Vec<Vec<u8>> = par_map(&evaluated, threads, |(p, _)| pixels(p), || ());
     let labels: Vec<usize> = evaluated.iter().map(|(_, c)| *c).collect();
-    let n = eval_inputs.len();
+    let n = eval_images.len();
 
     let started = Instant::now();
     let calibration = calibrate(&model, &calibration_inputs, |_| {})?;
-    let probe = Probe::new(&model, eval_inputs.clone(), Some(labels.clone()), threads)?;
+    let probe = Probe::new(
+        &model,
+        eval_images,
+        &preprocessing,
+        Some(labels.clone()),
+        threads,
+    )?;
     let f32_right = probe.reference().accuracy.unwrap_or(0.0);
     // Scored by agreement with f32 (no labels): the budget is spent on agreement.
     let probe = probe.without_labels();
@@ -175,10 +182,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     if flag("real") {
         let started = Instant::now();
+        let indices: Vec<usize> = (0..n).collect();
         let runs = par_map(
-            &eval_inputs,
+            &indices,
             threads,
-            |x| -> TractResult<(usize, usize, usize, f64, f64, f32, f32)> {
+            |&i| -> TractResult<(usize, usize, usize, f64, f64, f32, f32)> {
+                let x = probe.input(i).map_err(|e| TractError::msg(e.to_string()))?;
                 let started = Instant::now();
                 let a = f32_plan.run(tvec![x.clone().into()])?;
                 let f32_time = started.elapsed().as_secs_f64();

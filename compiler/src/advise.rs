@@ -134,8 +134,8 @@ impl Recommendation {
     }
 }
 
-/// The cuts `advise` probes: at each spatial resolution deeper than [`MIN_PROBE_DEPTH`], the
-/// last block output (`Add`, else the last cut point) there, then the default cut.
+/// The cuts `advise` probes: at each spatial resolution at least a quarter of the way into the
+/// graph, the last block output (`Add`, else the last cut point) there, then the default cut.
 pub fn probe_cuts(points: &[CutPoint], default_cut: &str) -> Vec<CutPoint> {
     let mut chosen: Vec<CutPoint> = Vec::new();
     let spatial = |p: &CutPoint| p.shape.get(2..).map(|hw| hw.to_vec());

@@ -7,14 +7,14 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tract_onnx::prelude::Tensor;
+use tract_onnx::prelude::{Tensor, TractResult};
 
 use candle_core::Device;
 use graft_runtime::artifact::{
     self, CalibrationTrial, EpochRecord, Manifest, Metrics, QuantizationInfo,
 };
 use graft_runtime::dataset::{ImageFolder, Sample};
-use graft_runtime::eval::{evaluate, ConfusionMatrix};
+use graft_runtime::eval::{evaluate, par_map, ConfusionMatrix};
 use graft_runtime::preprocess::{ChannelOrder, Normalization, Preprocessing, ResizeFilter};
 use graft_runtime::progress::Progress;
 use graft_runtime::weights::WeightStorage;
@@ -631,34 +631,39 @@ fn run_graph(
 /// Most validation images the int8 search runs on (a seeded sample beyond that).
 const MAX_PROBE_IMAGES: usize = 1000;
 
-/// Up to `limit` of `samples` in seeded random order, decoded and preprocessed as
-/// `[1, 3, H, W]` tensors with their labels; undecodable images are passed over.
-fn input_tensors(
+/// Up to `limit` images of `samples` in a seeded order, as [`Preprocessing::pixels`], with
+/// their labels; images that do not decode are skipped (the data check reported them). Decoded
+/// on `threads` threads, in the same order as one thread would.
+fn input_pixels(
     samples: &[Sample],
     limit: usize,
     seed: (u64, &str),
     preprocessing: &Preprocessing,
-) -> Result<(Vec<Tensor>, Vec<usize>)> {
+    threads: usize,
+) -> (Vec<Vec<u8>>, Vec<usize>) {
     let mut order: Vec<&Sample> = samples.iter().collect();
     Rng::new(seed.0, seed.1).shuffle(&mut order);
-    let [height, width] = preprocessing.crop;
-    let (mut tensors, mut labels) = (Vec::new(), Vec::new());
-    for sample in order {
-        if tensors.len() >= limit {
-            break;
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    let mut candidates = order.as_slice();
+    while images.len() < limit && !candidates.is_empty() {
+        let (batch, rest) = candidates.split_at((limit - images.len()).min(candidates.len()));
+        candidates = rest;
+        let decoded = par_map(
+            batch,
+            threads,
+            |sample| {
+                graft_runtime::preprocess::load_image(&sample.path)
+                    .ok()
+                    .map(|image| (preprocessing.pixels(&image), sample.label))
+            },
+            || (),
+        );
+        for (pixels, label) in decoded.into_iter().flatten() {
+            images.push(pixels);
+            labels.push(label);
         }
-        let Ok(image) = graft_runtime::preprocess::load_image(&sample.path) else {
-            continue;
-        };
-        let tensor = Tensor::from_shape(
-            &[1, 3, height as usize, width as usize],
-            &preprocessing.apply(&image),
-        )
-        .map_err(CompileError::graph("quantization input"))?;
-        tensors.push(tensor);
-        labels.push(sample.label);
     }
-    Ok((tensors, labels))
+    (images, labels)
 }
 
 /// `--precision int8`: calibrates on a seeded sample of the training images, chooses the
@@ -672,21 +677,39 @@ fn quantize_graph(
     reporter: &dyn Reporter,
 ) -> Result<(Vec<u8>, QuantizationInfo)> {
     let seed = options.train.seed;
-    let (inputs, _) = input_tensors(
+    let (pixels, _) = input_pixels(
         train_samples,
         options.calibration_images,
         (seed, "calibration"),
         preprocessing,
-    )?;
-    let calibration_images = inputs.len();
+        options.threads,
+    );
+    let calibration_images = pixels.len();
+    let [height, width] = preprocessing.crop.map(|v| v as usize);
+    let inputs = pixels
+        .iter()
+        .map(|pixels| {
+            let mut values = vec![0.0; preprocessing.tensor_len()];
+            preprocessing.normalize_into(pixels, &mut values);
+            Tensor::from_shape(&[1, 3, height, width], &values)
+        })
+        .collect::<TractResult<Vec<Tensor>>>()
+        .map_err(CompileError::graph("quantization input"))?;
     let calibration = calibrate(&folded.model, &inputs, |_| {})?;
-    let (probe_inputs, labels) = input_tensors(
+    let (probe_images, labels) = input_pixels(
         val_samples,
         MAX_PROBE_IMAGES,
         (seed, "quantization probe"),
         preprocessing,
+        options.threads,
+    );
+    let probe = Probe::new(
+        &folded.model,
+        probe_images,
+        preprocessing,
+        Some(labels),
+        options.threads,
     )?;
-    let probe = Probe::new(&folded.model, probe_inputs, Some(labels), options.threads)?;
     let base = QuantizeConfig::default();
     let result = search(
         &folded.model,

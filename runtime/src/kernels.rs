@@ -15,9 +15,10 @@
 //! Depthwise convolution: tract 0.23's `DepthWiseConv` walks padding zones with generic scalar
 //! code (under 1 G multiply-adds/s here), about half of EfficientNet-Lite0's time.
 //! [`DepthwiseConv`] copies each channel once into a zero-padded plane split into one plane per
-//! column phase of the stride, so every kernel tap becomes a contiguous multiply-add over an
-//! output row, which the compiler vectorises. On x86-64 an AVX2+FMA build of the loop is chosen
-//! at run time when the CPU has it; aarch64 always has NEON and FMA.
+//! (row, column) phase of the stride, so every kernel tap reads one contiguous run covering the
+//! whole output; the taps are summed a few dozen outputs at a time in registers, in a loop the
+//! compiler vectorises. On x86-64 an AVX2+FMA build of the loop is chosen at run time when the
+//! CPU has it; aarch64 always has NEON and FMA.
 
 use std::sync::Arc;
 
@@ -190,17 +191,61 @@ impl DepthwiseConv {
         let [ih, iw] = self.input;
         let [oh, ow] = self.output;
         let [pad_top, pad_left] = self.pad;
-        // Padded rows and columns every output reads.
-        let rows = (oh - 1) * sh + kh;
+        // The zero-padded input split into one plane per (row, column) phase of the stride:
+        // padded pixel (y, x) lands in plane (y % sh, x % sw) at (y / sh, x / sw). Tap (ky, kx)
+        // of every output then reads one contiguous run of a plane, `oh` rows of
+        // `phase_width`, so each tap is a multiply-add over the whole output at once (computed
+        // `phase_width` wide; the extra columns are dropped at the end).
+        let phase_rows = (oh - 1) + kh.div_ceil(sh);
         let phase_width = (ow - 1) + kw.div_ceil(sw);
-        // One plane per column phase, plus `kw` of slack read by the unused columns of the
-        // last row.
-        let mut phases = vec![0f32; sw * rows * phase_width + kw];
-        let mut accumulator = vec![0f32; if sh == 1 { oh * phase_width } else { 0 }];
-        let mut dequantized = vec![0f32; if input.is_int8() { ih * iw } else { 0 }];
-        let mut results = vec![0f32; if output.is_int8() { oh * ow } else { 0 }];
+        let plane_len = phase_rows * phase_width;
+        // Computed in whole runs of `LANES`: the extra outputs are dropped, and the extra
+        // input they read is `slack` (plus `kw` read by the unused columns of the last row).
+        let outputs = (oh * phase_width).next_multiple_of(LANES);
+        let slack = outputs - oh * phase_width + kw;
+        let mut planes = vec![0f32; sh * sw * plane_len + slack];
+        let mut accumulator = vec![0f32; outputs];
+        let taps: Vec<usize> = (0..kh * kw)
+            .map(|tap| {
+                let (ky, kx) = (tap / kw, tap % kw);
+                ((ky % sh) * sw + kx % sw) * plane_len + (ky / sh) * phase_width + kx / sw
+            })
+            .collect();
+        let mut weighted_taps: Vec<(usize, f32)> = taps.iter().map(|&t| (t, 0.0)).collect();
+        // int8 input planes are dequantized whole (one vectorised pass) before padding, and int8
+        // outputs are quantized from a whole plane: rows are often too short to vectorise.
+        let int8_output = matches!(output, Sink::Int8 { .. });
+        let mut dequantized = vec![
+            0f32;
+            if let Planes::Int8 { .. } = input {
+                ih * iw
+            } else {
+                0
+            }
+        ];
+        let mut results = vec![0f32; if int8_output { oh * ow } else { 0 }];
+        // The runs of an input plane copied into `planes`, the same for every channel:
+        // (start in `planes`, start in the input plane, length). The padding around them, zeroed
+        // once above, stays zero.
+        let mut runs: Vec<(usize, usize, usize)> = vec![];
+        for y in pad_top..(ih + pad_top).min(phase_rows * sh) {
+            for phase in 0..sw {
+                // Column `offset` of this phase is padded column `offset * sw + phase`, input
+                // column `offset * sw + phase - pad_left`.
+                let first = pad_left.saturating_sub(phase).div_ceil(sw).min(phase_width);
+                let count = phase_width.saturating_sub(first).min(
+                    (iw + pad_left)
+                        .saturating_sub(first * sw + phase)
+                        .div_ceil(sw),
+                );
+                if count > 0 {
+                    let start = ((y % sh) * sw + phase) * plane_len + (y / sh) * phase_width;
+                    let x = first * sw + phase - pad_left;
+                    runs.push((start + first, (y - pad_top) * iw + x, count));
+                }
+            }
+        }
         for channel in 0..self.channels {
-            phases.iter_mut().for_each(|v| *v = 0.0);
             let plane: &[f32] = match input {
                 Planes::F32(values) => &values[channel * ih * iw..(channel + 1) * ih * iw],
                 Planes::Int8 {
@@ -213,78 +258,88 @@ impl DepthwiseConv {
                     &dequantized
                 }
             };
-            for row in pad_top..rows.min(ih + pad_top) {
-                let source = &plane[(row - pad_top) * iw..(row - pad_top + 1) * iw];
-                for phase in 0..sw {
-                    let start = (phase * rows + row) * phase_width;
-                    let target = &mut phases[start..start + phase_width];
-                    if sw == 1 {
-                        let n = iw.min(phase_width.saturating_sub(pad_left));
-                        target[pad_left..pad_left + n].copy_from_slice(&source[..n]);
-                        continue;
+            for &(target, source, count) in &runs {
+                let target = &mut planes[target..target + count];
+                if sw == 1 {
+                    target.copy_from_slice(&plane[source..source + count]);
+                } else {
+                    // Every `sw`-th pixel: whole groups of `sw` (which the compiler turns into
+                    // vector shuffles), then the last pixel, whose group may end past the plane.
+                    let (last, target) = target.split_last_mut().expect("runs are not empty");
+                    let groups = &plane[source..source + target.len() * sw];
+                    for (value, group) in target.iter_mut().zip(groups.chunks_exact(sw)) {
+                        *value = group[0];
                     }
-                    // Column `offset * sw + phase` of the padded row is input column
-                    // `offset * sw + phase - pad_left`.
-                    let first = (pad_left.saturating_sub(phase)).div_ceil(sw);
-                    for (offset, value) in target.iter_mut().enumerate().skip(first) {
-                        let x = offset * sw + phase - pad_left;
-                        if x >= iw {
-                            break;
-                        }
-                        *value = source[x];
-                    }
+                    *last = plane[source + target.len() * sw];
                 }
             }
             let weights = &self.weights[channel * kh * kw..(channel + 1) * kh * kw];
-            let out: &mut [f32] = match &mut output {
-                Sink::F32(values) => &mut values[channel * oh * ow..(channel + 1) * oh * ow],
-                Sink::Int8 { .. } => &mut results,
-            };
-            let bias = self.bias[channel];
-            if sh == 1 {
-                // Rows are consecutive in the phase planes: each tap is one multiply-add over
-                // all output rows at once, computed `phase_width` wide (the extra columns are
-                // dropped below; they only ever read padding or the next row).
-                accumulator.iter_mut().for_each(|v| *v = bias);
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let start = ((kx % sw) * rows + ky) * phase_width + kx / sw;
-                        let source = &phases[start..start + accumulator.len()];
-                        axpy::<FMA>(&mut accumulator, weights[ky * kw + kx], source);
-                    }
-                }
-                for (out_row, row) in out
-                    .chunks_exact_mut(ow)
-                    .zip(accumulator.chunks_exact(phase_width))
-                {
-                    out_row.copy_from_slice(&row[..ow]);
-                }
-            } else {
-                for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
-                    out_row.iter_mut().for_each(|v| *v = bias);
-                    for ky in 0..kh {
-                        let row = oy * sh + ky;
-                        for kx in 0..kw {
-                            let start = ((kx % sw) * rows + row) * phase_width + kx / sw;
-                            axpy::<FMA>(out_row, weights[ky * kw + kx], &phases[start..start + ow]);
-                        }
-                    }
-                }
+            for (tap, &w) in weighted_taps.iter_mut().zip(weights) {
+                tap.1 = w;
             }
-            if let Sink::Int8 {
-                values,
-                zero_point,
-                scale,
-                clamp,
-            } = &mut output
-            {
-                for [low, high] in clamp.iter() {
-                    results.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
+            accumulate::<FMA>(
+                &mut accumulator,
+                self.bias[channel],
+                &weighted_taps,
+                &planes,
+            );
+            let rows = accumulator.chunks_exact(phase_width).map(|row| &row[..ow]);
+            match &mut output {
+                Sink::F32(values) => {
+                    let out = &mut values[channel * oh * ow..(channel + 1) * oh * ow];
+                    for (out_row, row) in out.chunks_exact_mut(ow).zip(rows) {
+                        out_row.copy_from_slice(row);
+                    }
                 }
-                let values = &mut values[channel * oh * ow..(channel + 1) * oh * ow];
-                quantize_portable(&results, values, *zero_point, *scale);
+                Sink::Int8 {
+                    values,
+                    zero_point,
+                    scale,
+                    clamp,
+                } => {
+                    for (out_row, row) in results.chunks_exact_mut(ow).zip(rows) {
+                        out_row.copy_from_slice(row);
+                    }
+                    for [low, high] in clamp.iter() {
+                        results.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
+                    }
+                    let out = &mut values[channel * oh * ow..(channel + 1) * oh * ow];
+                    quantize_portable(&results, out, *zero_point, *scale);
+                }
             }
         }
+    }
+}
+
+/// Output lanes accumulated in registers at once by [`accumulate`].
+const LANES: usize = 32;
+
+/// `out[i] = bias + sum of w * source[offset + i]` over `taps` (`(offset, w)`), summed in tap
+/// order. Computed `LANES` outputs at a time with the sums held in registers, so each tap costs
+/// one load and one multiply-add per output instead of a pass over `out` (a length that is not a
+/// multiple of `LANES` leaves a scalar remainder: callers pad).
+#[inline(always)]
+fn accumulate<const FMA: bool>(out: &mut [f32], bias: f32, taps: &[(usize, f32)], source: &[f32]) {
+    let madd = |w: f32, s: f32, sum: f32| if FMA { w.mul_add(s, sum) } else { sum + w * s };
+    let mut chunks = out.chunks_exact_mut(LANES);
+    let mut start = 0;
+    for chunk in &mut chunks {
+        let mut sums = [bias; LANES];
+        for &(offset, w) in taps {
+            let values: &[f32; LANES] = source[offset + start..offset + start + LANES]
+                .try_into()
+                .expect("LANES values");
+            for (sum, &value) in sums.iter_mut().zip(values) {
+                *sum = madd(w, value, *sum);
+            }
+        }
+        chunk.copy_from_slice(&sums);
+        start += LANES;
+    }
+    for (i, out) in chunks.into_remainder().iter_mut().enumerate() {
+        *out = taps.iter().fold(bias, |sum, &(offset, w)| {
+            madd(w, source[offset + start + i], sum)
+        });
     }
 }
 
@@ -299,12 +354,6 @@ enum Planes<'a> {
     },
 }
 
-impl Planes<'_> {
-    fn is_int8(&self) -> bool {
-        matches!(self, Planes::Int8 { .. })
-    }
-}
-
 /// Where a depthwise convolution writes its output planes.
 enum Sink<'a> {
     F32(&'a mut [f32]),
@@ -316,20 +365,6 @@ enum Sink<'a> {
         scale: f32,
         clamp: Vec<[f32; 2]>,
     },
-}
-
-impl Sink<'_> {
-    fn is_int8(&self) -> bool {
-        matches!(self, Sink::Int8 { .. })
-    }
-}
-
-/// `out += w * source`, element by element (the loop the compiler vectorises).
-#[inline(always)]
-fn axpy<const FMA: bool>(out: &mut [f32], w: f32, source: &[f32]) {
-    for (o, &s) in out.iter_mut().zip(source) {
-        *o = if FMA { w.mul_add(s, *o) } else { *o + w * s };
-    }
 }
 
 impl Op for DepthwiseConv {
@@ -431,11 +466,15 @@ impl QuantizedCast {
 #[inline(always)]
 fn quantize_portable(input: &[f32], output: &mut [i8], zero_point: f32, scale: f32) {
     for (q, &x) in output.iter_mut().zip(input) {
-        // Clamped first, so the plain integer conversion is exact (and vectorises; NaN becomes 0
-        // as in tract).
-        *q = (x / scale + zero_point)
+        let v = (x / scale + zero_point)
             .round_ties_even()
-            .clamp(-128.0, 127.0) as i32 as i8;
+            .clamp(-128.0, 127.0);
+        // NaN becomes 0, as in tract.
+        let v = if v.is_nan() { 0.0 } else { v };
+        // SAFETY: `v` is an integer in -128..=127, so the conversion is exact. (The checked `as`
+        // conversion also handles NaN and out-of-range values, which makes the compiler convert
+        // one value at a time.)
+        *q = unsafe { v.to_int_unchecked::<i32>() } as i8;
     }
 }
 
@@ -832,6 +871,10 @@ mod tests {
             (2, [9, 9], [5, 5], [1, 1], PaddingSpec::SameUpper),
             (6, [6, 13], [3, 3], [1, 2], PaddingSpec::Valid),
             (3, [10, 10], [3, 3], [3, 3], explicit(1, 1, 0, 0)),
+            (2, [40, 37], [3, 3], [2, 2], explicit(1, 1, 1, 1)),
+            (3, [33, 30], [5, 5], [1, 1], PaddingSpec::SameUpper),
+            (2, [21, 19], [3, 5], [2, 1], explicit(1, 2, 1, 2)),
+            (2, [9, 8], [3, 3], [1, 1], explicit(4, 5, 0, 0)),
         ] {
             let (reference, ours, shape) = both(channels, input, kernel, stride, padding);
             let worst = reference

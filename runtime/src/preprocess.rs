@@ -224,6 +224,13 @@ impl Preprocessing {
     /// Like [`Self::apply`], writing into `out` (which must hold [`Self::tensor_len`] values).
     pub fn apply_into(&self, image: &DynamicImage, out: &mut [f32]) {
         assert_eq!(out.len(), self.tensor_len(), "output buffer size");
+        self.normalize_into(&self.pixels(image), out);
+    }
+
+    /// The image resized, cropped and reordered into planar 8-bit pixels in tensor channel
+    /// order ([`Self::tensor_len`] bytes, a quarter of the tensor): what [`Self::normalize_into`]
+    /// turns into the model input. For holding many preprocessed images in memory.
+    pub fn pixels(&self, image: &DynamicImage) -> Vec<u8> {
         let rgb = self.resize_and_crop(image);
         let [h, w] = self.crop.map(|v| v as usize);
         let plane = h * w;
@@ -231,10 +238,29 @@ impl Preprocessing {
             ChannelOrder::Rgb => [0, 1, 2],
             ChannelOrder::Bgr => [2, 1, 0],
         };
-        let n = &self.normalization;
+        let mut out = vec![0; self.tensor_len()];
         for (i, px) in rgb.pixels().enumerate() {
             for (c, &src) in order.iter().enumerate() {
-                out[c * plane + i] = (px.0[src] as f32 - n.mean[c]) / n.std[c];
+                out[c * plane + i] = px.0[src];
+            }
+        }
+        out
+    }
+
+    /// Normalizes planar pixels from [`Self::pixels`] into `out`; both hold
+    /// [`Self::tensor_len`] values.
+    pub fn normalize_into(&self, pixels: &[u8], out: &mut [f32]) {
+        assert_eq!(pixels.len(), self.tensor_len(), "pixel buffer size");
+        assert_eq!(out.len(), self.tensor_len(), "output buffer size");
+        let plane = self.tensor_len() / 3;
+        let n = &self.normalization;
+        for (c, (pixels, out)) in pixels
+            .chunks_exact(plane)
+            .zip(out.chunks_exact_mut(plane))
+            .enumerate()
+        {
+            for (o, &p) in out.iter_mut().zip(pixels) {
+                *o = (p as f32 - n.mean[c]) / n.std[c];
             }
         }
     }

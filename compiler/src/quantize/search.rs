@@ -9,6 +9,7 @@
 //! first, until the loss fits the budget.
 
 use graft_runtime::eval::par_map;
+use graft_runtime::preprocess::Preprocessing;
 use graft_runtime::progress::Progress;
 use tract_onnx::prelude::*;
 
@@ -19,8 +20,12 @@ use crate::error::{CompileError, Result};
 const SENSITIVITY_IMAGES: usize = 64;
 
 /// Held-out images, their labels when known, and the f32 graph's output on each.
+///
+/// The images are kept as 8-bit pixels ([`Preprocessing::pixels`]) and normalized when run: a
+/// thousand 224x224 images take 150 MB instead of 600.
 pub struct Probe {
-    inputs: Vec<Tensor>,
+    images: Vec<Vec<u8>>,
+    preprocessing: Preprocessing,
     labels: Option<Vec<usize>>,
     reference: Vec<Vec<f32>>,
     threads: usize,
@@ -73,20 +78,36 @@ fn divergence(reference: &[f32], candidate: &[f32]) -> f64 {
 }
 
 impl Probe {
-    /// Runs the f32 `model` on `inputs` (preprocessed `[1, 3, H, W]` images) on `threads` threads.
+    /// Runs the f32 `model` on `images` ([`Preprocessing::pixels`] of `preprocessing`) on
+    /// `threads` threads.
     pub fn new(
         model: &TypedModel,
-        inputs: Vec<Tensor>,
+        images: Vec<Vec<u8>>,
+        preprocessing: &Preprocessing,
         labels: Option<Vec<usize>>,
         threads: usize,
     ) -> Result<Probe> {
-        if inputs.is_empty() {
+        if images.is_empty() {
             return Err(CompileError::NotEnoughData(
                 "choosing how to quantize needs at least one validation image".into(),
             ));
         }
+        if let Some(image) = images
+            .iter()
+            .find(|i| i.len() != preprocessing.tensor_len())
+        {
+            return Err(CompileError::Graph {
+                stage: "quantization probe",
+                reason: format!(
+                    "an image has {} pixel values, the preprocessing makes {}",
+                    image.len(),
+                    preprocessing.tensor_len()
+                ),
+            });
+        }
         let mut probe = Probe {
-            inputs,
+            images,
+            preprocessing: preprocessing.clone(),
             labels,
             reference: vec![],
             threads,
@@ -95,14 +116,24 @@ impl Probe {
         Ok(probe)
     }
 
+    /// The model input for image `index`: its pixels normalized into a `[1, 3, H, W]` tensor.
+    pub fn input(&self, index: usize) -> Result<Tensor> {
+        let [height, width] = self.preprocessing.crop.map(|v| v as usize);
+        let mut values = vec![0.0; self.preprocessing.tensor_len()];
+        self.preprocessing
+            .normalize_into(&self.images[index], &mut values);
+        Tensor::from_shape(&[1, 3, height, width], &values)
+            .map_err(CompileError::graph("quantization probe"))
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
-        self.inputs.len()
+        self.images.len()
     }
 
     /// Whether there are no images (never true: [`Probe::new`] refuses that).
     pub fn is_empty(&self) -> bool {
-        self.inputs.is_empty()
+        self.images.is_empty()
     }
 
     /// The f32 graph measured against itself: its accuracy, full agreement, no divergence.
@@ -132,19 +163,25 @@ impl Probe {
         let plan = graft_runtime::kernels::into_optimized(model.clone())
             .and_then(|m| m.into_runnable())
             .map_err(CompileError::graph("quantization probe"))?;
-        let inputs = &self.inputs[..limit.min(self.inputs.len())];
+        let indices: Vec<usize> = (0..limit.min(self.images.len())).collect();
         par_map(
-            inputs,
+            &indices,
             self.threads,
-            |input| -> TractResult<Vec<f32>> {
-                let outputs = plan.run(tvec![input.clone().into()])?;
-                Ok(outputs[0].view().as_slice::<f32>()?.to_vec())
+            |&index| -> Result<Vec<f32>> {
+                let input = self.input(index)?;
+                let outputs = plan
+                    .run(tvec![input.into()])
+                    .map_err(CompileError::graph("quantization probe"))?;
+                outputs[0]
+                    .view()
+                    .as_slice::<f32>()
+                    .map(|v| v.to_vec())
+                    .map_err(CompileError::graph("quantization probe"))
             },
             || (),
         )
         .into_iter()
-        .collect::<TractResult<_>>()
-        .map_err(CompileError::graph("quantization probe"))
+        .collect()
     }
 
     /// Compares `outputs` (of the first `outputs.len()` images) with the f32 graph's.
