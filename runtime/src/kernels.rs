@@ -9,8 +9,8 @@
 //!
 //! In an int8 graph, depthwise convolutions stay f32 (tract has no int8 depthwise kernel), so each
 //! sits in a dequantize -> convolve -> clamp -> quantize chain. [`QuantizedDepthwise`] runs such a
-//! chain as one operator with the same arithmetic (dequantizing into the padded planes,
-//! quantizing from the accumulator), so the f32 tensors are never written out.
+//! chain as one operator with the same arithmetic (dequantizing each input plane before padding
+//! it, quantizing each output plane), so the f32 tensors are never written out.
 //!
 //! Depthwise convolution: tract 0.23's `DepthWiseConv` walks padding zones with generic scalar
 //! code (under 1 G multiply-adds/s here), about half of EfficientNet-Lite0's time.
@@ -205,28 +205,24 @@ impl DepthwiseConv {
         let slack = outputs - oh * phase_width + kw;
         let mut planes = vec![0f32; sh * sw * plane_len + slack];
         let mut accumulator = vec![0f32; outputs];
-        let taps: Vec<usize> = (0..kh * kw)
+        // (where tap (ky, kx) starts reading in `planes`, its weight for the current channel)
+        let mut taps: Vec<(usize, f32)> = (0..kh * kw)
             .map(|tap| {
                 let (ky, kx) = (tap / kw, tap % kw);
-                ((ky % sh) * sw + kx % sw) * plane_len + (ky / sh) * phase_width + kx / sw
+                let start =
+                    ((ky % sh) * sw + kx % sw) * plane_len + (ky / sh) * phase_width + kx / sw;
+                (start, 0.0)
             })
             .collect();
-        let mut weighted_taps: Vec<(usize, f32)> = taps.iter().map(|&t| (t, 0.0)).collect();
         // int8 input planes are dequantized whole (one vectorised pass) before padding, and int8
         // outputs are quantized from a whole plane: rows are often too short to vectorise.
+        let int8_input = matches!(input, Planes::Int8 { .. });
         let int8_output = matches!(output, Sink::Int8 { .. });
-        let mut dequantized = vec![
-            0f32;
-            if let Planes::Int8 { .. } = input {
-                ih * iw
-            } else {
-                0
-            }
-        ];
+        let mut dequantized = vec![0f32; if int8_input { ih * iw } else { 0 }];
         let mut results = vec![0f32; if int8_output { oh * ow } else { 0 }];
         // The runs of an input plane copied into `planes`, the same for every channel:
-        // (start in `planes`, start in the input plane, length). The padding around them, zeroed
-        // once above, stays zero.
+        // (start in `planes`, start in the input plane, length). The padding around them stays
+        // as allocated, zero.
         let mut runs: Vec<(usize, usize, usize)> = vec![];
         for y in pad_top..(ih + pad_top).min(phase_rows * sh) {
             for phase in 0..sw {
@@ -274,15 +270,10 @@ impl DepthwiseConv {
                 }
             }
             let weights = &self.weights[channel * kh * kw..(channel + 1) * kh * kw];
-            for (tap, &w) in weighted_taps.iter_mut().zip(weights) {
+            for (tap, &w) in taps.iter_mut().zip(weights) {
                 tap.1 = w;
             }
-            accumulate::<FMA>(
-                &mut accumulator,
-                self.bias[channel],
-                &weighted_taps,
-                &planes,
-            );
+            accumulate::<FMA>(&mut accumulator, self.bias[channel], &taps, &planes);
             let rows = accumulator.chunks_exact(phase_width).map(|row| &row[..ow]);
             match &mut output {
                 Sink::F32(values) => {
@@ -567,8 +558,8 @@ impl TypedOp for QuantizedCast {
 /// A depthwise convolution between int8 tensors, replacing the chain an int8 graph has around
 /// an f32 depthwise convolution: dequantize, convolve, clamp (ReLU6 as `max` then `min`),
 /// quantize. The same f32 arithmetic in the same order, bit for bit, without writing the f32
-/// tensors out: each channel is dequantized into the padded planes and quantized straight from
-/// the accumulator.
+/// tensors out: each channel's input plane is dequantized into a scratch plane and its output
+/// quantized from one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedDepthwise {
     conv: DepthwiseConv,
