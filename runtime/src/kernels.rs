@@ -37,12 +37,16 @@ pub struct DepthwiseConv {
     pad: [usize; 2],
     input: [usize; 2],
     output: [usize; 2],
-    /// The output's full shape (`[1, C, H, W]` or `[C, H, W]`).
+    /// The output's full shape (`[1, C, H, W]` or `[C, H, W]`; with absorbed clamps, the shape
+    /// at the end of their chain, which may add or remove unit axes).
     output_shape: TVec<usize>,
     /// `[C, kh * kw]`.
     weights: Arc<Vec<f32>>,
     /// `[C]`.
     bias: Arc<Vec<f32>>,
+    /// `[low, high]` for each `max` (`[c, inf]`) or `min` (`[-inf, c]`) applied to the output
+    /// (absorbed by [`use_graft_kernels`]), in order.
+    clamp: Vec<[f32; 2]>,
 }
 
 // tract compares operators for equality (to merge identical nodes); weights that compare equal
@@ -147,6 +151,7 @@ impl DepthwiseConv {
             output_shape: output_shape.into(),
             weights: Arc::new(weights.view().as_slice::<f32>()?.to_vec()),
             bias: Arc::new(bias),
+            clamp: vec![],
         }))
     }
 
@@ -281,6 +286,9 @@ impl DepthwiseConv {
                     for (out_row, row) in out.chunks_exact_mut(ow).zip(rows) {
                         out_row.copy_from_slice(row);
                     }
+                    for [low, high] in &self.clamp {
+                        out.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
+                    }
                 }
                 Sink::Int8 {
                     values,
@@ -291,7 +299,7 @@ impl DepthwiseConv {
                     for (out_row, row) in results.chunks_exact_mut(ow).zip(rows) {
                         out_row.copy_from_slice(row);
                     }
-                    for [low, high] in clamp.iter() {
+                    for [low, high] in self.clamp.iter().chain(clamp.iter()) {
                         results.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
                     }
                     let out = &mut values[channel * oh * ow..(channel + 1) * oh * ow];
@@ -365,8 +373,8 @@ impl Op for DepthwiseConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} channels, kernel {:?}, stride {:?}, pad {:?}, {:?} -> {:?}",
-            self.channels, self.kernel, self.stride, self.pad, self.input, self.output
+            "{} channels, kernel {:?}, stride {:?}, pad {:?}, {:?} -> {:?}, clamp {:?}",
+            self.channels, self.kernel, self.stride, self.pad, self.input, self.output, self.clamp
         )])
     }
 
@@ -588,30 +596,9 @@ impl QuantizedDepthwise {
         if dequantize.to_int8 {
             return Ok(None);
         }
-        let outputs = model.output_outlets()?;
-        let only_successor = |id: usize| -> Option<&TypedNode> {
-            let node = model.node(id);
-            let successors = &node.outputs.first()?.successors;
-            (node.outputs.len() == 1
-                && successors.len() == 1
-                && !outputs.contains(&OutletId::new(id, 0)))
-            .then(|| model.node(successors[0].node))
-        };
-        // Unit axes added or removed and f32-to-f32 casts (left by the NNEF reader around the
-        // batch axis) change nothing in a contiguous buffer.
-        let passes_through = |node: &TypedNode| -> bool {
-            if let Some(axis) = node.op_as::<AxisOp>() {
-                return matches!(axis, AxisOp::Add(_) | AxisOp::Rm(_));
-            }
-            node.op_as::<tract_core::ops::cast::Cast>()
-                .is_some_and(|c| c.to == f32::datum_type())
-                && model
-                    .outlet_fact(node.inputs[0])
-                    .is_ok_and(|f| f.datum_type == f32::datum_type())
-        };
-        let mut conv_node = only_successor(node.id);
-        while let Some(next) = conv_node.filter(|n| passes_through(n)) {
-            conv_node = only_successor(next.id);
+        let mut conv_node = only_successor(model, node.id)?;
+        while let Some(next) = conv_node.filter(|n| passes_through(model, n)) {
+            conv_node = only_successor(model, next.id)?;
         }
         let Some(conv_node) = conv_node else {
             return Ok(None);
@@ -619,45 +606,74 @@ impl QuantizedDepthwise {
         let Some(conv) = conv_node.op_as::<DepthwiseConv>() else {
             return Ok(None);
         };
-        let mut clamp = vec![];
-        let mut current = conv_node.id;
-        loop {
-            let Some(next) = only_successor(current) else {
-                return Ok(None);
-            };
-            if passes_through(next) {
-                current = next.id;
-                continue;
-            }
-            if let Some(quantize) = next.op_as::<QuantizedCast>() {
-                if !quantize.to_int8 {
-                    return Ok(None);
-                }
-                let Some(shape) = model
-                    .outlet_fact(OutletId::new(next.id, 0))?
-                    .shape
-                    .as_concrete()
-                else {
-                    return Ok(None);
-                };
-                let fused = QuantizedDepthwise {
-                    conv: conv.clone(),
-                    input: dequantize.quantized,
-                    output: quantize.quantized,
-                    output_shape: shape.into(),
-                    clamp,
-                };
-                return Ok(Some((fused, next.id)));
-            }
+        let (clamp, last) = clamp_chain(model, conv_node.id)?;
+        let Some(next) = only_successor(model, last)? else {
+            return Ok(None);
+        };
+        let Some(quantize) = next.op_as::<QuantizedCast>().filter(|q| q.to_int8) else {
+            return Ok(None);
+        };
+        let Some(shape) = model
+            .outlet_fact(OutletId::new(next.id, 0))?
+            .shape
+            .as_concrete()
+        else {
+            return Ok(None);
+        };
+        let fused = QuantizedDepthwise {
+            conv: conv.clone(),
+            input: dequantize.quantized,
+            output: quantize.quantized,
+            output_shape: shape.into(),
+            clamp,
+        };
+        Ok(Some((fused, next.id)))
+    }
+}
+
+/// The node fed by node `id`'s output when it is the only one, and that output is not one of the
+/// model's.
+fn only_successor(model: &TypedModel, id: usize) -> TractResult<Option<&TypedNode>> {
+    let node = model.node(id);
+    let outlet = OutletId::new(id, 0);
+    Ok(match &*node.outputs {
+        [output] if output.successors.len() == 1 && !model.output_outlets()?.contains(&outlet) => {
+            Some(model.node(output.successors[0].node))
+        }
+        _ => None,
+    })
+}
+
+/// Whether `node` changes nothing in a contiguous f32 buffer: unit axes added or removed, and
+/// f32-to-f32 casts (the NNEF reader leaves both around the batch axis).
+fn passes_through(model: &TypedModel, node: &TypedNode) -> bool {
+    if let Some(axis) = node.op_as::<AxisOp>() {
+        return matches!(axis, AxisOp::Add(_) | AxisOp::Rm(_));
+    }
+    node.op_as::<tract_core::ops::cast::Cast>()
+        .is_some_and(|c| c.to == f32::datum_type())
+        && model
+            .outlet_fact(node.inputs[0])
+            .is_ok_and(|f| f.datum_type == f32::datum_type())
+}
+
+/// Follows node `start`'s output through [`only_successor`]s that pass it through or clamp it
+/// (`max` / `min` with a scalar constant, as ReLU6 is written); returns the clamps as
+/// `[low, high]` in order, and the last node followed (`start` when none).
+fn clamp_chain(model: &TypedModel, start: usize) -> TractResult<(Vec<[f32; 2]>, usize)> {
+    let mut clamp = vec![];
+    let mut current = start;
+    while let Some(next) = only_successor(model, current)? {
+        if !passes_through(model, next) {
             let name = next.op.name();
             if (name != "Max" && name != "Min") || next.inputs.len() != 2 {
-                return Ok(None);
+                break;
             }
             let Some(other) = next.inputs.iter().find(|i| i.node != current) else {
-                return Ok(None);
+                break;
             };
             let Some(value) = konst(model, *other).filter(|k| k.len() == 1) else {
-                return Ok(None);
+                break;
             };
             let value = value.cast_to_scalar::<f32>()?;
             clamp.push(if name == "Max" {
@@ -665,9 +681,10 @@ impl QuantizedDepthwise {
             } else {
                 [f32::NEG_INFINITY, value]
             });
-            current = next.id;
         }
+        current = next.id;
     }
+    Ok((clamp, current))
 }
 
 impl Op for QuantizedDepthwise {
@@ -751,6 +768,36 @@ fn fuse_quantized_depthwise(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
+/// Absorbs the clamps (ReLU6) after every f32 [`DepthwiseConv`] into it; returns how many.
+fn fuse_depthwise_clamps(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<DepthwiseConv>() else {
+            continue;
+        };
+        let (clamp, last) = clamp_chain(model, id)?;
+        let fact = model.outlet_fact(OutletId::new(last, 0))?;
+        // The chain may add or remove unit axes: the kernel takes the shape at its end.
+        let Some(shape) = fact.shape.as_concrete() else {
+            continue;
+        };
+        if clamp.is_empty() || fact.datum_type != f32::datum_type() {
+            continue;
+        }
+        let mut kernel = conv.clone();
+        kernel.clamp.extend(clamp);
+        kernel.output_shape = shape.into();
+        let mut patch = TypedModelPatch::default();
+        let input = patch.tap_model(model, node.inputs[0])?;
+        let output = patch.wire_node(format!("{}.clamped", node.name), kernel, &[input])?[0];
+        patch.shunt_outside(model, OutletId::new(last, 0), output)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
 /// Replaces every operator one of graft's kernels computes with that kernel; returns how many
 /// were replaced. Run it on a typed graph before `optimize`.
 pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
@@ -768,6 +815,7 @@ pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
         replaced += 1;
     }
     replaced += fuse_quantized_depthwise(model)?;
+    replaced += fuse_depthwise_clamps(model)?;
     if replaced > 0 {
         model.compact()?;
     }
@@ -787,13 +835,16 @@ mod tests {
     use super::*;
     use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 
-    /// A depthwise convolution through tract's own operator and through graft's kernel.
+    /// A depthwise convolution (followed, when `relu6`, by the batch axis removed and ReLU6 as
+    /// `max` then `min`, as in Lite0's NNEF) through tract's own operators and through graft's
+    /// kernel.
     fn both(
         channels: usize,
         input: [usize; 2],
         kernel: [usize; 2],
         stride: [usize; 2],
         padding: PaddingSpec,
+        relu6: bool,
     ) -> (Vec<f32>, Vec<f32>, TVec<usize>) {
         let mut model = TypedModel::default();
         let x = model
@@ -825,7 +876,18 @@ mod tests {
             channels,
             None,
         );
-        let y = model.wire_node("conv", conv, &[x, weights, bias]).unwrap();
+        let mut y = model.wire_node("conv", conv, &[x, weights, bias]).unwrap();
+        if relu6 {
+            y = model.wire_node("rm_n", AxisOp::Rm(0), &y).unwrap();
+            let zero = model.add_const("zero", tensor3(&[[[0f32]]])).unwrap();
+            let six = model.add_const("six", tensor3(&[[[6f32]]])).unwrap();
+            y = model
+                .wire_node("relu", tract_core::ops::math::max(), &[y[0], zero])
+                .unwrap();
+            y = model
+                .wire_node("relu6", tract_core::ops::math::min(), &[y[0], six])
+                .unwrap();
+        }
         model.select_output_outlets(&y).unwrap();
         let values: Vec<f32> = (0..channels * input[0] * input[1])
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 17.0)
@@ -845,8 +907,10 @@ mod tests {
             )
         };
         let (reference, shape) = run(model.clone());
-        assert_eq!(use_graft_kernels(&mut model).unwrap(), 1);
+        // The kernel, and the clamps absorbed into it.
+        assert_eq!(use_graft_kernels(&mut model).unwrap(), 1 + relu6 as usize);
         assert!(model.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
+        assert!(!model.nodes().iter().any(|n| n.name.starts_with("relu")));
         let (ours, our_shape) = run(model);
         assert_eq!(shape, our_shape);
         (reference, ours, shape)
@@ -867,13 +931,27 @@ mod tests {
             (2, [21, 19], [3, 5], [2, 1], explicit(1, 2, 1, 2)),
             (2, [9, 8], [3, 3], [1, 1], explicit(4, 5, 0, 0)),
         ] {
-            let (reference, ours, shape) = both(channels, input, kernel, stride, padding);
+            let (reference, ours, shape) = both(channels, input, kernel, stride, padding, false);
             let worst = reference
                 .iter()
                 .zip(&ours)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(worst < 1e-4, "{shape:?}: differs by {worst}");
         }
+    }
+
+    #[test]
+    fn relu6_after_a_depthwise_convolution_is_absorbed() {
+        let padding = PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]);
+        let (reference, ours, shape) = both(3, [12, 11], [3, 3], [2, 2], padding, true);
+        assert_eq!(&*shape, &[3, 6, 6]);
+        assert!(reference.contains(&0.0) && reference.contains(&6.0));
+        assert!(reference.iter().any(|&v| v > 0.0 && v < 6.0));
+        let worst = reference
+            .iter()
+            .zip(&ours)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 1e-4, "differs by {worst}");
     }
 
     #[test]
