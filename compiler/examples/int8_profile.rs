@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use graft_compiler::quantize::search::{search, Probe, SearchOptions};
+use graft_compiler::quantize::search::{input_tensor, search, Probe, SearchOptions};
 use graft_compiler::quantize::{calibrate, quantize, simulate, CalibrationMethod, QuantizeConfig};
 use graft_runtime::bench::profile_plan;
 use graft_runtime::eval::{default_threads, par_map};
@@ -92,11 +92,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     model.properties.retain(|k, _| !k.starts_with("onnx."));
     let all = images(Path::new(&args[2]));
     let preprocessing = Preprocessing::for_input(224, 224, Normalization::tf());
-    let tensor = |p: &PathBuf| -> Tensor {
-        let image = load_image(p).expect("image");
-        Tensor::from_shape(&[1, 3, 224, 224], &preprocessing.apply(&image)).expect("tensor")
-    };
     let pixels = |p: &PathBuf| preprocessing.pixels(&load_image(p).expect("image"));
+    let tensor = |p: &PathBuf| input_tensor(&preprocessing, &pixels(p)).expect("tensor");
     let threads = default_threads();
     let step = (all.len() / calib_count.max(eval_count).max(1)).max(1);
     let calibration_inputs: Vec<Tensor> = all

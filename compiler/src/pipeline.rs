@@ -7,8 +7,6 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tract_onnx::prelude::{Tensor, TractResult};
-
 use candle_core::Device;
 use graft_runtime::artifact::{
     self, CalibrationTrial, EpochRecord, Manifest, Metrics, QuantizationInfo,
@@ -27,7 +25,7 @@ use crate::finetune::{finetune, FinetuneConfig, Strategy, Unfreeze};
 use crate::fold::FoldedModel;
 use crate::import::Backbone;
 use crate::probe::probe_normalization;
-use crate::quantize::search::{search, Probe, SearchOptions, SearchResult};
+use crate::quantize::search::{input_tensor, search, Probe, SearchOptions, SearchResult};
 use crate::quantize::{
     calibrate, plan, quantize, time_layers, CalibrationMethod, LayerTiming, Precision,
     QuantizeConfig,
@@ -685,16 +683,10 @@ fn quantize_graph(
         options.threads,
     );
     let calibration_images = pixels.len();
-    let [height, width] = preprocessing.crop.map(|v| v as usize);
     let inputs = pixels
         .iter()
-        .map(|pixels| {
-            let mut values = vec![0.0; preprocessing.tensor_len()];
-            preprocessing.normalize_into(pixels, &mut values);
-            Tensor::from_shape(&[1, 3, height, width], &values)
-        })
-        .collect::<TractResult<Vec<Tensor>>>()
-        .map_err(CompileError::graph("quantization input"))?;
+        .map(|pixels| input_tensor(preprocessing, pixels))
+        .collect::<Result<Vec<_>>>()?;
     let calibration = calibrate(&folded.model, &inputs, |_| {})?;
     let (probe_images, labels) = input_pixels(
         val_samples,

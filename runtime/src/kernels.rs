@@ -45,7 +45,7 @@ pub struct DepthwiseConv {
     /// `[C]`.
     bias: Arc<Vec<f32>>,
     /// `[low, high]` for each `max` (`[c, inf]`) or `min` (`[-inf, c]`) applied to the output
-    /// (absorbed by [`use_graft_kernels`]), in order.
+    /// (absorbed by [`use_graft_kernels`]), in order, before any quantization.
     clamp: Vec<[f32; 2]>,
 }
 
@@ -153,6 +153,15 @@ impl DepthwiseConv {
             bias: Arc::new(bias),
             clamp: vec![],
         }))
+    }
+
+    /// This convolution followed by `clamp`, its output reshaped to `shape` (the end of a chain
+    /// that may add or remove unit axes).
+    fn absorbing(&self, clamp: Vec<[f32; 2]>, shape: &[usize]) -> DepthwiseConv {
+        let mut conv = self.clone();
+        conv.clamp.extend(clamp);
+        conv.output_shape = shape.into();
+        conv
     }
 
     fn check_input(&self, len: usize) -> TractResult<()> {
@@ -279,31 +288,26 @@ impl DepthwiseConv {
                 tap.1 = w;
             }
             accumulate::<FMA>(&mut accumulator, self.bias[channel], &taps, &planes);
-            let rows = accumulator.chunks_exact(phase_width).map(|row| &row[..ow]);
-            match &mut output {
-                Sink::F32(values) => {
-                    let out = &mut values[channel * oh * ow..(channel + 1) * oh * ow];
-                    for (out_row, row) in out.chunks_exact_mut(ow).zip(rows) {
-                        out_row.copy_from_slice(row);
-                    }
-                    for [low, high] in &self.clamp {
-                        out.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
-                    }
+            // The first `ow` columns of each accumulator row, clamped.
+            let finish = |plane: &mut [f32]| {
+                let rows = accumulator.chunks_exact(phase_width);
+                for (out_row, row) in plane.chunks_exact_mut(ow).zip(rows) {
+                    out_row.copy_from_slice(&row[..ow]);
                 }
+                for [low, high] in &self.clamp {
+                    plane.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
+                }
+            };
+            let planes_out = channel * oh * ow..(channel + 1) * oh * ow;
+            match &mut output {
+                Sink::F32(values) => finish(&mut values[planes_out]),
                 Sink::Int8 {
                     values,
                     zero_point,
                     scale,
-                    clamp,
                 } => {
-                    for (out_row, row) in results.chunks_exact_mut(ow).zip(rows) {
-                        out_row.copy_from_slice(row);
-                    }
-                    for [low, high] in self.clamp.iter().chain(clamp.iter()) {
-                        results.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
-                    }
-                    let out = &mut values[channel * oh * ow..(channel + 1) * oh * ow];
-                    quantize_portable(&results, out, *zero_point, *scale);
+                    finish(&mut results);
+                    quantize_portable(&results, &mut values[planes_out], *zero_point, *scale);
                 }
             }
         }
@@ -356,13 +360,11 @@ enum Planes<'a> {
 /// Where a depthwise convolution writes its output planes.
 enum Sink<'a> {
     F32(&'a mut [f32]),
-    /// Clamped by each `[low, high]` in turn (the activations the kernel absorbed), then
-    /// quantized.
+    /// Quantized (after the kernel's clamps).
     Int8 {
         values: &'a mut [i8],
         zero_point: f32,
         scale: f32,
-        clamp: Vec<[f32; 2]>,
     },
 }
 
@@ -570,13 +572,10 @@ impl TypedOp for QuantizedCast {
 /// quantized from one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedDepthwise {
+    /// The convolution, with the chain's clamps and the quantizing cast's output shape.
     conv: DepthwiseConv,
     input: DatumType,
     output: DatumType,
-    /// The shape of the quantizing cast this replaces (unit axes may differ from the conv's).
-    output_shape: TVec<usize>,
-    /// `[low, high]` for each absorbed `max` (`[c, inf]`) or `min` (`[-inf, c]`), in order.
-    clamp: Vec<[f32; 2]>,
 }
 
 // See the note on `DepthwiseConv`'s `Eq`.
@@ -621,11 +620,9 @@ impl QuantizedDepthwise {
             return Ok(None);
         };
         let fused = QuantizedDepthwise {
-            conv: conv.clone(),
+            conv: conv.absorbing(clamp, shape),
             input: dequantize.quantized,
             output: quantize.quantized,
-            output_shape: shape.into(),
-            clamp,
         };
         Ok(Some((fused, next.id)))
     }
@@ -694,10 +691,7 @@ impl Op for QuantizedDepthwise {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let mut info = self.conv.info()?;
-        info.push(format!(
-            "{:?} -> {:?}, clamp {:?}",
-            self.input, self.output, self.clamp
-        ));
+        info.push(format!("{:?} -> {:?}", self.input, self.output));
         Ok(info)
     }
 
@@ -719,7 +713,7 @@ impl EvalOp for QuantizedDepthwise {
         conv.check_input(values.len())?;
         let (in_zero_point, in_scale) = self.input.zp_scale();
         let (out_zero_point, out_scale) = self.output.zp_scale();
-        let mut output = Tensor::zero_dt(self.output, &self.output_shape)?;
+        let mut output = Tensor::zero_dt(self.output, &conv.output_shape)?;
         {
             let mut plain = output.try_as_plain_ram_mut()?;
             conv.dispatch(
@@ -732,7 +726,6 @@ impl EvalOp for QuantizedDepthwise {
                     values: plain.as_slice_mut::<i8>()?,
                     zero_point: out_zero_point as f32,
                     scale: out_scale,
-                    clamp: self.clamp.clone(),
                 },
             );
         }
@@ -742,10 +735,26 @@ impl EvalOp for QuantizedDepthwise {
 
 impl TypedOp for QuantizedDepthwise {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(self.output.fact(&*self.output_shape)))
+        Ok(tvec!(self.output.fact(&*self.conv.output_shape)))
     }
 
     as_op!();
+}
+
+/// Wires `op` to `input` in place of the chain that ends at node `last` (whose output the rest of
+/// the graph now reads from `op`; the chain is left unused, for `compact`).
+fn replace_chain(
+    model: &mut TypedModel,
+    input: OutletId,
+    last: usize,
+    name: String,
+    op: impl Into<Box<dyn TypedOp>>,
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::default();
+    let input = patch.tap_model(model, input)?;
+    let output = patch.wire_node(name, op, &[input])?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), output)?;
+    patch.apply(model)
 }
 
 /// Fuses every dequantize -> depthwise -> clamp -> quantize chain into one
@@ -757,12 +766,8 @@ fn fuse_quantized_depthwise(model: &mut TypedModel) -> TractResult<usize> {
         let Some((kernel, quantize)) = QuantizedDepthwise::for_chain(model, node)? else {
             continue;
         };
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(model, node.inputs[0])?;
         let name = format!("{}.int8_depthwise", model.node(quantize).name);
-        let output = patch.wire_node(name, kernel, &[input])?[0];
-        patch.shunt_outside(model, OutletId::new(quantize, 0), output)?;
-        patch.apply(model)?;
+        replace_chain(model, node.inputs[0], quantize, name, kernel)?;
         fused += 1;
     }
     Ok(fused)
@@ -785,14 +790,9 @@ fn fuse_depthwise_clamps(model: &mut TypedModel) -> TractResult<usize> {
         if clamp.is_empty() || fact.datum_type != f32::datum_type() {
             continue;
         }
-        let mut kernel = conv.clone();
-        kernel.clamp.extend(clamp);
-        kernel.output_shape = shape.into();
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(model, node.inputs[0])?;
-        let output = patch.wire_node(format!("{}.clamped", node.name), kernel, &[input])?[0];
-        patch.shunt_outside(model, OutletId::new(last, 0), output)?;
-        patch.apply(model)?;
+        let kernel = conv.absorbing(clamp, shape);
+        let name = format!("{}.clamped", node.name);
+        replace_chain(model, node.inputs[0], last, name, kernel)?;
         fused += 1;
     }
     Ok(fused)

@@ -31,6 +31,15 @@ pub struct Probe {
     threads: usize,
 }
 
+/// The model input for `pixels` ([`Preprocessing::pixels`] of `preprocessing`): normalized into
+/// a `[1, 3, H, W]` tensor.
+pub fn input_tensor(preprocessing: &Preprocessing, pixels: &[u8]) -> Result<Tensor> {
+    let [height, width] = preprocessing.crop.map(|v| v as usize);
+    let mut values = vec![0.0; preprocessing.tensor_len()];
+    preprocessing.normalize_into(pixels, &mut values);
+    Tensor::from_shape(&[1, 3, height, width], &values).map_err(CompileError::graph("model input"))
+}
+
 /// How a graph's outputs compare with the f32 graph's on the probe images.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Measurement {
@@ -116,14 +125,9 @@ impl Probe {
         Ok(probe)
     }
 
-    /// The model input for image `index`: its pixels normalized into a `[1, 3, H, W]` tensor.
+    /// The model input for image `index` ([`input_tensor`]).
     pub fn input(&self, index: usize) -> Result<Tensor> {
-        let [height, width] = self.preprocessing.crop.map(|v| v as usize);
-        let mut values = vec![0.0; self.preprocessing.tensor_len()];
-        self.preprocessing
-            .normalize_into(&self.images[index], &mut values);
-        Tensor::from_shape(&[1, 3, height, width], &values)
-            .map_err(CompileError::graph("quantization probe"))
+        input_tensor(&self.preprocessing, &self.images[index])
     }
 
     /// Number of images.
