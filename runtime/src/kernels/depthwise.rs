@@ -1,31 +1,13 @@
-//! Kernels: graft's own implementations of operators that tract runs slowly on CPU, swapped into a
-//! graph before it is optimised ([`use_graft_kernels`]). Artifacts keep standard tract NNEF; only
-//! the plan built from them differs, so the same file runs with or without them.
-//!
-//! Casts between f32 and quantized int8 (what an int8 graph does wherever an f32 operator meets
-//! an int8 one): tract converts element by element through a generic path (about 1 ns per value,
-//! a third of the int8 Lite0 graph's time). [`QuantizedCast`] does the same arithmetic, bit for
-//! bit, in a loop the compiler vectorises.
-//!
-//! In an int8 graph, depthwise convolutions stay f32 (tract has no int8 depthwise kernel), so each
-//! sits in a dequantize -> convolve -> clamp -> quantize chain. [`QuantizedDepthwise`] runs such a
-//! chain as one operator with the same arithmetic (dequantizing each input plane before padding
-//! it, quantizing each output plane), so the f32 tensors are never written out.
-//!
-//! Depthwise convolution: tract 0.23's `DepthWiseConv` walks padding zones with generic scalar
-//! code (under 1 G multiply-adds/s here), about half of EfficientNet-Lite0's time.
-//! [`DepthwiseConv`] copies each channel once into a zero-padded plane split into one plane per
-//! (row, column) phase of the stride, so every kernel tap reads one contiguous run covering the
-//! whole output; the taps are summed a few dozen outputs at a time in registers, in a loop the
-//! compiler vectorises. On x86-64 an AVX2+FMA build of the loop is chosen at run time when the
-//! CPU has it; aarch64 always has NEON and FMA.
+//! Depthwise convolution, f32 and between int8 tensors (see the module docs of `kernels`).
 
 use std::sync::Arc;
 
 use tract_core::internal::*;
-use tract_core::ops::change_axes::AxisOp;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
+
+use super::cast::{dequantize_portable, quantize_portable, QuantizedCast};
+use super::graph::{clamp_chain, konst, only_successor, passes_through};
 
 /// A depthwise 2-D convolution (one filter per channel), f32, batch 1, NCHW or CHW.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,30 +34,6 @@ pub struct DepthwiseConv {
 // tract compares operators for equality (to merge identical nodes); weights that compare equal
 // are the same operator, and NaN weights never come out of a folded graph.
 impl Eq for DepthwiseConv {}
-
-/// The constant value at `outlet`: a constant, or an operator of constants (the NNEF reader
-/// leaves casts of stored tensors in place), evaluated here.
-fn konst(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
-    konst_within(model, outlet, 3)
-}
-
-fn konst_within(model: &TypedModel, outlet: OutletId, depth: usize) -> Option<Arc<Tensor>> {
-    let fact = model.outlet_fact(outlet).ok()?;
-    if let Some(value) = &fact.konst {
-        return Some(value.clone());
-    }
-    let node = model.node(outlet.node);
-    if depth == 0 || node.inputs.is_empty() {
-        return None;
-    }
-    let inputs: Option<TVec<TValue>> = node
-        .inputs
-        .iter()
-        .map(|&i| Some(konst_within(model, i, depth - 1)?.into_tvalue()))
-        .collect();
-    let outputs = node.op.eval_out_of_plan(inputs?).ok()??;
-    Some(outputs.get(outlet.slot)?.clone().into_arc_tensor())
-}
 
 impl DepthwiseConv {
     /// The kernel for `node` when it is a convolution this kernel computes exactly: f32, one
@@ -157,7 +115,7 @@ impl DepthwiseConv {
 
     /// This convolution followed by `clamp`, its output reshaped to `shape` (the end of a chain
     /// that may add or remove unit axes).
-    fn absorbing(&self, clamp: Vec<[f32; 2]>, shape: &[usize]) -> DepthwiseConv {
+    pub(crate) fn absorbing(&self, clamp: Vec<[f32; 2]>, shape: &[usize]) -> DepthwiseConv {
         let mut conv = self.clone();
         conv.clamp.extend(clamp);
         conv.output_shape = shape.into();
@@ -411,160 +369,6 @@ impl TypedOp for DepthwiseConv {
     as_op!();
 }
 
-/// A cast from f32 to per-tensor quantized int8 or back, with tract's arithmetic: quantizing is
-/// `round_ties_even(x / scale + zero_point)` clamped to `[-128, 127]`, dequantizing is
-/// `(q - zero_point) * scale`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuantizedCast {
-    /// The quantized type (`QI8`).
-    quantized: DatumType,
-    /// Towards int8 (quantize) or towards f32 (dequantize).
-    to_int8: bool,
-}
-
-impl QuantizedCast {
-    /// The kernel for `node` when it is such a cast.
-    pub fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<QuantizedCast>> {
-        let Some(cast) = node.op_as::<tract_core::ops::cast::Cast>() else {
-            return Ok(None);
-        };
-        let from = model.outlet_fact(node.inputs[0])?.datum_type;
-        let is_qi8 = |dt: DatumType| dt.is_quantized() && dt.unquantized() == i8::datum_type();
-        Ok(if from == f32::datum_type() && is_qi8(cast.to) {
-            Some(QuantizedCast {
-                quantized: cast.to,
-                to_int8: true,
-            })
-        } else if is_qi8(from) && cast.to == f32::datum_type() {
-            Some(QuantizedCast {
-                quantized: from,
-                to_int8: false,
-            })
-        } else {
-            None
-        })
-    }
-
-    fn quantize(input: &[f32], output: &mut [i8], zero_point: f32, scale: f32) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has the feature the function is compiled for.
-            return unsafe { quantize_avx2(input, output, zero_point, scale) };
-        }
-        quantize_portable(input, output, zero_point, scale)
-    }
-
-    fn dequantize(input: &[i8], output: &mut [f32], zero_point: f32, scale: f32) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has the feature the function is compiled for.
-            return unsafe { dequantize_avx2(input, output, zero_point, scale) };
-        }
-        dequantize_portable(input, output, zero_point, scale)
-    }
-}
-
-#[inline(always)]
-fn quantize_portable(input: &[f32], output: &mut [i8], zero_point: f32, scale: f32) {
-    for (q, &x) in output.iter_mut().zip(input) {
-        let v = (x / scale + zero_point)
-            .round_ties_even()
-            .clamp(-128.0, 127.0);
-        // NaN becomes 0, as in tract.
-        let v = if v.is_nan() { 0.0 } else { v };
-        // SAFETY: `v` is an integer in -128..=127, so the conversion is exact. (The checked `as`
-        // conversion also handles NaN and out-of-range values, which makes the compiler convert
-        // one value at a time.)
-        *q = unsafe { v.to_int_unchecked::<i32>() } as i8;
-    }
-}
-
-#[inline(always)]
-fn dequantize_portable(input: &[i8], output: &mut [f32], zero_point: f32, scale: f32) {
-    for (x, &q) in output.iter_mut().zip(input) {
-        *x = (q as f32 - zero_point) * scale;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_avx2(input: &[f32], output: &mut [i8], zero_point: f32, scale: f32) {
-    quantize_portable(input, output, zero_point, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dequantize_avx2(input: &[i8], output: &mut [f32], zero_point: f32, scale: f32) {
-    dequantize_portable(input, output, zero_point, scale)
-}
-
-impl Op for QuantizedCast {
-    fn name(&self) -> StaticName {
-        "GraftQuantizedCast".into()
-    }
-
-    fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "{} {:?}",
-            if self.to_int8 { "to" } else { "from" },
-            self.quantized
-        )])
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for QuantizedCast {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
-        let (zero_point, scale) = self.quantized.zp_scale();
-        let (zero_point, scale) = (zero_point as f32, scale);
-        let to = if self.to_int8 {
-            self.quantized
-        } else {
-            f32::datum_type()
-        };
-        // SAFETY: every element is written below (input and output have the same length), and
-        // i8 / f32 have no invalid bit patterns.
-        let mut output = unsafe { Tensor::uninitialized_dt(to, input.shape())? };
-        {
-            let view = input.view();
-            let mut plain = output.try_as_plain_ram_mut()?;
-            if self.to_int8 {
-                Self::quantize(
-                    view.as_slice::<f32>()?,
-                    plain.as_slice_mut::<i8>()?,
-                    zero_point,
-                    scale,
-                );
-            } else {
-                Self::dequantize(
-                    view.as_slice::<i8>()?,
-                    plain.as_slice_mut::<f32>()?,
-                    zero_point,
-                    scale,
-                );
-            }
-        }
-        Ok(tvec!(output.into_tvalue()))
-    }
-}
-
-impl TypedOp for QuantizedCast {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let to = if self.to_int8 {
-            self.quantized
-        } else {
-            f32::datum_type()
-        };
-        Ok(tvec!(to.fact(inputs[0].shape.clone())))
-    }
-
-    as_op!();
-}
-
 /// A depthwise convolution between int8 tensors, replacing the chain an int8 graph has around
 /// an f32 depthwise convolution: dequantize, convolve, clamp (ReLU6 as `max` then `min`),
 /// quantize. The same f32 arithmetic in the same order, bit for bit, without writing the f32
@@ -585,7 +389,7 @@ impl QuantizedDepthwise {
     /// The fused kernel starting at `node` when it is a dequantizing cast feeding (alone) a
     /// graft depthwise convolution whose output reaches a quantizing cast through `max` / `min`
     /// with constants only; returns it and the quantizing cast's node id.
-    fn for_chain(
+    pub(crate) fn for_chain(
         model: &TypedModel,
         node: &TypedNode,
     ) -> TractResult<Option<(QuantizedDepthwise, usize)>> {
@@ -626,62 +430,6 @@ impl QuantizedDepthwise {
         };
         Ok(Some((fused, next.id)))
     }
-}
-
-/// The node fed by node `id`'s output when it is the only one, and that output is not one of the
-/// model's.
-fn only_successor(model: &TypedModel, id: usize) -> TractResult<Option<&TypedNode>> {
-    let node = model.node(id);
-    let outlet = OutletId::new(id, 0);
-    Ok(match &*node.outputs {
-        [output] if output.successors.len() == 1 && !model.output_outlets()?.contains(&outlet) => {
-            Some(model.node(output.successors[0].node))
-        }
-        _ => None,
-    })
-}
-
-/// Whether `node` changes nothing in a contiguous f32 buffer: unit axes added or removed, and
-/// f32-to-f32 casts (the NNEF reader leaves both around the batch axis).
-fn passes_through(model: &TypedModel, node: &TypedNode) -> bool {
-    if let Some(axis) = node.op_as::<AxisOp>() {
-        return matches!(axis, AxisOp::Add(_) | AxisOp::Rm(_));
-    }
-    node.op_as::<tract_core::ops::cast::Cast>()
-        .is_some_and(|c| c.to == f32::datum_type())
-        && model
-            .outlet_fact(node.inputs[0])
-            .is_ok_and(|f| f.datum_type == f32::datum_type())
-}
-
-/// Follows node `start`'s output through [`only_successor`]s that pass it through or clamp it
-/// (`max` / `min` with a scalar constant, as ReLU6 is written); returns the clamps as
-/// `[low, high]` in order, and the last node followed (`start` when none).
-fn clamp_chain(model: &TypedModel, start: usize) -> TractResult<(Vec<[f32; 2]>, usize)> {
-    let mut clamp = vec![];
-    let mut current = start;
-    while let Some(next) = only_successor(model, current)? {
-        if !passes_through(model, next) {
-            let name = next.op.name();
-            if (name != "Max" && name != "Min") || next.inputs.len() != 2 {
-                break;
-            }
-            let Some(other) = next.inputs.iter().find(|i| i.node != current) else {
-                break;
-            };
-            let Some(value) = konst(model, *other).filter(|k| k.len() == 1) else {
-                break;
-            };
-            let value = value.cast_to_scalar::<f32>()?;
-            clamp.push(if name == "Max" {
-                [value, f32::INFINITY]
-            } else {
-                [f32::NEG_INFINITY, value]
-            });
-        }
-        current = next.id;
-    }
-    Ok((clamp, current))
 }
 
 impl Op for QuantizedDepthwise {
@@ -741,98 +489,11 @@ impl TypedOp for QuantizedDepthwise {
     as_op!();
 }
 
-/// Wires `op` to `input` in place of the chain that ends at node `last` (whose output the rest of
-/// the graph now reads from `op`; the chain is left unused, for `compact`).
-fn replace_chain(
-    model: &mut TypedModel,
-    input: OutletId,
-    last: usize,
-    name: String,
-    op: impl Into<Box<dyn TypedOp>>,
-) -> TractResult<()> {
-    let mut patch = TypedModelPatch::default();
-    let input = patch.tap_model(model, input)?;
-    let output = patch.wire_node(name, op, &[input])?[0];
-    patch.shunt_outside(model, OutletId::new(last, 0), output)?;
-    patch.apply(model)
-}
-
-/// Fuses every dequantize -> depthwise -> clamp -> quantize chain into one
-/// [`QuantizedDepthwise`]; returns how many.
-fn fuse_quantized_depthwise(model: &mut TypedModel) -> TractResult<usize> {
-    let mut fused = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some((kernel, quantize)) = QuantizedDepthwise::for_chain(model, node)? else {
-            continue;
-        };
-        let name = format!("{}.int8_depthwise", model.node(quantize).name);
-        replace_chain(model, node.inputs[0], quantize, name, kernel)?;
-        fused += 1;
-    }
-    Ok(fused)
-}
-
-/// Absorbs the clamps (ReLU6) after every f32 [`DepthwiseConv`] into it; returns how many.
-fn fuse_depthwise_clamps(model: &mut TypedModel) -> TractResult<usize> {
-    let mut fused = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(conv) = node.op_as::<DepthwiseConv>() else {
-            continue;
-        };
-        let (clamp, last) = clamp_chain(model, id)?;
-        let fact = model.outlet_fact(OutletId::new(last, 0))?;
-        // The chain may add or remove unit axes: the kernel takes the shape at its end.
-        let Some(shape) = fact.shape.as_concrete() else {
-            continue;
-        };
-        if clamp.is_empty() || fact.datum_type != f32::datum_type() {
-            continue;
-        }
-        let kernel = conv.absorbing(clamp, shape);
-        let name = format!("{}.clamped", node.name);
-        replace_chain(model, node.inputs[0], last, name, kernel)?;
-        fused += 1;
-    }
-    Ok(fused)
-}
-
-/// Replaces every operator one of graft's kernels computes with that kernel; returns how many
-/// were replaced. Run it on a typed graph before `optimize`.
-pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let patch = if let Some(kernel) = DepthwiseConv::for_node(model, node)? {
-            TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], kernel)?
-        } else if let Some(kernel) = QuantizedCast::for_node(model, node)? {
-            TypedModelPatch::replace_single_op(model, node, &node.inputs, kernel)?
-        } else {
-            continue;
-        };
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    replaced += fuse_quantized_depthwise(model)?;
-    replaced += fuse_depthwise_clamps(model)?;
-    if replaced > 0 {
-        model.compact()?;
-    }
-    Ok(replaced)
-}
-
-/// `model.into_optimized()` with graft's kernels swapped in after decluttering.
-pub fn into_optimized(model: TypedModel) -> TractResult<TypedModel> {
-    let mut model = model.into_decluttered()?;
-    use_graft_kernels(&mut model)?;
-    model.optimize()?;
-    Ok(model)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::use_graft_kernels;
+    use tract_core::ops::change_axes::AxisOp;
     use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 
     /// A depthwise convolution (followed, when `relu6`, by the batch axis removed and ReLU6 as
@@ -952,52 +613,6 @@ mod tests {
             .zip(&ours)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst < 1e-4, "differs by {worst}");
-    }
-
-    #[test]
-    fn quantized_casts_match_tracts_bit_for_bit() {
-        let dt = i8::datum_type().quantize(QParams::ZpScale {
-            zero_point: -3,
-            scale: 0.037,
-        });
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact([1000])).unwrap();
-        let q = model
-            .wire_node("q", tract_core::ops::cast::cast(dt), &[x])
-            .unwrap();
-        let y = model
-            .wire_node("y", tract_core::ops::cast::cast(f32::datum_type()), &q)
-            .unwrap();
-        model.select_output_outlets(&[q[0], y[0]]).unwrap();
-        // Values across and beyond the range, exact halves included.
-        let values: Vec<f32> = (0..1000)
-            .map(|i| (i as f32 - 500.0) * 0.0185 + if i % 7 == 0 { 0.0 } else { 0.001 })
-            .chain([f32::NAN, 1e9, -1e9])
-            .take(1000)
-            .collect();
-        let run = |model: TypedModel| {
-            let out = model
-                .into_optimized()
-                .unwrap()
-                .into_runnable()
-                .unwrap()
-                .run(tvec![tensor1(&values).into()])
-                .unwrap();
-            (out[0].clone().into_tensor(), out[1].clone().into_tensor())
-        };
-        let reference = run(model.clone());
-        assert_eq!(use_graft_kernels(&mut model).unwrap(), 2);
-        let ours = run(model);
-        assert_eq!(ours.0.datum_type(), dt);
-        assert_eq!(
-            ours.0.view().as_slice::<i8>().unwrap(),
-            reference.0.view().as_slice::<i8>().unwrap()
-        );
-        let (a, b) = (
-            ours.1.view().as_slice::<f32>().unwrap().to_vec(),
-            reference.1.view().as_slice::<f32>().unwrap().to_vec(),
-        );
-        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
