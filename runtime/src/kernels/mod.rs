@@ -25,12 +25,15 @@ pub mod conv;
 pub mod depthwise;
 pub mod dispatch;
 pub mod gemm_f32;
+pub mod gemm_int8;
 mod graph;
+pub mod qconv;
 
 pub use cast::QuantizedCast;
 pub use conv::Convolution;
 pub use depthwise::{DepthwiseConv, QuantizedDepthwise};
 pub use dispatch::Level;
+pub use qconv::QuantizedConvolution;
 
 use tract_core::internal::*;
 
@@ -103,6 +106,28 @@ fn fuse_convolutions(model: &mut TypedModel, level: Level) -> TractResult<usize>
     Ok(fused)
 }
 
+/// Replaces every int8 convolution with one group (tract's quantized pointwise `EinSum` and
+/// quantized `Conv`, with the cast of their raw output) by a [`QuantizedConvolution`]; returns
+/// how many.
+fn fuse_quantized_convolutions(model: &mut TypedModel, level: Level) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let found = match QuantizedConvolution::for_einsum(model, node, level)? {
+            Some(found) => Some(found),
+            None => QuantizedConvolution::for_conv(model, node, level)?,
+        };
+        let Some((conv, last)) = found else {
+            continue;
+        };
+        let input = node.inputs[0];
+        let name = format!("{}.graft", node.name);
+        replace_chain(model, &[input], last, name, conv)?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
 /// Replaces every operator one of graft's kernels computes with that kernel, using the
 /// instruction set [`Level::current`] chose for this process; returns how many were replaced.
 /// Run it on a typed graph before `optimize`.
@@ -133,6 +158,7 @@ pub fn use_graft_kernels_at(model: &mut TypedModel, level: Level) -> TractResult
     replaced += fuse_quantized_depthwise(model)?;
     replaced += fuse_depthwise_clamps(model)?;
     replaced += fuse_convolutions(model, level)?;
+    replaced += fuse_quantized_convolutions(model, level)?;
     if replaced > 0 {
         model.compact()?;
     }
