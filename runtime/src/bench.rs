@@ -21,7 +21,10 @@ use crate::preprocess::load_image;
 pub struct BenchArgs {
     /// Artifact to measure.
     pub model: PathBuf,
-    /// Images to feed (cycled); default: a synthetic 640x480 picture.
+    /// Images to feed (cycled); default: a synthetic 640x480 picture. When the first one is a
+    /// second artifact (`.graft`), the two artifacts are timed in alternation, A, B, A, B, ...
+    /// on one thread, and the per-pair ratio B/A is reported: steadier than two separate runs on
+    /// a machine whose speed drifts.
     pub images: Vec<PathBuf>,
     /// Timed single-thread runs for the latency percentiles.
     #[arg(long, default_value_t = 100)]
@@ -86,6 +89,9 @@ pub struct BenchReport {
     pub size_bytes: u64,
     /// Stored precision.
     pub precision: String,
+    /// The kernels that ran the graph: graft's at an instruction-set level (`avx512`, `avxvnni`,
+    /// `avx2`, `portable`; see `GRAFT_KERNELS`) or `tract`.
+    pub kernels: String,
     /// Wall-clock load time in milliseconds.
     pub load_ms: f64,
     /// Load time by stage, in seconds.
@@ -206,6 +212,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         model: args.model.clone(),
         size_bytes: model.artifact().size,
         precision: model.manifest().precision.clone(),
+        kernels: kernels_name(args.tract_kernels),
         load_ms,
         load_stages: model.load_timings(),
         first_inference_ms,
@@ -221,8 +228,150 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     })
 }
 
-/// `bench`: measures and prints.
+fn kernels_name(tract_kernels: bool) -> String {
+    if tract_kernels {
+        "tract".into()
+    } else {
+        crate::kernels::Level::current().name().into()
+    }
+}
+
+/// Two artifacts timed in alternation on one thread.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// The first artifact (A).
+    pub a: PathBuf,
+    /// The second artifact (B).
+    pub b: PathBuf,
+    /// The kernels that ran both graphs.
+    pub kernels: String,
+    /// A's graph execution, milliseconds.
+    pub a_latency: Latency,
+    /// B's graph execution, milliseconds.
+    pub b_latency: Latency,
+    /// B's time over A's in each pair.
+    pub ratio: Ratio,
+}
+
+/// Percentiles of a per-pair ratio.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// 10th percentile.
+    pub p10: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// Number of pairs.
+    pub pairs: usize,
+}
+
+impl Ratio {
+    fn from_samples(mut samples: Vec<f64>) -> Ratio {
+        samples.sort_by(f64::total_cmp);
+        let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Ratio {
+            p10: pick(0.1),
+            p50: pick(0.5),
+            p90: pick(0.9),
+            pairs: samples.len(),
+        }
+    }
+}
+
+fn is_artifact(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e == "graft")
+}
+
+/// Times `args.model` (A) and the artifact first in `args.images` (B) in alternation, on the
+/// rest of the images (or the synthetic picture), `args.iterations` pairs after `args.warmup`.
+pub fn compare(args: &BenchArgs) -> Result<Comparison> {
+    if args.iterations == 0 {
+        return Err(Error::InvalidOption(
+            "--iterations must be at least 1".into(),
+        ));
+    }
+    let options = LoadOptions {
+        graft_kernels: !args.tract_kernels,
+    };
+    let b_path = &args.images[0];
+    let (a, b) = (
+        Model::load_with(&args.model, options.clone())?,
+        Model::load_with(b_path, options)?,
+    );
+    let images: Vec<DynamicImage> = if args.images.len() > 1 {
+        args.images[1..]
+            .iter()
+            .map(|p| load_image(p))
+            .collect::<Result<_>>()?
+    } else {
+        vec![synthetic_image()]
+    };
+    let tensors = |model: &Model| -> Vec<Vec<f32>> {
+        let preprocessing = &model.manifest().preprocessing;
+        images.iter().map(|i| preprocessing.apply(i)).collect()
+    };
+    let (ta, tb) = (tensors(&a), tensors(&b));
+    let time = |model: &Model, input: &[f32]| -> Result<f64> {
+        let started = Instant::now();
+        model.classify_tensor(input)?;
+        Ok(started.elapsed().as_secs_f64())
+    };
+    for i in 0..args.warmup {
+        time(&a, &ta[i % ta.len()])?;
+        time(&b, &tb[i % tb.len()])?;
+    }
+    let (mut sa, mut sb, mut ratios) = (vec![], vec![], vec![]);
+    for i in 0..args.iterations {
+        let x = time(&a, &ta[i % ta.len()])?;
+        let y = time(&b, &tb[i % tb.len()])?;
+        sa.push(x);
+        sb.push(y);
+        ratios.push(y / x);
+    }
+    Ok(Comparison {
+        a: args.model.clone(),
+        b: b_path.clone(),
+        kernels: kernels_name(args.tract_kernels),
+        a_latency: Latency::from_seconds(sa),
+        b_latency: Latency::from_seconds(sb),
+        ratio: Ratio::from_samples(ratios),
+    })
+}
+
+fn print_comparison(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let c = compare(args)?;
+    let io = |e| Error::io("<stdout>", e);
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&c).expect("json")).map_err(io)?;
+        return Ok(Outcome::Complete);
+    }
+    let lines = [
+        ("A", format!("{}: p50 {:.2} ms, p90 {:.2} ms", c.a.display(), c.a_latency.p50, c.a_latency.p90)),
+        ("B", format!("{}: p50 {:.2} ms, p90 {:.2} ms", c.b.display(), c.b_latency.p50, c.b_latency.p90)),
+        (
+            "B / A",
+            format!(
+                "median {:.3} (p10 {:.3}, p90 {:.3}) over {} alternating pairs, 1 thread, {} kernels",
+                c.ratio.p50,
+                c.ratio.p10,
+                c.ratio.p90,
+                c.ratio.pairs,
+                c.kernels
+            ),
+        ),
+    ];
+    for (k, v) in lines {
+        writeln!(out, "{k:<7}{v}").map_err(io)?;
+    }
+    Ok(Outcome::Complete)
+}
+
+/// `bench`: measures and prints (one artifact, or two in alternation).
 pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
+    if args.images.first().is_some_and(|p| is_artifact(p)) {
+        return print_comparison(args, out);
+    }
     let r = measure(args)?;
     let io = |e| Error::io("<stdout>", e);
     if args.json {
@@ -234,10 +383,11 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
         (
             "model",
             format!(
-                "{} ({:.1} MiB, {})",
+                "{} ({:.1} MiB, {}, {} kernels)",
                 r.model.display(),
                 r.size_bytes as f64 / (1 << 20) as f64,
-                r.precision
+                r.precision,
+                r.kernels
             ),
         ),
         (
