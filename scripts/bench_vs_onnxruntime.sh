@@ -12,7 +12,7 @@
 # RUNS timed runs each; the script prints every round, the medians and the ratios.
 #
 # usage: scripts/bench_vs_onnxruntime.sh [RUNS=200] [ROUNDS=3] [SHARED=../shared]
-# Installs onnxruntime, onnx, numpy and Pillow into target/bench-venv (pip), unless BENCH_PYTHON
+# Installs onnxruntime, onnx, numpy, Pillow and sympy into target/bench-venv (pip), unless BENCH_PYTHON
 # names a Python that has them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ if [ -n "${BENCH_PYTHON:-}" ]; then
   python=$BENCH_PYTHON
 else
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q onnxruntime onnx numpy pillow
+  "$venv/bin/pip" install -q onnxruntime onnx numpy pillow sympy
   python=$venv/bin/python
 fi
 cargo build --release --quiet -p graft-compiler --bin graft
@@ -53,11 +53,11 @@ PY
 
 graft_p50() {
   "$graft" bench "$1" --iterations "$runs" --threads 1 --batch 1 --json |
-    "$python" -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"latency\"][\"p50\"]:.3f}")'
+    "$python" -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["latency"]["p50"])'
 }
 ort_p50() {
   "$python" scripts/ort_bench.py time "$1" "$runs" |
-    "$python" -c 'import json,sys; print(f"{json.load(sys.stdin)[\"p50_ms\"]:.3f}")'
+    "$python" -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["p50_ms"])'
 }
 results=$out/rounds.txt
 : > "$results"

@@ -296,7 +296,7 @@ pub fn compare(args: &BenchArgs) -> Result<Comparison> {
     };
     let b_path = &args.images[0];
     let (a, b) = (
-        Model::load_with(&args.model, options.clone())?,
+        Model::load_with(&args.model, options)?,
         Model::load_with(b_path, options)?,
     );
     let images: Vec<DynamicImage> = if args.images.len() > 1 {

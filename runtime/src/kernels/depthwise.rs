@@ -7,28 +7,32 @@ use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
 
 use super::cast::{dequantize_portable, quantize_portable, QuantizedCast};
+use super::conv::collapse;
+use super::dispatch::Level;
 use super::graph::{clamp_chain, konst, only_successor, passes_through};
 
 /// A depthwise 2-D convolution (one filter per channel), f32, batch 1, NCHW or CHW.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DepthwiseConv {
-    channels: usize,
-    kernel: [usize; 2],
-    stride: [usize; 2],
+    /// The instruction set the loop is compiled for.
+    pub(super) level: Level,
+    pub(super) channels: usize,
+    pub(super) kernel: [usize; 2],
+    pub(super) stride: [usize; 2],
     /// Zero rows above and columns left of the input.
-    pad: [usize; 2],
-    input: [usize; 2],
-    output: [usize; 2],
+    pub(super) pad: [usize; 2],
+    pub(super) input: [usize; 2],
+    pub(super) output: [usize; 2],
     /// The output's full shape (`[1, C, H, W]` or `[C, H, W]`; with absorbed clamps, the shape
     /// at the end of their chain, which may add or remove unit axes).
-    output_shape: TVec<usize>,
+    pub(super) output_shape: TVec<usize>,
     /// `[C, kh * kw]`.
-    weights: Arc<Vec<f32>>,
+    pub(super) weights: Arc<Vec<f32>>,
     /// `[C]`.
-    bias: Arc<Vec<f32>>,
+    pub(super) bias: Arc<Vec<f32>>,
     /// `[low, high]` for each `max` (`[c, inf]`) or `min` (`[-inf, c]`) applied to the output
     /// (absorbed by [`use_graft_kernels`]), in order, before any quantization.
-    clamp: Vec<[f32; 2]>,
+    pub(super) clamp: Vec<[f32; 2]>,
 }
 
 // tract compares operators for equality (to merge identical nodes); weights that compare equal
@@ -38,7 +42,11 @@ impl Eq for DepthwiseConv {}
 impl DepthwiseConv {
     /// The kernel for `node` when it is a convolution this kernel computes exactly: f32, one
     /// group per channel, constant weights and bias, no dilation, a batch of one.
-    pub fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DepthwiseConv>> {
+    pub fn for_node(
+        model: &TypedModel,
+        node: &TypedNode,
+        level: Level,
+    ) -> TractResult<Option<DepthwiseConv>> {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
         };
@@ -100,6 +108,7 @@ impl DepthwiseConv {
         };
         let strides = spec.strides();
         Ok(Some(DepthwiseConv {
+            level,
             channels,
             kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
             stride: [strides[0], strides[1]],
@@ -136,13 +145,24 @@ impl DepthwiseConv {
         self.dispatch(Planes::F32(input), Sink::F32(output))
     }
 
-    fn dispatch(&self, input: Planes, output: Sink) {
+    pub(super) fn dispatch(&self, input: Planes, output: Sink) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { self.run_avx2_fma(input, output) };
+        match self.level {
+            // SAFETY (both): the level is supported (checked when the kernel was built).
+            Level::Avx512 if super::depthwise_blocked::applies(self) => {
+                return unsafe { super::depthwise_blocked::convolve(self, input, output) }
+            }
+            Level::Avx512 => return unsafe { self.run_avx512(input, output) },
+            Level::Avx2 | Level::AvxVnni => return unsafe { self.run_avx2_fma(input, output) },
+            Level::Portable => {}
         }
         self.run_portable(input, output)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn run_avx512(&self, input: Planes, output: Sink) {
+        self.convolve::<true>(input, output)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -162,6 +182,7 @@ impl DepthwiseConv {
         let [sh, sw] = self.stride;
         let [ih, iw] = self.input;
         let [oh, ow] = self.output;
+        let collapsed = collapse(&self.clamp);
         let [pad_top, pad_left] = self.pad;
         // The zero-padded input split into one plane per (row, column) phase of the stride:
         // padded pixel (y, x) lands in plane (y % sh, x % sw) at (y / sh, x / sw). Tap (ky, kx)
@@ -249,11 +270,23 @@ impl DepthwiseConv {
             // The first `ow` columns of each accumulator row, clamped.
             let finish = |plane: &mut [f32]| {
                 let rows = accumulator.chunks_exact(phase_width);
-                for (out_row, row) in plane.chunks_exact_mut(ow).zip(rows) {
-                    out_row.copy_from_slice(&row[..ow]);
-                }
-                for [low, high] in &self.clamp {
-                    plane.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
+                match collapsed {
+                    // One clamp (ReLU6): applied while the rows are copied out.
+                    Some([low, high]) => {
+                        for (out_row, row) in plane.chunks_exact_mut(ow).zip(rows) {
+                            for (out, &v) in out_row.iter_mut().zip(&row[..ow]) {
+                                *out = v.max(low).min(high);
+                            }
+                        }
+                    }
+                    None => {
+                        for (out_row, row) in plane.chunks_exact_mut(ow).zip(rows) {
+                            out_row.copy_from_slice(&row[..ow]);
+                        }
+                        for [low, high] in &self.clamp {
+                            plane.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
+                        }
+                    }
                 }
             };
             let planes_out = channel * oh * ow..(channel + 1) * oh * ow;
@@ -306,7 +339,7 @@ fn accumulate<const FMA: bool>(out: &mut [f32], bias: f32, taps: &[(usize, f32)]
 
 /// Where a depthwise convolution reads its input planes.
 #[derive(Clone, Copy)]
-enum Planes<'a> {
+pub(super) enum Planes<'a> {
     F32(&'a [f32]),
     Int8 {
         values: &'a [i8],
@@ -316,7 +349,7 @@ enum Planes<'a> {
 }
 
 /// Where a depthwise convolution writes its output planes.
-enum Sink<'a> {
+pub(super) enum Sink<'a> {
     F32(&'a mut [f32]),
     /// Quantized (after the kernel's clamps).
     Int8 {
@@ -353,11 +386,13 @@ impl EvalOp for DepthwiseConv {
         let view = input.view();
         let values = view.as_slice::<f32>()?;
         self.check_input(values.len())?;
-        let mut output = vec![0f32; self.channels * self.output[0] * self.output[1]];
-        self.run(values, &mut output);
-        Ok(tvec!(
-            Tensor::from_shape(&self.output_shape, &output)?.into_tvalue()
-        ))
+        // SAFETY: the kernel writes every output value (f32 has no invalid bit patterns).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
+        {
+            let mut plain = output.try_as_plain_ram_mut()?;
+            self.run(values, plain.as_slice_mut::<f32>()?);
+        }
+        Ok(tvec!(output.into_tvalue()))
     }
 }
 
@@ -461,7 +496,8 @@ impl EvalOp for QuantizedDepthwise {
         conv.check_input(values.len())?;
         let (in_zero_point, in_scale) = self.input.zp_scale();
         let (out_zero_point, out_scale) = self.output.zp_scale();
-        let mut output = Tensor::zero_dt(self.output, &conv.output_shape)?;
+        // SAFETY: the kernel writes every output value (i8 has no invalid bit patterns).
+        let mut output = unsafe { Tensor::uninitialized_dt(self.output, &conv.output_shape)? };
         {
             let mut plain = output.try_as_plain_ram_mut()?;
             conv.dispatch(
@@ -492,7 +528,7 @@ impl TypedOp for QuantizedDepthwise {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::use_graft_kernels;
+    use crate::kernels::{use_graft_kernels, use_graft_kernels_at};
     use tract_core::ops::change_axes::AxisOp;
     use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 
@@ -506,7 +542,7 @@ mod tests {
         stride: [usize; 2],
         padding: PaddingSpec,
         relu6: bool,
-    ) -> (Vec<f32>, Vec<f32>, TVec<usize>) {
+    ) -> (Vec<f32>, Vec<Vec<f32>>, TVec<usize>) {
         let mut model = TypedModel::default();
         let x = model
             .add_source("x", f32::fact([1, channels, input[0], input[1]]))
@@ -568,13 +604,27 @@ mod tests {
             )
         };
         let (reference, shape) = run(model.clone());
-        // The kernel, and the clamps absorbed into it.
-        assert_eq!(use_graft_kernels(&mut model).unwrap(), 1 + relu6 as usize);
-        assert!(model.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
-        assert!(!model.nodes().iter().any(|n| n.name.starts_with("relu")));
-        let (ours, our_shape) = run(model);
-        assert_eq!(shape, our_shape);
-        (reference, ours, shape)
+        // The kernel at every level this CPU has, and the clamps absorbed into it.
+        let mut results = vec![];
+        for level in Level::available() {
+            let mut model = model.clone();
+            assert_eq!(
+                use_graft_kernels_at(&mut model, level).unwrap(),
+                1 + relu6 as usize
+            );
+            assert!(model.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
+            assert!(!model.nodes().iter().any(|n| n.name.starts_with("relu")));
+            let (ours, our_shape) = run(model);
+            assert_eq!(shape, our_shape);
+            results.push(ours);
+        }
+        (reference, results, shape)
+    }
+
+    fn worst(reference: &[f32], ours: &[Vec<f32>]) -> f32 {
+        ours.iter()
+            .flat_map(|ours| reference.iter().zip(ours))
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
     }
 
     #[test]
@@ -593,10 +643,7 @@ mod tests {
             (2, [9, 8], [3, 3], [1, 1], explicit(4, 5, 0, 0)),
         ] {
             let (reference, ours, shape) = both(channels, input, kernel, stride, padding, false);
-            let worst = reference
-                .iter()
-                .zip(&ours)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let worst = worst(&reference, &ours);
             assert!(worst < 1e-4, "{shape:?}: differs by {worst}");
         }
     }
@@ -604,15 +651,14 @@ mod tests {
     #[test]
     fn relu6_after_a_depthwise_convolution_is_absorbed() {
         let padding = PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]);
-        let (reference, ours, shape) = both(3, [12, 11], [3, 3], [2, 2], padding, true);
-        assert_eq!(&*shape, &[3, 6, 6]);
-        assert!(reference.contains(&0.0) && reference.contains(&6.0));
-        assert!(reference.iter().any(|&v| v > 0.0 && v < 6.0));
-        let worst = reference
-            .iter()
-            .zip(&ours)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(worst < 1e-4, "differs by {worst}");
+        for size in [[12, 11], [40, 41]] {
+            let (reference, ours, shape) = both(19, size, [3, 3], [2, 2], padding.clone(), true);
+            assert_eq!(&*shape, &[19, size[0] / 2, size[1].div_ceil(2)]);
+            assert!(reference.contains(&0.0) && reference.contains(&6.0));
+            assert!(reference.iter().any(|&v| v > 0.0 && v < 6.0));
+            let worst = worst(&reference, &ours);
+            assert!(worst < 1e-4, "differs by {worst}");
+        }
     }
 
     #[test]
@@ -691,7 +737,9 @@ mod tests {
         };
         let reference = run(model.clone());
         let conv_node = model.node_by_name("conv").unwrap();
-        let kernel = DepthwiseConv::for_node(&model, conv_node).unwrap().unwrap();
+        let kernel = DepthwiseConv::for_node(&model, conv_node, Level::current())
+            .unwrap()
+            .unwrap();
         let mut fused = model.clone();
         use_graft_kernels(&mut fused).unwrap();
         assert!(fused

@@ -23,6 +23,7 @@
 pub mod cast;
 pub mod conv;
 pub mod depthwise;
+mod depthwise_blocked;
 pub mod dispatch;
 pub mod gemm_f32;
 pub mod gemm_int8;
@@ -145,7 +146,7 @@ pub fn use_graft_kernels_at(model: &mut TypedModel, level: Level) -> TractResult
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
-        let patch = if let Some(kernel) = DepthwiseConv::for_node(model, node)? {
+        let patch = if let Some(kernel) = DepthwiseConv::for_node(model, node, level)? {
             TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], kernel)?
         } else if let Some(kernel) = QuantizedCast::for_node(model, node)? {
             TypedModelPatch::replace_single_op(model, node, &node.inputs, kernel)?
