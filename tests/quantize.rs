@@ -81,6 +81,11 @@ fn int8_artifact_agrees_with_f32_at_a_third_of_the_size() {
         "the most accurate method is kept"
     );
     assert_eq!(quantization.accuracy_budget, Some(0.01));
+    // The whole int8 graph was timed against the f32 one on this machine (no timing assertion:
+    // the numbers are recorded, and a slower int8 graph is warned about).
+    let speed = quantization.speed.as_ref().expect("speed check recorded");
+    assert!(speed.f32_ms > 0.0 && speed.int8_ms > 0.0 && speed.ratio > 0.0);
+    assert!(graft_runtime::kernels::Level::parse(&speed.kernels).is_some());
     let (f32_accuracy, int8_accuracy) = (
         quantization.f32_val_accuracy.unwrap(),
         quantization.val_accuracy.unwrap(),
@@ -120,6 +125,14 @@ fn int8_artifact_agrees_with_f32_at_a_third_of_the_size() {
         inspect.stdout.contains(&format!(
             "precision   int8: {} of 48 layers int8 (conv {conv}/1, pointwise {pointwise}/31, depthwise 0/16)",
             conv + pointwise
+        )),
+        "{}",
+        inspect.stdout
+    );
+    assert!(
+        inspect.stdout.contains(&format!(
+            "ms per image when compiled ({:.2}x, {} kernels",
+            speed.ratio, speed.kernels
         )),
         "{}",
         inspect.stdout

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use graft_runtime::artifact::{
-    self, CalibrationTrial, EpochRecord, Manifest, Metrics, QuantizationInfo,
+    self, CalibrationTrial, EpochRecord, Manifest, Metrics, QuantizationInfo, SpeedCheck,
 };
 use graft_runtime::dataset::{ImageFolder, Sample};
 use graft_runtime::eval::{evaluate, par_map, ConfusionMatrix};
@@ -346,6 +346,14 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let computed_graph = int8_graph.as_deref().unwrap_or(&f32_graph);
     let narrowed = narrow_weights(computed_graph, options.weights, &mut manifest, reporter)?;
     let graph = narrowed.as_deref().unwrap_or(computed_graph);
+    if manifest.quantization.is_some() {
+        let speed = stage("speed", || {
+            speed_check(&manifest, graph, &f32_graph, options, reporter)
+        })?;
+        if let Some(info) = manifest.quantization.as_mut() {
+            info.speed = Some(speed);
+        }
+    }
     let head_confusion = ConfusionMatrix::from_pairs(
         folder.classes.len(),
         val.labels.iter().copied().zip(head.predict(&val)),
@@ -626,6 +634,58 @@ fn run_graph(
     Ok(evaluation)
 }
 
+/// Pairs of runs [`speed_check`] times.
+const SPEED_CHECK_PAIRS: usize = 30;
+
+/// Times the quantized `graph` against the f32 graph it came from, in alternation on this
+/// machine (one thread, a synthetic picture), and warns when int8 is not the faster one: the
+/// artifact records the measurement either way.
+fn speed_check(
+    manifest: &Manifest,
+    graph: &[u8],
+    f32_graph: &[u8],
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<SpeedCheck> {
+    let mut f32_manifest = manifest.clone();
+    f32_manifest.precision = Precision::F32.name().into();
+    f32_manifest.quantization = None;
+    f32_manifest.weights = WeightStorage::F32;
+    let load = |manifest: &Manifest, graph: &[u8]| -> Result<Model> {
+        let artifact = Artifact::from_bytes(artifact::encode(manifest, graph), &options.out)?;
+        Ok(Model::from_artifact(artifact)?)
+    };
+    let (f32_model, int8_model) = (load(&f32_manifest, f32_graph)?, load(manifest, graph)?);
+    let input = vec![manifest
+        .preprocessing
+        .apply(&graft_runtime::bench::synthetic_image())];
+    let (f32_time, int8_time, ratio) = graft_runtime::bench::alternate(
+        [&f32_model, &int8_model],
+        [&input, &input],
+        SPEED_CHECK_PAIRS,
+        5,
+    )?;
+    let check = SpeedCheck {
+        f32_ms: f32_time.p50 as f32,
+        int8_ms: int8_time.p50 as f32,
+        ratio: ratio.p50 as f32,
+        kernels: graft_runtime::kernels::Level::current().name().into(),
+        cpu: graft_runtime::bench::cpu_name(),
+    };
+    reporter.message(&format!(
+        "speed     int8 {:.2} ms vs f32 {:.2} ms per image on this machine ({:.2}x, {} kernels, 1 thread, {} alternating pairs)",
+        check.int8_ms, check.f32_ms, check.ratio, check.kernels, SPEED_CHECK_PAIRS
+    ));
+    if check.ratio >= 1.0 {
+        reporter.message(&format!(
+            "warning   the int8 artifact runs {:.2}x the f32 time on this machine ({}, {} kernels): \
+             compile with --precision f32 to deploy here, or --int8-layers faster to keep f32 where int8 is slower",
+            check.ratio, check.cpu, check.kernels
+        ));
+    }
+    Ok(check)
+}
+
 /// Most validation images the int8 search runs on (a seeded sample beyond that).
 const MAX_PROBE_IMAGES: usize = 1000;
 
@@ -791,6 +851,7 @@ fn quantize_graph(
                 .collect(),
             accuracy_budget: Some(options.accuracy_budget as f32),
             simulated_accuracy: Some(result.simulated.score() as f32),
+            speed: None,
         },
     ))
 }

@@ -106,6 +106,25 @@ pub struct QuantizationInfo {
     /// Simulated validation accuracy of the chosen quantization.
     #[serde(default)]
     pub simulated_accuracy: Option<f32>,
+    /// The whole int8 graph against its f32 original, timed on the compiling machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed: Option<SpeedCheck>,
+}
+
+/// Latency of the int8 graph and of the f32 graph it came from, run in alternation on the
+/// compiling machine (one thread, batch 1, medians).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeedCheck {
+    /// The f32 graph, milliseconds.
+    pub f32_ms: f32,
+    /// The int8 graph, milliseconds.
+    pub int8_ms: f32,
+    /// Median of int8 over f32 per pair.
+    pub ratio: f32,
+    /// The kernels that ran (`avx512`, `avxvnni`, `avx2`, `portable`).
+    pub kernels: String,
+    /// The CPU, as the operating system names it.
+    pub cpu: String,
 }
 
 /// One calibration method tried by the compiler.

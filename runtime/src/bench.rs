@@ -312,31 +312,64 @@ pub fn compare(args: &BenchArgs) -> Result<Comparison> {
         images.iter().map(|i| preprocessing.apply(i)).collect()
     };
     let (ta, tb) = (tensors(&a), tensors(&b));
+    let (a_latency, b_latency, ratio) =
+        alternate([&a, &b], [&ta, &tb], args.iterations, args.warmup)?;
+    Ok(Comparison {
+        a: args.model.clone(),
+        b: b_path.clone(),
+        kernels: kernels_name(args.tract_kernels),
+        a_latency,
+        b_latency,
+        ratio,
+    })
+}
+
+/// Times `models[0]` and `models[1]` in alternation on one thread, `pairs` pairs after `warmup`
+/// untimed ones, each on its own inputs (cycled); returns both latencies and the per-pair ratio
+/// of the second over the first.
+pub fn alternate(
+    models: [&Model; 2],
+    inputs: [&[Vec<f32>]; 2],
+    pairs: usize,
+    warmup: usize,
+) -> Result<(Latency, Latency, Ratio)> {
     let time = |model: &Model, input: &[f32]| -> Result<f64> {
         let started = Instant::now();
         model.classify_tensor(input)?;
         Ok(started.elapsed().as_secs_f64())
     };
-    for i in 0..args.warmup {
-        time(&a, &ta[i % ta.len()])?;
-        time(&b, &tb[i % tb.len()])?;
+    let [a, b] = models;
+    let [xa, xb] = inputs;
+    for i in 0..warmup {
+        time(a, &xa[i % xa.len()])?;
+        time(b, &xb[i % xb.len()])?;
     }
     let (mut sa, mut sb, mut ratios) = (vec![], vec![], vec![]);
-    for i in 0..args.iterations {
-        let x = time(&a, &ta[i % ta.len()])?;
-        let y = time(&b, &tb[i % tb.len()])?;
+    for i in 0..pairs.max(1) {
+        let x = time(a, &xa[i % xa.len()])?;
+        let y = time(b, &xb[i % xb.len()])?;
         sa.push(x);
         sb.push(y);
         ratios.push(y / x);
     }
-    Ok(Comparison {
-        a: args.model.clone(),
-        b: b_path.clone(),
-        kernels: kernels_name(args.tract_kernels),
-        a_latency: Latency::from_seconds(sa),
-        b_latency: Latency::from_seconds(sb),
-        ratio: Ratio::from_samples(ratios),
-    })
+    Ok((
+        Latency::from_seconds(sa),
+        Latency::from_seconds(sb),
+        Ratio::from_samples(ratios),
+    ))
+}
+
+/// The CPU's model name (Linux `/proc/cpuinfo`), or the architecture.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|name| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 fn print_comparison(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {

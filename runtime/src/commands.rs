@@ -426,8 +426,14 @@ fn describe_precision(m: &Manifest) -> String {
     } else {
         String::new()
     };
+    let speed = q.speed.as_ref().map_or(String::new(), |s| {
+        format!(
+            "; int8 {:.2} ms vs f32 {:.2} ms per image when compiled ({:.2}x, {} kernels, {})",
+            s.int8_ms, s.f32_ms, s.ratio, s.kernels, s.cpu
+        )
+    });
     format!(
-        "{}: {int8} of {} layers int8 ({}), {} on {} images{trials}{budget}{timed}{accuracy}",
+        "{}: {int8} of {} layers int8 ({}), {} on {} images{trials}{budget}{timed}{accuracy}{speed}",
         m.precision,
         q.layers.len(),
         kinds.join(", "),
