@@ -281,6 +281,46 @@ fn bench_reports_batch_latency_and_throughput() {
 }
 
 #[test]
+fn bench_times_two_artifacts_in_alternation_under_every_kernel_level() {
+    let c = compiled();
+    // The same artifact twice: the per-pair ratio is about 1 (no timing assertion beyond
+    // being a positive number), and each level this CPU has can be forced.
+    for level in graft_runtime::kernels::Level::available() {
+        let out = run_with_env(
+            &graft_run(),
+            args![
+                "bench",
+                c.artifact,
+                c.artifact,
+                "--iterations",
+                "6",
+                "--json"
+            ],
+            &[("GRAFT_KERNELS", level.name())],
+        )
+        .expect_code(0);
+        let doc = json(&out.stdout);
+        assert_eq!(doc["kernels"], level.name());
+        assert_eq!(doc["ratio"]["pairs"], 6);
+        for key in ["p10", "p50", "p90"] {
+            assert!(doc["ratio"][key].as_f64().unwrap() > 0.0, "{doc}");
+        }
+        assert!(doc["a_latency"]["p50"].as_f64().unwrap() > 0.0);
+    }
+    let text = run(
+        graft(),
+        args!["bench", c.artifact, c.artifact, "--iterations", "3"],
+    )
+    .expect_code(0)
+    .stdout;
+    assert!(text.contains("B / A  median "), "{text}");
+    assert!(
+        text.contains("over 3 alternating pairs, 1 thread, "),
+        "{text}"
+    );
+}
+
+#[test]
 fn inspect_shows_labels_preprocessing_provenance_and_metrics() {
     let c = compiled();
     let doc = json(

@@ -56,12 +56,22 @@ impl Output {
 
 /// Runs `program` with `args` and a private feature cache.
 pub fn run<A: AsRef<std::ffi::OsStr>>(program: &Path, args: &[A]) -> Output {
+    run_with_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_with_env<A: AsRef<std::ffi::OsStr>>(
+    program: &Path,
+    args: &[A],
+    env: &[(&str, &str)],
+) -> Output {
     let out = Command::new(program)
         .args(args)
         .env(
             "GRAFT_CACHE_DIR",
             std::env::temp_dir().join("graft-test-cache-unused"),
         )
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
     Output {
