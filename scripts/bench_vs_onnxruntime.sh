@@ -2,7 +2,8 @@
 # graft's runtime against onnxruntime on EfficientNet-Lite0, batch 1, one thread, f32 and int8.
 # docs/PERFORMANCE.md quotes the output.
 #
-#   graft f32    the default `graft compile` of hymenoptera (Lite0 + a 2-class head)
+#   graft f32    the default `graft compile` of hymenoptera (Lite0 + a 2-class head), timed by
+#                `graft-run bench` (the deployed runtime)
 #   graft int8   the same compile with `--precision int8`
 #   ort f32      onnxruntime on the original Lite0 ONNX
 #   ort int8     onnxruntime's static int8 quantization of it, made here: QDQ, per-channel int8
@@ -27,8 +28,9 @@ else
   "$venv/bin/pip" install -q onnxruntime onnx numpy pillow sympy
   python=$venv/bin/python
 fi
-cargo build --release --quiet -p graft-compiler --bin graft
+cargo build --release --quiet -p graft-compiler --bin graft -p graft-runtime --bin graft-run
 graft=./target/release/graft
+graft_run=./target/release/graft-run
 out=target/bench-ort
 mkdir -p "$out"
 backbone=$shared/backbones/efficientnet_lite0.onnx
@@ -52,7 +54,7 @@ print("ort int8 model:", ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
 PY
 
 graft_p50() {
-  "$graft" bench "$1" --iterations "$runs" --threads 1 --batch 1 --json |
+  "$graft_run" bench "$1" --iterations "$runs" --threads 1 --batch 1 --json |
     "$python" -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["latency"]["p50"])'
 }
 ort_p50() {

@@ -1,18 +1,16 @@
-//! Depthwise convolution of small planes, 16 channels at a time (AVX-512).
+//! Depthwise convolution 16 channels at a time (AVX-512), in bands of output rows.
 //!
-//! The plane-at-a-time loop of [`depthwise`](super::depthwise) vectorises along a row; on the
-//! 14x14 and 7x7 planes of a network's last stages rows are shorter than two vectors, most of
-//! each vector is padding, and per-channel set-up dominates (Lite0's 7x7 layers ran at a tenth
-//! of the FMA rate). Here one vector holds one pixel of 16 channels: each group of 16 input
-//! planes is transposed into a zero-padded pixel-major buffer (`[y][x][16]`), every output pixel
-//! is `bias + sum of w[tap] * pixel[tap]` over whole vectors, 4 pixels at a time so each weight
-//! vector is loaded once for 4 multiply-adds, and the results are transposed back into planes.
-//! (AVX-512 gathers for the transposes measured no faster than plain loops here.) Measured on
-//! EPYC-VNNI, kernel alone (`cargo test --release -p graft-runtime --lib depthwise_blocked --
-//! --ignored --nocapture`): 1152 x 7x7, 5x5 taps, 137 -> 98 us; 672 x 14x14, 202 -> 175 us;
-//! on 28x28 planes the plane loop was faster, hence [`MAX_PLANE`].
-//! Same summation order as the plane loop (bias, then taps in order, fused multiply-adds), so
-//! the two give identical results.
+//! The plane-at-a-time loop of [`depthwise`](super::depthwise) vectorises along a row: on
+//! Lite0's 14x14 and 7x7 planes rows are shorter than two vectors and per-channel set-up
+//! dominates, and on the large planes it makes several passes (phase planes, accumulator, copy
+//! out). Here one vector holds one pixel of 16 channels. For each group of 16 channels and each
+//! band of output rows, the input rows the band reads are transposed into a zero-padded
+//! pixel-major buffer (`[row][x][16]`, 16x16 in-register transposes, int8 input dequantized on
+//! the way), every output pixel is `bias + sum of w[tap] * pixel[tap]` over whole vectors,
+//! 4 pixels at a time so each weight vector is loaded once for 4 multiply-adds, and each output
+//! row is transposed back into the 16 planes (quantized on the way for int8 output). Same
+//! arithmetic in the same order as the plane loop (bias, then taps in order, fused
+//! multiply-adds; the same dequantize and quantize), so the two give identical results (tested).
 
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::convolve;
@@ -20,24 +18,59 @@ pub(super) use x86::convolve;
 use super::conv::collapse;
 use super::depthwise::DepthwiseConv;
 
-/// Input planes of at most this many pixels go through the blocked kernel.
-const MAX_PLANE: usize = 16 * 16;
+/// Output rows computed per band (the band's input rows stay in cache).
+const BAND: usize = 8;
 
-/// Whether the blocked kernel computes `conv`: small planes, and clamps that are one clamp.
+/// Whether the blocked kernel computes `conv`: clamps that are one clamp.
 pub(super) fn applies(conv: &DepthwiseConv) -> bool {
-    conv.input[0] * conv.input[1] <= MAX_PLANE && collapse(&conv.clamp).is_some()
+    collapse(&conv.clamp).is_some()
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::cast::{dequantize_portable, quantize_portable};
+    use super::super::aligned::Aligned;
     use super::super::conv::collapse;
     use super::super::depthwise::{DepthwiseConv, Planes, Sink};
+    use super::BAND;
+
+    /// Transposes 16 vectors of 16 floats in place (row `i` becomes column `i`).
+    #[inline(always)]
+    pub(super) unsafe fn transpose16(r: &mut [__m512; 16]) {
+        let mut a = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        let mut b = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            b[4 * i] = ps(_mm512_unpacklo_pd(pd(a[4 * i]), pd(a[4 * i + 2])));
+            b[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(a[4 * i]), pd(a[4 * i + 2])));
+            b[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(a[4 * i + 1]), pd(a[4 * i + 3])));
+            b[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(a[4 * i + 1]), pd(a[4 * i + 3])));
+        }
+        // b[4i + j], 128-bit lane L: column 4L + j, rows 4i..4i+3; a 4x4 transpose of lanes.
+        for j in 0..4 {
+            let c0 = _mm512_shuffle_f32x4::<0x88>(b[j], b[4 + j]);
+            let c1 = _mm512_shuffle_f32x4::<0xdd>(b[j], b[4 + j]);
+            let c2 = _mm512_shuffle_f32x4::<0x88>(b[8 + j], b[12 + j]);
+            let c3 = _mm512_shuffle_f32x4::<0xdd>(b[8 + j], b[12 + j]);
+            r[j] = _mm512_shuffle_f32x4::<0x88>(c0, c2);
+            r[4 + j] = _mm512_shuffle_f32x4::<0x88>(c1, c3);
+            r[8 + j] = _mm512_shuffle_f32x4::<0xdd>(c0, c2);
+            r[12 + j] = _mm512_shuffle_f32x4::<0xdd>(c1, c3);
+        }
+    }
+
+    fn mask(count: usize) -> __mmask16 {
+        ((1u32 << count.min(16)) - 1) as u16
+    }
 
     /// `conv` on `input` into `output`, for a convolution [`applies`](super::applies) accepts.
-    #[target_feature(enable = "avx512f,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub(in super::super) unsafe fn convolve(conv: &DepthwiseConv, input: Planes, mut output: Sink) {
         let [kh, kw] = conv.kernel;
         let [sh, sw] = conv.stride;
@@ -47,59 +80,22 @@ mod x86 {
         let [low, high] = collapse(&conv.clamp).expect("checked by applies");
         let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
         let taps = kh * kw;
-        // The padded input every output reads, pixel-major, 16 channels a pixel; the padding
-        // stays zero (only input pixels are rewritten, group after group).
-        let (ph, pw) = ((oh - 1) * sh + kh, (ow - 1) * sw + kw);
-        let mut padded = vec![0f32; ph * pw * 16];
+        // A band's padded input rows, pixel-major, 16 channels a pixel. Columns outside the
+        // input stay zero; rows outside it are zeroed when a band reads them.
+        let pw = (ow - 1) * sw + kw;
+        let band_rows = (BAND - 1) * sh + kh;
+        // 64-byte aligned: every vector load is one cache line.
+        let mut padded = Aligned::zeroed(band_rows * pw * 64);
+        let padded = padded.floats_mut();
+        let mut results = Aligned::zeroed(ow.next_multiple_of(16) * 64);
+        let results = results.floats_mut();
+        let mut weights = Aligned::zeroed(taps * 64);
+        let weights = weights.floats_mut();
         let (plane_in, plane_out) = (ih * iw, oh * ow);
-        let mut results = vec![0f32; plane_out * 16];
-        let mut weights = vec![0f32; taps * 16];
-        let mut dequantized = vec![
-            0f32;
-            if matches!(input, Planes::Int8 { .. }) {
-                16 * plane_in
-            } else {
-                0
-            }
-        ];
-        let mut quantizing = vec![
-            0f32;
-            if matches!(output, Sink::Int8 { .. }) {
-                plane_out
-            } else {
-                0
-            }
-        ];
+        // Input columns that land in the buffer.
+        let columns = iw.min(pw.saturating_sub(pl));
         for c0 in (0..conv.channels).step_by(16) {
             let lanes = (conv.channels - c0).min(16);
-            let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
-            let source: &[f32] = match input {
-                Planes::F32(values) => &values[c0 * plane_in..(c0 + lanes) * plane_in],
-                Planes::Int8 {
-                    values,
-                    zero_point,
-                    scale,
-                } => {
-                    let target = &mut dequantized[..lanes * plane_in];
-                    dequantize_portable(
-                        &values[c0 * plane_in..(c0 + lanes) * plane_in],
-                        target,
-                        zero_point,
-                        scale,
-                    );
-                    target
-                }
-            };
-            // Input pixels into the padded buffer (rows and columns past it are never read).
-            let (rows, columns) = (ih.min(ph.saturating_sub(pt)), iw.min(pw.saturating_sub(pl)));
-            for (c, plane) in source.chunks_exact(plane_in).enumerate() {
-                for y in 0..rows {
-                    let target = &mut padded[((y + pt) * pw + pl) * 16 + c..];
-                    for (x, &v) in plane[y * iw..y * iw + columns].iter().enumerate() {
-                        *target.get_unchecked_mut(x * 16) = v;
-                    }
-                }
-            }
             for (tap, w) in weights.chunks_exact_mut(16).enumerate() {
                 for (c, w) in w.iter_mut().enumerate() {
                     *w = if c < lanes {
@@ -109,7 +105,7 @@ mod x86 {
                     };
                 }
             }
-            let bias = _mm512_maskz_loadu_ps(mask, conv.bias.as_ptr().add(c0));
+            let bias = _mm512_maskz_loadu_ps(mask(lanes), conv.bias.as_ptr().add(c0));
             let block = Block {
                 padded: padded.as_ptr(),
                 weights: weights.as_ptr(),
@@ -119,52 +115,112 @@ mod x86 {
                 low,
                 high,
             };
-            for oy in 0..oh {
-                let row = oy * sh * pw;
-                let mut ox = 0;
-                while ox + 4 <= ow {
-                    block.pixels::<4>(
-                        row + ox * sw,
-                        sw,
-                        results.as_mut_ptr().add((oy * ow + ox) * 16),
-                    );
-                    ox += 4;
-                }
-                while ox < ow {
-                    block.pixels::<1>(
-                        row + ox * sw,
-                        sw,
-                        results.as_mut_ptr().add((oy * ow + ox) * 16),
-                    );
-                    ox += 1;
-                }
-            }
-            // Back to planes, 16 pixels of one channel at a time.
-            for c in 0..lanes {
-                let channel = c0 + c;
-                let target: &mut [f32] = match &mut output {
-                    Sink::F32(values) => {
-                        &mut values[channel * plane_out..(channel + 1) * plane_out]
+            for oy0 in (0..oh).step_by(BAND) {
+                let rows_out = BAND.min(oh - oy0);
+                let rows_in = (rows_out - 1) * sh + kh;
+                // Transpose the band's input rows in.
+                for row in 0..rows_in {
+                    let target = padded.as_mut_ptr().add(row * pw * 16);
+                    let y = (oy0 * sh + row) as isize - pt as isize;
+                    if y < 0 || y as usize >= ih {
+                        std::ptr::write_bytes(target, 0, pw * 16);
+                        continue;
                     }
-                    Sink::Int8 { .. } => &mut quantizing,
-                };
-                for (p, value) in target.iter_mut().enumerate() {
-                    *value = *results.get_unchecked(p * 16 + c);
+                    let y = y as usize;
+                    for x0 in (0..columns).step_by(16) {
+                        let count = (columns - x0).min(16);
+                        let mut v = [_mm512_setzero_ps(); 16];
+                        for (c, v) in v.iter_mut().enumerate().take(lanes) {
+                            let at = (c0 + c) * plane_in + y * iw + x0;
+                            *v = match input {
+                                Planes::F32(values) => {
+                                    _mm512_maskz_loadu_ps(mask(count), values.as_ptr().add(at))
+                                }
+                                Planes::Int8 {
+                                    values,
+                                    zero_point,
+                                    scale,
+                                } => {
+                                    let q =
+                                        _mm_maskz_loadu_epi8(mask(count), values.as_ptr().add(at));
+                                    let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                                    _mm512_mul_ps(
+                                        _mm512_sub_ps(q, _mm512_set1_ps(zero_point)),
+                                        _mm512_set1_ps(scale),
+                                    )
+                                }
+                            };
+                        }
+                        transpose16(&mut v);
+                        for (p, v) in v.iter().enumerate().take(count) {
+                            _mm512_storeu_ps(target.add((pl + x0 + p) * 16), *v);
+                        }
+                    }
                 }
-                if let Sink::Int8 {
-                    values,
-                    zero_point,
-                    scale,
-                } = &mut output
-                {
-                    let plane = &mut values[channel * plane_out..(channel + 1) * plane_out];
-                    quantize_portable(&quantizing, plane, *zero_point, *scale);
+                for r in 0..rows_out {
+                    let start = r * sh * pw;
+                    let mut ox = 0;
+                    while ox + 8 <= ow {
+                        block.pixels::<8>(start + ox * sw, sw, results.as_mut_ptr().add(ox * 16));
+                        ox += 8;
+                    }
+                    while ox + 4 <= ow {
+                        block.pixels::<4>(start + ox * sw, sw, results.as_mut_ptr().add(ox * 16));
+                        ox += 4;
+                    }
+                    while ox < ow {
+                        block.pixels::<1>(start + ox * sw, sw, results.as_mut_ptr().add(ox * 16));
+                        ox += 1;
+                    }
+                    // Transpose the output row back into the planes.
+                    let oy = oy0 + r;
+                    for x0 in (0..ow).step_by(16) {
+                        let count = (ow - x0).min(16);
+                        let mut v = [_mm512_setzero_ps(); 16];
+                        for (p, v) in v.iter_mut().enumerate().take(count) {
+                            *v = _mm512_loadu_ps(results.as_ptr().add((x0 + p) * 16));
+                        }
+                        transpose16(&mut v);
+                        for (c, v) in v.iter().enumerate().take(lanes) {
+                            let at = (c0 + c) * plane_out + oy * ow + x0;
+                            match &mut output {
+                                Sink::F32(values) => _mm512_mask_storeu_ps(
+                                    values.as_mut_ptr().add(at),
+                                    mask(count),
+                                    *v,
+                                ),
+                                Sink::Int8 {
+                                    values,
+                                    zero_point,
+                                    scale,
+                                } => {
+                                    let q = _mm512_add_ps(
+                                        _mm512_div_ps(*v, _mm512_set1_ps(*scale)),
+                                        _mm512_set1_ps(*zero_point),
+                                    );
+                                    let q = _mm512_roundscale_ps::<
+                                        { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                                    >(q);
+                                    let q = _mm512_min_ps(
+                                        _mm512_max_ps(q, _mm512_set1_ps(-128.0)),
+                                        _mm512_set1_ps(127.0),
+                                    );
+                                    let q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));
+                                    _mm_mask_storeu_epi8(
+                                        values.as_mut_ptr().add(at),
+                                        mask(count),
+                                        q,
+                                    );
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// One group of 16 channels: the padded input, the weights (`[tap][16]`) and the epilogue.
+    /// One group of 16 channels: the padded band, the weights (`[tap][16]`) and the epilogue.
     struct Block {
         padded: *const f32,
         weights: *const f32,
@@ -228,12 +284,47 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transpose16_transposes() {
+        use std::arch::x86_64::*;
+        if !Level::Avx512.supported() {
+            return;
+        }
+        let values: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut out = [0f32; 256];
+        // SAFETY: AVX-512 is there (checked above).
+        unsafe {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (i, row) in rows.iter_mut().enumerate() {
+                *row = _mm512_loadu_ps(values[i * 16..].as_ptr());
+            }
+            super::x86::transpose16(&mut rows);
+            for (i, row) in rows.iter().enumerate() {
+                _mm512_storeu_ps(out[i * 16..].as_mut_ptr(), *row);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[i * 16 + j], values[j * 16 + i], "({i}, {j})");
+            }
+        }
+    }
+
     #[test]
     fn blocked_and_plane_loops_agree_bit_for_bit() {
         if !Level::Avx512.supported() {
             return;
         }
-        for (c, s, k, st) in [(19, 7, 5, 1), (33, 14, 3, 2), (16, 9, 3, 1), (5, 16, 5, 2)] {
+        for (c, s, k, st) in [
+            (19, 7, 5, 1),
+            (33, 14, 3, 2),
+            (16, 9, 3, 1),
+            (5, 16, 5, 2),
+            (17, 40, 3, 1),
+            (3, 37, 5, 2),
+            (20, 19, 3, 2),
+        ] {
             let blocked = conv(Level::Avx512, c, s, k, st);
             assert!(super::applies(&blocked));
             let plane = conv(Level::Avx2, c, s, k, st);
@@ -273,8 +364,8 @@ mod tests {
     fn timing() {
         for (c, s, k, st) in [
             (672, 14, 5, 1),
-            (1152, 7, 5, 1),
-            (240, 28, 5, 1),
+            (16, 14, 5, 1),
+            (672, 14, 3, 1),
             (144, 56, 3, 1),
             (96, 112, 3, 2),
         ] {

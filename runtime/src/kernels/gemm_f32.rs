@@ -17,6 +17,7 @@
 
 use std::cell::RefCell;
 
+use super::aligned::Aligned;
 use super::dispatch::Level;
 
 /// `(MR, NR)`: rows of A and columns of B in one micro-kernel tile at `level`.
@@ -35,7 +36,7 @@ pub struct PackedWeights {
     level: Level,
     m: usize,
     k: usize,
-    data: Vec<f32>,
+    data: Aligned,
 }
 
 impl PackedWeights {
@@ -44,11 +45,12 @@ impl PackedWeights {
         assert_eq!(a.len(), m * k, "an {m} x {k} matrix");
         let (mr, _) = tile(level);
         let blocks = m.div_ceil(mr);
-        let mut data = vec![0f32; blocks * k * mr];
+        let mut data = Aligned::zeroed(blocks * k * mr * 4);
+        let packed = data.floats_mut();
         for (row, values) in a.chunks_exact(k.max(1)).enumerate().take(m) {
             let (block, r) = (row / mr, row % mr);
             for (kk, &v) in values.iter().enumerate() {
-                data[(block * k + kk) * mr + r] = v;
+                packed[(block * k + kk) * mr + r] = v;
             }
         }
         PackedWeights { level, m, k, data }
@@ -147,7 +149,7 @@ struct Tile {
 
 thread_local! {
     /// The B panel, reused across calls on a thread.
-    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PANEL: RefCell<Aligned> = RefCell::new(Aligned::default());
 }
 
 /// `c = epilogue(a · b)`, `c` being `M x N` row-major. `a` must be packed for a level this CPU
@@ -164,18 +166,17 @@ pub fn matmul(a: &PackedWeights, b: &impl Panels, c: &mut [f32], epilogue: &Epil
     let (mr, nr) = tile(a.level);
     PANEL.with(|panel| {
         let mut panel = panel.borrow_mut();
-        if panel.len() < k * nr {
-            panel.resize(k * nr, 0.0);
-        }
+        panel.reserve(k * nr * 4);
+        let panel = &mut panel.floats_mut()[..k * nr];
         for n0 in (0..n).step_by(nr) {
             let width = nr.min(n - n0);
-            b.pack(n0, width, nr, &mut panel[..k * nr]);
+            b.pack(n0, width, nr, panel);
             for block in 0..m.div_ceil(mr) {
                 let m0 = block * mr;
                 let offset = m0 * n + n0;
                 let tile = Tile {
                     k,
-                    a: a.data[block * k * mr..].as_ptr(),
+                    a: a.data.floats()[block * k * mr..].as_ptr(),
                     b: panel.as_ptr(),
                     // SAFETY (all three): `offset` is inside C (m0 < m, n0 < n), and the kernel
                     // touches rows m0..m0 + rows and columns n0..n0 + width only.

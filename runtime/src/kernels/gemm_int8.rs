@@ -19,6 +19,7 @@
 
 use std::cell::RefCell;
 
+use super::aligned::Aligned;
 use super::dispatch::Level;
 
 /// `(MR, NR)`: rows of A and columns of B in one micro-kernel tile at `level`.
@@ -54,7 +55,7 @@ pub struct PackedInt8 {
     level: Level,
     m: usize,
     k: usize,
-    data: Vec<i8>,
+    data: Aligned,
     /// `bias - (128 + x0) * sum(w)` per row (padded to whole blocks).
     offset: Vec<i32>,
     /// `x_scale * k_scale / y_scale` per row (padded).
@@ -70,13 +71,14 @@ impl PackedInt8 {
         assert_eq!(requant.bias.len(), m, "one bias per row");
         let (mr, _) = tile(level);
         let (blocks, groups) = (m.div_ceil(mr), k.div_ceil(4));
-        let mut data = vec![0i8; blocks * groups * mr * 4];
+        let mut data = Aligned::zeroed(blocks * groups * mr * 4);
+        let packed = data.int8_mut();
         let mut offset = vec![0i32; blocks * mr];
         let mut multiplier = vec![0f32; blocks * mr];
         for (row, values) in a.chunks_exact(k.max(1)).enumerate().take(m) {
             let (block, r) = (row / mr, row % mr);
             for (kk, &v) in values.iter().enumerate() {
-                data[((block * groups + kk / 4) * mr + r) * 4 + kk % 4] = v;
+                packed[((block * groups + kk / 4) * mr + r) * 4 + kk % 4] = v;
             }
             let sum: i32 = values.iter().map(|&v| v as i32).sum();
             offset[row] = requant.bias[row] - (128 + requant.x0) * sum;
@@ -178,7 +180,7 @@ struct Tile {
 
 thread_local! {
     /// The B panel, reused across calls on a thread.
-    static PANEL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static PANEL: RefCell<Aligned> = RefCell::new(Aligned::default());
 }
 
 /// `c = requantize(a · b)`, `c` being `M x N` row-major int8. `a` must be packed for a level
@@ -192,17 +194,16 @@ pub fn matmul(a: &PackedInt8, b: &impl PanelsInt8, c: &mut [i8]) {
     let groups = k.div_ceil(4);
     PANEL.with(|panel| {
         let mut panel = panel.borrow_mut();
-        if panel.len() < groups * nr * 4 {
-            panel.resize(groups * nr * 4, 0x80);
-        }
+        panel.reserve(groups * nr * 4);
+        let panel = &mut panel.bytes_mut()[..groups * nr * 4];
         for n0 in (0..n).step_by(nr) {
             let width = nr.min(n - n0);
-            b.pack(n0, width, nr, &mut panel[..groups * nr * 4]);
+            b.pack(n0, width, nr, panel);
             for block in 0..m.div_ceil(mr) {
                 let m0 = block * mr;
                 let tile = Tile {
                     groups,
-                    a: a.data[block * groups * mr * 4..].as_ptr(),
+                    a: a.data.int8()[block * groups * mr * 4..].as_ptr(),
                     b: panel.as_ptr(),
                     // SAFETY: `m0 * n + n0` is inside C; the kernel touches rows
                     // m0..m0 + rows and columns n0..n0 + width only.

@@ -20,6 +20,7 @@
 //! compiler vectorises. On x86-64 an AVX2+FMA build of the loop is chosen at run time when the
 //! CPU has it; aarch64 always has NEON and FMA.
 
+mod aligned;
 pub mod cast;
 pub mod conv;
 pub mod depthwise;
