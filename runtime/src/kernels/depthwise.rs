@@ -161,23 +161,23 @@ impl DepthwiseConv {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn run_avx512(&self, input: Planes, output: Sink) {
-        self.convolve::<true>(input, output)
+    pub(super) unsafe fn run_avx512(&self, input: Planes, output: Sink) {
+        self.convolve::<true, WIDE_LANES>(input, output)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2_fma(&self, input: Planes, output: Sink) {
-        self.convolve::<true>(input, output)
+        self.convolve::<true, LANES>(input, output)
     }
 
     fn run_portable(&self, input: Planes, output: Sink) {
         // aarch64 has fused multiply-add in its base instruction set.
-        self.convolve::<{ cfg!(target_arch = "aarch64") }>(input, output)
+        self.convolve::<{ cfg!(target_arch = "aarch64") }, LANES>(input, output)
     }
 
     #[inline(always)]
-    fn convolve<const FMA: bool>(&self, input: Planes, mut output: Sink) {
+    fn convolve<const FMA: bool, const LANES: usize>(&self, input: Planes, mut output: Sink) {
         let [kh, kw] = self.kernel;
         let [sh, sw] = self.stride;
         let [ih, iw] = self.input;
@@ -266,7 +266,7 @@ impl DepthwiseConv {
             for (tap, &w) in taps.iter_mut().zip(weights) {
                 tap.1 = w;
             }
-            accumulate::<FMA>(&mut accumulator, self.bias[channel], &taps, &planes);
+            accumulate::<FMA, LANES>(&mut accumulator, self.bias[channel], &taps, &planes);
             // The first `ow` columns of each accumulator row, clamped.
             let finish = |plane: &mut [f32]| {
                 let rows = accumulator.chunks_exact(phase_width);
@@ -305,15 +305,24 @@ impl DepthwiseConv {
     }
 }
 
-/// Output lanes accumulated in registers at once by [`accumulate`].
+/// Output lanes accumulated in registers at once by [`accumulate`]: 4 AVX2 vectors, or 8 AVX-512
+/// ones ([`WIDE_LANES`]); each vector is its own chain of dependent multiply-adds, and fewer than
+/// about 8 chains leave the FMA units waiting on their latency.
 const LANES: usize = 32;
+/// [`LANES`] for AVX-512.
+const WIDE_LANES: usize = 128;
 
 /// `out[i] = bias + sum of w * source[offset + i]` over `taps` (`(offset, w)`), summed in tap
 /// order. Computed `LANES` outputs at a time with the sums held in registers, so each tap costs
 /// one load and one multiply-add per output instead of a pass over `out` (a length that is not a
 /// multiple of `LANES` leaves a scalar remainder: callers pad).
 #[inline(always)]
-fn accumulate<const FMA: bool>(out: &mut [f32], bias: f32, taps: &[(usize, f32)], source: &[f32]) {
+fn accumulate<const FMA: bool, const LANES: usize>(
+    out: &mut [f32],
+    bias: f32,
+    taps: &[(usize, f32)],
+    source: &[f32],
+) {
     let madd = |w: f32, s: f32, sum: f32| if FMA { w.mul_add(s, sum) } else { sum + w * s };
     let mut chunks = out.chunks_exact_mut(LANES);
     let mut start = 0;
