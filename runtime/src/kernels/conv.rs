@@ -75,13 +75,89 @@ impl Geometry {
     }
 }
 
+/// A convolution's input rearranged so that every row of its patch matrix is made of contiguous
+/// runs: zero-padded, and split into one plane per (row, column) phase of the stride. Padded
+/// pixel `(y, x)` of channel `c` lands in plane `(c, y % sh, x % sw)` at `(y / sh, x / sw)`, so
+/// tap `(ky, kx)` of output row `oy` reads columns `ox + kx / sw` of row `oy + ky / sh` of plane
+/// `(c, ky % sh, kx % sw)`: one copy per output row instead of a bounds check per value.
+pub struct PhasePlanes<T> {
+    values: Vec<T>,
+    rows: usize,
+    width: usize,
+}
+
+impl<T: Copy> PhasePlanes<T> {
+    /// `input` (`C x H x W`) for `g`, the padding filled with `zero`.
+    pub fn new(input: &[T], g: &PatchGeometry, zero: T) -> PhasePlanes<T> {
+        let [sh, sw] = g.stride;
+        let [ih, iw] = g.input;
+        let [pt, pl] = g.pad;
+        let rows = (g.output[0] - 1) + ((g.kernel[0] - 1) * g.dilation[0] + 1).div_ceil(sh);
+        let width = (g.output[1] - 1) + ((g.kernel[1] - 1) * g.dilation[1] + 1).div_ceil(sw);
+        let plane = rows * width;
+        let mut values = vec![zero; g.channels * sh * sw * plane];
+        for (c, source) in input.chunks_exact(ih * iw).enumerate() {
+            for y in 0..ih {
+                let py = y + pt;
+                if py / sh >= rows {
+                    break;
+                }
+                for x in 0..iw {
+                    let px = x + pl;
+                    if px / sw >= width {
+                        break;
+                    }
+                    let at =
+                        ((c * sh + py % sh) * sw + px % sw) * plane + (py / sh) * width + px / sw;
+                    values[at] = source[y * iw + x];
+                }
+            }
+        }
+        PhasePlanes {
+            values,
+            rows,
+            width,
+        }
+    }
+
+    /// Row `kk` = `(c, ky, kx)` of the patch matrix, columns `n0 .. n0 + target.len()`.
+    #[inline]
+    pub fn patch_row(&self, g: &PatchGeometry, kk: usize, n0: usize, target: &mut [T]) {
+        let [sh, sw] = g.stride;
+        let [kh, kw] = g.kernel;
+        let (c, tap) = (kk / (kh * kw), kk % (kh * kw));
+        let (ky, kx) = ((tap / kw) * g.dilation[0], (tap % kw) * g.dilation[1]);
+        let plane = ((c * sh + ky % sh) * sw + kx % sw) * self.rows * self.width;
+        let ow = g.output[1];
+        let (mut n, mut j) = (n0, 0);
+        while j < target.len() {
+            let (oy, ox) = (n / ow, n % ow);
+            let run = (ow - ox).min(target.len() - j);
+            let start = plane + (oy + ky / sh) * self.width + ox + kx / sw;
+            target[j..j + run].copy_from_slice(&self.values[start..start + run]);
+            j += run;
+            n += run;
+        }
+    }
+}
+
 /// A convolution's input read as its patch matrix: row `(c, ky, kx)` (the weights' OIHW order),
 /// column `oy * OW + ox`, zero where the patch falls in the padding.
 pub struct Patches<'a> {
-    /// The input, `C x H x W`.
-    pub input: &'a [f32],
+    /// The input as phase planes.
+    pub planes: PhasePlanes<f32>,
     /// Its geometry.
     pub geometry: &'a PatchGeometry,
+}
+
+impl<'a> Patches<'a> {
+    /// `input` (`C x H x W`) for `geometry`.
+    pub fn new(input: &[f32], geometry: &'a PatchGeometry) -> Patches<'a> {
+        Patches {
+            planes: PhasePlanes::new(input, geometry, 0.0),
+            geometry,
+        }
+    }
 }
 
 impl Panels for Patches<'_> {
@@ -95,35 +171,9 @@ impl Panels for Patches<'_> {
     }
 
     fn pack(&self, n0: usize, width: usize, nr: usize, panel: &mut [f32]) {
-        let g = self.geometry;
-        let [ih, iw] = g.input;
-        let ow = g.output[1];
-        // Top-left input position of each column's patch (may be negative: padding).
-        let origins: Vec<(isize, isize)> = (n0..n0 + width)
-            .map(|n| {
-                let (oy, ox) = (n / ow, n % ow);
-                (
-                    (oy * g.stride[0]) as isize - g.pad[0] as isize,
-                    (ox * g.stride[1]) as isize - g.pad[1] as isize,
-                )
-            })
-            .collect();
-        let mut rows = panel.chunks_exact_mut(nr);
-        for plane in self.input.chunks_exact(ih * iw) {
-            for ky in 0..g.kernel[0] {
-                for kx in 0..g.kernel[1] {
-                    let row = rows.next().expect("one panel row per (c, ky, kx)");
-                    let (dy, dx) = ((ky * g.dilation[0]) as isize, (kx * g.dilation[1]) as isize);
-                    for (value, &(y, x)) in row.iter_mut().zip(&origins) {
-                        let (y, x) = (y + dy, x + dx);
-                        *value = if y >= 0 && x >= 0 && (y as usize) < ih && (x as usize) < iw {
-                            plane[y as usize * iw + x as usize]
-                        } else {
-                            0.0
-                        };
-                    }
-                }
-            }
+        for (kk, row) in panel.chunks_exact_mut(nr).enumerate() {
+            self.planes
+                .patch_row(self.geometry, kk, n0, &mut row[..width]);
         }
     }
 }
@@ -447,7 +497,7 @@ impl Convolution {
                 matmul(&self.weights, &rows, output, &epilogue)
             }
             Geometry::Patches(geometry) => {
-                let patches = Patches { input, geometry };
+                let patches = Patches::new(input, geometry);
                 matmul(&self.weights, &patches, output, &epilogue)
             }
         }

@@ -18,7 +18,7 @@ use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::nn::DataFormat;
 
-use super::conv::PatchGeometry;
+use super::conv::{PatchGeometry, PhasePlanes};
 use super::dispatch::Level;
 use super::gemm_int8::{group, matmul, tile, PackedInt8, PanelsInt8, Requantization, RowsInt8};
 use super::graph::{konst, only_successor};
@@ -26,12 +26,23 @@ use super::graph::{konst, only_successor};
 /// A quantized convolution's int8 input read as its patch matrix (see
 /// [`Patches`](super::conv::Patches)); padding reads the input's zero point, the quantized zero.
 pub struct PatchesInt8<'a> {
-    /// The input, `C x H x W`.
-    pub input: &'a [i8],
+    /// The input as phase planes.
+    pub planes: PhasePlanes<i8>,
     /// Its geometry.
     pub geometry: &'a PatchGeometry,
     /// The input's zero point.
     pub zero: i8,
+}
+
+impl<'a> PatchesInt8<'a> {
+    /// `input` (`C x H x W`) for `geometry`, padded with `zero`.
+    pub fn new(input: &[i8], geometry: &'a PatchGeometry, zero: i8) -> PatchesInt8<'a> {
+        PatchesInt8 {
+            planes: PhasePlanes::new(input, geometry, zero),
+            geometry,
+            zero,
+        }
+    }
 }
 
 impl PanelsInt8 for PatchesInt8<'_> {
@@ -45,45 +56,22 @@ impl PanelsInt8 for PatchesInt8<'_> {
     }
 
     fn pack(&self, n0: usize, width: usize, nr: usize, panel: &mut [u8]) {
-        let g = self.geometry;
-        let [ih, iw] = g.input;
-        let ow = g.output[1];
-        let taps = g.kernel[0] * g.kernel[1];
-        let k = g.channels * taps;
-        // Top-left input position of each column's patch (may be negative: padding).
-        let origins: Vec<(isize, isize)> = (n0..n0 + width)
-            .map(|n| {
-                let (oy, ox) = (n / ow, n % ow);
-                (
-                    (oy * g.stride[0]) as isize - g.pad[0] as isize,
-                    (ox * g.stride[1]) as isize - g.pad[1] as isize,
-                )
-            })
-            .collect();
+        let k = self.k();
         // Four rows of the patch matrix at a time, then interleaved into groups.
-        let mut rows = vec![[self.zero; 4]; width];
+        let mut rows = [[self.zero; 64]; 4];
+        assert!(nr <= 64, "panels of at most 64 columns");
         for (q, target) in panel.chunks_exact_mut(nr * 4).enumerate() {
-            for t in 0..4 {
-                let row = 4 * q + t;
-                if row >= k {
-                    rows.iter_mut().for_each(|r| r[t] = self.zero);
-                    continue;
-                }
-                let (c, tap) = (row / taps, row % taps);
-                let (ky, kx) = (tap / g.kernel[1], tap % g.kernel[1]);
-                let plane = &self.input[c * ih * iw..(c + 1) * ih * iw];
-                let (dy, dx) = ((ky * g.dilation[0]) as isize, (kx * g.dilation[1]) as isize);
-                for (r, &(y, x)) in rows.iter_mut().zip(&origins) {
-                    let (y, x) = (y + dy, x + dx);
-                    r[t] = if y >= 0 && x >= 0 && (y as usize) < ih && (x as usize) < iw {
-                        plane[y as usize * iw + x as usize]
-                    } else {
-                        self.zero
-                    };
+            for (t, row) in rows.iter_mut().enumerate() {
+                let kk = 4 * q + t;
+                if kk < k {
+                    self.planes
+                        .patch_row(self.geometry, kk, n0, &mut row[..width]);
+                } else {
+                    row[..width].fill(self.zero);
                 }
             }
-            for (out, values) in target.chunks_exact_mut(4).zip(&rows) {
-                out.copy_from_slice(&group(*values));
+            for (j, out) in target.chunks_exact_mut(4).take(width).enumerate() {
+                out.copy_from_slice(&group([rows[0][j], rows[1][j], rows[2][j], rows[3][j]]));
             }
         }
     }
@@ -363,11 +351,7 @@ impl QuantizedConvolution {
                 matmul(&self.weights, &rows, output)
             }
             Geometry::Patches(geometry) => {
-                let patches = PatchesInt8 {
-                    input,
-                    geometry,
-                    zero: self.x0,
-                };
+                let patches = PatchesInt8::new(input, geometry, self.x0);
                 matmul(&self.weights, &patches, output)
             }
         }
