@@ -1,24 +1,28 @@
-//! Kernels: graft's own implementations of operators that tract runs slowly on CPU, swapped into a
-//! graph before it is optimised ([`use_graft_kernels`]). Artifacts keep standard tract NNEF; only
-//! the plan built from them differs, so the same file runs with or without them.
+//! Kernels: graft's own implementations of the operators that dominate a CNN's time, swapped
+//! into a tract graph before it is optimised ([`use_graft_kernels`]). Artifacts keep standard
+//! tract NNEF; only the plan built from them differs, so the same file runs with or without them
+//! (`graft bench --tract-kernels`). One kernel family per file, in the order a graph uses them:
 //!
-//! Casts between f32 and quantized int8 (what an int8 graph does wherever an f32 operator meets
-//! an int8 one): tract converts element by element through a generic path (about 1 ns per value,
-//! a third of the int8 Lite0 graph's time). [`QuantizedCast`] does the same arithmetic, bit for
-//! bit, in a loop the compiler vectorises.
+//! - [`dispatch`]: the instruction-set level ([`Level`]: `avx512`, `avxvnni`, `avx2`,
+//!   `portable`), detected once per process, capped by `GRAFT_KERNELS`, and passed to every
+//!   kernel so tests run each level the CPU has against the same reference.
+//! - [`gemm_f32`] / [`conv`]: f32 convolutions with one group. tract lowers a 1x1 convolution to
+//!   a matrix product followed by separate bias, `Max`/`Min` (ReLU6) and residual `Add` passes,
+//!   and a k x k one to im2col + product; [`Convolution`] packs its weights once at load and
+//!   runs a register-tiled product whose epilogue applies bias, clamps and the residual add
+//!   before the single store.
+//! - [`gemm_int8`] / [`qconv`]: int8 convolutions (tract's quantized `EinSum` and `Conv`). tract
+//!   runs per-channel requantization as whole-tensor `Scale`/`Add`/`Max`/`Min`/`Cast` operators
+//!   (an int8 Lite0 four times slower than f32); [`QuantizedConvolution`] computes u8 x s8 dot
+//!   products (`vpdpbusd`) and requantizes on the registers, so per-channel scales cost nothing.
+//! - [`depthwise`]: depthwise convolution (tract 0.23 walks its padding zones with scalar code,
+//!   half of Lite0's time): a plane-at-a-time loop for every level, and at the AVX-512 level a
+//!   16-channels-a-vector kernel (`depthwise_blocked.rs`); in int8 graphs the dequantize ->
+//!   depthwise -> ReLU6 -> quantize chain runs as one [`QuantizedDepthwise`] operator.
+//! - [`cast`]: f32 <-> int8 casts with tract's arithmetic in vectorised loops.
 //!
-//! In an int8 graph, depthwise convolutions stay f32 (tract has no int8 depthwise kernel), so each
-//! sits in a dequantize -> convolve -> clamp -> quantize chain. [`QuantizedDepthwise`] runs such a
-//! chain as one operator with the same arithmetic (dequantizing each input plane before padding
-//! it, quantizing each output plane), so the f32 tensors are never written out.
-//!
-//! Depthwise convolution: tract 0.23's `DepthWiseConv` walks padding zones with generic scalar
-//! code (under 1 G multiply-adds/s here), about half of EfficientNet-Lite0's time.
-//! [`DepthwiseConv`] copies each channel once into a zero-padded plane split into one plane per
-//! (row, column) phase of the stride, so every kernel tap reads one contiguous run covering the
-//! whole output; the taps are summed a few dozen outputs at a time in registers, in a loop the
-//! compiler vectorises. On x86-64 an AVX2+FMA build of the loop is chosen at run time when the
-//! CPU has it; aarch64 always has NEON and FMA.
+//! Every kernel is unit-tested against tract's operator or a plain reference at every level
+//! the CPU supports; the int8 products are bit-identical across levels.
 
 mod aligned;
 pub mod cast;
