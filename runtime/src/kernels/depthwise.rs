@@ -310,6 +310,7 @@ impl DepthwiseConv {
 /// about 8 chains leave the FMA units waiting on their latency.
 const LANES: usize = 32;
 /// [`LANES`] for AVX-512.
+#[cfg(target_arch = "x86_64")]
 const WIDE_LANES: usize = 128;
 
 /// `out[i] = bias + sum of w * source[offset + i]` over `taps` (`(offset, w)`), summed in tap

@@ -19,7 +19,7 @@ use super::conv::collapse;
 use super::depthwise::DepthwiseConv;
 
 /// Output rows computed per band (the band's input rows stay in cache).
-const BAND: usize = 16;
+const BAND: usize = 8;
 
 /// Whether the blocked kernel computes `conv`: clamps that are one clamp.
 pub(super) fn applies(conv: &DepthwiseConv) -> bool {

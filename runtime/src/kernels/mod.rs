@@ -28,6 +28,7 @@ mod aligned;
 pub mod cast;
 pub mod conv;
 pub mod depthwise;
+#[cfg(target_arch = "x86_64")]
 mod depthwise_blocked;
 pub mod dispatch;
 pub mod gemm_f32;
