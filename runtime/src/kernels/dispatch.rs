@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `avx512` | AVX-512F, 8 x 48 tiles | AVX-512 VNNI (`vpdpbusd`, u8 x s8), 8 x 48 tiles |
 //! | `avxvnni` | AVX2 + FMA, 6 x 16 tiles | AVX-VNNI (`vpdpbusd` on 256 bits), 6 x 16 tiles |
-//! | `avx2` | AVX2 + FMA, 6 x 16 tiles | portable loop compiled for AVX2 |
+//! | `avx2` | AVX2 + FMA, 6 x 16 tiles | 16-bit pair products (`vpmaddwd`), 4 x 8 tiles |
 //! | `portable` | plain Rust the compiler vectorises (NEON on aarch64) | plain Rust |
 
 use std::sync::OnceLock;
