@@ -52,18 +52,72 @@ pub struct PatchGeometry {
     pub output: [usize; 2],
 }
 
+impl PatchGeometry {
+    /// The geometry of tract convolution `node` when it is 2-D with an OIHW kernel, in NCHW with
+    /// a batch of one or in CHW, with concrete shapes; and its output's full shape.
+    pub fn of_conv(
+        model: &TypedModel,
+        node: &TypedNode,
+        conv: &Conv,
+    ) -> TractResult<Option<(PatchGeometry, TVec<usize>)>> {
+        let spec = &conv.pool_spec;
+        let rank = match spec.data_format {
+            DataFormat::NCHW => 4,
+            DataFormat::CHW => 3,
+            _ => return Ok(None),
+        };
+        if conv.kernel_fmt != KernelFormat::OIHW || spec.kernel_shape.len() != 2 {
+            return Ok(None);
+        }
+        let (Some(input_shape), Some(output_shape)) = (
+            model.outlet_fact(node.inputs[0])?.shape.as_concrete(),
+            node.outputs[0].fact.shape.as_concrete(),
+        ) else {
+            return Ok(None);
+        };
+        if input_shape.len() != rank
+            || output_shape.len() != rank
+            || (rank == 4 && (input_shape[0] != 1 || output_shape[0] != 1))
+        {
+            return Ok(None);
+        }
+        let spatial = &input_shape[rank - 2..];
+        let padding = spec.computed_padding(spatial);
+        let geometry = PatchGeometry {
+            channels: spec.input_channels,
+            input: [spatial[0], spatial[1]],
+            kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
+            stride: [spec.strides()[0], spec.strides()[1]],
+            dilation: [spec.dilations()[0], spec.dilations()[1]],
+            pad: [padding[0].pad_before, padding[1].pad_before],
+            output: [output_shape[rank - 2], output_shape[rank - 1]],
+        };
+        Ok(Some((geometry, output_shape.into())))
+    }
+
+    /// Rows of the patch matrix: channels x kernel taps.
+    pub fn rows(&self) -> usize {
+        self.channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Columns of the patch matrix: output pixels.
+    pub fn columns(&self) -> usize {
+        self.output[0] * self.output[1]
+    }
+}
+
 impl Geometry {
     fn k(&self) -> usize {
         match self {
             Geometry::Pointwise { k, .. } => *k,
-            Geometry::Patches(g) => g.channels * g.kernel[0] * g.kernel[1],
+            Geometry::Patches(g) => g.rows(),
         }
     }
 
     fn n(&self) -> usize {
         match self {
             Geometry::Pointwise { n, .. } => *n,
-            Geometry::Patches(g) => g.output[0] * g.output[1],
+            Geometry::Patches(g) => g.columns(),
         }
     }
 
@@ -160,14 +214,13 @@ impl<'a> Patches<'a> {
     }
 }
 
-impl Panels for Patches<'_> {
+impl Panels<f32> for Patches<'_> {
     fn k(&self) -> usize {
-        let g = self.geometry;
-        g.channels * g.kernel[0] * g.kernel[1]
+        self.geometry.rows()
     }
 
     fn n(&self) -> usize {
-        self.geometry.output[0] * self.geometry.output[1]
+        self.geometry.columns()
     }
 
     fn pack(&self, n0: usize, width: usize, nr: usize, panel: &mut [f32]) {
@@ -239,70 +292,37 @@ impl Convolution {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
         };
-        let spec = &conv.pool_spec;
-        let input_fact = model.outlet_fact(node.inputs[0])?;
-        let output_fact = &node.outputs[0].fact;
-        let rank = match spec.data_format {
-            DataFormat::NCHW => 4,
-            DataFormat::CHW => 3,
-            _ => return Ok(None),
-        };
         if conv.q_params.is_some()
-            || conv.kernel_fmt != KernelFormat::OIHW
             || conv.group != 1
             || node.inputs.len() != 3
-            || input_fact.datum_type != f32::datum_type()
-            || output_fact.datum_type != f32::datum_type()
-            || spec.kernel_shape.len() != 2
+            || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
+            || node.outputs[0].fact.datum_type != f32::datum_type()
         {
             return Ok(None);
         }
-        let (Some(input_shape), Some(output_shape)) = (
-            input_fact.shape.as_concrete(),
-            output_fact.shape.as_concrete(),
+        let (Some((geometry, output_shape)), Some(weights), Some(bias)) = (
+            PatchGeometry::of_conv(model, node, conv)?,
+            konst(model, node.inputs[1]),
+            konst(model, node.inputs[2]),
         ) else {
             return Ok(None);
         };
-        if input_shape.len() != rank
-            || output_shape.len() != rank
-            || (rank == 4 && (input_shape[0] != 1 || output_shape[0] != 1))
-        {
-            return Ok(None);
-        }
-        let (Some(weights), Some(bias)) =
-            (konst(model, node.inputs[1]), konst(model, node.inputs[2]))
-        else {
-            return Ok(None);
-        };
-        let channels = spec.input_channels;
-        let m = spec.output_channels;
-        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+        let m = conv.pool_spec.output_channels;
         if weights.datum_type() != f32::datum_type()
-            || weights.len() != m * channels * kh * kw
+            || weights.len() != m * geometry.rows()
             || bias.datum_type() != f32::datum_type()
             || (bias.len() != m && bias.len() != 1)
         {
             return Ok(None);
         }
-        let spatial = &input_shape[rank - 2..];
-        let padding = spec.computed_padding(spatial);
-        let geometry = PatchGeometry {
-            channels,
-            input: [spatial[0], spatial[1]],
-            kernel: [kh, kw],
-            stride: [spec.strides()[0], spec.strides()[1]],
-            dilation: [spec.dilations()[0], spec.dilations()[1]],
-            pad: [padding[0].pad_before, padding[1].pad_before],
-            output: [output_shape[rank - 2], output_shape[rank - 1]],
-        };
-        let geometry = if kh * kw == 1
+        let geometry = if geometry.kernel == [1, 1]
             && geometry.stride == [1, 1]
             && geometry.pad == [0, 0]
             && geometry.input == geometry.output
         {
             Geometry::Pointwise {
-                k: channels,
-                n: spatial[0] * spatial[1],
+                k: geometry.channels,
+                n: geometry.columns(),
             }
         } else {
             Geometry::Patches(geometry)
@@ -318,7 +338,7 @@ impl Convolution {
             geometry,
             weights.view().as_slice::<f32>()?,
             bias,
-            output_shape.into(),
+            output_shape,
         )))
     }
 

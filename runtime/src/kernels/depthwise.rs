@@ -3,11 +3,10 @@
 use std::sync::Arc;
 
 use tract_core::internal::*;
-use tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_core::ops::nn::DataFormat;
+use tract_core::ops::cnn::Conv;
 
 use super::cast::{dequantize_portable, quantize_portable, QuantizedCast};
-use super::conv::collapse;
+use super::conv::{collapse, PatchGeometry};
 use super::dispatch::Level;
 use super::graph::{clamp_chain, konst, only_successor, passes_through};
 
@@ -50,50 +49,27 @@ impl DepthwiseConv {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
         };
-        let spec = &conv.pool_spec;
-        let input_fact = model.outlet_fact(node.inputs[0])?;
-        let output_fact = &node.outputs[0].fact;
-        let channels = spec.input_channels;
-        let batch_axis = match spec.data_format {
-            DataFormat::NCHW => true,
-            DataFormat::CHW => false,
-            _ => return Ok(None),
-        };
+        let channels = conv.pool_spec.input_channels;
         if conv.q_params.is_some()
-            || conv.kernel_fmt != KernelFormat::OIHW
             || conv.group != channels
-            || spec.output_channels != channels
+            || conv.pool_spec.output_channels != channels
             || channels < 2
             || node.inputs.len() != 3
-            || input_fact.datum_type != f32::datum_type()
-            || output_fact.datum_type != f32::datum_type()
-            || spec.kernel_shape.len() != 2
-            || spec.dilations().iter().any(|&d| d != 1)
+            || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
+            || node.outputs[0].fact.datum_type != f32::datum_type()
         {
             return Ok(None);
         }
-        let (Some(input_shape), Some(output_shape)) = (
-            input_fact.shape.as_concrete(),
-            output_fact.shape.as_concrete(),
+        let (Some((g, output_shape)), Some(weights), Some(bias)) = (
+            PatchGeometry::of_conv(model, node, conv)?,
+            konst(model, node.inputs[1]),
+            konst(model, node.inputs[2]),
         ) else {
             return Ok(None);
         };
-        let rank = if batch_axis { 4 } else { 3 };
-        if input_shape.len() != rank
-            || output_shape.len() != rank
-            || (batch_axis && (input_shape[0] != 1 || output_shape[0] != 1))
-        {
-            return Ok(None);
-        }
-        let spatial = &input_shape[rank - 2..];
-        let padding = spec.computed_padding(spatial);
-        let (Some(weights), Some(bias)) =
-            (konst(model, node.inputs[1]), konst(model, node.inputs[2]))
-        else {
-            return Ok(None);
-        };
-        let taps = spec.kernel_shape[0] * spec.kernel_shape[1];
-        if weights.datum_type() != f32::datum_type()
+        let taps = g.kernel[0] * g.kernel[1];
+        if g.dilation != [1, 1]
+            || weights.datum_type() != f32::datum_type()
             || weights.len() != channels * taps
             || bias.datum_type() != f32::datum_type()
             || (bias.len() != channels && bias.len() != 1)
@@ -106,16 +82,15 @@ impl DepthwiseConv {
         } else {
             bias_values
         };
-        let strides = spec.strides();
         Ok(Some(DepthwiseConv {
             level,
             channels,
-            kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
-            stride: [strides[0], strides[1]],
-            pad: [padding[0].pad_before, padding[1].pad_before],
-            input: [spatial[0], spatial[1]],
-            output: [output_shape[rank - 2], output_shape[rank - 1]],
-            output_shape: output_shape.into(),
+            kernel: g.kernel,
+            stride: g.stride,
+            pad: g.pad,
+            input: g.input,
+            output: g.output,
+            output_shape,
             weights: Arc::new(weights.view().as_slice::<f32>()?.to_vec()),
             bias: Arc::new(bias),
             clamp: vec![],
@@ -540,7 +515,8 @@ mod tests {
     use super::*;
     use crate::kernels::{use_graft_kernels, use_graft_kernels_at};
     use tract_core::ops::change_axes::AxisOp;
-    use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+    use tract_core::ops::cnn::{KernelFormat, PaddingSpec, PoolSpec};
+    use tract_core::ops::nn::DataFormat;
 
     /// A depthwise convolution (followed, when `relu6`, by the batch axis removed and ReLU6 as
     /// `max` then `min`, as in Lite0's NNEF) through tract's own operators and through graft's

@@ -72,15 +72,17 @@ impl PackedWeights {
     }
 }
 
-/// The B operand: `K x N` values, packed `NR` columns at a time.
-pub trait Panels {
+/// The B operand of a product: `K x N` values, packed `NR` columns at a time into panels of `T`
+/// (f32 products: `K` rows of `NR` values; int8 products: see
+/// [`gemm_int8`](super::gemm_int8)).
+pub trait Panels<T> {
     /// Rows (must equal the weights' `K`).
     fn k(&self) -> usize;
     /// Columns (output pixels).
     fn n(&self) -> usize;
-    /// Writes columns `n0 .. n0 + width` into `panel` as `K` rows of `nr` values (columns from
-    /// `width` to `nr` are left as they are: their results are never stored).
-    fn pack(&self, n0: usize, width: usize, nr: usize, panel: &mut [f32]);
+    /// Writes columns `n0 .. n0 + width` into `panel` (columns from `width` to `nr` are left as
+    /// they are: their results are never stored).
+    fn pack(&self, n0: usize, width: usize, nr: usize, panel: &mut [T]);
 }
 
 /// A dense row-major `K x N` matrix (a 1x1 convolution's input, `K` channel planes).
@@ -93,7 +95,7 @@ pub struct Rows<'a> {
     pub n: usize,
 }
 
-impl Panels for Rows<'_> {
+impl Panels<f32> for Rows<'_> {
     fn k(&self) -> usize {
         self.k
     }
@@ -154,7 +156,7 @@ thread_local! {
 
 /// `c = epilogue(a · b)`, `c` being `M x N` row-major. `a` must be packed for a level this CPU
 /// supports.
-pub fn matmul(a: &PackedWeights, b: &impl Panels, c: &mut [f32], epilogue: &Epilogue) {
+pub fn matmul(a: &PackedWeights, b: &impl Panels<f32>, c: &mut [f32], epilogue: &Epilogue) {
     let (m, k, n) = (a.m, a.k, b.n());
     assert_eq!(b.k(), k, "B has {} rows, A {k} columns", b.k());
     assert_eq!(c.len(), m * n, "C is {m} x {n}");

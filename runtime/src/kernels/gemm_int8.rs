@@ -21,6 +21,7 @@ use std::cell::RefCell;
 
 use super::aligned::Aligned;
 use super::dispatch::Level;
+use super::gemm_f32::Panels;
 
 /// `(MR, NR)`: rows of A and columns of B in one micro-kernel tile at `level`.
 pub fn tile(level: Level) -> (usize, usize) {
@@ -113,17 +114,8 @@ impl PackedInt8 {
     }
 }
 
-/// The B operand: `K x N` int8 activations, packed `NR` columns at a time.
-pub trait PanelsInt8 {
-    /// Rows (must equal the weights' `K`).
-    fn k(&self) -> usize;
-    /// Columns (output pixels).
-    fn n(&self) -> usize;
-    /// Writes columns `n0 .. n0 + width` into `panel` as `K/4` groups of `nr x 4` bytes, each
-    /// activation as `x + 128` (unsigned); rows past `K` may hold anything (their weights are
-    /// zero), columns past `width` too (never stored).
-    fn pack(&self, n0: usize, width: usize, nr: usize, panel: &mut [u8]);
-}
+// The B operand is a `Panels<u8>`: columns packed as `K/4` groups of `NR x 4` bytes, each
+// activation as `x + 128` (unsigned); rows past `K` may hold anything (their weights are zero).
 
 /// Four int8 values as the unsigned bytes of one 32-bit group.
 #[inline(always)]
@@ -141,7 +133,7 @@ pub struct RowsInt8<'a> {
     pub n: usize,
 }
 
-impl PanelsInt8 for RowsInt8<'_> {
+impl Panels<u8> for RowsInt8<'_> {
     fn k(&self) -> usize {
         self.k
     }
@@ -186,7 +178,7 @@ thread_local! {
 
 /// `c = requantize(a · b)`, `c` being `M x N` row-major int8. `a` must be packed for a level
 /// this CPU supports.
-pub fn matmul(a: &PackedInt8, b: &impl PanelsInt8, c: &mut [i8]) {
+pub fn matmul(a: &PackedInt8, b: &impl Panels<u8>, c: &mut [i8]) {
     let (m, k, n) = (a.m, a.k, b.n());
     assert_eq!(b.k(), k, "B has {} rows, A {k} columns", b.k());
     assert_eq!(c.len(), m * n, "C is {m} x {n}");

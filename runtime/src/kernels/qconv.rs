@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 use tract_core::ops::cast::Cast;
-use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::cnn::Conv;
 use tract_core::ops::einsum::EinSum;
-use tract_core::ops::nn::DataFormat;
 
 use super::conv::{PatchGeometry, PhasePlanes};
 use super::dispatch::Level;
-use super::gemm_int8::{group, matmul, tile, PackedInt8, PanelsInt8, Requantization, RowsInt8};
+use super::gemm_f32::Panels;
+use super::gemm_int8::{group, matmul, tile, PackedInt8, Requantization, RowsInt8};
 use super::graph::{konst, only_successor};
 
 /// A quantized convolution's int8 input read as its patch matrix (see
@@ -45,14 +45,13 @@ impl<'a> PatchesInt8<'a> {
     }
 }
 
-impl PanelsInt8 for PatchesInt8<'_> {
+impl Panels<u8> for PatchesInt8<'_> {
     fn k(&self) -> usize {
-        let g = self.geometry;
-        g.channels * g.kernel[0] * g.kernel[1]
+        self.geometry.rows()
     }
 
     fn n(&self) -> usize {
-        self.geometry.output[0] * self.geometry.output[1]
+        self.geometry.columns()
     }
 
     fn pack(&self, n0: usize, width: usize, nr: usize, panel: &mut [u8]) {
@@ -256,35 +255,21 @@ impl QuantizedConvolution {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
         };
-        let spec = &conv.pool_spec;
         let input_fact = model.outlet_fact(node.inputs[0])?;
-        let rank = match spec.data_format {
-            DataFormat::NCHW => 4,
-            DataFormat::CHW => 3,
-            _ => return Ok(None),
-        };
         if conv.q_params.is_none()
-            || conv.kernel_fmt != KernelFormat::OIHW
             || conv.group != 1
             || node.inputs.len() != 9
-            || spec.kernel_shape.len() != 2
             || !is_int8(input_fact.datum_type)
         {
             return Ok(None);
         }
-        let (Some(input_shape), Some(output_shape), Some(weights)) = (
-            input_fact.shape.as_concrete(),
-            node.outputs[0].fact.shape.as_concrete(),
+        let (Some((geometry, output_shape)), Some(weights)) = (
+            PatchGeometry::of_conv(model, node, conv)?,
             konst(model, node.inputs[1]),
         ) else {
             return Ok(None);
         };
-        if input_shape.len() != rank || (rank == 4 && input_shape[0] != 1) {
-            return Ok(None);
-        }
-        let m = spec.output_channels;
-        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
-        let k = spec.input_channels * kh * kw;
+        let (m, k) = (conv.pool_spec.output_channels, geometry.rows());
         let (Some(weights), Some(requant)) =
             (int8_values(&weights)?, requantization(model, node, m)?)
         else {
@@ -293,24 +278,9 @@ impl QuantizedConvolution {
         if weights.len() != m * k {
             return Ok(None);
         }
-        let spatial = &input_shape[rank - 2..];
-        let padding = spec.computed_padding(spatial);
-        let geometry = Geometry::Patches(PatchGeometry {
-            channels: spec.input_channels,
-            input: [spatial[0], spatial[1]],
-            kernel: [kh, kw],
-            stride: [spec.strides()[0], spec.strides()[1]],
-            dilation: [spec.dilations()[0], spec.dilations()[1]],
-            pad: [padding[0].pad_before, padding[1].pad_before],
-            output: [output_shape[rank - 2], output_shape[rank - 1]],
-        });
-        let conv = QuantizedConvolution::new(
-            level,
-            geometry,
-            (&weights, m, k),
-            &requant,
-            output_shape.into(),
-        );
+        let geometry = Geometry::Patches(geometry);
+        let conv =
+            QuantizedConvolution::new(level, geometry, (&weights, m, k), &requant, output_shape);
         Ok(Some(conv.with_cast(model, node.id)?))
     }
 
@@ -423,7 +393,8 @@ mod tests {
     use crate::kernels::use_graft_kernels_at;
     use tract_core::axes::AxesMapping;
     use tract_core::ops::cast::cast;
-    use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+    use tract_core::ops::cnn::{KernelFormat, PaddingSpec, PoolSpec};
+    use tract_core::ops::nn::DataFormat;
 
     fn qi8(zero_point: i32, scale: f32) -> DatumType {
         i8::datum_type().quantize(QParams::ZpScale { zero_point, scale })
