@@ -153,7 +153,7 @@ fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
             let Some(weight) = const_of(model, node.inputs[1]) else {
                 continue;
             };
-            if !is_pointwise(einsum) {
+            if !is_pointwise(einsum, &model.outlet_fact(node.inputs[0])?.shape) {
                 continue;
             }
             let Some(add) = single_successor(model, id) else {
@@ -585,6 +585,13 @@ impl Rebuild<'_> {
         k_scales: &[f32],
     ) -> TractResult<OutletId> {
         let name = self.old.node(candidate.node).name.clone();
+        let mut x = x;
+        if self.new.outlet_fact(x)?.rank() == 4 {
+            // The batch of one summed away by the einsum (`NIHW,OI->OHW`).
+            x = self
+                .new
+                .wire_node(format!("{name}.drop_batch"), AxisOp::Rm(0), &[x])?[0];
+        }
         let shape = self.new.outlet_fact(x)?.shape.to_tvec();
         let (h, w) = (shape[1].clone(), shape[2].clone());
         let pixels = h.clone() * w.clone();
@@ -632,8 +639,9 @@ impl Rebuild<'_> {
 }
 
 /// Whether an einsum computes `out[o, h, w] = sum_i weights[o, i] * x[i, h, w]`: a 1x1
-/// convolution as tract's declutter leaves it.
-fn is_pointwise(einsum: &EinSum) -> bool {
+/// convolution as tract's declutter leaves it (`IHW,OI->OHW`, or `NIHW,OI->OHW` with a batch of
+/// one summed away, as for a first block's projection).
+fn is_pointwise(einsum: &EinSum, x_shape: &ShapeFact) -> bool {
     let expr = einsum.axes.to_string();
     let Some((inputs, output)) = expr.split_once("->") else {
         return false;
@@ -641,11 +649,14 @@ fn is_pointwise(einsum: &EinSum) -> bool {
     let Some((x, weights)) = inputs.split_once(',') else {
         return false;
     };
-    let (x, weights, output): (Vec<char>, Vec<char>, Vec<char>) = (
+    let (mut x, weights, output): (Vec<char>, Vec<char>, Vec<char>) = (
         x.chars().collect(),
         weights.chars().collect(),
         output.chars().collect(),
     );
+    if x.len() == 4 && !output.contains(&x[0]) && x_shape.first() == Some(&1.to_dim()) {
+        x.remove(0);
+    }
     x.len() == 3
         && weights.len() == 2
         && output.len() == 3
@@ -786,6 +797,23 @@ mod tests {
             let b = b * scale;
             assert!((a - b).abs() <= scale / 2.0 + 1e-7, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn pointwise_products_are_recognised_with_or_without_a_unit_batch() {
+        let einsum = |expr: &str| EinSum::new(expr.parse().unwrap(), f32::datum_type());
+        let shape = |dims: &[usize]| ShapeFact::from_dims(dims.iter().map(|&d| d.to_dim()));
+        assert!(is_pointwise(&einsum("IHW,OI->OHW"), &shape(&[32, 7, 7])));
+        // A first block's projection: the batch axis summed away.
+        assert!(is_pointwise(
+            &einsum("NIHW,OI->OHW"),
+            &shape(&[1, 32, 7, 7])
+        ));
+        assert!(!is_pointwise(
+            &einsum("NIHW,OI->OHW"),
+            &shape(&[2, 32, 7, 7])
+        ));
+        assert!(!is_pointwise(&einsum("IHW,IO->OHW"), &shape(&[32, 7, 7])));
     }
 
     #[test]
