@@ -47,7 +47,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| model.classify_tensor(black_box(&chw)).unwrap())
     });
     // The same artifact with tract's own operators instead of graft's kernels (runtime/src/
-    // kernels.rs): the ratio to the bench above is what the depthwise kernel buys.
+    // kernels/): the ratio to the bench above is what graft's kernels buy.
     let tract_kernels = Model::load_with(
         &artifact,
         LoadOptions {

@@ -465,7 +465,8 @@ struct CompileArgs {
     work: WorkArgs,
     /// Graph precision: f32, or int8 (convolutions and 1x1 products quantized after training,
     /// activation ranges calibrated on training images; the artifact records the validation
-    /// accuracy of both). See docs/PERFORMANCE.md for int8 speed on your CPU.
+    /// accuracy of both, and both graphs' latency on this machine, with a warning when int8 is
+    /// not the faster one). See docs/PERFORMANCE.md for int8 speed by CPU.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     precision: Precision,
     /// Training images to calibrate int8 activation ranges on.
