@@ -156,14 +156,21 @@ impl<T: Copy> PhasePlanes<T> {
                 if py / sh >= rows {
                     break;
                 }
-                for x in 0..iw {
-                    let px = x + pl;
-                    if px / sw >= width {
-                        break;
+                let line = &source[y * iw..(y + 1) * iw];
+                let row = (py / sh) * width;
+                for phase in 0..sw {
+                    // The input columns of this phase, x = first, first + sw, ..., land side by
+                    // side from column (first + pl) / sw of the phase plane.
+                    let first = (phase + sw - pl % sw) % sw;
+                    let start = (first + pl) / sw;
+                    if first >= iw || start >= width {
+                        continue;
                     }
-                    let at =
-                        ((c * sh + py % sh) * sw + px % sw) * plane + (py / sh) * width + px / sw;
-                    values[at] = source[y * iw + x];
+                    let at = ((c * sh + py % sh) * sw + phase) * plane + row;
+                    let target = &mut values[at + start..at + width];
+                    for (value, &x) in target.iter_mut().zip(line[first..].iter().step_by(sw)) {
+                        *value = x;
+                    }
                 }
             }
         }
