@@ -17,7 +17,7 @@ use tract_core::ops::nn::DataFormat;
 
 use super::dispatch::Level;
 use super::gemm_f32::{matmul, tile, Epilogue, PackedWeights, Panels, Rows, UNBOUNDED};
-use super::graph::{clamp_chain, follow, konst};
+use super::graph::{clamp_chain, follow, konst, per_channel};
 
 /// How the input becomes the product's `K x N` operand.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -318,10 +318,12 @@ impl Convolution {
         if weights.datum_type() != f32::datum_type()
             || weights.len() != m * geometry.rows()
             || bias.datum_type() != f32::datum_type()
-            || (bias.len() != m && bias.len() != 1)
         {
             return Ok(None);
         }
+        let Some(bias) = per_channel(bias.view().as_slice::<f32>()?.to_vec(), m) else {
+            return Ok(None);
+        };
         let geometry = if geometry.kernel == [1, 1]
             && geometry.stride == [1, 1]
             && geometry.pad == [0, 0]
@@ -333,12 +335,6 @@ impl Convolution {
             }
         } else {
             Geometry::Patches(geometry)
-        };
-        let bias = bias.view().as_slice::<f32>()?.to_vec();
-        let bias = if bias.len() == 1 {
-            vec![bias[0]; m]
-        } else {
-            bias
         };
         Ok(Some(Convolution::new(
             level,
@@ -456,49 +452,57 @@ impl Convolution {
     ) -> TractResult<(Convolution, Option<OutletId>, usize)> {
         let mut conv = self.clone();
         let (clamps, mut end) = clamp_chain(model, last)?;
-        match collapse(&clamps) {
-            Some(before) => conv.before = compose(conv.before, before).unwrap_or(conv.before),
-            None => return Ok((self.clone(), None, last)),
-        }
+        let Some(before) = collapse(&clamps) else {
+            return Ok((conv, None, last));
+        };
+        conv.before = before;
         let mut residual = None;
-        if let Some(add) = follow(model, end)? {
-            let other = add.inputs.iter().find(|i| i.node != end).copied();
-            let out = model.outlet_fact(OutletId::new(add.id, 0))?;
-            let shape = out.shape.as_concrete();
-            if let (true, Some(other), Some(shape)) = (add.op.name() == "Add", other, shape) {
-                let other_fact = model.outlet_fact(other)?;
-                if add.inputs.len() == 2
-                    && other_fact.konst.is_none()
-                    && other_fact.datum_type == f32::datum_type()
-                    && out.datum_type == f32::datum_type()
-                    && other_fact.shape.as_concrete() == Some(shape)
-                    && shape.iter().product::<usize>() == self.output_len()
-                {
-                    let (clamps, after_end) = clamp_chain(model, add.id)?;
-                    if let Some(after) = collapse(&clamps) {
-                        conv.residual = true;
-                        conv.after = after;
-                        conv.output_shape = model
-                            .outlet_fact(OutletId::new(after_end, 0))?
-                            .shape
-                            .as_concrete()
-                            .context("concrete")?
-                            .into();
-                        residual = Some(other);
-                        end = after_end;
-                    }
-                }
+        if let Some((add, other)) = self.residual_add(model, end)? {
+            let (clamps, after_end) = clamp_chain(model, add)?;
+            if let Some(after) = collapse(&clamps) {
+                conv.residual = true;
+                conv.after = after;
+                residual = Some(other);
+                end = after_end;
             }
         }
-        if residual.is_none() {
-            conv.output_shape = model
-                .outlet_fact(OutletId::new(end, 0))?
-                .shape
-                .as_concrete()
-                .context("concrete")?
-                .into();
-        }
+        // The chain may add or remove unit axes: the operator takes the shape at its end.
+        conv.output_shape = model
+            .outlet_fact(OutletId::new(end, 0))?
+            .shape
+            .as_concrete()
+            .context("concrete")?
+            .into();
         Ok((conv, residual, end))
+    }
+
+    /// The residual `Add` node `end` feeds (through pass-throughs), with its other input, when
+    /// that input is a non-constant f32 tensor of the output's shape.
+    fn residual_add(
+        &self,
+        model: &TypedModel,
+        end: usize,
+    ) -> TractResult<Option<(usize, OutletId)>> {
+        let Some(add) = follow(model, end)? else {
+            return Ok(None);
+        };
+        if add.op.name() != "Add" || add.inputs.len() != 2 {
+            return Ok(None);
+        }
+        let Some(other) = add.inputs.iter().find(|i| i.node != end).copied() else {
+            return Ok(None);
+        };
+        let out = model.outlet_fact(OutletId::new(add.id, 0))?;
+        let other_fact = model.outlet_fact(other)?;
+        let Some(shape) = out.shape.as_concrete() else {
+            return Ok(None);
+        };
+        let fits = other_fact.konst.is_none()
+            && other_fact.datum_type == f32::datum_type()
+            && out.datum_type == f32::datum_type()
+            && other_fact.shape.as_concrete() == Some(shape)
+            && shape.iter().product::<usize>() == self.output_len();
+        Ok(fits.then_some((add.id, other)))
     }
 
     fn output_len(&self) -> usize {

@@ -8,7 +8,7 @@ use tract_core::ops::cnn::Conv;
 use super::cast::{dequantize_portable, quantize_portable, QuantizedCast};
 use super::conv::{collapse, PatchGeometry};
 use super::dispatch::Level;
-use super::graph::{clamp_chain, konst, only_successor, passes_through};
+use super::graph::{clamp_chain, konst, only_successor, passes_through, per_channel};
 
 /// A depthwise 2-D convolution (one filter per channel), f32, batch 1, NCHW or CHW.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,15 +72,11 @@ impl DepthwiseConv {
             || weights.datum_type() != f32::datum_type()
             || weights.len() != channels * taps
             || bias.datum_type() != f32::datum_type()
-            || (bias.len() != channels && bias.len() != 1)
         {
             return Ok(None);
         }
-        let bias_values = bias.view().as_slice::<f32>()?.to_vec();
-        let bias = if bias_values.len() == 1 {
-            vec![bias_values[0]; channels]
-        } else {
-            bias_values
+        let Some(bias) = per_channel(bias.view().as_slice::<f32>()?.to_vec(), channels) else {
+            return Ok(None);
         };
         Ok(Some(DepthwiseConv {
             level,

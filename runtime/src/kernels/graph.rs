@@ -110,3 +110,13 @@ pub(crate) fn replace_chain(
     patch.shunt_outside(model, OutletId::new(last, 0), output)?;
     patch.apply(model)
 }
+
+/// `values` as one value per channel: as they are when there are `channels` of them, repeated
+/// when there is one (a bias broadcast over the channels); `None` otherwise.
+pub(crate) fn per_channel<T: Copy>(values: Vec<T>, channels: usize) -> Option<Vec<T>> {
+    match values.len() {
+        n if n == channels => Some(values),
+        1 => Some(vec![values[0]; channels]),
+        _ => None,
+    }
+}

@@ -21,7 +21,7 @@ use super::conv::{PatchGeometry, PhasePlanes};
 use super::dispatch::Level;
 use super::gemm_f32::Panels;
 use super::gemm_int8::{group, matmul, tile, PackedInt8, Requantization, RowsInt8};
-use super::graph::{konst, only_successor};
+use super::graph::{konst, only_successor, per_channel};
 
 /// A quantized convolution's int8 input read as its patch matrix (see
 /// [`Patches`](super::conv::Patches)); padding reads the input's zero point, the quantized zero.
@@ -127,11 +127,8 @@ fn requantization(
         return Ok(None);
     };
     let bias = values[0].cast_to::<i32>()?;
-    let bias: Vec<i32> = bias.view().as_slice::<i32>()?.to_vec();
-    let bias = match bias.len() {
-        1 => vec![bias[0]; m],
-        len if len == m => bias,
-        _ => return Ok(None),
+    let Some(bias) = per_channel(bias.view().as_slice::<i32>()?.to_vec(), m) else {
+        return Ok(None);
     };
     let (x_scale, k_scales, y_scale) = (
         floats(&values[2])?,
