@@ -204,24 +204,29 @@ impl<T: Copy> PhasePlanes<T> {
 
 /// A convolution's input read as its patch matrix: row `(c, ky, kx)` (the weights' OIHW order),
 /// column `oy * OW + ox`, zero where the patch falls in the padding.
-pub struct Patches<'a> {
+/// The values are f32, or int8 for quantized convolutions (whose padding is the input's zero
+/// point, the quantized zero).
+pub struct Patches<'a, T> {
     /// The input as phase planes.
-    pub planes: PhasePlanes<f32>,
+    pub planes: PhasePlanes<T>,
     /// Its geometry.
     pub geometry: &'a PatchGeometry,
+    /// The value padding reads.
+    pub zero: T,
 }
 
-impl<'a> Patches<'a> {
-    /// `input` (`C x H x W`) for `geometry`.
-    pub fn new(input: &[f32], geometry: &'a PatchGeometry) -> Patches<'a> {
+impl<'a, T: Copy> Patches<'a, T> {
+    /// `input` (`C x H x W`) for `geometry`, padded with `zero`.
+    pub fn new(input: &[T], geometry: &'a PatchGeometry, zero: T) -> Patches<'a, T> {
         Patches {
-            planes: PhasePlanes::new(input, geometry, 0.0),
+            planes: PhasePlanes::new(input, geometry, zero),
             geometry,
+            zero,
         }
     }
 }
 
-impl Panels<f32> for Patches<'_> {
+impl Panels<f32> for Patches<'_, f32> {
     fn k(&self) -> usize {
         self.geometry.rows()
     }
@@ -528,7 +533,7 @@ impl Convolution {
                 matmul(&self.weights, &rows, output, &epilogue)
             }
             Geometry::Patches(geometry) => {
-                let patches = Patches::new(input, geometry);
+                let patches = Patches::new(input, geometry, 0.0);
                 matmul(&self.weights, &patches, output, &epilogue)
             }
         }

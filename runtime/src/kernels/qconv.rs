@@ -17,35 +17,15 @@ use tract_core::ops::cast::Cast;
 use tract_core::ops::cnn::Conv;
 use tract_core::ops::einsum::EinSum;
 
-use super::conv::{PatchGeometry, PhasePlanes};
+use super::conv::{PatchGeometry, Patches};
 use super::dispatch::Level;
 use super::gemm_f32::Panels;
 use super::gemm_int8::{group, matmul, tile, PackedInt8, Requantization, RowsInt8};
 use super::graph::{konst, only_successor, per_channel};
 
-/// A quantized convolution's int8 input read as its patch matrix (see
-/// [`Patches`](super::conv::Patches)); padding reads the input's zero point, the quantized zero.
-pub struct PatchesInt8<'a> {
-    /// The input as phase planes.
-    pub planes: PhasePlanes<i8>,
-    /// Its geometry.
-    pub geometry: &'a PatchGeometry,
-    /// The input's zero point.
-    pub zero: i8,
-}
-
-impl<'a> PatchesInt8<'a> {
-    /// `input` (`C x H x W`) for `geometry`, padded with `zero`.
-    pub fn new(input: &[i8], geometry: &'a PatchGeometry, zero: i8) -> PatchesInt8<'a> {
-        PatchesInt8 {
-            planes: PhasePlanes::new(input, geometry, zero),
-            geometry,
-            zero,
-        }
-    }
-}
-
-impl Panels<u8> for PatchesInt8<'_> {
+/// A quantized convolution's int8 input as the product's operand: [`Patches`] rows interleaved
+/// into groups of four (see [`gemm_int8`](super::gemm_int8)).
+impl Panels<u8> for Patches<'_, i8> {
     fn k(&self) -> usize {
         self.geometry.rows()
     }
@@ -318,7 +298,7 @@ impl QuantizedConvolution {
                 matmul(&self.weights, &rows, output)
             }
             Geometry::Patches(geometry) => {
-                let patches = PatchesInt8::new(input, geometry, self.x0);
+                let patches = Patches::new(input, geometry, self.x0);
                 matmul(&self.weights, &patches, output)
             }
         }
