@@ -371,12 +371,14 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             head_val_accuracy
         ));
         if manifest.quantization.is_some() || manifest.weights != WeightStorage::F32 {
-            let mut f32_manifest = manifest.clone();
-            f32_manifest.precision = Precision::F32.name().into();
-            f32_manifest.quantization = None;
-            f32_manifest.weights = WeightStorage::F32;
-            let f32_accuracy =
-                run_graph(&f32_manifest, &f32_graph, &val_usable, options, reporter)?.accuracy();
+            let f32_accuracy = run_graph(
+                &all_f32(&manifest),
+                &f32_graph,
+                &val_usable,
+                options,
+                reporter,
+            )?
+            .accuracy();
             reporter.message(&format!(
                 "verify    {} compute, {} weights: accuracy {accuracy:.4} vs {f32_accuracy:.4} all f32 ({:+.2} points)",
                 manifest.precision,
@@ -623,15 +625,27 @@ fn run_graph(
     options: &CompileOptions,
     reporter: &dyn Reporter,
 ) -> Result<graft_runtime::eval::Evaluation> {
-    let model = Model::from_artifact(Artifact::from_bytes(
-        artifact::encode(manifest, graph),
-        &options.out,
-    )?)?;
+    let model = graph_model(manifest, graph, options)?;
     let evaluation = evaluate(&model, samples, options.threads, reporter);
     if reporter.cancelled() {
         return Err(CompileError::Interrupted);
     }
     Ok(evaluation)
+}
+
+/// `graph` with `manifest` loaded as the runtime loads an artifact, without writing it.
+fn graph_model(manifest: &Manifest, graph: &[u8], options: &CompileOptions) -> Result<Model> {
+    let artifact = Artifact::from_bytes(artifact::encode(manifest, graph), &options.out)?;
+    Ok(Model::from_artifact(artifact)?)
+}
+
+/// The manifest of the all-f32 graph `manifest`'s graph was made from (f32 compute and weights).
+fn all_f32(manifest: &Manifest) -> Manifest {
+    let mut f32_manifest = manifest.clone();
+    f32_manifest.precision = Precision::F32.name().into();
+    f32_manifest.quantization = None;
+    f32_manifest.weights = WeightStorage::F32;
+    f32_manifest
 }
 
 /// Pairs of runs [`speed_check`] times.
@@ -647,15 +661,8 @@ fn speed_check(
     options: &CompileOptions,
     reporter: &dyn Reporter,
 ) -> Result<SpeedCheck> {
-    let mut f32_manifest = manifest.clone();
-    f32_manifest.precision = Precision::F32.name().into();
-    f32_manifest.quantization = None;
-    f32_manifest.weights = WeightStorage::F32;
-    let load = |manifest: &Manifest, graph: &[u8]| -> Result<Model> {
-        let artifact = Artifact::from_bytes(artifact::encode(manifest, graph), &options.out)?;
-        Ok(Model::from_artifact(artifact)?)
-    };
-    let (f32_model, int8_model) = (load(&f32_manifest, f32_graph)?, load(manifest, graph)?);
+    let f32_model = graph_model(&all_f32(manifest), f32_graph, options)?;
+    let int8_model = graph_model(manifest, graph, options)?;
     let input = vec![manifest
         .preprocessing
         .apply(&graft_runtime::bench::synthetic_image())];

@@ -66,10 +66,15 @@ pub struct Latency {
     pub runs: usize,
 }
 
+/// The `q` quantile (nearest rank) of `sorted` samples.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
 impl Latency {
     fn from_seconds(mut samples: Vec<f64>) -> Latency {
         samples.sort_by(f64::total_cmp);
-        let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize] * 1e3;
+        let pick = |q: f64| quantile(&samples, q) * 1e3;
         Latency {
             p50: pick(0.5),
             p90: pick(0.9),
@@ -118,13 +123,26 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Runs the measurements.
-pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
+fn check_iterations(args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         return Err(Error::InvalidOption(
             "--iterations must be at least 1".into(),
         ));
     }
+    Ok(())
+}
+
+/// The pictures at `paths`, or the synthetic one when there are none.
+fn bench_images(paths: &[PathBuf]) -> Result<Vec<DynamicImage>> {
+    if paths.is_empty() {
+        return Ok(vec![synthetic_image()]);
+    }
+    paths.iter().map(|p| load_image(p)).collect()
+}
+
+/// Runs the measurements.
+pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
+    check_iterations(args)?;
     crate::set_intra_op_threads(args.intra_op_threads)?;
     let started = Instant::now();
     let model = Model::load_with(
@@ -134,14 +152,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         },
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    let images: Vec<DynamicImage> = if args.images.is_empty() {
-        vec![synthetic_image()]
-    } else {
-        args.images
-            .iter()
-            .map(|p| load_image(p))
-            .collect::<Result<_>>()?
-    };
+    let images = bench_images(&args.images)?;
     let preprocessing = &model.manifest().preprocessing;
     let tensors: Vec<Vec<f32>> = images.iter().map(|i| preprocessing.apply(i)).collect();
 
@@ -269,7 +280,7 @@ pub struct Ratio {
 impl Ratio {
     fn from_samples(mut samples: Vec<f64>) -> Ratio {
         samples.sort_by(f64::total_cmp);
-        let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        let pick = |q: f64| quantile(&samples, q);
         Ratio {
             p10: pick(0.1),
             p50: pick(0.5),
@@ -286,11 +297,7 @@ fn is_artifact(path: &std::path::Path) -> bool {
 /// Times `args.model` (A) and the artifact first in `args.images` (B) in alternation, on the
 /// rest of the images (or the synthetic picture), `args.iterations` pairs after `args.warmup`.
 pub fn compare(args: &BenchArgs) -> Result<Comparison> {
-    if args.iterations == 0 {
-        return Err(Error::InvalidOption(
-            "--iterations must be at least 1".into(),
-        ));
-    }
+    check_iterations(args)?;
     let options = LoadOptions {
         graft_kernels: !args.tract_kernels,
     };
@@ -299,14 +306,7 @@ pub fn compare(args: &BenchArgs) -> Result<Comparison> {
         Model::load_with(&args.model, options)?,
         Model::load_with(b_path, options)?,
     );
-    let images: Vec<DynamicImage> = if args.images.len() > 1 {
-        args.images[1..]
-            .iter()
-            .map(|p| load_image(p))
-            .collect::<Result<_>>()?
-    } else {
-        vec![synthetic_image()]
-    };
+    let images = bench_images(&args.images[1..])?;
     let tensors = |model: &Model| -> Vec<Vec<f32>> {
         let preprocessing = &model.manifest().preprocessing;
         images.iter().map(|i| preprocessing.apply(i)).collect()
