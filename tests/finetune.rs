@@ -12,7 +12,7 @@ use graft_compiler::cut::CutBackbone;
 use graft_compiler::extract::FeatureExtractor;
 use graft_compiler::finetune::{TrainablePart, Unfreeze};
 use graft_compiler::import::Backbone;
-use graft_runtime::preprocess::{load_image, Normalization, Preprocessing};
+use graft_runtime::preprocess::{Normalization, Preprocessing};
 
 fn graft() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_graft"))
@@ -55,7 +55,7 @@ fn translated_top_blocks_match_tract() {
         let part = TrainablePart::new(&backbone, "features", &unfreeze, &Device::Cpu).unwrap();
         assert_eq!(part.boundary, boundary, "{unfreeze:?}");
         for path in fixture_images() {
-            let chw = preprocessing.apply(&load_image(&path).unwrap());
+            let chw = preprocessing.apply(&preprocessing.load(&path).unwrap());
             let bytes = std::fs::read(&path).unwrap();
             let expected = reference.features_of(&bytes, &path).unwrap();
             let boundary_values = part.boundary_of(chw).unwrap();

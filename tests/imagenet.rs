@@ -114,7 +114,7 @@ fn artifact_agrees_with_the_onnx_model_on_imagenet_sample() {
         &rows,
         2,
         |(path, label)| {
-            let image = graft_runtime::preprocess::load_image(&root.join(path)).unwrap();
+            let image = preprocessing.load(&root.join(path)).unwrap();
             let chw = preprocessing.apply(&image);
             let ours = model.classify_tensor(&chw).unwrap();
             let input = Tensor::from_shape(&[1, 3, 224, 224], &chw).unwrap();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use graft_runtime::dataset::Sample;
 use graft_runtime::eval::par_map;
-use graft_runtime::preprocess::{decode_image, Preprocessing};
+use graft_runtime::preprocess::Preprocessing;
 use graft_runtime::progress::Progress;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -151,7 +151,7 @@ impl FeatureExtractor {
     /// Features of one image file's bytes, one vector per output.
     fn outputs_of(&self, bytes: &[u8], path: &Path) -> Result<Vec<Vec<f32>>> {
         let graph = CompileError::graph("feature extraction");
-        let image = decode_image(bytes, path)?;
+        let image = self.preprocessing.decode(bytes, path)?;
         let chw = self.preprocessing.apply(&image);
         let input = Tensor::from_shape(&self.input_shape, &chw).map_err(&graph)?;
         let outputs = self.plan.run(tvec!(input.into_tvalue())).map_err(&graph)?;

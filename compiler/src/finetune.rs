@@ -21,7 +21,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use graft_runtime::artifact::{EpochRecord, TransferInfo};
 use graft_runtime::dataset::Sample;
 use graft_runtime::eval::par_map;
-use graft_runtime::preprocess::{load_image, Preprocessing};
+use graft_runtime::preprocess::Preprocessing;
 use graft_runtime::progress::Progress;
 use image::DynamicImage;
 use tract_onnx::prelude::{tvec, IntoRunnable, IntoTValue, TypedSimplePlan};
@@ -448,12 +448,18 @@ struct Images {
     labels: Vec<usize>,
 }
 
-fn decode_all(samples: &[Sample], threads: usize, progress: &dyn Progress, what: &str) -> Images {
+fn decode_all(
+    samples: &[Sample],
+    preprocessing: &Preprocessing,
+    threads: usize,
+    progress: &dyn Progress,
+    what: &str,
+) -> Images {
     progress.start(what, samples.len());
     let decoded = par_map(
         samples,
         threads,
-        |s| load_image(&s.path).ok(),
+        |s| preprocessing.load(&s.path).ok(),
         || progress.advance(),
     );
     progress.finish();
@@ -532,8 +538,8 @@ pub fn finetune(
         Ok(x)
     };
 
-    let train_images = decode_all(train, threads, progress, "decoding training images");
-    let val_images = decode_all(val, threads, progress, "decoding validation images");
+    let train_images = decode_all(train, preprocessing, threads, progress, "decoding training images");
+    let val_images = decode_all(val, preprocessing, threads, progress, "decoding validation images");
     if train_images.images.is_empty() || val_images.images.is_empty() {
         return Err(CompileError::NotEnoughData(
             "fine-tuning needs decodable training and validation images".into(),

@@ -31,7 +31,7 @@ use graft_compiler::CompileError;
 use graft_runtime::bench::BenchArgs;
 use graft_runtime::commands::{self, EvalArgs, InspectArgs, Outcome, PredictArgs};
 use graft_runtime::eval::default_threads;
-use graft_runtime::preprocess::{ChannelOrder, Normalization, ResizeFilter};
+use graft_runtime::preprocess::{ChannelOrder, Normalization, Pipeline, ResizeFilter};
 use graft_runtime::weights::WeightStorage;
 
 /// graft turns an ImageNet-pretrained ONNX backbone and a folder of labelled images into one
@@ -427,6 +427,12 @@ struct CompileArgs {
     /// Resize filter: bilinear, bicubic or nearest.
     #[arg(long, default_value = "bilinear", value_parser = parse_filter)]
     filter: ResizeFilter,
+    /// How images are decoded and resized: fast (large JPEGs decoded at 1/2, 1/4 or 1/8 scale by
+    /// libjpeg-turbo, never below the resize; SIMD resize of the crop only) or reference (full-size
+    /// decode and the `image` crate's resize, as artifacts made before graft 0.1 recorded).
+    /// Recorded in the artifact; the runtime follows it.
+    #[arg(long, default_value = "fast", value_parser = parse_pipeline)]
+    pipeline: Pipeline,
     /// Feed channels as BGR instead of RGB.
     #[arg(long)]
     bgr: bool,
@@ -611,6 +617,10 @@ fn parse_filter(s: &str) -> Result<ResizeFilter, String> {
     s.parse()
 }
 
+fn parse_pipeline(s: &str) -> Result<Pipeline, String> {
+    s.parse()
+}
+
 fn parse_size(s: &str) -> Result<[usize; 2], String> {
     let err = || format!("expected HxW such as 224x224, got {s:?}");
     let (h, w) = s.split_once(['x', 'X']).ok_or_else(err)?;
@@ -787,6 +797,7 @@ impl CompileArgs {
             normalization: self.normalize.normalization(),
             resize_shorter: self.resize,
             filter: self.filter,
+            pipeline: self.pipeline,
             channel_order: if self.bgr {
                 ChannelOrder::Bgr
             } else {

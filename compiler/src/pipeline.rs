@@ -13,7 +13,9 @@ use graft_runtime::artifact::{
 };
 use graft_runtime::dataset::{ImageFolder, Sample};
 use graft_runtime::eval::{evaluate, par_map, ConfusionMatrix};
-use graft_runtime::preprocess::{ChannelOrder, Normalization, Preprocessing, ResizeFilter};
+use graft_runtime::preprocess::{
+    ChannelOrder, Normalization, Pipeline, Preprocessing, ResizeFilter,
+};
 use graft_runtime::progress::Progress;
 use graft_runtime::weights::WeightStorage;
 use graft_runtime::{Artifact, Model};
@@ -71,6 +73,8 @@ pub struct CompileOptions {
     pub resize_shorter: Option<u32>,
     /// Resize filter.
     pub filter: ResizeFilter,
+    /// Decode and resize implementation (recorded in the artifact).
+    pub pipeline: Pipeline,
     /// Channel order.
     pub channel_order: ChannelOrder,
     /// Head training settings.
@@ -116,6 +120,7 @@ impl CompileOptions {
             normalization: None,
             resize_shorter: None,
             filter: ResizeFilter::Bilinear,
+            pipeline: Pipeline::Fast,
             channel_order: ChannelOrder::Rgb,
             train: TrainConfig::default(),
             val_fraction: 0.2,
@@ -449,6 +454,7 @@ pub(crate) fn preprocessing_for(
         preprocessing.resize_shorter = r;
     }
     preprocessing.filter = options.filter;
+    preprocessing.pipeline = options.pipeline;
     preprocessing.channel_order = options.channel_order;
     preprocessing.validate()?;
     Ok(preprocessing)
@@ -717,7 +723,8 @@ fn input_pixels(
             batch,
             threads,
             |sample| {
-                graft_runtime::preprocess::load_image(&sample.path)
+                preprocessing
+                    .load(&sample.path)
                     .ok()
                     .map(|image| (preprocessing.pixels(&image), sample.label))
             },

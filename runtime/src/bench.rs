@@ -14,7 +14,7 @@ use crate::commands::Outcome;
 use crate::error::{Error, Result};
 use crate::eval::default_threads;
 use crate::model::{LoadOptions, LoadTimings, Model};
-use crate::preprocess::load_image;
+use crate::preprocess::Preprocessing;
 
 /// Arguments of `bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -107,6 +107,9 @@ pub struct BenchReport {
     pub latency: Latency,
     /// Preprocessing (resize, crop, normalise) of a decoded image.
     pub preprocess: Latency,
+    /// Decoding of the given image files (from memory, as the artifact's preprocessing decodes
+    /// them); absent when the synthetic image was used.
+    pub decode: Option<Latency>,
     /// Threads used for the batch and throughput runs.
     pub threads: usize,
     /// Images per batch.
@@ -132,12 +135,37 @@ fn check_iterations(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pictures at `paths`, or the synthetic one when there are none.
-fn bench_images(paths: &[PathBuf]) -> Result<Vec<DynamicImage>> {
+/// The pictures at `paths` decoded as `preprocessing` decodes them, or the synthetic one when
+/// there are none.
+fn bench_images(paths: &[PathBuf], preprocessing: &Preprocessing) -> Result<Vec<DynamicImage>> {
     if paths.is_empty() {
         return Ok(vec![synthetic_image()]);
     }
-    paths.iter().map(|p| load_image(p)).collect()
+    paths.iter().map(|p| preprocessing.load(p)).collect()
+}
+
+/// Decoding time of the files at `paths` (read into memory first) by `preprocessing`'s
+/// pipeline, `runs` decodes in turn; `None` without files.
+fn decode_latency(
+    paths: &[PathBuf],
+    preprocessing: &Preprocessing,
+    runs: usize,
+) -> Result<Option<Latency>> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let files = paths
+        .iter()
+        .map(|p| Ok((std::fs::read(p).map_err(|e| Error::io(p, e))?, p)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let (bytes, path) = &files[i % files.len()];
+        let started = Instant::now();
+        std::hint::black_box(preprocessing.decode(bytes, path)?);
+        samples.push(started.elapsed().as_secs_f64());
+    }
+    Ok(Some(Latency::from_seconds(samples)))
 }
 
 /// Runs the measurements.
@@ -152,8 +180,8 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         },
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    let images = bench_images(&args.images)?;
     let preprocessing = &model.manifest().preprocessing;
+    let images = bench_images(&args.images, preprocessing)?;
     let tensors: Vec<Vec<f32>> = images.iter().map(|i| preprocessing.apply(i)).collect();
 
     let started = Instant::now();
@@ -179,6 +207,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
             })
             .collect(),
     );
+    let decode = decode_latency(&args.images, preprocessing, args.iterations.min(50))?;
 
     let threads = args.threads.unwrap_or_else(default_threads).max(1);
     let batch = args.batch as usize;
@@ -229,6 +258,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         first_inference_ms,
         latency,
         preprocess,
+        decode,
         threads,
         batch,
         batch_latency,
@@ -306,12 +336,12 @@ pub fn compare(args: &BenchArgs) -> Result<Comparison> {
         Model::load_with(&args.model, options)?,
         Model::load_with(b_path, options)?,
     );
-    let images = bench_images(&args.images[1..])?;
-    let tensors = |model: &Model| -> Vec<Vec<f32>> {
+    let tensors = |model: &Model| -> Result<Vec<Vec<f32>>> {
         let preprocessing = &model.manifest().preprocessing;
-        images.iter().map(|i| preprocessing.apply(i)).collect()
+        let images = bench_images(&args.images[1..], preprocessing)?;
+        Ok(images.iter().map(|i| preprocessing.apply(i)).collect())
     };
-    let (ta, tb) = (tensors(&a), tensors(&b));
+    let (ta, tb) = (tensors(&a)?, tensors(&b)?);
     let (a_latency, b_latency, ratio) =
         alternate([&a, &b], [&ta, &tb], args.iterations, args.warmup)?;
     Ok(Comparison {
@@ -444,6 +474,13 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
         (
             "preprocess",
             format!("p50 {:.2} ms per image (decoding excluded)", r.preprocess.p50),
+        ),
+        (
+            "decode",
+            match &r.decode {
+                Some(d) => format!("p50 {:.2} ms per image file, {} runs", d.p50, d.runs),
+                None => "not measured (no image files given)".into(),
+            },
         ),
         (
             "batch",

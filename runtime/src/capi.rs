@@ -209,7 +209,12 @@ pub unsafe extern "C" fn graft_classify_file(
         let path = unsafe { CStr::from_ptr(path) }
             .to_str()
             .map_err(|_| "graft_classify_file: path is not UTF-8".to_string())?;
-        let image = crate::preprocess::load_image(Path::new(path)).map_err(|e| e.to_string())?;
+        let image = model
+            .model
+            .manifest()
+            .preprocessing
+            .load(Path::new(path))
+            .map_err(|e| e.to_string())?;
         write_top_k(model, &image, out, k)
     })
 }

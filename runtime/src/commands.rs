@@ -476,8 +476,8 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
         (
             "preprocess",
             format!(
-                "shorter side -> {} ({:?}), centre crop {}x{}, {:?}, normalize {} (mean {:?}, std {:?}, pixel units)",
-                p.resize_shorter, p.filter, p.crop[0], p.crop[1], p.channel_order, n.name, n.mean, n.std
+                "shorter side -> {} ({:?}), centre crop {}x{}, {:?}, normalize {} (mean {:?}, std {:?}, pixel units); pipeline {}",
+                p.resize_shorter, p.filter, p.crop[0], p.crop[1], p.channel_order, n.name, n.mean, n.std, p.pipeline
             ),
         ),
         (

@@ -13,7 +13,6 @@ use tract_core::prelude::*;
 
 use crate::artifact::{Artifact, Manifest};
 use crate::error::{Error, Result};
-use crate::preprocess;
 
 /// A validated artifact with its graph optimized and ready to run.
 #[derive(Debug)]
@@ -250,7 +249,7 @@ impl Model {
 
     /// Reads, decodes, preprocesses and classifies the image file at `path`.
     pub fn classify_path(&self, path: &Path) -> Result<Classification> {
-        self.classify(&preprocess::load_image(path)?)
+        self.classify(&self.manifest().preprocessing.load(path)?)
     }
 }
 

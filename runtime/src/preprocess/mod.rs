@@ -1,30 +1,29 @@
 //! Image decoding and preprocessing: file bytes to the model's input tensor.
 //!
-//! The compiler and the runtime both call [`Preprocessing::apply`], and the parameters travel inside
-//! the artifact, so an image is turned into exactly the same tensor at training and at deployment.
+//! The compiler and the runtime both call [`Preprocessing::load`] / [`Preprocessing::decode`] and
+//! [`Preprocessing::apply`], and the parameters travel inside the artifact, so an image is turned
+//! into exactly the same tensor at training and at deployment.
 //!
 //! Steps: decode (JPEG, PNG, GIF first frame, WebP) with bounded memory, apply the EXIF orientation,
 //! convert to 8-bit RGB, resize so the shorter side is `resize_shorter` (aspect kept), crop the
 //! centre to `crop`, reorder channels, normalise `(pixel - mean) / std` per channel (pixel in
-//! 0..=255), lay out as NCHW.
+//! 0..=255), lay out as NCHW. How the decode and the resize are done is the [`Pipeline`], recorded
+//! with the parameters: [`Pipeline::Fast`] decodes large JPEGs at reduced DCT scale and resamples
+//! only the crop with SIMD ([`decode`], [`resize`]); [`Pipeline::Reference`] is the full-size path
+//! that artifacts written before it still record, and still get.
 
-use std::io::Cursor;
+mod decode;
+mod resize;
+
 use std::path::Path;
 use std::str::FromStr;
 
-use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Largest width or height accepted from an image file.
-pub const MAX_IMAGE_SIDE: u32 = 16_384;
-/// Largest buffer an image decoder may allocate.
-pub const MAX_DECODE_BYTES: u64 = 512 << 20;
-/// Largest number of pixels decoded (64 megapixels, e.g. 8192x8192): a 1 KB JPEG can declare
-/// 15000x8000 pixels and take seconds and gigabytes to decode.
-pub const MAX_PIXELS: u64 = 64 << 20;
+pub use decode::{decode_at_least, decode_image, load_image, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, MAX_PIXELS};
 
 /// How an image becomes the model's input tensor; recorded in every artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +38,25 @@ pub struct Preprocessing {
     pub channel_order: ChannelOrder,
     /// Per-channel normalisation.
     pub normalization: Normalization,
+    /// How the image is decoded and resized (absent from artifacts made before it existed:
+    /// those keep the reference pipeline they were made with).
+    #[serde(default)]
+    pub pipeline: Pipeline,
+}
+
+/// The implementation of decoding and resizing; part of the preprocessing's identity (artifacts
+/// and feature caches record it), because the two give slightly different pixels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pipeline {
+    /// Full-size decode by the `image` crate, its resampler over the whole image, then the crop.
+    #[default]
+    #[serde(rename = "reference")]
+    Reference,
+    /// Sequential JPEGs decoded by libjpeg-turbo at the smallest DCT scale (1/8, 1/4, 1/2 or 1)
+    /// whose shorter side is at least `resize_shorter`; the crop resampled straight from the
+    /// decoded image by `fast_image_resize`; one pass to the normalised planar tensor.
+    #[serde(rename = "fast-v1")]
+    Fast,
 }
 
 /// Resampling filter.
@@ -156,6 +174,28 @@ impl FromStr for Normalization {
     }
 }
 
+impl FromStr for Pipeline {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fast" => Ok(Pipeline::Fast),
+            "reference" => Ok(Pipeline::Reference),
+            _ => Err(format!(
+                "unknown preprocessing pipeline {s:?}: expected fast or reference"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pipeline::Fast => "fast (reduced-scale JPEG decode, SIMD resize)",
+            Pipeline::Reference => "reference (full-size decode)",
+        })
+    }
+}
+
 impl FromStr for ResizeFilter {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -180,7 +220,24 @@ impl Preprocessing {
             filter: ResizeFilter::Bilinear,
             channel_order: ChannelOrder::Rgb,
             normalization,
+            pipeline: Pipeline::Fast,
         }
+    }
+
+    /// Decodes image bytes as this pipeline does: at full size ([`decode_image`]) for the
+    /// reference pipeline, and for the fast one large sequential JPEGs at the reduced scale the
+    /// resize still has enough pixels for ([`decode_at_least`]). `path` names the image in errors.
+    pub fn decode(&self, bytes: &[u8], path: &Path) -> Result<DynamicImage> {
+        match self.pipeline {
+            Pipeline::Reference => decode_image(bytes, path),
+            Pipeline::Fast => decode_at_least(bytes, path, self.resize_shorter),
+        }
+    }
+
+    /// Reads the image file at `path` and decodes it (see [`Self::decode`]).
+    pub fn load(&self, path: &Path) -> Result<DynamicImage> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        self.decode(&bytes, path)
     }
 
     /// Checks that the parameters describe a valid transform.
@@ -221,10 +278,26 @@ impl Preprocessing {
         out
     }
 
-    /// Like [`Self::apply`], writing into `out` (which must hold [`Self::tensor_len`] values).
+    /// Like [`Self::apply`], writing into `out` (which must hold [`Self::tensor_len`] values):
+    /// the resized crop goes to the normalised planar tensor in one pass.
     pub fn apply_into(&self, image: &DynamicImage, out: &mut [f32]) {
         assert_eq!(out.len(), self.tensor_len(), "output buffer size");
-        self.normalize_into(&self.pixels(image), out);
+        let rgb = self.resize_and_crop(image);
+        let plane = self.tensor_len() / 3;
+        let (first, rest) = out.split_at_mut(plane);
+        let (second, third) = rest.split_at_mut(plane);
+        let [m0, m1, m2] = self.normalization.mean;
+        let [s0, s1, s2] = self.normalization.std;
+        for (((px, a), b), c) in rgb
+            .as_raw()
+            .chunks_exact(3)
+            .zip(first)
+            .zip(second)
+            .zip(third)
+        {
+            let [p0, p1, p2] = self.ordered([px[0], px[1], px[2]].map(f32::from));
+            (*a, *b, *c) = ((p0 - m0) / s0, (p1 - m1) / s1, (p2 - m2) / s2);
+        }
     }
 
     /// The image resized, cropped and reordered into planar 8-bit pixels in tensor channel
@@ -232,23 +305,18 @@ impl Preprocessing {
     /// turns into the model input. For holding many preprocessed images in memory.
     pub fn pixels(&self, image: &DynamicImage) -> Vec<u8> {
         let rgb = self.resize_and_crop(image);
-        let [h, w] = self.crop.map(|v| v as usize);
-        let plane = h * w;
-        let order = match self.channel_order {
-            ChannelOrder::Rgb => [0, 1, 2],
-            ChannelOrder::Bgr => [2, 1, 0],
-        };
+        let plane = self.tensor_len() / 3;
         let mut out = vec![0; self.tensor_len()];
-        for (i, px) in rgb.pixels().enumerate() {
-            for (c, &src) in order.iter().enumerate() {
-                out[c * plane + i] = px.0[src];
+        for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+            for (c, value) in self.ordered([px[0], px[1], px[2]]).into_iter().enumerate() {
+                out[c * plane + i] = value;
             }
         }
         out
     }
 
     /// Normalizes planar pixels from [`Self::pixels`] into `out`; both hold
-    /// [`Self::tensor_len`] values.
+    /// [`Self::tensor_len`] values. The same arithmetic as [`Self::apply_into`].
     pub fn normalize_into(&self, pixels: &[u8], out: &mut [f32]) {
         assert_eq!(pixels.len(), self.tensor_len(), "pixel buffer size");
         assert_eq!(out.len(), self.tensor_len(), "output buffer size");
@@ -265,88 +333,28 @@ impl Preprocessing {
         }
     }
 
+    /// RGB values in tensor channel order (the order the normalisation's values are in).
+    fn ordered<T: Copy>(&self, rgb: [T; 3]) -> [T; 3] {
+        match self.channel_order {
+            ChannelOrder::Rgb => rgb,
+            ChannelOrder::Bgr => [rgb[2], rgb[1], rgb[0]],
+        }
+    }
+
+    /// The centre crop of the resized image, 8-bit RGB, by this pipeline's resampler.
     fn resize_and_crop(&self, image: &DynamicImage) -> RgbImage {
-        let rgb = match image {
-            DynamicImage::ImageRgb8(rgb) => std::borrow::Cow::Borrowed(rgb),
-            other => std::borrow::Cow::Owned(other.to_rgb8()),
+        let resize = match self.pipeline {
+            Pipeline::Reference => resize::reference,
+            Pipeline::Fast => resize::fast,
         };
-        let (w, h) = rgb.dimensions();
-        let (rw, rh) = resized_dims(w, h, self.resize_shorter);
-        let resized = if (rw, rh) == (w, h) {
-            rgb
-        } else {
-            let filter = match self.filter {
-                ResizeFilter::Nearest => FilterType::Nearest,
-                ResizeFilter::Bilinear => FilterType::Triangle,
-                ResizeFilter::Bicubic => FilterType::CatmullRom,
-            };
-            std::borrow::Cow::Owned(image::imageops::resize(&*rgb, rw, rh, filter))
-        };
-        let [ch, cw] = self.crop;
-        let left = (rw - cw) / 2;
-        let top = (rh - ch) / 2;
-        image::imageops::crop_imm(&*resized, left, top, cw, ch).to_image()
+        resize(image, self.resize_shorter, self.crop, self.filter)
     }
-}
-
-/// Size after resizing `w x h` so that its shorter side is `shorter`.
-fn resized_dims(w: u32, h: u32, shorter: u32) -> (u32, u32) {
-    let scale = |long: u32, short: u32| {
-        ((long as u64 * shorter as u64 + short as u64 / 2) / short as u64).max(shorter as u64)
-            as u32
-    };
-    if w <= h {
-        (shorter, scale(h, w))
-    } else {
-        (scale(w, h), shorter)
-    }
-}
-
-/// Decodes image bytes (format sniffed from content) with bounded memory, applies the EXIF
-/// orientation, and returns the image. `path` is used in error messages only.
-pub fn decode_image(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
-    let fail = |reason: String| Error::ImageDecode {
-        path: path.to_path_buf(),
-        reason: reason.trim_end().to_string(),
-    };
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(fail("unrecognised image format".into()));
-    }
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(fail(format!("image is {w}x{h} pixels")));
-    }
-    if w as u64 * h as u64 > MAX_PIXELS {
-        return Err(fail(format!(
-            "image is {w}x{h} pixels, more than the {} megapixel limit",
-            MAX_PIXELS >> 20
-        )));
-    }
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
-    image.apply_orientation(orientation);
-    Ok(image)
-}
-
-/// Reads and decodes the image at `path` (see [`decode_image`]).
-pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_image(&bytes, path)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Cursor;
+
     use super::*;
 
     fn png_bytes(image: &DynamicImage) -> Vec<u8> {
@@ -355,14 +363,6 @@ mod tests {
             .write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
             .unwrap();
         bytes
-    }
-
-    #[test]
-    fn shorter_side_is_resized_keeping_aspect() {
-        assert_eq!(resized_dims(500, 375, 256), (341, 256));
-        assert_eq!(resized_dims(375, 500, 256), (256, 341));
-        assert_eq!(resized_dims(32, 32, 256), (256, 256));
-        assert_eq!(resized_dims(4000, 10, 256), (102_400, 256));
     }
 
     #[test]
@@ -377,9 +377,15 @@ mod tests {
             filter: ResizeFilter::Bilinear,
             channel_order: ChannelOrder::Rgb,
             normalization: Normalization::tf(),
+            pipeline: Pipeline::Fast,
         };
-        let t = pre.apply(&DynamicImage::ImageRgb8(img));
+        let t = pre.apply(&DynamicImage::ImageRgb8(img.clone()));
         assert_eq!(t, [[1.0; 4], [0.0; 4], [-127.0 / 128.0; 4]].concat());
+        let reference = Preprocessing {
+            pipeline: Pipeline::Reference,
+            ..pre.clone()
+        };
+        assert_eq!(reference.apply(&DynamicImage::ImageRgb8(img)), t);
         let bgr = Preprocessing {
             channel_order: ChannelOrder::Bgr,
             ..pre
@@ -397,9 +403,15 @@ mod tests {
             filter: ResizeFilter::Nearest,
             channel_order: ChannelOrder::Rgb,
             normalization: Normalization::none(),
+            pipeline: Pipeline::Reference,
         };
-        let t = pre.apply(&DynamicImage::ImageRgb8(img));
-        assert_eq!(&t[..4], &[20.0, 30.0, 20.0, 30.0]);
+        let img = DynamicImage::ImageRgb8(img);
+        assert_eq!(&pre.apply(&img)[..4], &[20.0, 30.0, 20.0, 30.0]);
+        let fast = Preprocessing {
+            pipeline: Pipeline::Fast,
+            ..pre
+        };
+        assert_eq!(&fast.apply(&img)[..4], &[20.0, 30.0, 20.0, 30.0]);
     }
 
     #[test]

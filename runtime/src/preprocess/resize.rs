@@ -1,0 +1,153 @@
+//! Decoded image to the crop's 8-bit RGB pixels: resize the shorter side, take the centre.
+//!
+//! Two implementations, chosen by the artifact's [`Pipeline`](super::Pipeline):
+//! - [`reference`]: the `image` crate's resampler over the whole image, then the crop (what
+//!   artifacts recorded before the fast pipeline existed, and still run with);
+//! - [`fast`]: `fast_image_resize` (SIMD convolution: AVX2, SSE4.1 or NEON, chosen at run time)
+//!   straight from the part of the source that lands in the crop to the crop's size, so no pixel
+//!   outside the crop is computed. Same filter, same geometry; the sums are rounded differently.
+
+use std::cell::RefCell;
+
+use fast_image_resize as fir;
+use image::imageops::FilterType;
+use image::{DynamicImage, RgbImage};
+
+use super::ResizeFilter;
+
+/// Size after resizing `w x h` so that its shorter side is `shorter`.
+pub(super) fn resized_dims(w: u32, h: u32, shorter: u32) -> (u32, u32) {
+    let scale = |long: u32, short: u32| {
+        ((long as u64 * shorter as u64 + short as u64 / 2) / short as u64).max(shorter as u64)
+            as u32
+    };
+    if w <= h {
+        (shorter, scale(h, w))
+    } else {
+        (scale(w, h), shorter)
+    }
+}
+
+/// The image as 8-bit RGB, borrowed when it already is.
+fn rgb(image: &DynamicImage) -> std::borrow::Cow<'_, RgbImage> {
+    match image {
+        DynamicImage::ImageRgb8(rgb) => std::borrow::Cow::Borrowed(rgb),
+        other => std::borrow::Cow::Owned(other.to_rgb8()),
+    }
+}
+
+/// The `image` crate's resize of the whole image to `resize_shorter`, then the centre `crop`
+/// (`[height, width]`).
+pub(super) fn reference(
+    image: &DynamicImage,
+    resize_shorter: u32,
+    crop: [u32; 2],
+    filter: ResizeFilter,
+) -> RgbImage {
+    let rgb = rgb(image);
+    let (w, h) = rgb.dimensions();
+    let (rw, rh) = resized_dims(w, h, resize_shorter);
+    let resized = if (rw, rh) == (w, h) {
+        rgb
+    } else {
+        let filter = match filter {
+            ResizeFilter::Nearest => FilterType::Nearest,
+            ResizeFilter::Bilinear => FilterType::Triangle,
+            ResizeFilter::Bicubic => FilterType::CatmullRom,
+        };
+        std::borrow::Cow::Owned(image::imageops::resize(&*rgb, rw, rh, filter))
+    };
+    let [ch, cw] = crop;
+    let left = (rw - cw) / 2;
+    let top = (rh - ch) / 2;
+    image::imageops::crop_imm(&*resized, left, top, cw, ch).to_image()
+}
+
+thread_local! {
+    /// The resizer keeps its scratch buffers between calls on a thread.
+    static RESIZER: RefCell<fir::Resizer> = RefCell::new(fir::Resizer::new());
+}
+
+/// The centre `crop` (`[height, width]`) of the image resized to `resize_shorter`, computed
+/// directly: the crop's rectangle mapped back into the source is resampled to the crop's size.
+pub(super) fn fast(
+    image: &DynamicImage,
+    resize_shorter: u32,
+    crop: [u32; 2],
+    filter: ResizeFilter,
+) -> RgbImage {
+    let rgb = rgb(image);
+    let (w, h) = rgb.dimensions();
+    let (rw, rh) = resized_dims(w, h, resize_shorter);
+    let [ch, cw] = crop;
+    let (left, top) = ((rw - cw) / 2, (rh - ch) / 2);
+    if (rw, rh) == (w, h) {
+        return image::imageops::crop_imm(&*rgb, left, top, cw, ch).to_image();
+    }
+    let (sx, sy) = (w as f64 / rw as f64, h as f64 / rh as f64);
+    let algorithm = match filter {
+        ResizeFilter::Nearest => fir::ResizeAlg::Nearest,
+        ResizeFilter::Bilinear => fir::ResizeAlg::Convolution(fir::FilterType::Bilinear),
+        ResizeFilter::Bicubic => fir::ResizeAlg::Convolution(fir::FilterType::CatmullRom),
+    };
+    let options = fir::ResizeOptions::new().resize_alg(algorithm).crop(
+        left as f64 * sx,
+        top as f64 * sy,
+        cw as f64 * sx,
+        ch as f64 * sy,
+    );
+    let source = fir::images::ImageRef::new(w, h, rgb.as_raw(), fir::PixelType::U8x3)
+        .expect("an RgbImage holds w * h * 3 bytes");
+    let mut out = fir::images::Image::new(cw, ch, fir::PixelType::U8x3);
+    RESIZER
+        .with(|resizer| resizer.borrow_mut().resize(&source, &mut out, &options))
+        .expect("same pixel type, crop inside the source");
+    RgbImage::from_raw(cw, ch, out.into_vec()).expect("cw * ch * 3 bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorter_side_is_resized_keeping_aspect() {
+        assert_eq!(resized_dims(500, 375, 256), (341, 256));
+        assert_eq!(resized_dims(375, 500, 256), (256, 341));
+        assert_eq!(resized_dims(32, 32, 256), (256, 256));
+        assert_eq!(resized_dims(4000, 10, 256), (102_400, 256));
+    }
+
+    /// A smooth picture: both resamplers agree on it within rounding, for every filter, when
+    /// shrinking, enlarging and keeping the size.
+    #[test]
+    fn fast_and_reference_agree_on_a_smooth_image() {
+        for (w, h) in [(500, 375), (128, 128), (300, 700), (256, 300)] {
+            let image = DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
+                let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+                image::Rgb([
+                    (255.0 * fx) as u8,
+                    (255.0 * fy) as u8,
+                    (127.0 + 100.0 * (6.0 * fx).sin() * (4.0 * fy).cos()) as u8,
+                ])
+            }));
+            for filter in [
+                ResizeFilter::Bilinear,
+                ResizeFilter::Bicubic,
+                ResizeFilter::Nearest,
+            ] {
+                let a = reference(&image, 256, [224, 224], filter);
+                let b = fast(&image, 256, [224, 224], filter);
+                assert_eq!(b.dimensions(), (224, 224));
+                let worst = a
+                    .as_raw()
+                    .iter()
+                    .zip(b.as_raw())
+                    .map(|(x, y)| (*x as i32 - *y as i32).abs())
+                    .max()
+                    .unwrap();
+                let limit = if filter == ResizeFilter::Nearest { 12 } else { 3 };
+                assert!(worst <= limit, "{w}x{h} {filter:?}: differ by {worst}");
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Photo to label at camera resolution: graft against Pillow + onnxruntime, one thread.
+# docs/PERFORMANCE.md quotes the output.
+#
+# 1. Makes 12 photos of 4000x3000 (JPEG quality 92) from the first 12 hymenoptera val images
+#    (Pillow, bicubic upscale), and all 153 val images upscaled to 12 megapixels (aspect kept).
+# 2. Compiles the default hymenoptera artifact (f32 and int8; fast preprocessing pipeline).
+# 3. Times, alternately, ROUNDS times:
+#      graft    `graft-run predict --threads 1` on the 12 photos; its own "classified N images in
+#               X s" (read, decode, preprocess, classify; artifact load excluded) and the whole
+#               process wall time (load included)
+#      pillow   Pillow draft decode (libjpeg DCT scaling to >= 256 px) + resize (the artifact's
+#               bilinear, and bicubic) + centre crop + normalise + onnxruntime, one thread
+#               (session creation excluded), on the original Lite0 ONNX (f32) and on onnxruntime's
+#               static int8 model made by scripts/bench_vs_onnxruntime.sh's recipe
+# 4. Top-1 agreement and accuracy of the fast and the reference (full-size decode) pipelines on
+#    the 153 upscaled val photos, same artifact (runtime/examples/pipelines.rs).
+#
+# usage: scripts/photo_to_label.sh [ROUNDS=3] [SHARED=../shared]
+# Installs onnxruntime, onnx, numpy, Pillow and sympy into target/bench-venv (pip), unless
+# BENCH_PYTHON names a Python that has them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+shared=${2:-../shared}
+venv=target/bench-venv
+if [ -n "${BENCH_PYTHON:-}" ]; then
+  python=$BENCH_PYTHON
+else
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q onnxruntime onnx numpy pillow sympy
+  python=$venv/bin/python
+fi
+cargo build --release --quiet -p graft-compiler --bin graft -p graft-runtime --bin graft-run --example pipelines
+graft=./target/release/graft
+graft_run=./target/release/graft-run
+out=target/bench-photos
+backbone=$shared/backbones/efficientnet_lite0.onnx
+data=$shared/datasets/hymenoptera
+mkdir -p "$out"
+
+echo "== machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores," \
+  "$(grep -m1 '^flags' /proc/cpuinfo | grep -ow 'avx2\|avx512f\|avx512_vnni\|avx_vnni' | xargs)"
+"$python" scripts/photo_bench.py make "$data/val" "$out/photos12" 12
+"$python" scripts/photo_bench.py make "$data/val" "$out/val12mp"
+for precision in f32 int8; do
+  [ -f "$out/graft_$precision.graft" ] || "$graft" compile --quiet --backbone "$backbone" --data "$data" \
+    --precision "$precision" --cache-dir "$out/cache" --out "$out/graft_$precision.graft" >/dev/null
+done
+[ -f "$out/ort_int8.onnx" ] || "$python" scripts/ort_bench.py quantize "$backbone" "$data/train" "$out/ort_int8.onnx"
+mapfile -t photos < <(find "$out/photos12" -name '*.jpg' | sort)
+size=$("$python" -c 'import sys; from PIL import Image; print("x".join(map(str, Image.open(sys.argv[1]).size)))' "${photos[0]}")
+echo "== ${#photos[@]} photos of $size"
+
+results=$out/results.txt
+: >"$results"
+for round in $(seq "$rounds"); do
+  for precision in f32 int8; do
+    start=$(date +%s%N)
+    line=$("$graft_run" predict "$out/graft_$precision.graft" "${photos[@]}" --threads 1 2>&1 >/dev/null | grep -o 'in [0-9.]* s' | grep -o '[0-9.]*')
+    end=$(date +%s%N)
+    # seconds (graft's own figure, load excluded), then the process wall time in ms
+    echo "graft_$precision $line $(( (end - start) / 1000000 ))" | tee -a "$results"
+    onnx=$([ "$precision" = f32 ] && echo "$backbone" || echo "$out/ort_int8.onnx")
+    for filter in bilinear bicubic; do
+      ms=$("$python" scripts/photo_bench.py time "$onnx" "$filter" "${photos[@]}" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["ms"])')
+      echo "pillow_${filter}_$precision $ms" | tee -a "$results"
+    done
+  done
+done
+"$python" - "$results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, *values = line.split()
+    rows.setdefault(name, []).append([float(v) for v in values])
+# graft's first value is in seconds, the others in ms
+med = {k: statistics.median(v[0] * (1000 if k.startswith("graft") else 1) for v in vs)
+       for k, vs in rows.items()}
+wall = {k: statistics.median(v[1] for v in vs) for k, vs in rows.items() if len(vs[0]) > 1}
+print("== medians over rounds, 12 photos, one thread (ms for all 12)")
+for p in ("f32", "int8"):
+    g = med[f"graft_{p}"]
+    print(f"{p}: graft {g:.0f} (process wall, load included: {wall[f'graft_{p}']:.0f}); "
+          f"pillow+onnxruntime bilinear {med[f'pillow_bilinear_{p}']:.0f}, bicubic {med[f'pillow_bicubic_{p}']:.0f}; "
+          f"graft / pillow bilinear = {g / med[f'pillow_bilinear_{p}']:.2f}x, "
+          f"/ bicubic = {g / med[f'pillow_bicubic_{p}']:.2f}x, "
+          f"process wall / bilinear = {wall[f'graft_{p}'] / med[f'pillow_bilinear_{p}']:.2f}x")
+PY
+echo "== fast vs reference pipeline, same f32 artifact, 153 val photos at 12 megapixels"
+./target/release/examples/pipelines "$out/graft_f32.graft" "$out/val12mp"
+echo "== the same on the original val images"
+./target/release/examples/pipelines "$out/graft_f32.graft" "$data/val"
