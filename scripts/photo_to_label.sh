@@ -91,3 +91,11 @@ echo "== fast vs reference pipeline, same f32 artifact, 153 val photos at 12 meg
 ./target/release/examples/pipelines "$out/graft_f32.graft" "$out/val12mp"
 echo "== the same on the original val images"
 ./target/release/examples/pipelines "$out/graft_f32.graft" "$data/val"
+echo "== feature extraction (2 threads, no cache) and validation accuracy, reference vs fast pipeline"
+for dataset in hymenoptera flowers5; do
+  for pipeline in reference fast; do
+    "$graft" compile --backbone "$backbone" --data "$shared/datasets/$dataset" --pipeline "$pipeline" \
+      --no-cache --out "$out/${dataset}_$pipeline.graft" 2>&1 \
+      | grep -E '^(features|validation accuracy)' | sed "s/^/$dataset $pipeline: /"
+  done
+done

@@ -618,6 +618,12 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "unknown preprocessing pipeline",
+        build: |dir| {
+            fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--pipeline", &"turbo"]), Expect::Error("error: invalid value 'turbo' for '--pipeline <PIPELINE>': unknown preprocessing pipeline \"turbo\": expected fast or reference".into()))
+        },
+    },
+    Case {
         name: "unknown weight storage",
         build: |dir| {
             fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--weights", &"int4"]), Expect::ErrorPrefix("error: invalid value 'int4' for '--weights <WEIGHTS>': unknown weight storage \"int4\": expected f32, f16 or int8".into()))

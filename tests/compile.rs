@@ -278,6 +278,60 @@ fn bench_reports_batch_latency_and_throughput() {
     for key in ["load_ms", "first_inference_ms", "throughput", "size_bytes"] {
         assert!(doc[key].as_f64().unwrap() > 0.0, "{key}: {doc}");
     }
+    assert!(doc["decode"].is_null(), "no files, no decoding time: {doc}");
+    let photo = fixtures().join("hymenoptera-mini/val/ants/11381045_b352a47d8c.jpg");
+    let doc = json(
+        &run(
+            graft_run().as_path(),
+            args!["bench", c.artifact, photo, "--iterations", "4", "--json"],
+        )
+        .expect_code(0)
+        .stdout,
+    );
+    assert_eq!(doc["decode"]["runs"], 4, "{doc}");
+    assert!(doc["decode"]["p50"].as_f64().unwrap() > 0.0, "{doc}");
+}
+
+/// A 12-megapixel photo: the fast pipeline decodes it at 1/8 scale and classifies it as the
+/// full-size reference pipeline does, through the same artifact.
+#[test]
+fn fast_and_reference_pipelines_agree_on_a_12_megapixel_photo() {
+    use graft_runtime::preprocess::{decode_image, Pipeline, Preprocessing};
+    let c = compiled();
+    let model = graft_runtime::Model::load(&c.artifact).unwrap();
+    let fast = model.manifest().preprocessing.clone();
+    assert_eq!(fast.pipeline, Pipeline::Fast);
+    let reference = Preprocessing {
+        pipeline: Pipeline::Reference,
+        ..fast.clone()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (i, name) in ["ants/11381045_b352a47d8c.jpg", "bees/1181173278_23c36fac71.jpg"]
+        .iter()
+        .enumerate()
+    {
+        let source = decode_image(
+            &std::fs::read(fixtures().join("hymenoptera-mini/val").join(name)).unwrap(),
+            Path::new(name),
+        )
+        .unwrap();
+        let big = source.resize_exact(4000, 3000, image::imageops::FilterType::Triangle);
+        let photo = dir.path().join(format!("photo{i}.jpg"));
+        big.to_rgb8().save(&photo).unwrap();
+        let small = fast.load(&photo).unwrap();
+        assert_eq!((small.width(), small.height()), (500, 375), "1/8 scale");
+        let full = reference.load(&photo).unwrap();
+        assert_eq!((full.width(), full.height()), (4000, 3000));
+        let a = model.classify_tensor(&fast.apply(&small)).unwrap();
+        let b = model.classify_tensor(&reference.apply(&full)).unwrap();
+        assert_eq!(a.top1(), b.top1(), "{name}");
+        let worst = a
+            .probabilities
+            .iter()
+            .zip(&b.probabilities)
+            .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+        assert!(worst < 0.1, "{name}: probabilities differ by {worst}");
+    }
 }
 
 #[test]
@@ -332,6 +386,7 @@ fn inspect_shows_labels_preprocessing_provenance_and_metrics() {
     assert_eq!(m["labels"], serde_json::json!(["ants", "bees"]));
     assert_eq!(m["preprocessing"]["normalization"]["name"], "tf");
     assert_eq!(m["preprocessing"]["crop"], serde_json::json!([224, 224]));
+    assert_eq!(m["preprocessing"]["pipeline"], "fast-v1");
     assert_eq!(
         m["backbone"]["sha256"],
         "cf70b3573f4a1349ccf3ba43e6e3417fa72a0e3dd26011aef06a707f9cfd8593"
@@ -351,6 +406,7 @@ fn inspect_shows_labels_preprocessing_provenance_and_metrics() {
         "labels      2 classes: ants, bees",
         "cut at \"features\"",
         "normalize tf",
+        "pipeline fast (reduced-scale JPEG decode, SIMD resize)",
     ] {
         assert!(
             text.stdout.contains(needle),

@@ -172,11 +172,11 @@ pub fn predict(
     })
 }
 
-/// `classified 72 images in 2.10 s: 34.3 images/s (2 threads, batches of 32)`.
+/// `classified 72 images in 2.104 s: 34.3 images/s (2 threads, batches of 32)`.
 fn throughput_line(images: usize, seconds: f64, threads: usize, batch: u32) -> String {
     let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
     format!(
-        "classified {} in {seconds:.2} s: {:.1} images/s ({}, batches of {batch})",
+        "classified {} in {seconds:.3} s: {:.1} images/s ({}, batches of {batch})",
         plural(images, "image"),
         images as f64 / seconds.max(1e-9),
         plural(threads, "thread"),

@@ -542,6 +542,41 @@ mod tests {
     }
 
     #[test]
+    fn preprocessing_recorded_without_a_pipeline_keeps_the_reference_one() {
+        let old = r#"{"resize_shorter": 256, "crop": [224, 224], "filter": "bilinear",
+            "channel_order": "rgb",
+            "normalization": {"name": "tf", "mean": [127, 127, 127], "std": [128, 128, 128]}}"#;
+        let old: Preprocessing = serde_json::from_str(old).unwrap();
+        assert_eq!(old.pipeline, Pipeline::Reference);
+        let new = Preprocessing::for_input(224, 224, Normalization::tf());
+        assert_eq!(serde_json::to_value(&new).unwrap()["pipeline"], "fast-v1");
+        assert_eq!(
+            Preprocessing {
+                pipeline: Pipeline::Fast,
+                ..old.clone()
+            },
+            new
+        );
+        // The reference pipeline decodes a large JPEG whole and resamples it with the `image`
+        // crate; the fast one decodes it at 1/2 scale (1/4 would leave 250 < 256 rows).
+        let mut jpeg = Vec::new();
+        DynamicImage::ImageRgb8(RgbImage::from_fn(1200, 1000, |x, y| {
+            image::Rgb([(x / 5) as u8, (y / 4) as u8, 60])
+        }))
+        .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+        let path = Path::new("photo.jpg");
+        let full = old.decode(&jpeg, path).unwrap();
+        assert_eq!((full.width(), full.height()), (1200, 1000));
+        assert_eq!(
+            old.apply(&full),
+            old.apply(&decode_image(&jpeg, path).unwrap())
+        );
+        let small = new.decode(&jpeg, path).unwrap();
+        assert_eq!((small.width(), small.height()), (600, 500));
+    }
+
+    #[test]
     fn validate_rejects_crop_larger_than_resize() {
         let mut pre = Preprocessing::for_input(224, 224, Normalization::tf());
         assert!(pre.validate().is_ok());
