@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use graft_runtime::artifact::{EpochRecord, Manifest};
 use graft_runtime::eval::{ClassStats, Evaluation};
-use graft_runtime::preprocess::load_image;
+use graft_runtime::preprocess::decode_at_least;
 use serde::Serialize;
 
 use crate::error::{CompileError, Result};
@@ -368,9 +368,14 @@ pub fn measure_latency(model: &graft_runtime::Model, runs: usize) -> Result<Late
     })
 }
 
-/// A 128-pixel JPEG thumbnail of the image file, base64-encoded.
+/// A 128-pixel JPEG thumbnail of the image file, base64-encoded (a large JPEG is decoded at the
+/// reduced scale that still has 128 pixels on its shorter side).
 fn thumbnail(path: &Path) -> Option<String> {
-    let image = load_image(path).ok()?.thumbnail(128, 128).to_rgb8();
+    let bytes = std::fs::read(path).ok()?;
+    let image = decode_at_least(&bytes, path, 128)
+        .ok()?
+        .thumbnail(128, 128)
+        .to_rgb8();
     let mut bytes = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut bytes), 80)
         .encode_image(&image)
