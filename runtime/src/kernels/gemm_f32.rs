@@ -173,7 +173,8 @@ pub fn matmul(a: &PackedWeights, b: &impl Panels<f32>, c: &mut [f32], epilogue: 
         for n0 in (0..n).step_by(nr) {
             let width = nr.min(n - n0);
             b.pack(n0, width, nr, panel);
-            for block in 0..m.div_ceil(mr) {
+            let step = blocks_per_tile(a.level, width);
+            for block in (0..m.div_ceil(mr)).step_by(step) {
                 let m0 = block * mr;
                 let offset = m0 * n + n0;
                 let tile = Tile {
@@ -184,7 +185,7 @@ pub fn matmul(a: &PackedWeights, b: &impl Panels<f32>, c: &mut [f32], epilogue: 
                     // touches rows m0..m0 + rows and columns n0..n0 + width only.
                     c: unsafe { c.as_mut_ptr().add(offset) },
                     ldc: n,
-                    rows: mr.min(m - m0),
+                    rows: (step * mr).min(m - m0),
                     width,
                     bias: epilogue.bias[m0..].as_ptr(),
                     residual: epilogue
@@ -193,12 +194,30 @@ pub fn matmul(a: &PackedWeights, b: &impl Panels<f32>, c: &mut [f32], epilogue: 
                     before: epilogue.before,
                     after: epilogue.after,
                 };
-                // SAFETY: the level is supported (asserted above), the packed block holds
-                // `k * mr` values, the panel `k * nr`.
+                // SAFETY: the level is supported (asserted above), each packed block holds
+                // `k * mr` values (`rows` covers whole blocks but the last), the panel `k * nr`.
                 unsafe { run_tile(a.level, &tile) };
             }
         }
     });
+}
+
+/// Blocks of A the narrow kernel takes at once.
+const GROUP: usize = 4;
+
+/// Columns at most that the AVX-512 level computes with its narrow kernel (vectorised along the
+/// rows), which takes up to four blocks of A (32 rows) at once: below 8 columns a 16-lane vector
+/// of B wastes most of its lanes and the 8 x 48 tile's broadcasts of A make it load-bound (the 49
+/// pixels of a 7x7 map leave one column past 48, which cost as much as a quarter of the layer).
+const NARROW: usize = 6;
+
+/// Blocks of `MR` rows in one micro-kernel call.
+fn blocks_per_tile(level: Level, width: usize) -> usize {
+    if level == Level::Avx512 && width <= NARROW {
+        GROUP
+    } else {
+        1
+    }
 }
 
 unsafe fn run_tile(level: Level, tile: &Tile) {
@@ -253,14 +272,60 @@ unsafe fn tile_portable(t: &Tile) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{Tile, NARROW};
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     pub(super) unsafe fn tile_avx512(t: &Tile) {
-        match t.width.div_ceil(16) {
-            3 => avx512::<3>(t),
-            2 => avx512::<2>(t),
-            _ => avx512::<1>(t),
+        match t.width {
+            1..=NARROW => narrow(t),
+            _ => match t.width.div_ceil(16) {
+                3 => avx512::<3>(t),
+                2 => avx512::<2>(t),
+                _ => avx512::<1>(t),
+            },
+        }
+    }
+
+    /// A tile of at most [`NARROW`] columns and up to four blocks of A, vectorised along the
+    /// rows: per `k`, one load of each block's packed A column (8 rows, one AVX register) and one
+    /// broadcast of B per column, each pair feeding one multiply-add. Four blocks keep four
+    /// independent chains of multiply-adds per column in flight (one would wait on the FMA
+    /// latency). The sums run in the same order as in [`avx512`] (products in `k` order, fused,
+    /// then the bias), so the results are identical.
+    #[inline(always)]
+    unsafe fn narrow(t: &Tile) {
+        const MR: usize = 8;
+        const NR: usize = 48;
+        const BLOCKS: usize = 4;
+        let blocks = t.rows.div_ceil(MR);
+        let mut acc = [[_mm256_setzero_ps(); BLOCKS]; NARROW];
+        let mut b = t.b;
+        for kk in 0..t.k {
+            let mut columns = [_mm256_setzero_ps(); BLOCKS];
+            for (g, column) in columns.iter_mut().enumerate().take(blocks) {
+                *column = _mm256_loadu_ps(t.a.add((g * t.k + kk) * MR));
+            }
+            for (j, sums) in acc.iter_mut().enumerate().take(t.width) {
+                let x = _mm256_set1_ps(*b.add(j));
+                for (sum, column) in sums.iter_mut().zip(&columns) {
+                    *sum = _mm256_fmadd_ps(*column, x, *sum);
+                }
+            }
+            b = b.add(NR);
+        }
+        let mut sums = [[0f32; MR * BLOCKS]; NARROW];
+        for (column, out) in acc.iter().zip(sums.iter_mut()) {
+            for (g, sum) in column.iter().enumerate() {
+                _mm256_storeu_ps(out[g * MR..].as_mut_ptr(), *sum);
+            }
+        }
+        for r in 0..t.rows {
+            let bias = *t.bias.add(r);
+            for (j, column) in sums.iter().enumerate().take(t.width) {
+                let at = r * t.ldc + j;
+                let residual = (!t.residual.is_null()).then(|| *t.residual.add(at));
+                *t.c.add(at) = super::finish(column[r] + bias, residual, t.before, t.after);
+            }
         }
     }
 
@@ -402,6 +467,8 @@ mod tests {
                 (6, 5, 17),
                 (40, 33, 100),
                 (9, 3, 47),
+                (70, 20, 53),
+                (33, 9, 6),
             ] {
                 let (a, b) = (values(m * k, 1), values(k * n, 2));
                 let bias = values(m, 3);
