@@ -110,6 +110,7 @@ mod x86 {
                 padded: padded.as_ptr(),
                 weights: weights.as_ptr(),
                 kernel: [kh, kw],
+                stride: sw,
                 pw,
                 bias,
                 low,
@@ -159,18 +160,10 @@ mod x86 {
                 }
                 for r in 0..rows_out {
                     let start = r * sh * pw;
-                    let mut ox = 0;
-                    while ox + 8 <= ow {
-                        block.pixels::<8>(start + ox * sw, sw, results.as_mut_ptr().add(ox * 16));
-                        ox += 8;
-                    }
-                    while ox + 4 <= ow {
-                        block.pixels::<4>(start + ox * sw, sw, results.as_mut_ptr().add(ox * 16));
-                        ox += 4;
-                    }
-                    while ox < ow {
-                        block.pixels::<1>(start + ox * sw, sw, results.as_mut_ptr().add(ox * 16));
-                        ox += 1;
+                    match sw {
+                        1 => block.row::<1>(start, ow, results.as_mut_ptr()),
+                        2 => block.row::<2>(start, ow, results.as_mut_ptr()),
+                        _ => block.row::<0>(start, ow, results.as_mut_ptr()),
                     }
                     // Transpose the output row back into the planes.
                     let oy = oy0 + r;
@@ -225,6 +218,8 @@ mod x86 {
         padded: *const f32,
         weights: *const f32,
         kernel: [usize; 2],
+        /// The horizontal stride.
+        stride: usize,
         pw: usize,
         bias: __m512,
         low: __m512,
@@ -232,18 +227,40 @@ mod x86 {
     }
 
     impl Block {
-        /// `N` outputs whose first tap reads padded pixel `start`, the next ones `stride`
-        /// pixels further, stored 16 floats apart from `out`.
+        /// One output row of `ow` pixels whose first tap reads padded pixel `start`, stored 16
+        /// floats apart from `out`; `S` is the horizontal stride (0: read from `self.stride`).
         #[inline(always)]
-        unsafe fn pixels<const N: usize>(&self, start: usize, stride: usize, out: *mut f32) {
+        unsafe fn row<const S: usize>(&self, start: usize, ow: usize, out: *mut f32) {
+            let mut ox = 0;
+            while ox + 8 <= ow {
+                self.pixels::<8, S>(start + ox * self.stride, out.add(ox * 16));
+                ox += 8;
+            }
+            while ox + 4 <= ow {
+                self.pixels::<4, S>(start + ox * self.stride, out.add(ox * 16));
+                ox += 4;
+            }
+            while ox < ow {
+                self.pixels::<1, S>(start + ox * self.stride, out.add(ox * 16));
+                ox += 1;
+            }
+        }
+
+        /// `N` outputs whose first tap reads padded pixel `start`, the next ones `S` (or
+        /// `self.stride` when `S` is 0) pixels further, stored 16 floats apart from `out`. With
+        /// the stride a constant, each load's address is a constant offset from one pointer.
+        #[inline(always)]
+        unsafe fn pixels<const N: usize, const S: usize>(&self, start: usize, out: *mut f32) {
             let [kh, kw] = self.kernel;
+            let step = if S == 0 { self.stride } else { S } * 16;
             let mut acc = [self.bias; N];
             for ky in 0..kh {
-                let row = start + ky * self.pw;
+                let row = self.padded.add((start + ky * self.pw) * 16);
                 for kx in 0..kw {
                     let w = _mm512_loadu_ps(self.weights.add((ky * kw + kx) * 16));
+                    let first = row.add(kx * 16);
                     for (i, acc) in acc.iter_mut().enumerate() {
-                        let x = _mm512_loadu_ps(self.padded.add((row + kx + i * stride) * 16));
+                        let x = _mm512_loadu_ps(first.add(i * step));
                         *acc = _mm512_fmadd_ps(w, x, *acc);
                     }
                 }
