@@ -238,38 +238,58 @@ impl DepthwiseConv {
                 tap.1 = w;
             }
             accumulate::<FMA, LANES>(&mut accumulator, self.bias[channel], &taps, &planes);
-            // The first `ow` columns of each accumulator row, clamped.
-            let finish = |plane: &mut [f32]| {
-                let rows = accumulator.chunks_exact(phase_width);
-                match collapsed {
-                    // One clamp (ReLU6): applied while the rows are copied out.
-                    Some([low, high]) => {
-                        for (out_row, row) in plane.chunks_exact_mut(ow).zip(rows) {
-                            for (out, &v) in out_row.iter_mut().zip(&row[..ow]) {
-                                *out = v.max(low).min(high);
-                            }
-                        }
-                    }
-                    None => {
-                        for (out_row, row) in plane.chunks_exact_mut(ow).zip(rows) {
-                            out_row.copy_from_slice(&row[..ow]);
-                        }
-                        for [low, high] in &self.clamp {
-                            plane.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
-                        }
-                    }
-                }
+            // The first `ow` columns of each accumulator row, clamped (a function, not a
+            // closure: a closure is compiled without the caller's target features).
+            let rows = Rows {
+                values: &accumulator,
+                width: phase_width,
+                used: ow,
             };
             let planes_out = channel * oh * ow..(channel + 1) * oh * ow;
             match &mut output {
-                Sink::F32(values) => finish(&mut values[planes_out]),
+                Sink::F32(values) => rows.finish(collapsed, &self.clamp, &mut values[planes_out]),
                 Sink::Int8 {
                     values,
                     zero_point,
                     scale,
                 } => {
-                    finish(&mut results);
+                    rows.finish(collapsed, &self.clamp, &mut results);
                     quantize_portable(&results, &mut values[planes_out], *zero_point, *scale);
+                }
+            }
+        }
+    }
+}
+
+/// The accumulator of one channel: rows of `width` values, the first `used` of each an output.
+struct Rows<'a> {
+    values: &'a [f32],
+    width: usize,
+    used: usize,
+}
+
+impl Rows<'_> {
+    /// Copies the outputs into `plane`, clamped by `collapsed` (the clamps as one) or else by
+    /// each of `clamp` in turn.
+    #[inline(always)]
+    fn finish(&self, collapsed: Option<[f32; 2]>, clamp: &[[f32; 2]], plane: &mut [f32]) {
+        let rows = self.values.chunks_exact(self.width);
+        let outputs = plane.chunks_exact_mut(self.used);
+        match collapsed {
+            // One clamp (ReLU6): applied while the rows are copied out.
+            Some([low, high]) => {
+                for (out_row, row) in outputs.zip(rows) {
+                    for (out, &v) in out_row.iter_mut().zip(&row[..self.used]) {
+                        *out = v.max(low).min(high);
+                    }
+                }
+            }
+            None => {
+                for (out_row, row) in outputs.zip(rows) {
+                    out_row.copy_from_slice(&row[..self.used]);
+                }
+                for [low, high] in clamp {
+                    plane.iter_mut().for_each(|v| *v = v.max(*low).min(*high));
                 }
             }
         }
