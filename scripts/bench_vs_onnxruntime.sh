@@ -20,14 +20,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-200}
 rounds=${2:-3}
 shared=${3:-../shared}
-venv=target/bench-venv
-if [ -n "${BENCH_PYTHON:-}" ]; then
-  python=$BENCH_PYTHON
-else
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q onnxruntime onnx numpy pillow sympy
-  python=$venv/bin/python
-fi
+source scripts/bench_python.sh
 cargo build --release --quiet -p graft-compiler --bin graft -p graft-runtime --bin graft-run
 graft=./target/release/graft
 graft_run=./target/release/graft-run

@@ -27,14 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 shared=${2:-../shared}
-venv=target/bench-venv
-if [ -n "${BENCH_PYTHON:-}" ]; then
-  python=$BENCH_PYTHON
-else
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q onnxruntime onnx numpy pillow sympy
-  python=$venv/bin/python
-fi
+source scripts/bench_python.sh
 cargo build --release --quiet -p graft-compiler --bin graft -p graft-runtime --bin graft-run --example pipelines
 graft=./target/release/graft
 graft_run=./target/release/graft-run

@@ -36,6 +36,47 @@ fn rgb(image: &DynamicImage) -> std::borrow::Cow<'_, RgbImage> {
     }
 }
 
+/// Where the crop lies: a `w x h` image resized to `rw x rh`, its centre `cw x ch` taken from
+/// `(left, top)` of the resized image.
+struct Geometry {
+    w: u32,
+    h: u32,
+    rw: u32,
+    rh: u32,
+    left: u32,
+    top: u32,
+    cw: u32,
+    ch: u32,
+}
+
+impl Geometry {
+    fn new(image: &RgbImage, resize_shorter: u32, [ch, cw]: [u32; 2]) -> Geometry {
+        let (w, h) = image.dimensions();
+        let (rw, rh) = resized_dims(w, h, resize_shorter);
+        let (left, top) = ((rw - cw) / 2, (rh - ch) / 2);
+        Geometry {
+            w,
+            h,
+            rw,
+            rh,
+            left,
+            top,
+            cw,
+            ch,
+        }
+    }
+
+    /// Whether the resize keeps the size (only the crop is left).
+    fn same_size(&self) -> bool {
+        (self.rw, self.rh) == (self.w, self.h)
+    }
+
+    /// The crop of `image` (already at the resized size).
+    fn crop(&self, image: &RgbImage) -> RgbImage {
+        image::imageops::crop_imm(image, self.left, self.top, self.cw, self.ch).to_image()
+    }
+}
+
 /// The `image` crate's resize of the whole image to `resize_shorter`, then the centre `crop`
 /// (`[height, width]`).
 pub(super) fn reference(
@@ -45,22 +86,16 @@ pub(super) fn reference(
     filter: ResizeFilter,
 ) -> RgbImage {
     let rgb = rgb(image);
-    let (w, h) = rgb.dimensions();
-    let (rw, rh) = resized_dims(w, h, resize_shorter);
-    let resized = if (rw, rh) == (w, h) {
-        rgb
-    } else {
-        let filter = match filter {
-            ResizeFilter::Nearest => FilterType::Nearest,
-            ResizeFilter::Bilinear => FilterType::Triangle,
-            ResizeFilter::Bicubic => FilterType::CatmullRom,
-        };
-        std::borrow::Cow::Owned(image::imageops::resize(&*rgb, rw, rh, filter))
+    let g = Geometry::new(&rgb, resize_shorter, crop);
+    if g.same_size() {
+        return g.crop(&rgb);
+    }
+    let filter = match filter {
+        ResizeFilter::Nearest => FilterType::Nearest,
+        ResizeFilter::Bilinear => FilterType::Triangle,
+        ResizeFilter::Bicubic => FilterType::CatmullRom,
     };
-    let [ch, cw] = crop;
-    let left = (rw - cw) / 2;
-    let top = (rh - ch) / 2;
-    image::imageops::crop_imm(&*resized, left, top, cw, ch).to_image()
+    g.crop(&image::imageops::resize(&*rgb, g.rw, g.rh, filter))
 }
 
 thread_local! {
@@ -77,32 +112,29 @@ pub(super) fn fast(
     filter: ResizeFilter,
 ) -> RgbImage {
     let rgb = rgb(image);
-    let (w, h) = rgb.dimensions();
-    let (rw, rh) = resized_dims(w, h, resize_shorter);
-    let [ch, cw] = crop;
-    let (left, top) = ((rw - cw) / 2, (rh - ch) / 2);
-    if (rw, rh) == (w, h) {
-        return image::imageops::crop_imm(&*rgb, left, top, cw, ch).to_image();
+    let g = Geometry::new(&rgb, resize_shorter, crop);
+    if g.same_size() {
+        return g.crop(&rgb);
     }
-    let (sx, sy) = (w as f64 / rw as f64, h as f64 / rh as f64);
+    let (sx, sy) = (g.w as f64 / g.rw as f64, g.h as f64 / g.rh as f64);
     let algorithm = match filter {
         ResizeFilter::Nearest => fir::ResizeAlg::Nearest,
         ResizeFilter::Bilinear => fir::ResizeAlg::Convolution(fir::FilterType::Bilinear),
         ResizeFilter::Bicubic => fir::ResizeAlg::Convolution(fir::FilterType::CatmullRom),
     };
     let options = fir::ResizeOptions::new().resize_alg(algorithm).crop(
-        left as f64 * sx,
-        top as f64 * sy,
-        cw as f64 * sx,
-        ch as f64 * sy,
+        g.left as f64 * sx,
+        g.top as f64 * sy,
+        g.cw as f64 * sx,
+        g.ch as f64 * sy,
     );
-    let source = fir::images::ImageRef::new(w, h, rgb.as_raw(), fir::PixelType::U8x3)
+    let source = fir::images::ImageRef::new(g.w, g.h, rgb.as_raw(), fir::PixelType::U8x3)
         .expect("an RgbImage holds w * h * 3 bytes");
-    let mut out = fir::images::Image::new(cw, ch, fir::PixelType::U8x3);
+    let mut out = fir::images::Image::new(g.cw, g.ch, fir::PixelType::U8x3);
     RESIZER
         .with(|resizer| resizer.borrow_mut().resize(&source, &mut out, &options))
         .expect("same pixel type, crop inside the source");
-    RgbImage::from_raw(cw, ch, out.into_vec()).expect("cw * ch * 3 bytes")
+    RgbImage::from_raw(g.cw, g.ch, out.into_vec()).expect("cw * ch * 3 bytes")
 }
 
 #[cfg(test)]
