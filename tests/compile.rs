@@ -306,9 +306,12 @@ fn fast_and_reference_pipelines_agree_on_a_12_megapixel_photo() {
         ..fast.clone()
     };
     let dir = tempfile::tempdir().unwrap();
-    for (i, name) in ["ants/11381045_b352a47d8c.jpg", "bees/1181173278_23c36fac71.jpg"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "ants/11381045_b352a47d8c.jpg",
+        "bees/1181173278_23c36fac71.jpg",
+    ]
+    .iter()
+    .enumerate()
     {
         let source = decode_image(
             &std::fs::read(fixtures().join("hymenoptera-mini/val").join(name)).unwrap(),

@@ -538,8 +538,20 @@ pub fn finetune(
         Ok(x)
     };
 
-    let train_images = decode_all(train, preprocessing, threads, progress, "decoding training images");
-    let val_images = decode_all(val, preprocessing, threads, progress, "decoding validation images");
+    let train_images = decode_all(
+        train,
+        preprocessing,
+        threads,
+        progress,
+        "decoding training images",
+    );
+    let val_images = decode_all(
+        val,
+        preprocessing,
+        threads,
+        progress,
+        "decoding validation images",
+    );
     if train_images.images.is_empty() || val_images.images.is_empty() {
         return Err(CompileError::NotEnoughData(
             "fine-tuning needs decodable training and validation images".into(),

@@ -60,8 +60,14 @@ fn main() {
         let a = classify(&model, &reference, path);
         let b = classify(&model, &fast, path);
         agree += usize::from(a.0 == b.0);
-        worst = a.1.iter().zip(&b.1).fold(worst, |w, (x, y)| w.max((x - y).abs()));
-        let class = path.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str());
+        worst =
+            a.1.iter()
+                .zip(&b.1)
+                .fold(worst, |w, (x, y)| w.max((x - y).abs()));
+        let class = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str());
         if let Some(truth) = labels.iter().position(|l| Some(l.as_str()) == class) {
             labelled += 1;
             right[0] += usize::from(a.0 == truth);

@@ -70,9 +70,7 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(Orientation::NoTransforms);
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let (w, h) = decoder.dimensions();
     check_size(w as u64, h as u64, path)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
@@ -162,23 +160,30 @@ fn scale_eighths(w: u32, h: u32, shorter: u32) -> u8 {
 /// the panic hook) and decodes a truncated file with its missing rows gray, as it does for Pillow.
 fn decode_jpeg(bytes: &[u8], path: &Path, frame: Frame, shorter: u32) -> Result<DynamicImage> {
     check_size(frame.width as u64, frame.height as u64, path)?;
-    let decoded = catch_unwind(AssertUnwindSafe(|| -> std::io::Result<(RgbImage, Orientation)> {
-        let mut jpeg = mozjpeg::Decompress::with_markers(&[mozjpeg::Marker::APP(1)]).from_mem(bytes)?;
-        let (w, h) = jpeg.size();
-        jpeg.scale(scale_eighths(w as u32, h as u32, shorter));
-        let orientation = jpeg
-            .markers()
-            .find_map(|m| m.data.strip_prefix(b"Exif\0\0").and_then(Orientation::from_exif_chunk))
-            .unwrap_or(Orientation::NoTransforms);
-        let mut rgb = jpeg.rgb()?;
-        let (w, h) = (rgb.width() as u32, rgb.height() as u32);
-        let pixels: Vec<u8> = rgb.read_scanlines()?;
-        rgb.finish()?;
-        let image = RgbImage::from_raw(w, h, pixels).ok_or_else(|| {
-            std::io::Error::other(format!("libjpeg returned too few pixels for {w}x{h}"))
-        })?;
-        Ok((image, orientation))
-    }));
+    let decoded = catch_unwind(AssertUnwindSafe(
+        || -> std::io::Result<(RgbImage, Orientation)> {
+            let mut jpeg =
+                mozjpeg::Decompress::with_markers(&[mozjpeg::Marker::APP(1)]).from_mem(bytes)?;
+            let (w, h) = jpeg.size();
+            jpeg.scale(scale_eighths(w as u32, h as u32, shorter));
+            let orientation = jpeg
+                .markers()
+                .find_map(|m| {
+                    m.data
+                        .strip_prefix(b"Exif\0\0")
+                        .and_then(Orientation::from_exif_chunk)
+                })
+                .unwrap_or(Orientation::NoTransforms);
+            let mut rgb = jpeg.rgb()?;
+            let (w, h) = (rgb.width() as u32, rgb.height() as u32);
+            let pixels: Vec<u8> = rgb.read_scanlines()?;
+            rgb.finish()?;
+            let image = RgbImage::from_raw(w, h, pixels).ok_or_else(|| {
+                std::io::Error::other(format!("libjpeg returned too few pixels for {w}x{h}"))
+            })?;
+            Ok((image, orientation))
+        },
+    ));
     let (image, orientation) = match decoded {
         Ok(Ok(decoded)) => decoded,
         Ok(Err(e)) => return Err(failure(path, e.to_string())),
@@ -243,7 +248,11 @@ mod tests {
         assert!(sequential_jpeg(&read("gray.jpg")).is_some());
         assert_eq!(sequential_jpeg(&read("rgba.png")), None);
         assert_eq!(sequential_jpeg(b"\xFF\xD8\xFF"), None, "cut in a marker");
-        assert_eq!(sequential_jpeg(b"\xFF\xD8\xFF\xE0\xFF\xFF"), None, "overlong segment");
+        assert_eq!(
+            sequential_jpeg(b"\xFF\xD8\xFF\xE0\xFF\xFF"),
+            None,
+            "overlong segment"
+        );
     }
 
     #[test]
@@ -251,7 +260,11 @@ mod tests {
         let bytes = jpeg(1600, 1200, 92, None);
         let path = Path::new("big.jpg");
         let small = decode_at_least(&bytes, path, 256).unwrap();
-        assert_eq!((small.width(), small.height()), (400, 300), "1/4 of the size");
+        assert_eq!(
+            (small.width(), small.height()),
+            (400, 300),
+            "1/4 of the size"
+        );
         let full = decode_at_least(&bytes, path, 1200).unwrap();
         assert_eq!((full.width(), full.height()), (1600, 1200));
         // The reduced decode is the full image averaged over 4x4 blocks, within JPEG's error.
@@ -263,7 +276,10 @@ mod tests {
                     .sum();
                 let want = block as i32 / 16;
                 let got = small.get_pixel(x, y).0[c] as i32;
-                assert!((got - want).abs() <= 6, "({x}, {y}) channel {c}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 6,
+                    "({x}, {y}) channel {c}: {got} vs {want}"
+                );
             }
         }
     }

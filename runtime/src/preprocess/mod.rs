@@ -9,7 +9,7 @@
 //! centre to `crop`, reorder channels, normalise `(pixel - mean) / std` per channel (pixel in
 //! 0..=255), lay out as NCHW. How the decode and the resize are done is the [`Pipeline`], recorded
 //! with the parameters: [`Pipeline::Fast`] decodes large JPEGs at reduced DCT scale and resamples
-//! only the crop with SIMD ([`decode`], [`resize`]); [`Pipeline::Reference`] is the full-size path
+//! only the crop with SIMD (`decode.rs`, `resize.rs`); [`Pipeline::Reference`] is the full-size path
 //! that artifacts written before it still record, and still get.
 
 mod decode;
@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub use decode::{decode_at_least, decode_image, load_image, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, MAX_PIXELS};
+pub use decode::{
+    decode_at_least, decode_image, load_image, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, MAX_PIXELS,
+};
 
 /// How an image becomes the model's input tensor; recorded in every artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

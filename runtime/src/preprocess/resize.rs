@@ -1,9 +1,9 @@
 //! Decoded image to the crop's 8-bit RGB pixels: resize the shorter side, take the centre.
 //!
 //! Two implementations, chosen by the artifact's [`Pipeline`](super::Pipeline):
-//! - [`reference`]: the `image` crate's resampler over the whole image, then the crop (what
+//! - [`reference()`], the `image` crate's resampler over the whole image, then the crop (what
 //!   artifacts recorded before the fast pipeline existed, and still run with);
-//! - [`fast`]: `fast_image_resize` (SIMD convolution: AVX2, SSE4.1 or NEON, chosen at run time)
+//! - [`fast()`], `fast_image_resize` (SIMD convolution: AVX2, SSE4.1 or NEON, chosen at run time)
 //!   straight from the part of the source that lands in the crop to the crop's size, so no pixel
 //!   outside the crop is computed. Same filter, same geometry; the sums are rounded differently.
 
@@ -177,7 +177,11 @@ mod tests {
                     .map(|(x, y)| (*x as i32 - *y as i32).abs())
                     .max()
                     .unwrap();
-                let limit = if filter == ResizeFilter::Nearest { 12 } else { 3 };
+                let limit = if filter == ResizeFilter::Nearest {
+                    12
+                } else {
+                    3
+                };
                 assert!(worst <= limit, "{w}x{h} {filter:?}: differ by {worst}");
             }
         }
