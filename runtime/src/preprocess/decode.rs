@@ -316,6 +316,46 @@ mod tests {
         assert!(err.starts_with("x.jpg: cannot decode image: "), "{err}");
     }
 
+    /// Seeded mutations of a JPEG (bytes overwritten, runs deleted, cut short) through the
+    /// reduced-scale path: each decodes or is an error, never a panic or an abort.
+    #[test]
+    fn mutated_jpegs_decode_or_fail_cleanly() {
+        let good = jpeg(320, 240, 85, None);
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        let (mut decoded, mut failed) = (0, 0);
+        for _ in 0..400 {
+            let mut bytes = good.clone();
+            for _ in 0..1 + next(8) {
+                let at = next(bytes.len());
+                match next(3) {
+                    0 => bytes[at] = next(256) as u8,
+                    1 => {
+                        let end = (at + 1 + next(64)).min(bytes.len());
+                        bytes.drain(at..end);
+                    }
+                    _ => bytes.truncate(at.max(2)),
+                }
+            }
+            match decode_at_least(&bytes, Path::new("m.jpg"), 60) {
+                Ok(image) => {
+                    decoded += 1;
+                    assert!(image.width() <= 16_384 && image.height() <= 16_384);
+                }
+                Err(e) => {
+                    failed += 1;
+                    assert!(e.to_string().starts_with("m.jpg: cannot decode image: "), "{e}");
+                }
+            }
+        }
+        assert!(decoded > 0 && failed > 0, "{decoded} decoded, {failed} failed");
+    }
+
     /// The end of the frame header of `jpeg`.
     fn sof_end(jpeg: &[u8]) -> usize {
         let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
