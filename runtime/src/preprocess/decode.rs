@@ -349,11 +349,17 @@ mod tests {
                 }
                 Err(e) => {
                     failed += 1;
-                    assert!(e.to_string().starts_with("m.jpg: cannot decode image: "), "{e}");
+                    assert!(
+                        e.to_string().starts_with("m.jpg: cannot decode image: "),
+                        "{e}"
+                    );
                 }
             }
         }
-        assert!(decoded > 0 && failed > 0, "{decoded} decoded, {failed} failed");
+        assert!(
+            decoded > 0 && failed > 0,
+            "{decoded} decoded, {failed} failed"
+        );
     }
 
     /// The end of the frame header of `jpeg`.
