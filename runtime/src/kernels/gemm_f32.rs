@@ -179,6 +179,12 @@ pub fn matmul(a: &PackedWeights, b: &impl Panels<f32>, c: &mut [f32], epilogue: 
         return matmul_in_place(a, data, n, c, epilogue);
     }
     let (mr, nr) = tile(a.level);
+    let product = Product {
+        a,
+        c: c.as_mut_ptr(),
+        n,
+        epilogue,
+    };
     PANEL.with(|panel| {
         let mut panel = panel.borrow_mut();
         panel.reserve(k * nr * 4);
@@ -187,33 +193,61 @@ pub fn matmul(a: &PackedWeights, b: &impl Panels<f32>, c: &mut [f32], epilogue: 
             let width = nr.min(n - n0);
             b.pack(n0, width, nr, panel);
             let step = blocks_per_tile(a.level, width);
-            for block in (0..m.div_ceil(mr)).step_by(step) {
-                let m0 = block * mr;
-                let offset = m0 * n + n0;
-                let tile = Tile {
-                    k,
-                    a: a.data.floats()[block * k * mr..].as_ptr(),
-                    b: panel.as_ptr(),
-                    ldb: nr,
-                    // SAFETY (all three): `offset` is inside C (m0 < m, n0 < n), and the kernel
-                    // touches rows m0..m0 + rows and columns n0..n0 + width only.
-                    c: unsafe { c.as_mut_ptr().add(offset) },
-                    ldc: n,
-                    rows: (step * mr).min(m - m0),
-                    width,
-                    bias: epilogue.bias[m0..].as_ptr(),
-                    residual: epilogue
-                        .residual
-                        .map_or(std::ptr::null(), |r| unsafe { r.as_ptr().add(offset) }),
-                    before: epilogue.before,
-                    after: epilogue.after,
-                };
-                // SAFETY: the level is supported (asserted above), each packed block holds
-                // `k * mr` values (`rows` covers whole blocks but the last), the panel `k * nr`.
-                unsafe { run_tile(a.level, &tile) };
+            for m0 in (0..m).step_by(step * mr) {
+                // SAFETY: the level is supported (asserted above); the panel holds `k` rows of
+                // `nr` values.
+                unsafe { product.run(m0, n0, (step * mr).min(m - m0), width, panel.as_ptr(), nr) };
             }
         }
     });
+}
+
+/// What the tiles of one product share.
+struct Product<'a> {
+    a: &'a PackedWeights,
+    /// C's first value (`M x n`, row-major).
+    c: *mut f32,
+    n: usize,
+    epilogue: &'a Epilogue<'a>,
+}
+
+impl Product<'_> {
+    /// The tile of C at rows `m0 .. m0 + rows` (whole blocks of A but the last) and columns
+    /// `n0 .. n0 + width`, B's `k` rows read from `b`, `ldb` values apart.
+    ///
+    /// # Safety
+    /// The weights' level is supported by this CPU, the tile lies inside C, and each of B's rows
+    /// holds the micro-kernel's `NR` values from `b` on.
+    unsafe fn run(
+        &self,
+        m0: usize,
+        n0: usize,
+        rows: usize,
+        width: usize,
+        b: *const f32,
+        ldb: usize,
+    ) {
+        let offset = m0 * self.n + n0;
+        let tile = Tile {
+            k: self.a.k,
+            // Blocks of `mr` rows, `k * mr` values each: row m0 starts block m0 / mr.
+            a: self.a.data.floats()[m0 * self.a.k..].as_ptr(),
+            b,
+            ldb,
+            c: self.c.add(offset),
+            ldc: self.n,
+            rows,
+            width,
+            bias: self.epilogue.bias[m0..].as_ptr(),
+            residual: self
+                .epilogue
+                .residual
+                .map_or(std::ptr::null(), |r| r.as_ptr().add(offset)),
+            before: self.epilogue.before,
+            after: self.epilogue.after,
+        };
+        run_tile(self.a.level, &tile)
+    }
 }
 
 /// Blocks of A the narrow kernel takes at once.
@@ -238,37 +272,22 @@ fn matmul_in_place(a: &PackedWeights, b: &[f32], n: usize, c: &mut [f32], epilog
     if full < n {
         Rows { data: b, k, n }.pack(full, n - full, nr, last);
     }
-    for block in 0..m.div_ceil(mr) {
-        let m0 = block * mr;
+    let product = Product {
+        a,
+        c: c.as_mut_ptr(),
+        n,
+        epilogue,
+    };
+    for m0 in (0..m).step_by(mr) {
         for n0 in (0..n).step_by(nr) {
-            let width = nr.min(n - n0);
-            let offset = m0 * n + n0;
             let (source, ldb) = if n0 < full {
                 (b[n0..].as_ptr(), n)
             } else {
                 (last.as_ptr(), nr)
             };
-            let tile = Tile {
-                k,
-                a: a.data.floats()[block * k * mr..].as_ptr(),
-                b: source,
-                ldb,
-                // SAFETY (both): `offset` is inside C; the kernel touches rows m0..m0 + rows and
-                // columns n0..n0 + width only.
-                c: unsafe { c.as_mut_ptr().add(offset) },
-                ldc: n,
-                rows: mr.min(m - m0),
-                width,
-                bias: epilogue.bias[m0..].as_ptr(),
-                residual: epilogue
-                    .residual
-                    .map_or(std::ptr::null(), |r| unsafe { r.as_ptr().add(offset) }),
-                before: epilogue.before,
-                after: epilogue.after,
-            };
             // SAFETY: AVX-512 is supported (asserted by the caller); a full panel reads `nr`
             // columns of each of B's `k` rows from `n0 < full`, the last one its packed copy.
-            unsafe { run_tile(a.level, &tile) };
+            unsafe { product.run(m0, n0, mr.min(m - m0), nr.min(n - n0), source, ldb) };
         }
     }
 }

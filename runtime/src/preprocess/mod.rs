@@ -345,11 +345,13 @@ impl Preprocessing {
 
     /// The centre crop of the resized image, 8-bit RGB, by this pipeline's resampler.
     fn resize_and_crop(&self, image: &DynamicImage) -> RgbImage {
-        let resize = match self.pipeline {
-            Pipeline::Reference => resize::reference,
-            Pipeline::Fast => resize::fast,
-        };
-        resize(image, self.resize_shorter, self.crop, self.filter)
+        resize::resize_and_crop(
+            image,
+            self.resize_shorter,
+            self.crop,
+            self.filter,
+            self.pipeline,
+        )
     }
 }
 

@@ -1,6 +1,6 @@
 //! Decoded image to the crop's 8-bit RGB pixels: resize the shorter side, take the centre.
 //!
-//! Two implementations, chosen by the artifact's [`Pipeline`](super::Pipeline):
+//! Two implementations, chosen by the artifact's [`Pipeline`]:
 //! - [`reference()`], the `image` crate's resampler over the whole image, then the crop (what
 //!   artifacts recorded before the fast pipeline existed, and still run with);
 //! - [`fast()`], `fast_image_resize` (SIMD convolution: AVX2, SSE4.1 or NEON, chosen at run time)
@@ -13,7 +13,7 @@ use fast_image_resize as fir;
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
 
-use super::ResizeFilter;
+use super::{Pipeline, ResizeFilter};
 
 /// Size after resizing `w x h` so that its shorter side is `shorter`.
 pub(super) fn resized_dims(w: u32, h: u32, shorter: u32) -> (u32, u32) {
@@ -77,25 +77,34 @@ impl Geometry {
     }
 }
 
-/// The `image` crate's resize of the whole image to `resize_shorter`, then the centre `crop`
-/// (`[height, width]`).
-pub(super) fn reference(
+/// The centre `crop` (`[height, width]`) of the image resized to `resize_shorter` with
+/// `filter`, by `pipeline`'s resampler.
+pub(super) fn resize_and_crop(
     image: &DynamicImage,
     resize_shorter: u32,
     crop: [u32; 2],
     filter: ResizeFilter,
+    pipeline: Pipeline,
 ) -> RgbImage {
     let rgb = rgb(image);
     let g = Geometry::new(&rgb, resize_shorter, crop);
     if g.same_size() {
         return g.crop(&rgb);
     }
+    match pipeline {
+        Pipeline::Reference => reference(&rgb, &g, filter),
+        Pipeline::Fast => fast(&rgb, &g, filter),
+    }
+}
+
+/// The `image` crate's resize of the whole image, then the crop.
+fn reference(rgb: &RgbImage, g: &Geometry, filter: ResizeFilter) -> RgbImage {
     let filter = match filter {
         ResizeFilter::Nearest => FilterType::Nearest,
         ResizeFilter::Bilinear => FilterType::Triangle,
         ResizeFilter::Bicubic => FilterType::CatmullRom,
     };
-    g.crop(&image::imageops::resize(&*rgb, g.rw, g.rh, filter))
+    g.crop(&image::imageops::resize(rgb, g.rw, g.rh, filter))
 }
 
 thread_local! {
@@ -103,19 +112,9 @@ thread_local! {
     static RESIZER: RefCell<fir::Resizer> = RefCell::new(fir::Resizer::new());
 }
 
-/// The centre `crop` (`[height, width]`) of the image resized to `resize_shorter`, computed
-/// directly: the crop's rectangle mapped back into the source is resampled to the crop's size.
-pub(super) fn fast(
-    image: &DynamicImage,
-    resize_shorter: u32,
-    crop: [u32; 2],
-    filter: ResizeFilter,
-) -> RgbImage {
-    let rgb = rgb(image);
-    let g = Geometry::new(&rgb, resize_shorter, crop);
-    if g.same_size() {
-        return g.crop(&rgb);
-    }
+/// The crop computed directly: its rectangle mapped back into the source is resampled to the
+/// crop's size by `fast_image_resize`.
+fn fast(rgb: &RgbImage, g: &Geometry, filter: ResizeFilter) -> RgbImage {
     let (sx, sy) = (g.w as f64 / g.rw as f64, g.h as f64 / g.rh as f64);
     let algorithm = match filter {
         ResizeFilter::Nearest => fir::ResizeAlg::Nearest,
@@ -167,8 +166,8 @@ mod tests {
                 ResizeFilter::Bicubic,
                 ResizeFilter::Nearest,
             ] {
-                let a = reference(&image, 256, [224, 224], filter);
-                let b = fast(&image, 256, [224, 224], filter);
+                let a = resize_and_crop(&image, 256, [224, 224], filter, Pipeline::Reference);
+                let b = resize_and_crop(&image, 256, [224, 224], filter, Pipeline::Fast);
                 assert_eq!(b.dimensions(), (224, 224));
                 let worst = a
                     .as_raw()
