@@ -165,6 +165,10 @@ fn decode_jpeg(bytes: &[u8], path: &Path, frame: Frame, shorter: u32) -> Result<
             let mut jpeg =
                 mozjpeg::Decompress::with_markers(&[mozjpeg::Marker::APP(1)]).from_mem(bytes)?;
             let (w, h) = jpeg.size();
+            // libjpeg's own reading of the frame, in case it differs from ours (two frames).
+            if (w as u64) * (h as u64) > MAX_PIXELS || w.max(h) > MAX_IMAGE_SIDE as usize {
+                return Err(std::io::Error::other("Image size exceeds limit"));
+            }
             jpeg.scale(scale_eighths(w as u32, h as u32, shorter));
             let orientation = jpeg
                 .markers()
