@@ -13,9 +13,12 @@ Preprocessing for calibration is the artifact's (shorter side 256 bilinear, cent
 (x - 127) / 128), done with Pillow.
 """
 import json
+import os
 import pathlib
 import random
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -87,12 +90,16 @@ def profile(model, runs):
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.enable_profiling = True
+    # onnxruntime writes the profile where the prefix says; keep it out of the working tree.
+    scratch = tempfile.mkdtemp()
+    opts.profile_file_prefix = os.path.join(scratch, "ort_profile")
     sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0].name
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     for _ in range(runs + 20):
         sess.run(None, {inp: x})
     events = json.load(open(sess.end_profiling()))
+    shutil.rmtree(scratch)
     times, kinds = collections.defaultdict(list), {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):

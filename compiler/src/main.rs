@@ -429,7 +429,7 @@ struct CompileArgs {
     filter: ResizeFilter,
     /// How images are decoded and resized: fast (large JPEGs decoded at 1/2, 1/4 or 1/8 scale by
     /// libjpeg-turbo, never below the resize; SIMD resize of the crop only) or reference (full-size
-    /// decode and the `image` crate's resize, as artifacts made before graft 0.1 recorded).
+    /// decode and the `image` crate's resize, which artifacts made before this option record).
     /// Recorded in the artifact; the runtime follows it.
     #[arg(long, default_value = "fast", value_parser = parse_pipeline)]
     pipeline: Pipeline,

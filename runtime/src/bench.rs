@@ -3,7 +3,7 @@
 //! peak memory.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -135,29 +135,38 @@ fn check_iterations(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pictures at `paths` decoded as `preprocessing` decodes them, or the synthetic one when
-/// there are none.
-fn bench_images(paths: &[PathBuf], preprocessing: &Preprocessing) -> Result<Vec<DynamicImage>> {
-    if paths.is_empty() {
-        return Ok(vec![synthetic_image()]);
-    }
-    paths.iter().map(|p| preprocessing.load(p)).collect()
+/// The image files at `paths`, read into memory once, with their paths (for errors).
+type Files<'a> = Vec<(Vec<u8>, &'a Path)>;
+
+fn read_files(paths: &[PathBuf]) -> Result<Files<'_>> {
+    paths
+        .iter()
+        .map(|p| Ok((std::fs::read(p).map_err(|e| Error::io(p, e))?, p.as_path())))
+        .collect()
 }
 
-/// Decoding time of the files at `paths` (read into memory first) by `preprocessing`'s
-/// pipeline, `runs` decodes in turn; `None` without files.
+/// The `files` decoded as `preprocessing` decodes them, or the synthetic picture when there are
+/// none.
+fn bench_images(files: &Files, preprocessing: &Preprocessing) -> Result<Vec<DynamicImage>> {
+    if files.is_empty() {
+        return Ok(vec![synthetic_image()]);
+    }
+    files
+        .iter()
+        .map(|(bytes, path)| preprocessing.decode(bytes, path))
+        .collect()
+}
+
+/// Decoding time of `files` (from memory) by `preprocessing`'s pipeline, `runs` decodes in turn;
+/// `None` without files.
 fn decode_latency(
-    paths: &[PathBuf],
+    files: &Files,
     preprocessing: &Preprocessing,
     runs: usize,
 ) -> Result<Option<Latency>> {
-    if paths.is_empty() {
+    if files.is_empty() {
         return Ok(None);
     }
-    let files = paths
-        .iter()
-        .map(|p| Ok((std::fs::read(p).map_err(|e| Error::io(p, e))?, p)))
-        .collect::<Result<Vec<_>>>()?;
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs {
         let (bytes, path) = &files[i % files.len()];
@@ -181,7 +190,8 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let preprocessing = &model.manifest().preprocessing;
-    let images = bench_images(&args.images, preprocessing)?;
+    let files = read_files(&args.images)?;
+    let images = bench_images(&files, preprocessing)?;
     let tensors: Vec<Vec<f32>> = images.iter().map(|i| preprocessing.apply(i)).collect();
 
     let started = Instant::now();
@@ -207,7 +217,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
             })
             .collect(),
     );
-    let decode = decode_latency(&args.images, preprocessing, args.iterations.min(50))?;
+    let decode = decode_latency(&files, preprocessing, args.iterations.min(50))?;
 
     let threads = args.threads.unwrap_or_else(default_threads).max(1);
     let batch = args.batch as usize;
@@ -336,9 +346,10 @@ pub fn compare(args: &BenchArgs) -> Result<Comparison> {
         Model::load_with(&args.model, options)?,
         Model::load_with(b_path, options)?,
     );
+    let files = read_files(&args.images[1..])?;
     let tensors = |model: &Model| -> Result<Vec<Vec<f32>>> {
         let preprocessing = &model.manifest().preprocessing;
-        let images = bench_images(&args.images[1..], preprocessing)?;
+        let images = bench_images(&files, preprocessing)?;
         Ok(images.iter().map(|i| preprocessing.apply(i)).collect())
     };
     let (ta, tb) = (tensors(&a)?, tensors(&b)?);

@@ -288,8 +288,6 @@ impl Preprocessing {
         let plane = self.tensor_len() / 3;
         let (first, rest) = out.split_at_mut(plane);
         let (second, third) = rest.split_at_mut(plane);
-        let [m0, m1, m2] = self.normalization.mean;
-        let [s0, s1, s2] = self.normalization.std;
         for (((px, a), b), c) in rgb
             .as_raw()
             .chunks_exact(3)
@@ -297,8 +295,8 @@ impl Preprocessing {
             .zip(second)
             .zip(third)
         {
-            let [p0, p1, p2] = self.ordered([px[0], px[1], px[2]].map(f32::from));
-            (*a, *b, *c) = ((p0 - m0) / s0, (p1 - m1) / s1, (p2 - m2) / s2);
+            let [p0, p1, p2] = self.ordered([px[0], px[1], px[2]]);
+            (*a, *b, *c) = (self.normal(0, p0), self.normal(1, p1), self.normal(2, p2));
         }
     }
 
@@ -323,16 +321,22 @@ impl Preprocessing {
         assert_eq!(pixels.len(), self.tensor_len(), "pixel buffer size");
         assert_eq!(out.len(), self.tensor_len(), "output buffer size");
         let plane = self.tensor_len() / 3;
-        let n = &self.normalization;
         for (c, (pixels, out)) in pixels
             .chunks_exact(plane)
             .zip(out.chunks_exact_mut(plane))
             .enumerate()
         {
             for (o, &p) in out.iter_mut().zip(pixels) {
-                *o = (p as f32 - n.mean[c]) / n.std[c];
+                *o = self.normal(c, p);
             }
         }
+    }
+
+    /// The model-input value of `pixel` in tensor channel `channel`: `(pixel - mean) / std`.
+    #[inline(always)]
+    fn normal(&self, channel: usize, pixel: u8) -> f32 {
+        let n = &self.normalization;
+        (pixel as f32 - n.mean[channel]) / n.std[channel]
     }
 
     /// RGB values in tensor channel order (the order the normalisation's values are in).
