@@ -14,19 +14,20 @@
 //! stride (candle's own pooling backward needs kernel == stride).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use tract_onnx::pb;
 
 use crate::error::{CompileError, Result};
+use crate::import::proto::{
+    attribute, float, float_values, int, int64_values, ints, node_name, ONNX_FLOAT, ONNX_INT64,
+};
 use crate::rng::Rng;
 
 mod depthwise;
 pub use depthwise::depthwise_conv_cpu;
 
-/// ONNX `TensorProto.DataType` values graft reads.
-const ONNX_FLOAT: i32 = 1;
-const ONNX_INT64: i32 = 7;
 
 /// A translated operator with its attributes.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +73,43 @@ enum Op {
         trans_b: bool,
     },
     MatMul,
+    /// Identity at inference; in training, zeroes each value with probability `ratio` and
+    /// scales the rest by `1 / (1 - ratio)`.
+    /// `ratio` from the attribute (opset < 12), else from input 1, else 0.5.
+    Dropout {
+        ratio: Option<f64>,
+    },
+    Identity,
+    Transpose {
+        perm: Vec<usize>,
+    },
+    LayerNorm {
+        axis: i64,
+        epsilon: f64,
+    },
+    Erf,
+    Tanh,
+    Gelu {
+        tanh: bool,
+    },
+    Sub,
+    Div,
+    Sqrt,
+    ReduceMean {
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+    },
+    /// The input's dims, as integers (shape arithmetic runs on the real batch size).
+    Shape,
+    Gather {
+        axis: i64,
+    },
+    Unsqueeze {
+        axes: Option<Vec<i64>>,
+    },
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
 }
 
 /// A pooling window.
@@ -80,6 +118,29 @@ struct Window {
     kernel: [usize; 2],
     strides: [usize; 2],
     pads: [usize; 4],
+    /// ONNX `ceil_mode`: a last, partial window at the end of each axis.
+    ceil: bool,
+}
+
+impl Window {
+    /// The padding for an `h x w` input: with ceil mode, the end padding grows to hold the
+    /// last partial window (which must start inside the image or its leading padding).
+    fn pads_for(&self, h: usize, w: usize) -> [usize; 4] {
+        let mut pads = self.pads;
+        if self.ceil {
+            for (axis, size) in [h, w].into_iter().enumerate() {
+                let (before, after) = (pads[axis], pads[axis + 2]);
+                let (k, s) = (self.kernel[axis], self.strides[axis]);
+                let span = (size + before + after).saturating_sub(k);
+                let mut out = span.div_ceil(s) + 1;
+                if (out - 1) * s >= size + before {
+                    out -= 1;
+                }
+                pads[axis + 2] = after.max(((out - 1) * s + k).saturating_sub(size + before));
+            }
+        }
+        pads
+    }
 }
 
 /// One ONNX node of the trainable part.
@@ -110,6 +171,8 @@ pub struct Subgraph {
     parameters: Vec<Parameter>,
     constants: HashMap<String, Tensor>,
     integer_constants: HashMap<String, Vec<i64>>,
+    /// Dropout masks' generator.
+    dropout_rng: Mutex<Rng>,
 }
 
 impl Subgraph {
@@ -224,7 +287,7 @@ impl Subgraph {
             let weights: &[usize] = match step.op {
                 Op::Conv { .. } | Op::Gemm { .. } => &[1, 2],
                 Op::MatMul => &[1],
-                Op::BatchNorm { .. } => &[1, 2],
+                Op::BatchNorm { .. } | Op::LayerNorm { .. } => &[1, 2],
                 _ => &[],
             };
             for &i in weights {
@@ -271,8 +334,7 @@ impl Subgraph {
                     }
                 }
                 ONNX_INT64 => {
-                    let values =
-                        little_endian(&proto.raw_data, &proto.int64_data, i64::from_le_bytes);
+                    let values = int64_values(&proto);
                     integer_constants.insert(name, values);
                 }
                 other => {
@@ -292,6 +354,7 @@ impl Subgraph {
             parameters,
             constants,
             integer_constants,
+            dropout_rng: Mutex::new(Rng::new(0, "dropout")),
         })
     }
 
@@ -379,6 +442,7 @@ impl Subgraph {
                     Role::Mean,
                     Role::Variance,
                 ],
+                Op::LayerNorm { .. } => &[Role::Input, Role::Scale, Role::Bias],
                 _ => &[],
             };
             for (name, role) in step.inputs.iter().zip(layout) {
@@ -389,160 +453,183 @@ impl Subgraph {
     }
 
     /// Runs the subgraph on a batch `[N, ...]` of boundary tensors. With `train`, batch
-    /// normalization uses the batch statistics and updates its running statistics.
+    /// normalization uses the batch statistics and updates its running statistics, and dropout
+    /// drops.
     pub fn forward(&self, input: &Tensor, train: bool) -> Result<Tensor> {
-        let mut values: HashMap<&str, Tensor> = HashMap::new();
-        values.insert(self.input.as_str(), input.clone());
+        let mut env = Env {
+            floats: HashMap::new(),
+            ints: self
+                .integer_constants
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect(),
+        };
+        env.floats.insert(self.input.as_str(), input.clone());
         for p in &self.parameters {
-            values.insert(p.name.as_str(), p.var.as_tensor().clone());
+            env.floats.insert(p.name.as_str(), p.var.as_tensor().clone());
         }
         for (name, t) in &self.constants {
-            values.insert(name.as_str(), t.clone());
+            env.floats.insert(name.as_str(), t.clone());
         }
-        let params: HashMap<&str, &Var> = self
-            .parameters
-            .iter()
-            .map(|p| (p.name.as_str(), &p.var))
-            .collect();
         for step in &self.steps {
-            let input = |i: usize| -> Result<Tensor> {
-                let name = step
-                    .inputs
-                    .get(i)
-                    .filter(|n| !n.is_empty())
-                    .ok_or_else(|| CompileError::Untrainable {
-                        node: step.node.clone(),
-                        reason: format!("input {i} is missing"),
-                    })?;
-                values
-                    .get(name.as_str())
-                    .cloned()
-                    .ok_or_else(|| CompileError::Untrainable {
-                        node: step.node.clone(),
-                        reason: format!("input {name:?} is not an f32 tensor"),
-                    })
-            };
-            let optional = |i: usize| input(i).ok();
-            let out = match &step.op {
-                Op::Conv {
-                    strides,
-                    pads,
-                    dilations,
-                    group,
-                } => conv(
-                    &input(0)?,
-                    &input(1)?,
-                    optional(2).as_ref(),
-                    *strides,
-                    *pads,
-                    *dilations,
-                    *group,
-                )?,
-                Op::BatchNorm { epsilon, momentum } => {
-                    let x = input(0)?;
-                    let (scale, shift) = (input(1)?, input(2)?);
-                    let channel = |t: &Tensor| t.reshape((1, (), 1, 1));
-                    let (mean, var) = if train {
-                        let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-                        let centred = x.broadcast_sub(&mean)?;
-                        let var = centred
-                            .sqr()?
-                            .mean_keepdim(0)?
-                            .mean_keepdim(2)?
-                            .mean_keepdim(3)?;
-                        let stat = |i: usize, batch: &Tensor| -> Result<()> {
-                            if let Some(v) = params.get(step.inputs[i].as_str()) {
-                                let updated = ((v.as_tensor() * *momentum)?
-                                    + (batch.detach().flatten_all()? * (1.0 - *momentum))?)?;
-                                v.set(&updated)?;
-                            }
-                            Ok(())
-                        };
-                        stat(3, &mean)?;
-                        stat(4, &var)?;
-                        (mean, var)
-                    } else {
-                        (channel(&input(3)?)?, channel(&input(4)?)?)
-                    };
-                    x.broadcast_sub(&mean)?
-                        .broadcast_div(&(var + *epsilon)?.sqrt()?)?
-                        .broadcast_mul(&channel(&scale)?)?
-                        .broadcast_add(&channel(&shift)?)?
+            match self.step(step, &env, train)? {
+                Value::Float(t) => {
+                    env.floats.insert(step.output.as_str(), t);
                 }
-                Op::Relu => input(0)?.relu()?,
-                Op::Clip => {
-                    let mut x = input(0)?;
-                    if let Some(lo) = self.scalar(step.inputs.get(1))? {
-                        x = x.maximum(lo)?;
-                    }
-                    if let Some(hi) = self.scalar(step.inputs.get(2))? {
-                        x = x.minimum(hi)?;
-                    }
-                    x
+                Value::Ints(v) => {
+                    env.ints.insert(step.output.as_str(), v);
                 }
-                Op::Sigmoid => sigmoid(&input(0)?)?,
-                Op::HardSigmoid { alpha, beta } => hard_sigmoid(&input(0)?, *alpha, *beta)?,
-                Op::HardSwish => {
-                    let x = input(0)?;
-                    (&x * hard_sigmoid(&x, 1.0 / 6.0, 0.5)?)?
-                }
-                Op::Mul => input(0)?.broadcast_mul(&input(1)?)?,
-                Op::Add => input(0)?.broadcast_add(&input(1)?)?,
-                Op::Concat { axis } => {
-                    let parts = (0..step.inputs.len())
-                        .map(input)
-                        .collect::<Result<Vec<_>>>()?;
-                    let rank = parts[0].rank();
-                    Tensor::cat(&parts, axis_index(*axis, rank))?
-                }
-                Op::MaxPool(window) => max_pool(&input(0)?, window)?,
-                Op::AveragePool {
-                    window,
-                    count_include_pad,
-                } => average_pool(&input(0)?, window, *count_include_pad)?,
-                Op::GlobalAveragePool => input(0)?.mean_keepdim(3)?.mean_keepdim(2)?,
-                Op::Flatten { axis } => {
-                    let x = input(0)?;
-                    let axis = axis_index(*axis, x.rank());
-                    let outer: usize = x.dims()[..axis].iter().product();
-                    x.reshape((outer, ()))?
-                }
-                Op::Reshape => {
-                    let x = input(0)?;
-                    let target = self.integer_constants.get(&step.inputs[1]).ok_or_else(|| {
-                        CompileError::Untrainable {
-                            node: step.node.clone(),
-                            reason: "its shape is not a constant".into(),
-                        }
-                    })?;
-                    x.reshape(reshape_target(x.dims(), target))?
-                }
-                Op::Gemm {
-                    alpha,
-                    beta,
-                    trans_a,
-                    trans_b,
-                } => {
-                    let a = input(0)?;
-                    let a = if *trans_a { a.t()? } else { a };
-                    let b = input(1)?;
-                    let b = if *trans_b { b.t()? } else { b };
-                    let mut y = (a.matmul(&b)? * *alpha)?;
-                    if let Some(c) = optional(2) {
-                        y = y.broadcast_add(&(c * *beta)?)?;
-                    }
-                    y
-                }
-                Op::MatMul => input(0)?.broadcast_matmul(&input(1)?)?,
-            };
-            values.insert(step.output.as_str(), out);
+            }
         }
-        values
+        env.floats
             .remove(self.output.as_str())
             .ok_or_else(|| CompileError::Untrainable {
                 node: self.output.clone(),
                 reason: "the subgraph does not compute it".into(),
             })
+    }
+
+    /// One node's value, from the values computed so far.
+    fn step(&self, step: &Step, env: &Env, train: bool) -> Result<Value> {
+        let input = |i: usize| env.float(step, i);
+        let optional = |i: usize| input(i).ok();
+        let out = match &step.op {
+            Op::Conv {
+                strides,
+                pads,
+                dilations,
+                group,
+            } => conv(
+                &input(0)?,
+                &input(1)?,
+                optional(2).as_ref(),
+                *strides,
+                *pads,
+                *dilations,
+                *group,
+            )?,
+            Op::BatchNorm { epsilon, momentum } => {
+                self.batch_norm(step, env, (*epsilon, *momentum), train)?
+            }
+            Op::LayerNorm { axis, epsilon } => {
+                layer_norm(&input(0)?, &input(1)?, optional(2).as_ref(), *axis, *epsilon)?
+            }
+            Op::Relu => input(0)?.relu()?,
+            Op::Clip => {
+                let mut x = input(0)?;
+                if let Some(lo) = self.scalar(step.inputs.get(1))? {
+                    x = x.maximum(lo)?;
+                }
+                if let Some(hi) = self.scalar(step.inputs.get(2))? {
+                    x = x.minimum(hi)?;
+                }
+                x
+            }
+            Op::Sigmoid => sigmoid(&input(0)?)?,
+            Op::HardSigmoid { alpha, beta } => hard_sigmoid(&input(0)?, *alpha, *beta)?,
+            Op::HardSwish => {
+                let x = input(0)?;
+                (&x * hard_sigmoid(&x, 1.0 / 6.0, 0.5)?)?
+            }
+            Op::Erf => input(0)?.erf()?,
+            Op::Tanh => input(0)?.tanh()?,
+            Op::Sqrt => input(0)?.sqrt()?,
+            Op::Gelu { tanh: false } => input(0)?.gelu_erf()?,
+            Op::Gelu { tanh: true } => input(0)?.gelu()?,
+            Op::Mul => input(0)?.broadcast_mul(&input(1)?)?,
+            Op::Add => input(0)?.broadcast_add(&input(1)?)?,
+            Op::Sub => input(0)?.broadcast_sub(&input(1)?)?,
+            Op::Div => input(0)?.broadcast_div(&input(1)?)?,
+            Op::Dropout { ratio } => {
+                let ratio = match ratio {
+                    Some(r) => *r,
+                    None => self.scalar(step.inputs.get(1))?.unwrap_or(0.5),
+                };
+                self.dropout(input(0)?, ratio, train)?
+            }
+            Op::Identity => return env.value(step, 0),
+            Op::MaxPool(window) => max_pool(&input(0)?, window)?,
+            Op::AveragePool {
+                window,
+                count_include_pad,
+            } => average_pool(&input(0)?, window, *count_include_pad)?,
+            Op::GlobalAveragePool => input(0)?.mean_keepdim(3)?.mean_keepdim(2)?,
+            Op::ReduceMean { axes, keepdims } => {
+                let axes = env.axes(step, axes)?;
+                reduce_mean(&input(0)?, axes.as_deref(), *keepdims)?
+            }
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => gemm(&input(0)?, &input(1)?, optional(2), [*alpha, *beta], [*trans_a, *trans_b])?,
+            Op::MatMul => input(0)?.broadcast_matmul(&input(1)?)?,
+            Op::Transpose { perm } => input(0)?.permute(perm.clone())?,
+            Op::Concat { .. }
+            | Op::Flatten { .. }
+            | Op::Reshape
+            | Op::Shape
+            | Op::Gather { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Squeeze { .. } => return env.shape_op(step),
+        };
+        Ok(Value::Float(out))
+    }
+
+    /// Batch normalization: with `train`, on the batch's statistics, which also move the
+    /// running statistics by `1 - momentum`; else on the running statistics.
+    fn batch_norm(
+        &self,
+        step: &Step,
+        env: &Env,
+        (epsilon, momentum): (f64, f64),
+        train: bool,
+    ) -> Result<Tensor> {
+        let input = |i: usize| env.float(step, i);
+        let x = input(0)?;
+        let (scale, shift) = (input(1)?, input(2)?);
+        let channel = |t: &Tensor| t.reshape((1, (), 1, 1));
+        let (mean, var) = if train {
+            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let centred = x.broadcast_sub(&mean)?;
+            let var = centred
+                .sqr()?
+                .mean_keepdim(0)?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?;
+            for (i, batch) in [(3, &mean), (4, &var)] {
+                if let Some(p) = self.parameters.iter().find(|p| p.name == step.inputs[i]) {
+                    let updated = ((p.var.as_tensor() * momentum)?
+                        + (batch.detach().flatten_all()? * (1.0 - momentum))?)?;
+                    p.var.set(&updated)?;
+                }
+            }
+            (mean, var)
+        } else {
+            (channel(&input(3)?)?, channel(&input(4)?)?)
+        };
+        Ok(x.broadcast_sub(&mean)?
+            .broadcast_div(&(var + epsilon)?.sqrt()?)?
+            .broadcast_mul(&channel(&scale)?)?
+            .broadcast_add(&channel(&shift)?)?)
+    }
+
+    /// Inverted dropout with a mask from the subgraph's own seeded generator, so that training
+    /// runs are repeatable.
+    fn dropout(&self, x: Tensor, ratio: f64, train: bool) -> Result<Tensor> {
+        if !train || ratio <= 0.0 {
+            return Ok(x);
+        }
+        let keep = 1.0 - ratio;
+        let mask: Vec<f32> = {
+            let mut rng = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner());
+            (0..x.elem_count())
+                .map(|_| if (rng.next_f32() as f64) < keep { (1.0 / keep) as f32 } else { 0.0 })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
     }
 
     fn scalar(&self, name: Option<&String>) -> Result<Option<f64>> {
@@ -590,6 +677,226 @@ impl Subgraph {
     }
 }
 
+/// A computed tensor: floats (candle, differentiable) or integers (shape arithmetic).
+enum Value {
+    Float(Tensor),
+    Ints(Vec<i64>),
+}
+
+/// The tensors computed so far in one forward pass.
+struct Env<'a> {
+    floats: HashMap<&'a str, Tensor>,
+    ints: HashMap<&'a str, Vec<i64>>,
+}
+
+impl Env<'_> {
+    fn name<'s>(step: &'s Step, i: usize) -> Result<&'s str> {
+        step.inputs
+            .get(i)
+            .filter(|n| !n.is_empty())
+            .map(|n| n.as_str())
+            .ok_or_else(|| CompileError::Untrainable {
+                node: step.node.clone(),
+                reason: format!("input {i} is missing"),
+            })
+    }
+
+    /// Input `i` of `step` as a float tensor.
+    fn float(&self, step: &Step, i: usize) -> Result<Tensor> {
+        let name = Self::name(step, i)?;
+        self.floats
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CompileError::Untrainable {
+                node: step.node.clone(),
+                reason: format!("input {name:?} is not an f32 tensor"),
+            })
+    }
+
+    /// Input `i` of `step` as integers (a shape, axes, indices).
+    fn ints(&self, step: &Step, i: usize) -> Result<Vec<i64>> {
+        let name = Self::name(step, i)?;
+        self.ints
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CompileError::Untrainable {
+                node: step.node.clone(),
+                reason: format!(
+                    "input {name:?} must be integers known when the graph runs (a constant or \
+                     computed from shapes)"
+                ),
+            })
+    }
+
+    /// Input `i` as it is, float or integers.
+    fn value(&self, step: &Step, i: usize) -> Result<Value> {
+        match self.float(step, i) {
+            Ok(t) => Ok(Value::Float(t)),
+            Err(_) => Ok(Value::Ints(self.ints(step, i)?)),
+        }
+    }
+
+    /// Axes from the attribute, else from input 1 (opset 13+), else none.
+    fn axes(&self, step: &Step, attribute: &Option<Vec<i64>>) -> Result<Option<Vec<i64>>> {
+        Ok(match attribute {
+            Some(axes) => Some(axes.clone()),
+            None if step.inputs.get(1).is_some_and(|n| !n.is_empty()) => Some(self.ints(step, 1)?),
+            None => None,
+        })
+    }
+
+    /// Operators that move or compute shapes: on float tensors they reshape, on integer
+    /// tensors (shape arithmetic, as `x.view(x.size(0), -1)` exports) they compute the values.
+    fn shape_op(&self, step: &Step) -> Result<Value> {
+        let integers = step.inputs.first().is_some_and(|n| self.ints.contains_key(n.as_str()));
+        Ok(match (&step.op, integers) {
+            (Op::Shape, _) => {
+                Value::Ints(self.float(step, 0)?.dims().iter().map(|&d| d as i64).collect())
+            }
+            (Op::Gather { axis }, true) => {
+                if *axis != 0 {
+                    return Err(untrainable(step, "Gather on integers along an axis other than 0"));
+                }
+                let data = self.ints(step, 0)?;
+                let picked = self
+                    .ints(step, 1)?
+                    .iter()
+                    .map(|&i| {
+                        let index = if i < 0 { i + data.len() as i64 } else { i };
+                        data.get(index as usize).copied()
+                    })
+                    .collect::<Option<Vec<i64>>>()
+                    .ok_or_else(|| untrainable(step, "Gather index out of range"))?;
+                Value::Ints(picked)
+            }
+            (Op::Unsqueeze { .. } | Op::Squeeze { .. }, true) => Value::Ints(self.ints(step, 0)?),
+            (Op::Concat { .. }, true) => Value::Ints(
+                (0..step.inputs.len())
+                    .map(|i| self.ints(step, i))
+                    .collect::<Result<Vec<_>>>()?
+                    .concat(),
+            ),
+            (Op::Concat { axis }, false) => {
+                let parts = (0..step.inputs.len())
+                    .map(|i| self.float(step, i))
+                    .collect::<Result<Vec<_>>>()?;
+                let rank = parts[0].rank();
+                Value::Float(Tensor::cat(&parts, axis_index(*axis, rank))?)
+            }
+            (Op::Flatten { axis }, false) => {
+                let x = self.float(step, 0)?;
+                let axis = axis_index(*axis, x.rank());
+                let outer: usize = x.dims()[..axis].iter().product();
+                Value::Float(x.reshape((outer, ()))?)
+            }
+            (Op::Reshape, false) => {
+                let x = self.float(step, 0)?;
+                let target = self.ints(step, 1)?;
+                Value::Float(x.reshape(reshape_target(x.dims(), &target))?)
+            }
+            (Op::Unsqueeze { axes }, false) => {
+                let mut x = self.float(step, 0)?;
+                let mut axes = self.axes(step, axes)?.unwrap_or_default();
+                let rank = (x.rank() + axes.len()) as i64;
+                axes.iter_mut().for_each(|a| *a = if *a < 0 { *a + rank } else { *a });
+                axes.sort_unstable();
+                for a in axes {
+                    x = x.unsqueeze(a as usize)?;
+                }
+                Value::Float(x)
+            }
+            (Op::Squeeze { axes }, false) => {
+                let mut x = self.float(step, 0)?;
+                let rank = x.rank();
+                let mut axes: Vec<usize> = match self.axes(step, axes)? {
+                    Some(axes) => axes.iter().map(|&a| axis_index(a, rank)).collect(),
+                    None => (0..rank).filter(|&d| x.dims()[d] == 1).collect(),
+                };
+                axes.sort_unstable();
+                for a in axes.into_iter().rev() {
+                    x = x.squeeze(a)?;
+                }
+                Value::Float(x)
+            }
+            (op, _) => {
+                return Err(untrainable(step, &format!("{op:?} on integer tensors")));
+            }
+        })
+    }
+}
+
+fn untrainable(step: &Step, reason: &str) -> CompileError {
+    CompileError::Untrainable {
+        node: step.node.clone(),
+        reason: format!("{reason} is not supported"),
+    }
+}
+
+/// ONNX LayerNormalization: normalised over the dims from `axis` on, then scaled and shifted.
+fn layer_norm(
+    x: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    axis: i64,
+    epsilon: f64,
+) -> candle_core::Result<Tensor> {
+    let rank = x.rank();
+    let from = axis_index(axis, rank);
+    let mut mean = x.clone();
+    for d in (from..rank).rev() {
+        mean = mean.mean_keepdim(d)?;
+    }
+    let centred = x.broadcast_sub(&mean)?;
+    let mut var = centred.sqr()?;
+    for d in (from..rank).rev() {
+        var = var.mean_keepdim(d)?;
+    }
+    let y = centred
+        .broadcast_div(&(var + epsilon)?.sqrt()?)?
+        .broadcast_mul(scale)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// ONNX ReduceMean over `axes` (all when none).
+fn reduce_mean(x: &Tensor, axes: Option<&[i64]>, keepdims: bool) -> candle_core::Result<Tensor> {
+    let rank = x.rank();
+    let mut axes: Vec<usize> = match axes {
+        Some(a) if !a.is_empty() => a.iter().map(|&a| axis_index(a, rank)).collect(),
+        _ => (0..rank).collect(),
+    };
+    axes.sort_unstable();
+    let mut y = x.clone();
+    for &a in axes.iter().rev() {
+        y = y.mean_keepdim(a)?;
+    }
+    if !keepdims {
+        for &a in axes.iter().rev() {
+            y = y.squeeze(a)?;
+        }
+    }
+    Ok(y)
+}
+
+/// ONNX Gemm: `alpha * A' B' + beta * C`.
+fn gemm(
+    a: &Tensor,
+    b: &Tensor,
+    c: Option<Tensor>,
+    [alpha, beta]: [f64; 2],
+    [trans_a, trans_b]: [bool; 2],
+) -> candle_core::Result<Tensor> {
+    let a = if trans_a { a.t()? } else { a.clone() };
+    let b = if trans_b { b.t()? } else { b.clone() };
+    let mut y = (a.matmul(&b)? * alpha)?;
+    if let Some(c) = c {
+        y = y.broadcast_add(&(c * beta)?)?;
+    }
+    Ok(y)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Role {
     Input,
@@ -600,29 +907,10 @@ enum Role {
     Variance,
 }
 
-fn node_name(node: &pb::NodeProto) -> String {
-    if node.name.is_empty() {
-        format!("{} -> {:?}", node.op_type, node.output)
-    } else {
-        node.name.clone()
-    }
-}
 
-fn attribute<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
-    node.attribute.iter().find(|a| a.name == name)
-}
 
-fn ints(node: &pb::NodeProto, name: &str) -> Option<Vec<i64>> {
-    attribute(node, name).map(|a| a.ints.clone())
-}
 
-fn int(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
-    attribute(node, name).map_or(default, |a| a.i)
-}
 
-fn float(node: &pb::NodeProto, name: &str, default: f32) -> f64 {
-    attribute(node, name).map_or(default, |a| a.f) as f64
-}
 
 fn pair(
     values: Option<Vec<i64>>,
@@ -657,9 +945,6 @@ fn pads(node: &pb::NodeProto) -> std::result::Result<[usize; 4], String> {
 }
 
 fn window(node: &pb::NodeProto) -> std::result::Result<Window, String> {
-    if int(node, "ceil_mode", 0) != 0 {
-        return Err("ceil_mode 1 is not supported".into());
-    }
     if ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
         return Err("dilated pooling is not supported".into());
     }
@@ -671,6 +956,7 @@ fn window(node: &pb::NodeProto) -> std::result::Result<Window, String> {
         kernel,
         strides: pair(ints(node, "strides"), 1, "strides")?,
         pads: pads(node)?,
+        ceil: int(node, "ceil_mode", 0) != 0,
     })
 }
 
@@ -710,10 +996,17 @@ fn translate_op(node: &pb::NodeProto) -> std::result::Result<Op, String> {
             axis: int(node, "axis", 1),
         },
         "MaxPool" => Op::MaxPool(window(node)?),
-        "AveragePool" => Op::AveragePool {
-            window: window(node)?,
-            count_include_pad: int(node, "count_include_pad", 0) != 0,
-        },
+        "AveragePool" => {
+            let count_include_pad = int(node, "count_include_pad", 0) != 0;
+            let window = window(node)?;
+            if count_include_pad && window.ceil {
+                return Err("ceil_mode 1 with count_include_pad 1 is not supported".into());
+            }
+            Op::AveragePool {
+                window,
+                count_include_pad,
+            }
+        }
         "GlobalAveragePool" => Op::GlobalAveragePool,
         "Flatten" => Op::Flatten {
             axis: int(node, "axis", 1),
@@ -726,12 +1019,61 @@ fn translate_op(node: &pb::NodeProto) -> std::result::Result<Op, String> {
             trans_b: int(node, "transB", 0) != 0,
         },
         "MatMul" => Op::MatMul,
+        "Dropout" => Op::Dropout {
+            ratio: attribute(node, "ratio").map(|a| a.f as f64),
+        },
+        "Identity" => Op::Identity,
+        "Transpose" => Op::Transpose {
+            perm: ints(node, "perm")
+                .ok_or("Transpose without perm is not supported")?
+                .iter()
+                .map(|&p| p as usize)
+                .collect(),
+        },
+        "LayerNormalization" => {
+            if int(node, "stash_type", 1) != 1 || node.output.len() > 1 {
+                return Err("LayerNormalization with extra outputs is not supported".into());
+            }
+            Op::LayerNorm {
+                axis: int(node, "axis", -1),
+                epsilon: float(node, "epsilon", 1e-5),
+            }
+        }
+        "Erf" => Op::Erf,
+        "Tanh" => Op::Tanh,
+        "Sqrt" => Op::Sqrt,
+        "Gelu" => Op::Gelu {
+            tanh: attribute(node, "approximate").is_some_and(|a| a.s == b"tanh"),
+        },
+        "Sub" => Op::Sub,
+        "Div" => Op::Div,
+        "ReduceMean" => Op::ReduceMean {
+            axes: ints(node, "axes"),
+            keepdims: int(node, "keepdims", 1) != 0,
+        },
+        "Shape" => {
+            if attribute(node, "start").is_some() || attribute(node, "end").is_some() {
+                return Err("Shape with start/end is not supported".into());
+            }
+            Op::Shape
+        }
+        "Gather" => Op::Gather {
+            axis: int(node, "axis", 0),
+        },
+        "Unsqueeze" => Op::Unsqueeze {
+            axes: ints(node, "axes"),
+        },
+        "Squeeze" => Op::Squeeze {
+            axes: ints(node, "axes"),
+        },
         other => {
             return Err(format!(
                 "operator {other} cannot be trained (graft translates Conv, BatchNormalization, \
-                 Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Mul, Add, Concat, MaxPool, \
-                 AveragePool, GlobalAveragePool, Flatten, Reshape, Gemm, MatMul): move the \
-                 boundary above it"
+                 LayerNormalization, Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Erf, Tanh, \
+                 Gelu, Sqrt, Mul, Add, Sub, Div, Concat, MaxPool, AveragePool, GlobalAveragePool, \
+                 ReduceMean, Flatten, Reshape, Transpose, Shape, Gather, Unsqueeze, Squeeze, \
+                 Dropout, Identity, Gemm, MatMul): move the boundary above it with \
+                 --unfreeze-from or a smaller --unfreeze"
             ))
         }
     })
@@ -741,35 +1083,7 @@ fn constant_node_value(node: &pb::NodeProto) -> Option<pb::TensorProto> {
     attribute(node, "value").and_then(|a| a.t.clone())
 }
 
-fn float_values(proto: &pb::TensorProto) -> std::result::Result<Vec<f32>, String> {
-    if !proto.external_data.is_empty() {
-        return Err("weights stored as ONNX external data cannot be trained".into());
-    }
-    let count: usize = proto.dims.iter().map(|&d| d as usize).product();
-    let values = little_endian(&proto.raw_data, &proto.float_data, f32::from_le_bytes);
-    if values.len() != count {
-        return Err(format!(
-            "holds {} values for dims {:?}",
-            values.len(),
-            proto.dims
-        ));
-    }
-    Ok(values)
-}
 
-/// A tensor's values: from `raw_data` (little-endian bytes) when present, else the typed field.
-fn little_endian<T: Clone, const N: usize>(
-    raw: &[u8],
-    typed: &[T],
-    from_bytes: fn([u8; N]) -> T,
-) -> Vec<T> {
-    if raw.is_empty() {
-        return typed.to_vec();
-    }
-    raw.chunks_exact(N)
-        .map(|b| from_bytes(b.try_into().expect("chunks of N bytes")))
-        .collect()
-}
 
 fn axis_index(axis: i64, rank: usize) -> usize {
     if axis < 0 {
@@ -947,7 +1261,8 @@ pub fn depthwise_conv(
 }
 
 fn max_pool(x: &Tensor, window: &Window) -> candle_core::Result<Tensor> {
-    if window.pads == [0; 4] && window.kernel == window.strides {
+    let pads = window.pads_for(x.dim(2)?, x.dim(3)?);
+    if pads == [0; 4] && window.kernel == window.strides {
         return x.max_pool2d_with_stride(
             (window.kernel[0], window.kernel[1]),
             (window.strides[0], window.strides[1]),
@@ -958,7 +1273,7 @@ fn max_pool(x: &Tensor, window: &Window) -> candle_core::Result<Tensor> {
         .min_keepdim(D::Minus2)?
         .min_keepdim(1)?
         .detach();
-    let padded = pad_spatial(&x.broadcast_sub(&lowest)?, window.pads)?;
+    let padded = pad_spatial(&x.broadcast_sub(&lowest)?, pads)?;
     let views = windows(&padded, window.kernel, window.strides, [1, 1])?;
     let mut out = views[0].clone();
     for v in &views[1..] {
@@ -972,9 +1287,10 @@ fn average_pool(
     window: &Window,
     count_include_pad: bool,
 ) -> candle_core::Result<Tensor> {
+    let pads = window.pads_for(x.dim(2)?, x.dim(3)?);
     let sum = |t: &Tensor| -> candle_core::Result<Tensor> {
         let views = windows(
-            &pad_spatial(t, window.pads)?,
+            &pad_spatial(t, pads)?,
             window.kernel,
             window.strides,
             [1, 1],
@@ -986,7 +1302,7 @@ fn average_pool(
         Ok(out)
     };
     let area = (window.kernel[0] * window.kernel[1]) as f64;
-    if count_include_pad || window.pads == [0; 4] {
+    if count_include_pad || pads == [0; 4] {
         return sum(x)? / area;
     }
     let ones = Tensor::ones((1, 1, x.dim(2)?, x.dim(3)?), x.dtype(), x.device())?;

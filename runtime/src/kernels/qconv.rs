@@ -276,7 +276,15 @@ impl QuantizedConvolution {
                 return Ok((self, next.id));
             }
         }
-        Ok((self, last))
+        // No cast to absorb: produce the type the replaced node declared (the same bytes; tract
+        // may have lowered the quantized output to raw int8 for its next operator).
+        let declared = model.outlet_fact(OutletId::new(last, 0))?.datum_type;
+        let output = if is_int8(declared) {
+            declared
+        } else {
+            self.output
+        };
+        Ok((QuantizedConvolution { output, ..self }, last))
     }
 
     fn input_len(&self) -> usize {

@@ -6,6 +6,8 @@
 //! probabilities, then logits. tract's declutter pass then folds constants and simplifies the
 //! whole graph, and a consistency check runs after every rewrite.
 
+mod expand_gelu;
+
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::axes::AxesMapping;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -107,8 +109,10 @@ impl FoldedModel {
     /// Serializes the graph as an NNEF tar archive, deterministically (fixed timestamps), so the
     /// same model always gives the same bytes.
     pub fn to_nnef(&self) -> Result<Vec<u8>> {
+        let graph = CompileError::graph("NNEF serialization");
+        let model = expand_gelu::expand_gelu(&self.model).map_err(&graph)?;
         tract_nnef::nnef()
-            .write_to_tar_with_config(&self.model, Vec::new(), false, true)
-            .map_err(CompileError::graph("NNEF serialization"))
+            .write_to_tar_with_config(&model, Vec::new(), false, true)
+            .map_err(graph)
     }
 }

@@ -12,6 +12,10 @@ use sha2::{Digest, Sha256};
 use tract_onnx::pb::{self, tensor_shape_proto::dimension::Value as Dim, type_proto};
 use tract_onnx::prelude::*;
 
+mod ceil_pools;
+mod fold_batchnorm;
+pub(crate) mod proto;
+
 use crate::cut::CutBackbone;
 use crate::error::{CompileError, Result};
 
@@ -120,20 +124,41 @@ impl Backbone {
         self.graph().output.iter().map(|o| o.name.clone()).collect()
     }
 
-    /// The default cut: the tensor feeding the backbone's last Gemm or MatMul, that is the pooled
-    /// features its own classifier reads.
+    /// The default cut: the tensor the backbone's own classifier reads. The classifier is the
+    /// last weighted node when it is a Gemm or MatMul (ResNet, VGG, MobileNet, EfficientNet), or
+    /// a 1x1 Conv followed only by activation, pooling and flattening (SqueezeNet's conv
+    /// classifier). A Dropout or Identity in front of it is skipped: the cut is the tensor
+    /// before them.
     pub fn default_cut(&self) -> Result<String> {
-        self.graph()
-            .node
-            .iter()
-            .rev()
-            .find(|n| n.op_type == "Gemm" || n.op_type == "MatMul")
-            .and_then(|n| n.input.first().cloned())
-            .ok_or_else(|| CompileError::InvalidCut {
+        let graph = self.graph();
+        let last = graph.node.iter().rposition(|n| {
+            matches!(n.op_type.as_str(), "Gemm" | "MatMul" | "Conv")
+        });
+        let classifier = last.filter(|&i| {
+            let node = &graph.node[i];
+            node.op_type != "Conv" || (is_pointwise_conv(graph, node) && {
+                graph.node[i + 1..].iter().all(|n| CLASSIFIER_TAIL.contains(&n.op_type.as_str()))
+            })
+        });
+        let Some(mut cut) = classifier.and_then(|i| graph.node[i].input.first().cloned()) else {
+            return Err(CompileError::InvalidCut {
                 path: self.path.clone(),
                 cut: "(default)".into(),
-                reason: "the graph has no Gemm or MatMul classifier to cut before; name a tensor with --cut".into(),
-            })
+                reason: "the graph ends in neither a Gemm/MatMul classifier nor a 1x1 Conv \
+                         classifier followed by pooling; name a tensor with --cut (see graft \
+                         inspect-backbone)"
+                    .into(),
+            });
+        };
+        while let Some(node) = graph
+            .node
+            .iter()
+            .find(|n| n.output.first() == Some(&cut))
+            .filter(|n| matches!(n.op_type.as_str(), "Dropout" | "Identity"))
+        {
+            cut = node.input[0].clone();
+        }
+        Ok(cut)
     }
 
     /// Every tensor name a cut can be made at, in graph order.
@@ -281,11 +306,24 @@ impl Backbone {
     /// The graph from the image input to tensor `tensor`, decluttered (no pooling: the tensor
     /// as it is).
     pub fn prefix(&self, tensor: &str) -> Result<TypedModel> {
-        self.inference_model()?
-            .with_outputs_by_name([tensor])
-            .and_then(|m| m.into_typed())
-            .and_then(|m| m.into_decluttered())
+        self.typed(&[tensor.to_string()])
             .map_err(CompileError::graph("prefix"))
+    }
+
+    /// The graph from the image input to `tensors`, BatchNormalization folded into the
+    /// convolutions before it, decluttered, ceil-mode pooling made explicit.
+    fn typed(&self, tensors: &[String]) -> TractResult<TypedModel> {
+        let keep: HashSet<&str> = tensors.iter().map(|t| t.as_str()).collect();
+        let mut proto = self.proto.clone();
+        let graph = proto.graph.as_mut().expect("checked at load");
+        fold_batchnorm::fold_batchnorm(graph, &keep);
+        let mut model = self
+            .inference_model_of(&proto)?
+            .with_outputs_by_name(tensors.iter().map(|t| t.as_str()))?
+            .into_typed()?
+            .into_decluttered()?;
+        ceil_pools::explicit_ceil_pools(&mut model)?;
+        Ok(model)
     }
 
     /// The graph from the image input to the named tensors (its outputs, in that order),
@@ -313,10 +351,7 @@ impl Backbone {
                 reason: format!("no tensor of that name in the graph (the last ones are: {hint})"),
             });
         }
-        self.inference_model()?
-            .with_outputs_by_name(tensors.iter().map(|t| t.as_str()))
-            .and_then(|m| m.into_typed())
-            .and_then(|m| m.into_decluttered())
+        self.typed(tensors)
             .map_err(|e| invalid_cut(format!("tract cannot analyse the graph up to it: {e:#}")))
     }
 
@@ -362,17 +397,17 @@ impl Backbone {
 
     /// The whole ONNX graph as tract's inference model, input fixed to [`Self::input_shape`].
     fn inference_model(&self) -> Result<InferenceModel> {
-        let model_dir = self.path.parent().and_then(|p| p.to_str());
-        let mut model = tract_onnx::onnx()
-            .parse(&self.proto, model_dir)
+        self.inference_model_of(&self.proto)
             .map_err(|e| CompileError::InvalidBackbone {
                 path: self.path.clone(),
                 reason: format!("tract cannot load it: {e:#}"),
-            })?
-            .model;
-        model
-            .set_input_fact(0, f32::fact(self.input_shape).into())
-            .map_err(CompileError::graph("import"))?;
+            })
+    }
+
+    fn inference_model_of(&self, proto: &pb::ModelProto) -> TractResult<InferenceModel> {
+        let model_dir = self.path.parent().and_then(|p| p.to_str());
+        let mut model = tract_onnx::onnx().parse(proto, model_dir)?.model;
+        model.set_input_fact(0, f32::fact(self.input_shape).into())?;
         Ok(model)
     }
 
@@ -430,6 +465,24 @@ pub struct CutPoint {
     pub shape: Vec<usize>,
     /// Position in the graph, 0 (input) to 1 (output), by node count.
     pub depth: f32,
+}
+
+/// Operators that may follow a 1x1 Conv classifier: activation, pooling, flattening.
+const CLASSIFIER_TAIL: &[&str] = &[
+    "Relu", "Dropout", "Identity", "GlobalAveragePool", "ReduceMean", "AveragePool", "Flatten",
+    "Reshape", "Squeeze", "Softmax", "LogSoftmax", "Shape", "Gather", "Unsqueeze", "Concat",
+    "Constant",
+];
+
+/// Whether `node` is a Conv with a 1x1 kernel (from its attribute or its weight's dims).
+fn is_pointwise_conv(graph: &pb::GraphProto, node: &pb::NodeProto) -> bool {
+    if let Some(kernel) = proto::ints(node, "kernel_shape") {
+        return kernel.iter().all(|&k| k == 1);
+    }
+    node.input
+        .get(1)
+        .and_then(|w| graph.initializer.iter().find(|t| &t.name == w))
+        .is_some_and(|w| w.dims.len() == 4 && w.dims[2] == 1 && w.dims[3] == 1)
 }
 
 fn node_label(node: &pb::NodeProto) -> String {
