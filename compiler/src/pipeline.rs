@@ -29,8 +29,8 @@ use crate::import::Backbone;
 use crate::probe::probe_normalization;
 use crate::quantize::search::{input_tensor, search, Probe, SearchOptions, SearchResult};
 use crate::quantize::{
-    calibrate, plan, quantize, time_layers, CalibrationMethod, LayerTiming, Precision,
-    QuantizeConfig,
+    calibrate, plan, quantize, time_layers, total_product_macs, CalibrationMethod, LayerTiming,
+    Precision, QuantizeConfig,
 };
 use crate::rng::Rng;
 use crate::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
@@ -834,6 +834,7 @@ fn quantize_graph(
         layers.len(),
         result.method.name()
     ));
+    let total_macs = total_product_macs(&folded.model)?;
     let graph = FoldedModel {
         model: quantized,
         classes: folded.classes,
@@ -866,6 +867,7 @@ fn quantize_graph(
             accuracy_budget: Some(options.accuracy_budget as f32),
             simulated_accuracy: Some(result.simulated.score() as f32),
             speed: None,
+            product_macs: Some(total_macs),
         },
     ))
 }

@@ -17,6 +17,7 @@
 //! methods and per-layer fallbacks against the validation images.
 
 pub mod calibration;
+mod pointwise;
 pub mod search;
 
 pub use calibration::{calibrate, ActivationRanges, Calibration, CalibrationMethod, Range};
@@ -29,11 +30,11 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::axes::AxesMapping;
 use tract_onnx::tract_core::internal::TractErrorContext;
 use tract_onnx::tract_core::ops::cast::cast;
-use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use crate::error::{CompileError, Result};
+use pointwise::{weights_oi, Layout};
 
 /// Which layers [`quantize`] turns to int8.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +59,8 @@ struct Candidate {
     bias_add: Option<usize>,
     /// Absorbed activation nodes, in order.
     activation: Vec<usize>,
+    /// For a pointwise product, how its axes map to `[O, K] x [K, P]`.
+    layout: Option<Layout>,
 }
 
 impl Candidate {
@@ -143,6 +146,7 @@ fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
                 node: id,
                 bias_add: None,
                 activation: absorbed_activation(model, id),
+                layout: None,
             });
         } else if let Some(einsum) = node.op_as::<EinSum>() {
             // A 1x1 convolution after tract's declutter: weights [Co, Ci] times activations
@@ -153,9 +157,19 @@ fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
             let Some(weight) = const_of(model, node.inputs[1]) else {
                 continue;
             };
-            if !is_pointwise(einsum, &model.outlet_fact(node.inputs[0])?.shape) {
+            let x_shape = model
+                .outlet_fact(node.inputs[0])?
+                .shape
+                .as_concrete()
+                .map(|s| s.to_vec());
+            let y_shape = node.outputs[0].fact.shape.as_concrete().map(|s| s.to_vec());
+            let (Some(x_shape), Some(y_shape)) = (x_shape, y_shape) else {
                 continue;
-            }
+            };
+            let Some(layout) = Layout::of(einsum, &x_shape, &y_shape) else {
+                continue;
+            };
+            let out_channels = weight.shape()[usize::from(layout.weights_transposed)];
             let Some(add) = single_successor(model, id) else {
                 continue;
             };
@@ -166,7 +180,7 @@ fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
             let Some(bias) = other.and_then(|o| const_of(model, o)) else {
                 continue;
             };
-            if bias.len() != weight.shape()[0] {
+            if bias.len() != out_channels {
                 continue;
             }
             found.push(Candidate {
@@ -174,30 +188,89 @@ fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
                 node: id,
                 bias_add: Some(add.id),
                 activation: absorbed_activation(model, add.id),
+                layout: Some(layout),
             });
         }
     }
     Ok(found)
 }
 
+/// Multiply-adds of one run of node `id` when it is a product layer: a convolution, or a
+/// matrix product (`EinSum`) with a constant operand. `None` for any other node.
+fn product_macs(model: &TypedModel, id: usize) -> TractResult<Option<u64>> {
+    let node = model.node(id);
+    let Some(output) = node.outputs[0].fact.shape.as_concrete() else {
+        return Ok(None);
+    };
+    let outputs: usize = output.iter().product();
+    if let Some(conv) = node.op_as::<Conv>() {
+        let Some(weights) = node.inputs.get(1).and_then(|&w| const_of(model, w)) else {
+            return Ok(None);
+        };
+        let per_output = weights.len() / conv.pool_spec.output_channels.max(1);
+        return Ok(Some((outputs * per_output) as u64));
+    }
+    let Some(einsum) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if !node
+        .inputs
+        .iter()
+        .take(2)
+        .any(|&i| const_of(model, i).is_some())
+    {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(id)?;
+    let mut space = 1usize;
+    for axis in einsum.axes.iter_all_axes() {
+        let size = axis
+            .inputs
+            .iter()
+            .enumerate()
+            .find_map(|(slot, positions)| {
+                let position = *positions.first()?;
+                facts.get(slot)?.shape.as_concrete()?.get(position).copied()
+            });
+        space *= size.unwrap_or(1);
+    }
+    Ok(Some(space as u64))
+}
+
+/// Multiply-adds of one image through every product layer of `model` (convolutions and matrix
+/// products with constant weights), whether [`plan`] can quantize them or not: the denominator
+/// of the int8 coverage the artifact reports.
+pub fn total_product_macs(model: &TypedModel) -> Result<u64> {
+    let mut total = 0;
+    for id in 0..model.nodes().len() {
+        total += product_macs(model, id)
+            .map_err(CompileError::graph("quantize"))?
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// Every quantizable layer of `model`, with the precision `config` gives it.
 pub fn plan(model: &TypedModel, config: &QuantizeConfig) -> Result<Vec<LayerPrecision>> {
     let found = candidates(model).map_err(CompileError::graph("quantize"))?;
-    Ok(found
+    found
         .iter()
-        .map(|c| LayerPrecision {
-            layer: model.node(c.node).name.clone(),
-            kind: c.kind.to_string(),
-            precision: if chosen(model, c, config) {
-                "int8"
-            } else {
-                "f32"
-            }
-            .to_string(),
-            reason: None,
-            timed_ms: None,
+        .map(|c| -> Result<LayerPrecision> {
+            Ok(LayerPrecision {
+                layer: model.node(c.node).name.clone(),
+                kind: c.kind.to_string(),
+                precision: if chosen(model, c, config) {
+                    "int8"
+                } else {
+                    "f32"
+                }
+                .to_string(),
+                reason: None,
+                timed_ms: None,
+                macs: product_macs(model, c.node).map_err(CompileError::graph("quantize"))?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 fn chosen(model: &TypedModel, candidate: &Candidate, config: &QuantizeConfig) -> bool {
@@ -421,6 +494,10 @@ impl Rebuild<'_> {
         let x_old = node.inputs[0];
         let (x0, x_scale) = self.qparams(x_old)?;
         let weights = const_of(self.old, node.inputs[1]).context("constant weights")?;
+        let weights = match &candidate.layout {
+            Some(layout) => Arc::new(weights_oi(&weights, layout)?),
+            None => weights,
+        };
         let per_channel = self.per_channel && node.op_as::<EinSum>().is_some();
         let (kernel, k_scales) = quantize_weights(&weights, per_channel)?;
         let out_channels = weights.shape()[0];
@@ -487,10 +564,17 @@ impl Rebuild<'_> {
             .enumerate()
             .map(|(i, w)| w * k_scales[if k_scales.len() == 1 { 0 } else { i / per_row }])
             .collect();
-        let weights = self.new.add_const(
-            format!("{name}.weights_rounded"),
-            Tensor::from_shape(kernel.shape(), &weights)?,
-        )?;
+        let mut weights = Tensor::from_shape(kernel.shape(), &weights)?;
+        if candidate
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.weights_transposed)
+        {
+            weights = weights.permute_axes(&[1, 0])?;
+        }
+        let weights = self
+            .new
+            .add_const(format!("{name}.weights_rounded"), weights)?;
         let bias_view = bias.view();
         let bias_values: Vec<f32> = bias_view
             .as_slice::<i32>()?
@@ -573,7 +657,8 @@ impl Rebuild<'_> {
             .wire_node(format!("{name}.dequantize"), cast(f32::datum_type()), &[y])?[0])
     }
 
-    /// A 1x1 convolution as one int8 matrix product over all pixels: `[Co, Ci] x [Ci, H*W]`.
+    /// A 1x1 convolution as one int8 matrix product over all pixels: `[Co, Ci] x [Ci, H*W]`,
+    /// the activations' axes moved there and the product's moved back (see [`pointwise`]).
     /// (tract multiplies a `[Ci, H, W]` einsum one image row at a time when it is quantized; the
     /// flattening is written into the graph and, as the runtime does not declutter again, stays.)
     fn quantized_pointwise(
@@ -585,18 +670,8 @@ impl Rebuild<'_> {
         k_scales: &[f32],
     ) -> TractResult<OutletId> {
         let name = self.old.node(candidate.node).name.clone();
-        let mut x = x;
-        if self.new.outlet_fact(x)?.rank() == 4 {
-            // The batch of one summed away by the einsum (`NIHW,OI->OHW`).
-            x = self
-                .new
-                .wire_node(format!("{name}.drop_batch"), AxisOp::Rm(0), &[x])?[0];
-        }
-        let shape = self.new.outlet_fact(x)?.shape.to_tvec();
-        let (h, w) = (shape[1].clone(), shape[2].clone());
-        let pixels = h.clone() * w.clone();
-        let flat = AxisOp::Reshape(1, tvec![h.clone(), w.clone()], tvec![pixels.clone()]);
-        let x = self.new.wire_node(format!("{name}.flatten"), flat, &[x])?[0];
+        let layout = candidate.layout.as_ref().context("pointwise layout")?;
+        let (x, pixel_dims) = layout.wire_input(&mut self.new, &name, x)?;
         let (inputs, y_dt) =
             self.quantized_inputs(candidate, [x, kernel], bias, x_params, k_scales)?;
         let axes: AxesMapping = if k_scales.len() > 1 {
@@ -607,10 +682,7 @@ impl Rebuild<'_> {
         .parse()?;
         let op = EinSum::newq(axes, i32::datum_type(), y_dt);
         let y = self.new.wire_node(format!("{name}.int8"), op, &inputs)?[0];
-        let unflat = AxisOp::Reshape(1, tvec![pixels], tvec![h, w]);
-        let y = self
-            .new
-            .wire_node(format!("{name}.unflatten"), unflat, &[y])?[0];
+        let y = layout.wire_output(&mut self.new, &name, y, pixel_dims)?;
         self.dequantized(candidate, y)
     }
 
@@ -636,33 +708,6 @@ impl Rebuild<'_> {
         let y = self.new.wire_node(format!("{name}.int8"), op, &inputs)?[0];
         self.dequantized(candidate, y)
     }
-}
-
-/// Whether an einsum computes `out[o, h, w] = sum_i weights[o, i] * x[i, h, w]`: a 1x1
-/// convolution as tract's declutter leaves it (`IHW,OI->OHW`, or `NIHW,OI->OHW` with a batch of
-/// one summed away, as for a first block's projection).
-fn is_pointwise(einsum: &EinSum, x_shape: &ShapeFact) -> bool {
-    let expr = einsum.axes.to_string();
-    let Some((inputs, output)) = expr.split_once("->") else {
-        return false;
-    };
-    let Some((x, weights)) = inputs.split_once(',') else {
-        return false;
-    };
-    let (mut x, weights, output): (Vec<char>, Vec<char>, Vec<char>) = (
-        x.chars().collect(),
-        weights.chars().collect(),
-        output.chars().collect(),
-    );
-    if x.len() == 4 && !output.contains(&x[0]) && x_shape.first() == Some(&1.to_dim()) {
-        x.remove(0);
-    }
-    x.len() == 3
-        && weights.len() == 2
-        && output.len() == 3
-        && x[0] == weights[1]
-        && weights[0] == output[0]
-        && x[1..] == output[1..]
 }
 
 /// Rebuilds `model` with its quantizable layers in int8 where `config` chooses them, using
@@ -797,23 +842,6 @@ mod tests {
             let b = b * scale;
             assert!((a - b).abs() <= scale / 2.0 + 1e-7, "{a} vs {b}");
         }
-    }
-
-    #[test]
-    fn pointwise_products_are_recognised_with_or_without_a_unit_batch() {
-        let einsum = |expr: &str| EinSum::new(expr.parse().unwrap(), f32::datum_type());
-        let shape = |dims: &[usize]| ShapeFact::from_dims(dims.iter().map(|&d| d.to_dim()));
-        assert!(is_pointwise(&einsum("IHW,OI->OHW"), &shape(&[32, 7, 7])));
-        // A first block's projection: the batch axis summed away.
-        assert!(is_pointwise(
-            &einsum("NIHW,OI->OHW"),
-            &shape(&[1, 32, 7, 7])
-        ));
-        assert!(!is_pointwise(
-            &einsum("NIHW,OI->OHW"),
-            &shape(&[2, 32, 7, 7])
-        ));
-        assert!(!is_pointwise(&einsum("IHW,IO->OHW"), &shape(&[32, 7, 7])));
     }
 
     #[test]

@@ -28,7 +28,6 @@ use crate::rng::Rng;
 mod depthwise;
 pub use depthwise::depthwise_conv_cpu;
 
-
 /// A translated operator with its attributes.
 #[derive(Debug, Clone, PartialEq)]
 enum Op {
@@ -466,7 +465,8 @@ impl Subgraph {
         };
         env.floats.insert(self.input.as_str(), input.clone());
         for p in &self.parameters {
-            env.floats.insert(p.name.as_str(), p.var.as_tensor().clone());
+            env.floats
+                .insert(p.name.as_str(), p.var.as_tensor().clone());
         }
         for (name, t) in &self.constants {
             env.floats.insert(name.as_str(), t.clone());
@@ -511,9 +511,13 @@ impl Subgraph {
             Op::BatchNorm { epsilon, momentum } => {
                 self.batch_norm(step, env, (*epsilon, *momentum), train)?
             }
-            Op::LayerNorm { axis, epsilon } => {
-                layer_norm(&input(0)?, &input(1)?, optional(2).as_ref(), *axis, *epsilon)?
-            }
+            Op::LayerNorm { axis, epsilon } => layer_norm(
+                &input(0)?,
+                &input(1)?,
+                optional(2).as_ref(),
+                *axis,
+                *epsilon,
+            )?,
             Op::Relu => input(0)?.relu()?,
             Op::Clip => {
                 let mut x = input(0)?;
@@ -563,7 +567,13 @@ impl Subgraph {
                 beta,
                 trans_a,
                 trans_b,
-            } => gemm(&input(0)?, &input(1)?, optional(2), [*alpha, *beta], [*trans_a, *trans_b])?,
+            } => gemm(
+                &input(0)?,
+                &input(1)?,
+                optional(2),
+                [*alpha, *beta],
+                [*trans_a, *trans_b],
+            )?,
             Op::MatMul => input(0)?.broadcast_matmul(&input(1)?)?,
             Op::Transpose { perm } => input(0)?.permute(perm.clone())?,
             Op::Concat { .. }
@@ -625,7 +635,13 @@ impl Subgraph {
         let mask: Vec<f32> = {
             let mut rng = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner());
             (0..x.elem_count())
-                .map(|_| if (rng.next_f32() as f64) < keep { (1.0 / keep) as f32 } else { 0.0 })
+                .map(|_| {
+                    if (rng.next_f32() as f64) < keep {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
                 .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
@@ -748,14 +764,24 @@ impl Env<'_> {
     /// Operators that move or compute shapes: on float tensors they reshape, on integer
     /// tensors (shape arithmetic, as `x.view(x.size(0), -1)` exports) they compute the values.
     fn shape_op(&self, step: &Step) -> Result<Value> {
-        let integers = step.inputs.first().is_some_and(|n| self.ints.contains_key(n.as_str()));
+        let integers = step
+            .inputs
+            .first()
+            .is_some_and(|n| self.ints.contains_key(n.as_str()));
         Ok(match (&step.op, integers) {
-            (Op::Shape, _) => {
-                Value::Ints(self.float(step, 0)?.dims().iter().map(|&d| d as i64).collect())
-            }
+            (Op::Shape, _) => Value::Ints(
+                self.float(step, 0)?
+                    .dims()
+                    .iter()
+                    .map(|&d| d as i64)
+                    .collect(),
+            ),
             (Op::Gather { axis }, true) => {
                 if *axis != 0 {
-                    return Err(untrainable(step, "Gather on integers along an axis other than 0"));
+                    return Err(untrainable(
+                        step,
+                        "Gather on integers along an axis other than 0",
+                    ));
                 }
                 let data = self.ints(step, 0)?;
                 let picked = self
@@ -798,7 +824,8 @@ impl Env<'_> {
                 let mut x = self.float(step, 0)?;
                 let mut axes = self.axes(step, axes)?.unwrap_or_default();
                 let rank = (x.rank() + axes.len()) as i64;
-                axes.iter_mut().for_each(|a| *a = if *a < 0 { *a + rank } else { *a });
+                axes.iter_mut()
+                    .for_each(|a| *a = if *a < 0 { *a + rank } else { *a });
                 axes.sort_unstable();
                 for a in axes {
                     x = x.unsqueeze(a as usize)?;
@@ -906,11 +933,6 @@ enum Role {
     Mean,
     Variance,
 }
-
-
-
-
-
 
 fn pair(
     values: Option<Vec<i64>>,
@@ -1082,8 +1104,6 @@ fn translate_op(node: &pb::NodeProto) -> std::result::Result<Op, String> {
 fn constant_node_value(node: &pb::NodeProto) -> Option<pb::TensorProto> {
     attribute(node, "value").and_then(|a| a.t.clone())
 }
-
-
 
 fn axis_index(axis: i64, rank: usize) -> usize {
     if axis < 0 {
@@ -1605,6 +1625,7 @@ mod tests {
                 kernel: [3, 3],
                 strides: [2, 2],
                 pads: [1, 1, 1, 1],
+                ceil: false,
             },
         )
         .unwrap();
@@ -1632,6 +1653,7 @@ mod tests {
                 kernel: [3, 3],
                 strides: [2, 2],
                 pads: [1, 1, 1, 1],
+                ceil: false,
             },
             false,
         )
@@ -1689,6 +1711,32 @@ mod tests {
             err.to_string()
                 .contains("reads \"hs\", which does not come from \"sg\""),
             "{err}"
+        );
+    }
+
+    /// Ceil mode adds a last, partial window, never one that starts in the end padding
+    /// (SqueezeNet's 3x3/2 pooling of 111 gives 55, of 112 gives 56).
+    #[test]
+    fn ceil_mode_pads_the_end_for_a_last_partial_window() {
+        let window = |pads: [usize; 4]| Window {
+            kernel: [3, 3],
+            strides: [2, 2],
+            pads,
+            ceil: true,
+        };
+        assert_eq!(window([0; 4]).pads_for(111, 112), [0, 0, 0, 1]);
+        assert_eq!(window([0; 4]).pads_for(6, 7), [0, 0, 1, 0]);
+        assert_eq!(window([1; 4]).pads_for(6, 7), [1, 1, 2, 1]);
+        let x = Tensor::arange(0f32, 36.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 6, 6))
+            .unwrap();
+        let pooled = max_pool(&x, &window([0; 4])).unwrap();
+        assert_eq!(pooled.dims(), &[1, 1, 3, 3]);
+        let values = pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            values,
+            [14.0, 16.0, 17.0, 26.0, 28.0, 29.0, 32.0, 34.0, 35.0]
         );
     }
 }

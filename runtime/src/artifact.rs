@@ -109,6 +109,24 @@ pub struct QuantizationInfo {
     /// The whole int8 graph against its f32 original, timed on the compiling machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speed: Option<SpeedCheck>,
+    /// Multiply-adds per image of every convolution and constant-weight matrix product of the
+    /// f32 graph, quantizable or not (the int8 layers' `macs` over this is the int8 coverage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_macs: Option<u64>,
+}
+
+impl QuantizationInfo {
+    /// Fraction of the graph's product multiply-adds computed in int8, when recorded.
+    pub fn int8_mac_fraction(&self) -> Option<f64> {
+        let total = self.product_macs.filter(|&t| t > 0)?;
+        let int8: u64 = self
+            .layers
+            .iter()
+            .filter(|l| l.precision == "int8")
+            .map(|l| l.macs.unwrap_or(0))
+            .sum();
+        Some(int8 as f64 / total as f64)
+    }
 }
 
 /// Latency of the int8 graph and of the f32 graph it came from, run in alternation on the
@@ -159,6 +177,9 @@ pub struct LayerPrecision {
     /// (`--int8-layers faster`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timed_ms: Option<[f32; 2]>,
+    /// Multiply-adds of the layer per image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macs: Option<u64>,
 }
 
 /// Name and shape of a graph tensor.

@@ -432,8 +432,15 @@ fn describe_precision(m: &Manifest) -> String {
             s.int8_ms, s.f32_ms, s.ratio, s.kernels, s.cpu
         )
     });
+    let coverage = q.int8_mac_fraction().map_or(String::new(), |f| {
+        format!(
+            ", {:.1} % of the {:.1} M multiply-adds of its convolutions and products",
+            f * 100.0,
+            q.product_macs.unwrap_or(0) as f64 / 1e6
+        )
+    });
     format!(
-        "{}: {int8} of {} layers int8 ({}), {} on {} images{trials}{budget}{timed}{accuracy}{speed}",
+        "{}: {int8} of {} layers int8 ({}){coverage}, {} on {} images{trials}{budget}{timed}{accuracy}{speed}",
         m.precision,
         q.layers.len(),
         kinds.join(", "),

@@ -61,6 +61,7 @@ pub(crate) fn expand_gelu(model: &TypedModel) -> TractResult<TypedModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::internal::Approximation;
     use tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact;
 
     #[test]
@@ -80,7 +81,10 @@ mod tests {
                 .into_tensor()
         };
         let expanded = expand_gelu(&model).unwrap();
-        assert!(expanded.nodes().iter().all(|n| !n.op.name().contains("Gelu")));
+        assert!(expanded
+            .nodes()
+            .iter()
+            .all(|n| !n.op.name().contains("Gelu")));
         run(&model)
             .close_enough(&run(&expanded), Approximation::Close)
             .unwrap();

@@ -27,7 +27,11 @@ pub(crate) fn explicit_ceil_pools(model: &mut TypedModel) -> TractResult<()> {
         let PaddingSpec::ExplicitOnnxPool(before, after, true) = &spec.padding else {
             continue;
         };
-        let input = model.outlet_fact(node.inputs[0])?.shape.as_concrete().map(|s| s.to_vec());
+        let input = model
+            .outlet_fact(node.inputs[0])?
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec());
         let output = node.outputs[0].fact.shape.as_concrete().map(|s| s.to_vec());
         let (Some(input), Some(output)) = (input, output) else {
             bail!("pooling {:?} in ceil mode needs fixed shapes", node.name);
@@ -55,7 +59,10 @@ pub(crate) fn explicit_ceil_pools(model: &mut TypedModel) -> TractResult<()> {
         let same = explicit.output_shape(&input)?;
         let expected = spec.data_format.shape(output)?;
         if same.hw_dims() != expected.hw_dims() {
-            bail!("pooling {:?}: explicit padding changes its output shape", node.name);
+            bail!(
+                "pooling {:?}: explicit padding changes its output shape",
+                node.name
+            );
         }
         let node = model.node_mut(id);
         if let Some(pool) = node.op_as_mut::<MaxPool>() {

@@ -172,7 +172,9 @@ mod tests {
         let conv = &g.node[0];
         assert_eq!(conv.output, ["y"]);
         assert_eq!(conv.input, ["x", "y.folded_weight", "y.folded_bias"]);
-        let value = |name: &str| float_values(g.initializer.iter().find(|t| t.name == name).unwrap()).unwrap();
+        let value = |name: &str| {
+            float_values(g.initializer.iter().find(|t| t.name == name).unwrap()).unwrap()
+        };
         let s0 = 2.0 / (3.0f32 + 1e-5).sqrt();
         let s1 = 0.5 / (1e-5f32).sqrt();
         let w = value("y.folded_weight");

@@ -131,14 +131,18 @@ impl Backbone {
     /// before them.
     pub fn default_cut(&self) -> Result<String> {
         let graph = self.graph();
-        let last = graph.node.iter().rposition(|n| {
-            matches!(n.op_type.as_str(), "Gemm" | "MatMul" | "Conv")
-        });
+        let last = graph
+            .node
+            .iter()
+            .rposition(|n| matches!(n.op_type.as_str(), "Gemm" | "MatMul" | "Conv"));
         let classifier = last.filter(|&i| {
             let node = &graph.node[i];
-            node.op_type != "Conv" || (is_pointwise_conv(graph, node) && {
-                graph.node[i + 1..].iter().all(|n| CLASSIFIER_TAIL.contains(&n.op_type.as_str()))
-            })
+            node.op_type != "Conv"
+                || (is_pointwise_conv(graph, node) && {
+                    graph.node[i + 1..]
+                        .iter()
+                        .all(|n| CLASSIFIER_TAIL.contains(&n.op_type.as_str()))
+                })
         });
         let Some(mut cut) = classifier.and_then(|i| graph.node[i].input.first().cloned()) else {
             return Err(CompileError::InvalidCut {
@@ -469,8 +473,21 @@ pub struct CutPoint {
 
 /// Operators that may follow a 1x1 Conv classifier: activation, pooling, flattening.
 const CLASSIFIER_TAIL: &[&str] = &[
-    "Relu", "Dropout", "Identity", "GlobalAveragePool", "ReduceMean", "AveragePool", "Flatten",
-    "Reshape", "Squeeze", "Softmax", "LogSoftmax", "Shape", "Gather", "Unsqueeze", "Concat",
+    "Relu",
+    "Dropout",
+    "Identity",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "AveragePool",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Softmax",
+    "LogSoftmax",
+    "Shape",
+    "Gather",
+    "Unsqueeze",
+    "Concat",
     "Constant",
 ];
 
