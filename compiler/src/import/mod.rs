@@ -180,9 +180,11 @@ impl Backbone {
     /// order, with their shapes.
     pub fn cut_points(&self) -> Result<Vec<CutPoint>> {
         let count = self.graph().node.len().max(1) as f32;
+        // A Dropout's output is its input at inference: the cut is listed before it.
         let chain: Vec<(&str, &str, f32)> = self
             .chain_points()
             .into_iter()
+            .filter(|&(_, op, _)| op != "Dropout")
             .map(|(tensor, op, index)| (tensor, op, (index + 1) as f32 / count))
             .collect();
         let names: Vec<&str> = chain.iter().map(|c| c.0).collect();
@@ -438,22 +440,38 @@ pub struct Block {
     pub nodes: usize,
 }
 
-/// Block of a node named like a path: up to the first numbered segment, else the first segment.
+/// Block of a node named like a path (PyTorch exports name nodes after their modules):
+/// 1. up to a segment ending in a digit and one letter (GoogLeNet's `/inception4a`, Inception's
+///    `Mixed_5b`: modules whose branches are numbered inside them);
+/// 2. else up to the first numbered segment (`/_blocks.15`, `/layer4/layer4.1`,
+///    `/features/features.3`);
+/// 3. else up to the deepest segment ending in a digit, above the operator's own module
+///    (DenseNet's `/features/denseblock1/denselayer2`, `/features/transition1`);
+/// 4. else the first segment (`/_conv_head`).
 fn block_name(node: &str) -> Option<String> {
     let segments: Vec<&str> = node.trim_start_matches('/').split('/').collect();
     if segments.len() < 2 {
         return None;
     }
     let parents = &segments[..segments.len() - 1];
-    let numbered = |s: &&str| {
-        s.rsplit(['.', '_'])
-            .next()
-            .is_some_and(|tail| !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()))
-            && s.contains(['.'])
+    let lettered = |s: &&str| {
+        let b = s.as_bytes();
+        b.len() >= 2 && b[b.len() - 1].is_ascii_lowercase() && b[b.len() - 2].is_ascii_digit()
     };
+    let numbered = |s: &&str| {
+        let tail_digits = s
+            .rsplit(['.', '_'])
+            .next()
+            .is_some_and(|tail| !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()));
+        (tail_digits && s.contains('.')) || s.bytes().all(|b| b.is_ascii_digit())
+    };
+    let ends_in_digit = |s: &&str| s.bytes().last().is_some_and(|b| b.is_ascii_digit());
+    let above_module = &parents[..parents.len().saturating_sub(1)];
     let depth = parents
         .iter()
-        .position(|s| numbered(s) || s.bytes().all(|b| b.is_ascii_digit()))
+        .position(lettered)
+        .or_else(|| parents.iter().position(numbered))
+        .or_else(|| above_module.iter().rposition(ends_in_digit))
         .map_or(1, |i| i + 1);
     Some(format!("/{}", parents[..depth].join("/")))
 }
@@ -594,6 +612,19 @@ mod tests {
             Some("/_conv_head")
         );
         assert_eq!(block_name("/_swish_1/Clip").as_deref(), Some("/_swish_1"));
+        assert_eq!(
+            block_name("/inception4a/branch2/branch2.0/conv/Conv").as_deref(),
+            Some("/inception4a")
+        );
+        assert_eq!(
+            block_name("/features/denseblock1/denselayer2/conv1/Conv").as_deref(),
+            Some("/features/denseblock1/denselayer2")
+        );
+        assert_eq!(
+            block_name("/features/transition1/conv/Conv").as_deref(),
+            Some("/features/transition1")
+        );
+        assert_eq!(block_name("/conv1/Conv").as_deref(), Some("/conv1"));
         assert_eq!(block_name("Conv_12"), None);
     }
 

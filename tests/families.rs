@@ -1,0 +1,252 @@
+//! Every CNN family, not only EfficientNet-Lite: the small fixture backbones of
+//! `fixtures/families/` (random weights, the operators and shapes real exports have; see
+//! `make_families.py`) import with a default cut, reproduce onnxruntime's logits, translate to
+//! candle as tract computes them, and compile with a new head, in int8 and with fine-tuning.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::*;
+use graft_compiler::finetune::{TrainablePart, Unfreeze};
+use graft_compiler::import::Backbone;
+use graft_compiler::pipeline::{compile, CompileOptions};
+use graft_runtime::preprocess::{Normalization, Preprocessing};
+use graft_runtime::progress::NoProgress;
+use graft_runtime::Model;
+use tract_onnx::prelude::{tvec, IntoRunnable, Tensor as TractTensor};
+
+/// Each family with the tensor its default cut must be (the input of its own classifier, before
+/// any Dropout).
+const FAMILIES: [(&str, &str); 8] = [
+    ("resnet", "/Reshape_output_0"),
+    ("mobilenetv2", "/Flatten_output_0"),
+    ("mobilenetv3", "/classifier/classifier.1/HardSwish_output_0"),
+    ("squeezenet", "/features/features.8/Concat_output_0"),
+    ("vgg", "/classifier/classifier.4/Relu_output_0"),
+    ("inception", "/Flatten_output_0"),
+    ("densenet", "/Flatten_output_0"),
+    ("convnext", "/classifier/classifier.1/Flatten_output_0"),
+];
+
+fn graft() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_graft"))
+}
+
+fn family(name: &str) -> PathBuf {
+    fixtures().join("families").join(format!("{name}.onnx"))
+}
+
+/// The golden crops `make_families.py` gave onnxruntime: `(x - 127) / 128`, NCHW.
+fn golden_crop(index: usize) -> Vec<f32> {
+    let golden = fixtures().join("golden");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&golden)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    let image = graft_runtime::preprocess::load_image(&files[index])
+        .unwrap()
+        .to_rgb8();
+    let mut chw = vec![0f32; 3 * 224 * 224];
+    for (i, px) in image.pixels().enumerate() {
+        for c in 0..3 {
+            chw[c * 224 * 224 + i] = (px.0[c] as f32 - 127.0) / 128.0;
+        }
+    }
+    chw
+}
+
+/// An artifact of each unmodified backbone gives onnxruntime's logits (within 1e-3) on four
+/// golden crops: BN folding, ceil-mode pooling, shape arithmetic, LayerNorm and GELU survive
+/// import, NNEF and the runtime.
+#[test]
+fn every_family_reproduces_onnxruntime_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let crops: Vec<Vec<f32>> = (0..4).map(golden_crop).collect();
+    for (name, _) in FAMILIES {
+        let out = dir.path().join(format!("{name}.graft"));
+        let options = CompileOptions {
+            keep_imagenet_head: true,
+            normalization: Some(Normalization::tf()),
+            verify: false,
+            ..CompileOptions::new(family(name), &out)
+        };
+        compile(&options, &NoProgress).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let model = Model::load(&out).unwrap();
+        let raw = std::fs::read(fixtures().join(format!("families/{name}.logits.f32"))).unwrap();
+        let ort: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let mut worst = 0f32;
+        for (i, crop) in crops.iter().enumerate() {
+            let logits = model.classify_tensor(crop).unwrap().logits;
+            assert_eq!(logits.len(), 1000, "{name}");
+            for (a, b) in logits.iter().zip(&ort[i * 1000..(i + 1) * 1000]) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        assert!(worst <= 1e-3, "{name}: max |logit - onnxruntime| = {worst}");
+    }
+}
+
+/// Each family's default cut is the input of its classifier (a Gemm, or SqueezeNet's 1x1
+/// Conv), `inspect-backbone` marks it, and the graph has blocks to fine-tune.
+#[test]
+fn every_family_has_a_default_cut_and_blocks() {
+    for (name, cut) in FAMILIES {
+        let backbone = Backbone::load(&family(name), None).unwrap();
+        assert_eq!(backbone.default_cut().unwrap(), cut, "{name}");
+        assert!(
+            backbone.blocks(cut).len() >= 3,
+            "{name}: {:?}",
+            backbone.blocks(cut)
+        );
+        let listed = run(graft(), args!["inspect-backbone", family(name)]).expect_code(0);
+        let marked = listed
+            .stdout
+            .lines()
+            .find(|l| l.contains("<- default cut"))
+            .unwrap_or_else(|| panic!("{name}: no default cut marked\n{}", listed.stdout));
+        assert!(marked.contains(cut), "{name}: {marked}");
+    }
+}
+
+/// The candle translation of each family's top two blocks, fed by tract's frozen prefix, gives
+/// the features tract computes for the whole cut graph (relative difference <= 1e-4).
+#[test]
+fn translated_top_blocks_match_tract_in_every_family() {
+    let preprocessing = Preprocessing::for_input(224, 224, Normalization::tf());
+    let photo = hymenoptera_mini().join("train/ants");
+    let mut photos: Vec<PathBuf> = std::fs::read_dir(&photo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    photos.sort();
+    let chw = preprocessing.apply(&preprocessing.load(&photos[0]).unwrap());
+    for (name, cut) in FAMILIES {
+        let backbone = Backbone::load(&family(name), None).unwrap();
+        let whole = backbone
+            .prefix(cut)
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        let input = TractTensor::from_shape(&[1, 3, 224, 224], &chw).unwrap();
+        let outputs = whole.run(tvec![input.into()]).unwrap();
+        let mut expected: Vec<f32> = outputs[0].view().as_slice::<f32>().unwrap().to_vec();
+        let channels = outputs[0].shape()[1];
+        if expected.len() != channels {
+            // A feature map (SqueezeNet's cut): the features are its global average.
+            let area = expected.len() / channels;
+            expected = expected
+                .chunks(area)
+                .map(|c| c.iter().sum::<f32>() / area as f32)
+                .collect();
+        }
+        let part = TrainablePart::new(&backbone, cut, &Unfreeze::Blocks(2), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let boundary = part.boundary_of(chw.clone()).unwrap();
+        let boundary = Tensor::from_vec(boundary, part.boundary_len(), &Device::Cpu).unwrap();
+        let got = part
+            .features(&boundary, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got.len(), expected.len(), "{name}");
+        let norm = expected.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let diff = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            .sqrt();
+        assert!(
+            diff / norm <= 1e-4,
+            "{name}: relative difference {}",
+            diff / norm
+        );
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Report {
+    manifest: graft_runtime::artifact::Manifest,
+}
+
+fn compile_family(name: &str, out: &Path, extra: &[&str]) -> Report {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "compile".into(),
+        "--backbone".into(),
+        family(name).into(),
+        "--data".into(),
+        hymenoptera_mini().into(),
+        "--out".into(),
+        out.into(),
+        "--normalize".into(),
+        "tf".into(),
+        "--no-cache".into(),
+        "--epochs".into(),
+        "5".into(),
+        "--json".into(),
+        "--quiet".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.into()));
+    let output = run(graft(), &args);
+    assert_eq!(output.code, 0, "{name} {extra:?}: {}", output.stderr);
+    assert!(out.is_file(), "{name} {extra:?}");
+    serde_json::from_str(&output.stdout).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Head, int8 and fine-tuning compiles of every family run end to end on the fixture photos.
+/// int8 covers at least 80 % of each family's product multiply-adds (with the accuracy budget
+/// lifted, so that the share measures what the rewrite can quantize, not what these random
+/// weights lose).
+#[test]
+fn every_family_compiles_head_int8_and_finetune() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, _) in FAMILIES {
+        let head = compile_family(name, &dir.path().join(format!("{name}.graft")), &[]);
+        assert_eq!(head.manifest.labels, ["ants", "bees"], "{name}");
+
+        let int8 = compile_family(
+            name,
+            &dir.path().join(format!("{name}.int8.graft")),
+            &["--precision", "int8", "--accuracy-budget", "100"],
+        );
+        let q = int8.manifest.quantization.expect("int8 manifest");
+        let share = q.int8_mac_fraction().expect("multiply-adds recorded");
+        assert!(share >= 0.8, "{name}: int8 covers {:.1} %", share * 100.0);
+
+        let finetuned = compile_family(
+            name,
+            &dir.path().join(format!("{name}.ft.graft")),
+            &[
+                "--strategy",
+                "finetune",
+                "--unfreeze",
+                "2",
+                "--finetune-epochs",
+                "1",
+            ],
+        );
+        let transfer = finetuned
+            .manifest
+            .training
+            .and_then(|t| t.transfer)
+            .expect("fine-tuning recorded");
+        assert_eq!(transfer.strategy, "finetune", "{name}");
+        assert_eq!(
+            transfer.unfrozen_blocks.len(),
+            2,
+            "{name}: {:?}",
+            transfer.unfrozen_blocks
+        );
+    }
+}
