@@ -89,6 +89,7 @@ fn every_family_reproduces_onnxruntime_logits() {
                 worst = worst.max((a - b).abs());
             }
         }
+        println!("{name:12} max |logit - onnxruntime| {worst:.2e}");
         assert!(worst <= 1e-3, "{name}: max |logit - onnxruntime| = {worst}");
     }
 }
@@ -222,6 +223,13 @@ fn every_family_compiles_head_int8_and_finetune() {
         );
         let q = int8.manifest.quantization.expect("int8 manifest");
         let share = q.int8_mac_fraction().expect("multiply-adds recorded");
+        let int8 = q.layers.iter().filter(|l| l.precision == "int8").count();
+        println!(
+            "{name:12} int8 {int8}/{} layers, {:.1} % of {:.1} M multiply-adds",
+            q.layers.len(),
+            share * 100.0,
+            q.product_macs.unwrap_or(0) as f64 / 1e6
+        );
         assert!(share >= 0.8, "{name}: int8 covers {:.1} %", share * 100.0);
 
         let finetuned = compile_family(

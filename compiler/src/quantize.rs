@@ -151,7 +151,11 @@ fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
         } else if let Some(einsum) = node.op_as::<EinSum>() {
             // A 1x1 convolution after tract's declutter: weights [Co, Ci] times activations
             // [Ci, H, W], then a constant bias [Co, 1, 1].
-            if einsum.q_params.is_some() || node.inputs.len() != 2 {
+            // The trained head stays f32: its outputs are the logits, and it is tiny.
+            if einsum.q_params.is_some()
+                || node.inputs.len() != 2
+                || node.name.starts_with("graft.head.")
+            {
                 continue;
             }
             let Some(weight) = const_of(model, node.inputs[1]) else {

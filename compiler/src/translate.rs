@@ -706,7 +706,7 @@ struct Env<'a> {
 }
 
 impl Env<'_> {
-    fn name<'s>(step: &'s Step, i: usize) -> Result<&'s str> {
+    fn name(step: &Step, i: usize) -> Result<&str> {
         step.inputs
             .get(i)
             .filter(|n| !n.is_empty())

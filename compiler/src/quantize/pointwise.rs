@@ -210,7 +210,8 @@ mod tests {
     /// The rewiring computes what the einsum computes, for every layout above.
     #[test]
     fn matrix_form_reproduces_the_einsum() {
-        let cases: &[(&str, &[usize], &[usize], &[usize])] = &[
+        type Case<'a> = (&'a str, &'a [usize], &'a [usize], &'a [usize]);
+        let cases: &[Case] = &[
             ("IHW,OI->OHW", &[3, 2, 5], &[4, 3], &[4, 2, 5]),
             ("NIHW,OI->NOHW", &[1, 3, 2, 5], &[4, 3], &[1, 4, 2, 5]),
             ("IHW,OI->NOHW", &[3, 2, 5], &[4, 3], &[1, 4, 2, 5]),
