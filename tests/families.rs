@@ -168,6 +168,11 @@ fn translated_top_blocks_match_tract_in_every_family() {
             .map(|(a, b)| (a - b) * (a - b))
             .sum::<f32>()
             .sqrt();
+        println!(
+            "{name:12} top 2 blocks {:?}, candle vs tract: relative difference {:.1e}",
+            part.blocks,
+            diff / norm
+        );
         assert!(
             diff / norm <= 1e-4,
             "{name}: relative difference {}",

@@ -1699,7 +1699,22 @@ mod tests {
         assert!(
             err.to_string().starts_with(
                 "cannot train node \"Softplus_hs\": operator Softplus cannot be trained"
+            ) && err.to_string().ends_with(
+                "move the boundary above it with --unfreeze-from or a smaller --unfreeze"
             ),
+            "{err}"
+        );
+        let mut graph = toy_graph();
+        graph.node[4].op_type = "AveragePool".into();
+        graph.node[4].attribute = vec![
+            attr_ints("kernel_shape", &[3, 3]),
+            attr_int("ceil_mode", 1),
+            attr_int("count_include_pad", 1),
+        ];
+        let err = Subgraph::extract(&graph, "x", "y", &Device::Cpu, DType::F32).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ceil_mode 1 with count_include_pad 1 is not supported"),
             "{err}"
         );
 

@@ -73,3 +73,78 @@ pub(crate) fn explicit_ceil_pools(model: &mut TypedModel) -> TractResult<()> {
     }
     model.check_consistency()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::internal::Approximation;
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+
+    fn pool_spec(size: usize) -> (PoolSpec, [usize; 4]) {
+        let spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![3, 3],
+            padding: PaddingSpec::ExplicitOnnxPool(tvec![0, 0], tvec![0, 0], true),
+            dilations: None,
+            strides: Some(tvec![2, 2]),
+            input_channels: 2,
+            output_channels: 2,
+        };
+        (spec, [1, 2, size, size])
+    }
+
+    fn run(model: &TypedModel, input: &Tensor) -> Tensor {
+        model
+            .clone()
+            .into_runnable()
+            .unwrap()
+            .run(tvec![input.clone().into()])
+            .unwrap()[0]
+            .clone()
+            .into_tensor()
+    }
+
+    /// A 3x3/2 ceil-mode max pooling of a 112x112 map (56x56; 55x55 in floor mode) gives the same
+    /// values once made explicit, through an NNEF round trip.
+    #[test]
+    fn ceil_mode_max_pool_survives_nnef() {
+        let (spec, shape) = pool_spec(112);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(shape)).unwrap();
+        let y = model
+            .wire_node("pool", MaxPool::new(spec, None), &[x])
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let len: usize = shape.iter().product();
+        let values: Vec<f32> = (0..len).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        let input = Tensor::from_shape(&shape, &values).unwrap();
+        let expected = run(&model, &input);
+        assert_eq!(expected.shape(), [1, 2, 56, 56]);
+
+        explicit_ceil_pools(&mut model).unwrap();
+        let nnef = tract_nnef::nnef();
+        let mut bytes = vec![];
+        nnef.write_to_tar(&model, &mut bytes).unwrap();
+        let reloaded = nnef.model_for_read(&mut &bytes[..]).unwrap();
+        let got = run(&reloaded, &input);
+        expected.close_enough(&got, Approximation::Exact).unwrap();
+    }
+
+    #[test]
+    fn ceil_mode_average_counting_padding_is_refused_by_name() {
+        let (spec, shape) = pool_spec(112);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(shape)).unwrap();
+        let y = model
+            .wire_node("/inception/avg", SumPool::new(spec, true, true), &[x])
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let err = explicit_ceil_pools(&mut model).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "AveragePool \"/inception/avg\" has ceil_mode=1 and count_include_pad=1"
+            ),
+            "{err}"
+        );
+    }
+}
