@@ -12,7 +12,7 @@ use common::*;
 use graft_compiler::finetune::{TrainablePart, Unfreeze};
 use graft_compiler::import::Backbone;
 use graft_compiler::pipeline::{compile, CompileOptions};
-use graft_runtime::preprocess::{Normalization, Preprocessing};
+use graft_runtime::preprocess::{Normalization, Pipeline, Preprocessing};
 use graft_runtime::progress::NoProgress;
 use graft_runtime::Model;
 use tract_onnx::prelude::{tvec, IntoRunnable, Tensor as TractTensor};
@@ -181,6 +181,40 @@ fn translated_top_blocks_match_tract_in_every_family() {
     }
 }
 
+/// A fixture photo upscaled to 4000x3000, saved as JPEG.
+fn twelve_megapixel_photo(dir: &Path) -> PathBuf {
+    let name = "hymenoptera-mini/val/bees/1181173278_23c36fac71.jpg";
+    let source = graft_runtime::preprocess::load_image(&fixtures().join(name)).unwrap();
+    let big = source.resize_exact(4000, 3000, image::imageops::FilterType::Triangle);
+    let photo = dir.join("photo.jpg");
+    big.to_rgb8().save(&photo).unwrap();
+    photo
+}
+
+/// The artifact's fast pipeline (JPEG decoded at 1/8 scale, SIMD resize of the crop) gives
+/// the probabilities the full-size reference pipeline gives, within 0.05.
+fn fast_pipeline_agrees_with_reference(name: &str, artifact: &Path, photo: &Path) {
+    let model = Model::load(artifact).unwrap();
+    let fast = model.manifest().preprocessing.clone();
+    assert_eq!(fast.pipeline, Pipeline::Fast, "{name}");
+    let reference = Preprocessing {
+        pipeline: Pipeline::Reference,
+        ..fast.clone()
+    };
+    let a = model
+        .classify_tensor(&fast.apply(&fast.load(photo).unwrap()))
+        .unwrap();
+    let b = model
+        .classify_tensor(&reference.apply(&reference.load(photo).unwrap()))
+        .unwrap();
+    let worst = a
+        .probabilities
+        .iter()
+        .zip(&b.probabilities)
+        .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+    assert!(worst < 0.05, "{name}: probabilities differ by {worst}");
+}
+
 #[derive(serde::Deserialize)]
 struct Report {
     manifest: graft_runtime::artifact::Manifest,
@@ -210,16 +244,21 @@ fn compile_family(name: &str, out: &Path, extra: &[&str]) -> Report {
     serde_json::from_str(&output.stdout).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// Head, int8 and fine-tuning compiles of every family run end to end on the fixture photos.
+/// Head, int8 and fine-tuning compiles of every family run end to end on the fixture photos, and
+/// the head artifact classifies a 12-megapixel photo through the fast pipeline as through the
+/// full-size reference one.
 /// int8 covers at least 80 % of each family's product multiply-adds (with the accuracy budget
 /// lifted, so that the share measures what the rewrite can quantize, not what these random
 /// weights lose).
 #[test]
 fn every_family_compiles_head_int8_and_finetune() {
     let dir = tempfile::tempdir().unwrap();
+    let photo = twelve_megapixel_photo(dir.path());
     for (name, _) in FAMILIES {
-        let head = compile_family(name, &dir.path().join(format!("{name}.graft")), &[]);
+        let head_path = dir.path().join(format!("{name}.graft"));
+        let head = compile_family(name, &head_path, &[]);
         assert_eq!(head.manifest.labels, ["ants", "bees"], "{name}");
+        fast_pipeline_agrees_with_reference(name, &head_path, &photo);
 
         let int8 = compile_family(
             name,
