@@ -113,6 +113,15 @@ fn every_family_has_a_default_cut_and_blocks() {
             .find(|l| l.contains("<- default cut"))
             .unwrap_or_else(|| panic!("{name}: no default cut marked\n{}", listed.stdout));
         assert!(marked.contains(cut), "{name}: {marked}");
+        let blocks = backbone.blocks(cut);
+        let top = &blocks.last().unwrap().name;
+        assert!(
+            listed
+                .stdout
+                .contains(&format!("retrains the top N:\n  1. {top} (")),
+            "{name}: blocks not listed\n{}",
+            listed.stdout
+        );
     }
 }
 

@@ -243,12 +243,17 @@ fn run_inspect_backbone(
     let backbone = graft_compiler::import::Backbone::load(&args.backbone, args.input_size)?;
     let points = backbone.cut_points()?;
     let default = backbone.default_cut().ok();
+    let blocks = default
+        .as_deref()
+        .map(|cut| backbone.blocks(cut))
+        .unwrap_or_default();
     if args.json {
         let doc = serde_json::json!({
             "backbone": backbone.path(),
             "input": backbone.input_shape(),
             "default_cut": default,
             "cut_points": points,
+            "blocks": blocks,
         });
         serde_json::to_writer_pretty(&mut *out, &doc).map_err(std::io::Error::other)?;
         writeln!(out)?;
@@ -294,6 +299,32 @@ fn run_inspect_backbone(
         out,
         "Use one with graft compile --cut TENSOR; [1, C, H, W] maps are global-average-pooled to C features."
     )?;
+    write_blocks(out, &blocks)
+}
+
+/// The blocks `--strategy finetune --unfreeze N` counts, from the top.
+fn write_blocks(
+    out: &mut dyn std::io::Write,
+    blocks: &[graft_compiler::import::Block],
+) -> Result<Outcome, Failure> {
+    if blocks.is_empty() {
+        return Ok(Outcome::Complete);
+    }
+    writeln!(
+        out,
+        "\n{} blocks with weights below the default cut; --strategy finetune --unfreeze N retrains the top N:",
+        blocks.len()
+    )?;
+    let line: Vec<String> = blocks
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let plural = if b.nodes == 1 { "" } else { "s" };
+            format!("{}. {} ({} layer{plural})", i + 1, b.name, b.nodes)
+        })
+        .collect();
+    writeln!(out, "  {}", line.join(", "))?;
     Ok(Outcome::Complete)
 }
 

@@ -430,7 +430,7 @@ impl Backbone {
 }
 
 /// A group of weighted nodes that fine-tuning unfreezes together (see [`Backbone::blocks`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Block {
     /// Name shared by its nodes (`/_blocks.15`).
     pub name: String,
