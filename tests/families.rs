@@ -17,19 +17,6 @@ use graft_runtime::progress::NoProgress;
 use graft_runtime::Model;
 use tract_onnx::prelude::{tvec, IntoRunnable, Tensor as TractTensor};
 
-/// Each family with the tensor its default cut must be (the input of its own classifier, before
-/// any Dropout).
-const FAMILIES: [(&str, &str); 8] = [
-    ("resnet", "/Reshape_output_0"),
-    ("mobilenetv2", "/Flatten_output_0"),
-    ("mobilenetv3", "/classifier/classifier.1/HardSwish_output_0"),
-    ("squeezenet", "/features/features.8/Concat_output_0"),
-    ("vgg", "/classifier/classifier.4/Relu_output_0"),
-    ("inception", "/Flatten_output_0"),
-    ("densenet", "/Flatten_output_0"),
-    ("convnext", "/classifier/classifier.1/Flatten_output_0"),
-];
-
 fn graft() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_graft"))
 }
@@ -59,76 +46,69 @@ fn golden_crop(index: usize) -> Vec<f32> {
     chw
 }
 
-/// An artifact of each unmodified backbone gives onnxruntime's logits (within 1e-3) on four
+/// An artifact of the unmodified backbone gives onnxruntime's logits (within 1e-3) on four
 /// golden crops: BN folding, ceil-mode pooling, shape arithmetic, LayerNorm and GELU survive
 /// import, NNEF and the runtime.
-#[test]
-fn every_family_reproduces_onnxruntime_logits() {
+fn reproduces_onnxruntime_logits(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let crops: Vec<Vec<f32>> = (0..4).map(golden_crop).collect();
-    for (name, _) in FAMILIES {
-        let out = dir.path().join(format!("{name}.graft"));
-        let options = CompileOptions {
-            keep_imagenet_head: true,
-            normalization: Some(Normalization::tf()),
-            verify: false,
-            ..CompileOptions::new(family(name), &out)
-        };
-        compile(&options, &NoProgress).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let model = Model::load(&out).unwrap();
-        let raw = std::fs::read(fixtures().join(format!("families/{name}.logits.f32"))).unwrap();
-        let ort: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let mut worst = 0f32;
-        for (i, crop) in crops.iter().enumerate() {
-            let logits = model.classify_tensor(crop).unwrap().logits;
-            assert_eq!(logits.len(), 1000, "{name}");
-            for (a, b) in logits.iter().zip(&ort[i * 1000..(i + 1) * 1000]) {
-                worst = worst.max((a - b).abs());
-            }
+    let out = dir.path().join(format!("{name}.graft"));
+    let options = CompileOptions {
+        keep_imagenet_head: true,
+        normalization: Some(Normalization::tf()),
+        verify: false,
+        ..CompileOptions::new(family(name), &out)
+    };
+    compile(&options, &NoProgress).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = Model::load(&out).unwrap();
+    let raw = std::fs::read(fixtures().join(format!("families/{name}.logits.f32"))).unwrap();
+    let ort: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let mut worst = 0f32;
+    for (i, crop) in crops.iter().enumerate() {
+        let logits = model.classify_tensor(crop).unwrap().logits;
+        assert_eq!(logits.len(), 1000, "{name}");
+        for (a, b) in logits.iter().zip(&ort[i * 1000..(i + 1) * 1000]) {
+            worst = worst.max((a - b).abs());
         }
-        println!("{name:12} max |logit - onnxruntime| {worst:.2e}");
-        assert!(worst <= 1e-3, "{name}: max |logit - onnxruntime| = {worst}");
     }
+    println!("{name:12} max |logit - onnxruntime| {worst:.2e}");
+    assert!(worst <= 1e-3, "{name}: max |logit - onnxruntime| = {worst}");
 }
 
-/// Each family's default cut is the input of its classifier (a Gemm, or SqueezeNet's 1x1
+/// The default cut is the input of its classifier (a Gemm, or SqueezeNet's 1x1
 /// Conv), `inspect-backbone` marks it, and the graph has blocks to fine-tune.
-#[test]
-fn every_family_has_a_default_cut_and_blocks() {
-    for (name, cut) in FAMILIES {
-        let backbone = Backbone::load(&family(name), None).unwrap();
-        assert_eq!(backbone.default_cut().unwrap(), cut, "{name}");
-        assert!(
-            backbone.blocks(cut).len() >= 3,
-            "{name}: {:?}",
-            backbone.blocks(cut)
-        );
-        let listed = run(graft(), args!["inspect-backbone", family(name)]).expect_code(0);
-        let marked = listed
+fn has_a_default_cut_and_blocks(name: &str, cut: &str) {
+    let backbone = Backbone::load(&family(name), None).unwrap();
+    assert_eq!(backbone.default_cut().unwrap(), cut, "{name}");
+    assert!(
+        backbone.blocks(cut).len() >= 3,
+        "{name}: {:?}",
+        backbone.blocks(cut)
+    );
+    let listed = run(graft(), args!["inspect-backbone", family(name)]).expect_code(0);
+    let marked = listed
+        .stdout
+        .lines()
+        .find(|l| l.contains("<- default cut"))
+        .unwrap_or_else(|| panic!("{name}: no default cut marked\n{}", listed.stdout));
+    assert!(marked.contains(cut), "{name}: {marked}");
+    let blocks = backbone.blocks(cut);
+    let top = &blocks.last().unwrap().name;
+    assert!(
+        listed
             .stdout
-            .lines()
-            .find(|l| l.contains("<- default cut"))
-            .unwrap_or_else(|| panic!("{name}: no default cut marked\n{}", listed.stdout));
-        assert!(marked.contains(cut), "{name}: {marked}");
-        let blocks = backbone.blocks(cut);
-        let top = &blocks.last().unwrap().name;
-        assert!(
-            listed
-                .stdout
-                .contains(&format!("retrains the top N:\n  1. {top} (")),
-            "{name}: blocks not listed\n{}",
-            listed.stdout
-        );
-    }
+            .contains(&format!("retrains the top N:\n  1. {top} (")),
+        "{name}: blocks not listed\n{}",
+        listed.stdout
+    );
 }
 
-/// The candle translation of each family's top two blocks, fed by tract's frozen prefix, gives
+/// The candle translation of the top two blocks, fed by tract's frozen prefix, gives
 /// the features tract computes for the whole cut graph (relative difference <= 1e-4).
-#[test]
-fn translated_top_blocks_match_tract_in_every_family() {
+fn translated_top_blocks_match_tract(name: &str, cut: &str) {
     let preprocessing = Preprocessing::for_input(224, 224, Normalization::tf());
     let photo = hymenoptera_mini().join("train/ants");
     let mut photos: Vec<PathBuf> = std::fs::read_dir(&photo)
@@ -137,57 +117,55 @@ fn translated_top_blocks_match_tract_in_every_family() {
         .collect();
     photos.sort();
     let chw = preprocessing.apply(&preprocessing.load(&photos[0]).unwrap());
-    for (name, cut) in FAMILIES {
-        let backbone = Backbone::load(&family(name), None).unwrap();
-        let whole = backbone
-            .prefix(cut)
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
-        let input = TractTensor::from_shape(&[1, 3, 224, 224], &chw).unwrap();
-        let outputs = whole.run(tvec![input.into()]).unwrap();
-        let mut expected: Vec<f32> = outputs[0].view().as_slice::<f32>().unwrap().to_vec();
-        let channels = outputs[0].shape()[1];
-        if expected.len() != channels {
-            // A feature map (SqueezeNet's cut): the features are its global average.
-            let area = expected.len() / channels;
-            expected = expected
-                .chunks(area)
-                .map(|c| c.iter().sum::<f32>() / area as f32)
-                .collect();
-        }
-        let part = TrainablePart::new(&backbone, cut, &Unfreeze::Blocks(2), &Device::Cpu)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let boundary = part.boundary_of(chw.clone()).unwrap();
-        let boundary = Tensor::from_vec(boundary, part.boundary_len(), &Device::Cpu).unwrap();
-        let got = part
-            .features(&boundary, false)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(got.len(), expected.len(), "{name}");
-        let norm = expected.iter().map(|v| v * v).sum::<f32>().sqrt();
-        let diff = got
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f32>()
-            .sqrt();
-        println!(
-            "{name:12} top 2 blocks {:?}, candle vs tract: relative difference {:.1e}",
-            part.blocks,
-            diff / norm
-        );
-        assert!(
-            diff / norm <= 1e-4,
-            "{name}: relative difference {}",
-            diff / norm
-        );
+    let backbone = Backbone::load(&family(name), None).unwrap();
+    let whole = backbone
+        .prefix(cut)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let input = TractTensor::from_shape(&[1, 3, 224, 224], &chw).unwrap();
+    let outputs = whole.run(tvec![input.into()]).unwrap();
+    let mut expected: Vec<f32> = outputs[0].view().as_slice::<f32>().unwrap().to_vec();
+    let channels = outputs[0].shape()[1];
+    if expected.len() != channels {
+        // A feature map (SqueezeNet's cut): the features are its global average.
+        let area = expected.len() / channels;
+        expected = expected
+            .chunks(area)
+            .map(|c| c.iter().sum::<f32>() / area as f32)
+            .collect();
     }
+    let part = TrainablePart::new(&backbone, cut, &Unfreeze::Blocks(2), &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let boundary = part.boundary_of(chw.clone()).unwrap();
+    let boundary = Tensor::from_vec(boundary, part.boundary_len(), &Device::Cpu).unwrap();
+    let got = part
+        .features(&boundary, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(got.len(), expected.len(), "{name}");
+    let norm = expected.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let diff = got
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        .sqrt();
+    println!(
+        "{name:12} top 2 blocks {:?}, candle vs tract: relative difference {:.1e}",
+        part.blocks,
+        diff / norm
+    );
+    assert!(
+        diff / norm <= 1e-4,
+        "{name}: relative difference {}",
+        diff / norm
+    );
 }
 
 /// A fixture photo upscaled to 4000x3000, saved as JPEG.
@@ -253,61 +231,97 @@ fn compile_family(name: &str, out: &Path, extra: &[&str]) -> Report {
     serde_json::from_str(&output.stdout).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// Head, int8 and fine-tuning compiles of every family run end to end on the fixture photos, and
+/// Head, int8 and fine-tuning compiles run end to end on the fixture photos, and
 /// the head artifact classifies a 12-megapixel photo through the fast pipeline as through the
 /// full-size reference one.
-/// int8 covers at least 80 % of each family's product multiply-adds (with the accuracy budget
+/// int8 covers at least 80 % of the product multiply-adds (with the accuracy budget
 /// lifted, so that the share measures what the rewrite can quantize, not what these random
 /// weights lose).
-#[test]
-fn every_family_compiles_head_int8_and_finetune() {
+fn compiles_head_int8_and_finetune(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let photo = twelve_megapixel_photo(dir.path());
-    for (name, _) in FAMILIES {
-        let head_path = dir.path().join(format!("{name}.graft"));
-        let head = compile_family(name, &head_path, &[]);
-        assert_eq!(head.manifest.labels, ["ants", "bees"], "{name}");
-        fast_pipeline_agrees_with_reference(name, &head_path, &photo);
+    let head_path = dir.path().join(format!("{name}.graft"));
+    let head = compile_family(name, &head_path, &[]);
+    assert_eq!(head.manifest.labels, ["ants", "bees"], "{name}");
+    fast_pipeline_agrees_with_reference(name, &head_path, &photo);
 
-        let int8 = compile_family(
-            name,
-            &dir.path().join(format!("{name}.int8.graft")),
-            &["--precision", "int8", "--accuracy-budget", "100"],
-        );
-        let q = int8.manifest.quantization.expect("int8 manifest");
-        let share = q.int8_mac_fraction().expect("multiply-adds recorded");
-        let int8 = q.layers.iter().filter(|l| l.precision == "int8").count();
-        println!(
-            "{name:12} int8 {int8}/{} layers, {:.1} % of {:.1} M multiply-adds",
-            q.layers.len(),
-            share * 100.0,
-            q.product_macs.unwrap_or(0) as f64 / 1e6
-        );
-        assert!(share >= 0.8, "{name}: int8 covers {:.1} %", share * 100.0);
+    let int8 = compile_family(
+        name,
+        &dir.path().join(format!("{name}.int8.graft")),
+        &["--precision", "int8", "--accuracy-budget", "100"],
+    );
+    let q = int8.manifest.quantization.expect("int8 manifest");
+    let share = q.int8_mac_fraction().expect("multiply-adds recorded");
+    let int8 = q.layers.iter().filter(|l| l.precision == "int8").count();
+    println!(
+        "{name:12} int8 {int8}/{} layers, {:.1} % of {:.1} M multiply-adds",
+        q.layers.len(),
+        share * 100.0,
+        q.product_macs.unwrap_or(0) as f64 / 1e6
+    );
+    assert!(share >= 0.8, "{name}: int8 covers {:.1} %", share * 100.0);
 
-        let finetuned = compile_family(
-            name,
-            &dir.path().join(format!("{name}.ft.graft")),
-            &[
-                "--strategy",
-                "finetune",
-                "--unfreeze",
-                "2",
-                "--finetune-epochs",
-                "1",
-            ],
-        );
-        let transfer = finetuned
-            .manifest
-            .training
-            .and_then(|t| t.transfer)
-            .expect("fine-tuning recorded");
-        assert_eq!(transfer.strategy, "finetune", "{name}");
-        assert_eq!(
-            transfer.unfrozen_blocks.len(),
-            2,
-            "{name}: {:?}",
-            transfer.unfrozen_blocks
-        );
-    }
+    let finetuned = compile_family(
+        name,
+        &dir.path().join(format!("{name}.ft.graft")),
+        &[
+            "--strategy",
+            "finetune",
+            "--unfreeze",
+            "2",
+            "--finetune-epochs",
+            "1",
+        ],
+    );
+    let transfer = finetuned
+        .manifest
+        .training
+        .and_then(|t| t.transfer)
+        .expect("fine-tuning recorded");
+    assert_eq!(transfer.strategy, "finetune", "{name}");
+    assert_eq!(
+        transfer.unfrozen_blocks.len(),
+        2,
+        "{name}: {:?}",
+        transfer.unfrozen_blocks
+    );
 }
+
+/// One test module per family, with the tensor its default cut must be (the input of its own
+/// classifier, before any Dropout).
+macro_rules! family {
+    ($name:ident, $cut:expr) => {
+        mod $name {
+            const NAME: &str = stringify!($name);
+
+            #[test]
+            fn reproduces_onnxruntime_logits() {
+                super::reproduces_onnxruntime_logits(NAME)
+            }
+
+            #[test]
+            fn has_a_default_cut_and_blocks() {
+                super::has_a_default_cut_and_blocks(NAME, $cut)
+            }
+
+            #[test]
+            fn translated_top_blocks_match_tract() {
+                super::translated_top_blocks_match_tract(NAME, $cut)
+            }
+
+            #[test]
+            fn compiles_head_int8_and_finetune() {
+                super::compiles_head_int8_and_finetune(NAME)
+            }
+        }
+    };
+}
+
+family!(resnet, "/Reshape_output_0");
+family!(mobilenetv2, "/Flatten_output_0");
+family!(mobilenetv3, "/classifier/classifier.1/HardSwish_output_0");
+family!(squeezenet, "/features/features.8/Concat_output_0");
+family!(vgg, "/classifier/classifier.4/Relu_output_0");
+family!(inception, "/Flatten_output_0");
+family!(densenet, "/Flatten_output_0");
+family!(convnext, "/classifier/classifier.1/Flatten_output_0");
