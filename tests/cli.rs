@@ -108,3 +108,31 @@ fn verbose_logs_every_stage_with_its_duration() {
         both.stderr
     );
 }
+
+/// `graft ... | head -1`: when the reader closes the pipe, graft stops quietly with success
+/// (no "error: Broken pipe"), for every command that writes a listing.
+#[test]
+fn a_closed_output_pipe_is_not_an_error() {
+    use std::process::{Command, Stdio};
+    for args in [
+        vec![std::ffi::OsString::from("inspect-backbone"), lite0().into()],
+        vec!["completions".into(), "bash".into()],
+    ] {
+        for _ in 0..3 {
+            let mut child = Command::new(graft())
+                .args(&args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && !stderr.contains("error"),
+                "{args:?}: {:?} {stderr}",
+                out.status
+            );
+        }
+    }
+}

@@ -325,3 +325,39 @@ family!(vgg, "/classifier/classifier.4/Relu_output_0");
 family!(inception, "/Flatten_output_0");
 family!(densenet, "/Flatten_output_0");
 family!(convnext, "/classifier/classifier.1/Flatten_output_0");
+
+/// `graft advise` and `--strategy auto` on families other than Lite0: SqueezeNet (a conv
+/// classifier, no Gemm) and ResNet (shape arithmetic before its Gemm).
+#[test]
+fn advise_and_auto_strategy_work_beyond_lite0() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["squeezenet", "resnet"] {
+        let advice = run(
+            graft(),
+            args![
+                "advise",
+                "--backbone",
+                family(name),
+                "--data",
+                hymenoptera_mini(),
+                "--normalize",
+                "tf",
+                "--no-cache"
+            ],
+        )
+        .expect_code(0);
+        assert!(
+            advice
+                .stdout
+                .contains("graft compile --strategy auto follows this advice"),
+            "{name}: {}",
+            advice.stdout
+        );
+        let report = compile_family(
+            name,
+            &dir.path().join(format!("{name}.auto.graft")),
+            &["--strategy", "auto"],
+        );
+        assert_eq!(report.manifest.labels, ["ants", "bees"], "{name}");
+    }
+}

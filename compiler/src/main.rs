@@ -885,15 +885,31 @@ impl From<CompileError> for Failure {
 
 impl From<graft_runtime::Error> for Failure {
     fn from(e: graft_runtime::Error) -> Self {
+        if e.is_broken_pipe() {
+            return Failure::broken_pipe();
+        }
         CompileError::from(e).into()
     }
 }
 
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Failure::broken_pipe();
+        }
         Failure {
             message: format!("writing output: {e}"),
             code: 2,
+        }
+    }
+}
+
+impl Failure {
+    /// The reader of stdout went away (`graft ... | head -1`): stop quietly, with success.
+    fn broken_pipe() -> Failure {
+        Failure {
+            message: String::new(),
+            code: 0,
         }
     }
 }
@@ -1123,6 +1139,7 @@ fn main() -> ExitCode {
     match result {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
         Ok(Outcome::Partial) => ExitCode::from(1),
+        Err(failure) if failure.code == 0 => ExitCode::SUCCESS,
         Err(failure) => {
             eprintln!("error: {}", failure.message);
             ExitCode::from(failure.code)

@@ -123,6 +123,12 @@ impl Error {
         !matches!(self, Error::Inference(_))
     }
 
+    /// Whether this is a write to a closed pipe (`graft-run predict ... | head -1`): the reader
+    /// has what it wanted, so the command stops quietly with success, as `cat` or `rg` do.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
