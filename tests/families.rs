@@ -148,23 +148,14 @@ fn translated_top_blocks_match_tract(name: &str, cut: &str) {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    assert_eq!(got.len(), expected.len(), "{name}");
-    let norm = expected.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let diff = got
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f32>()
-        .sqrt();
+    let difference = relative_difference(&got, &expected);
     println!(
-        "{name:12} top 2 blocks {:?}, candle vs tract: relative difference {:.1e}",
+        "{name:12} top 2 blocks {:?}, candle vs tract: relative difference {difference:.1e}",
         part.blocks,
-        diff / norm
     );
     assert!(
-        diff / norm <= 1e-4,
-        "{name}: relative difference {}",
-        diff / norm
+        difference <= 1e-4,
+        "{name}: relative difference {difference}"
     );
 }
 

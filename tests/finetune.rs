@@ -68,18 +68,11 @@ fn translated_top_blocks_match_tract() {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let norm = expected.iter().map(|v| v * v).sum::<f32>().sqrt();
-            let diff = got
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (a - b) * (a - b))
-                .sum::<f32>()
-                .sqrt();
+            let difference = relative_difference(&got, &expected);
             assert!(
-                diff / norm <= 1e-4,
-                "{unfreeze:?}, {}: relative difference {}",
+                difference <= 1e-4,
+                "{unfreeze:?}, {}: relative difference {difference}",
                 path.display(),
-                diff / norm
             );
         }
     }

@@ -30,5 +30,8 @@ pub mod train;
 pub mod translate;
 pub mod ui;
 
+#[cfg(test)]
+mod testing;
+
 pub use error::{CompileError, Result};
 pub use pipeline::{compile, CompileOptions, CompileReport};

@@ -99,3 +99,16 @@ pub fn graft_run_beside(graft: &Path) -> PathBuf {
     );
     path
 }
+
+/// `|got - expected| / |expected|` (Euclidean norms): how far a recomputation is from a reference.
+pub fn relative_difference(got: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(got.len(), expected.len(), "lengths differ");
+    let norm = expected.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let diff = got
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        .sqrt();
+    diff / norm
+}

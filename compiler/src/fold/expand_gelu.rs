@@ -61,6 +61,7 @@ pub(crate) fn expand_gelu(model: &TypedModel) -> TractResult<TypedModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::run_once;
     use tract_onnx::tract_core::internal::Approximation;
     use tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact;
 
@@ -71,15 +72,7 @@ mod tests {
         let y = model.wire_node("gelu", gelu_exact(), &[x]).unwrap()[0];
         model.select_output_outlets(&[y]).unwrap();
         let input = tensor2(&[[-3f32, -1.0, -0.25, 0.0, 0.5], [1.0, 2.0, 3.0, -0.01, 7.0]]);
-        let run = |m: &TypedModel| {
-            m.clone()
-                .into_runnable()
-                .unwrap()
-                .run(tvec![input.clone().into()])
-                .unwrap()[0]
-                .clone()
-                .into_tensor()
-        };
+        let run = |m: &TypedModel| run_once(m, &input);
         let expanded = expand_gelu(&model).unwrap();
         assert!(expanded
             .nodes()

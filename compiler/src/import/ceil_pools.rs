@@ -77,6 +77,7 @@ pub(crate) fn explicit_ceil_pools(model: &mut TypedModel) -> TractResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::run_once;
     use tract_onnx::tract_core::internal::Approximation;
     use tract_onnx::tract_core::ops::nn::DataFormat;
 
@@ -93,17 +94,6 @@ mod tests {
         (spec, [1, 2, size, size])
     }
 
-    fn run(model: &TypedModel, input: &Tensor) -> Tensor {
-        model
-            .clone()
-            .into_runnable()
-            .unwrap()
-            .run(tvec![input.clone().into()])
-            .unwrap()[0]
-            .clone()
-            .into_tensor()
-    }
-
     /// A 3x3/2 ceil-mode max pooling of a 112x112 map (56x56; 55x55 in floor mode) gives the same
     /// values once made explicit, through an NNEF round trip.
     #[test]
@@ -118,7 +108,7 @@ mod tests {
         let len: usize = shape.iter().product();
         let values: Vec<f32> = (0..len).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
         let input = Tensor::from_shape(&shape, &values).unwrap();
-        let expected = run(&model, &input);
+        let expected = run_once(&model, &input);
         assert_eq!(expected.shape(), [1, 2, 56, 56]);
 
         explicit_ceil_pools(&mut model).unwrap();
@@ -126,7 +116,7 @@ mod tests {
         let mut bytes = vec![];
         nnef.write_to_tar(&model, &mut bytes).unwrap();
         let reloaded = nnef.model_for_read(&mut &bytes[..]).unwrap();
-        let got = run(&reloaded, &input);
+        let got = run_once(&reloaded, &input);
         expected.close_enough(&got, Approximation::Exact).unwrap();
     }
 

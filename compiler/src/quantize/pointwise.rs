@@ -185,6 +185,7 @@ pub(crate) fn weights_oi(weights: &Tensor, layout: &Layout) -> TractResult<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::run_once;
     use tract_onnx::tract_core::internal::Approximation;
 
     fn layout(expr: &str, x: &[usize], y: &[usize]) -> Option<Layout> {
@@ -261,15 +262,7 @@ mod tests {
                 .unwrap()[0];
             let y = layout.wire_output(&mut matrix, "p", product, dims).unwrap();
             matrix.select_output_outlets(&[y]).unwrap();
-            let run = |m: TypedModel| {
-                m.into_runnable()
-                    .unwrap()
-                    .run(tvec![x.clone().into()])
-                    .unwrap()[0]
-                    .clone()
-                    .into_tensor()
-            };
-            let (a, b) = (run(reference), run(matrix));
+            let (a, b) = (run_once(&reference, &x), run_once(&matrix, &x));
             assert_eq!(a.shape(), y_shape, "{expr}");
             a.close_enough(&b, Approximation::Exact).expect(expr);
         }
