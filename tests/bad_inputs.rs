@@ -338,7 +338,13 @@ const CASES: &[Case] = &[
             let data = small_dataset(dir, 2);
             std::fs::remove_dir_all(data.join("train/bees")).unwrap();
             std::fs::create_dir_all(data.join("train/bees")).unwrap();
-            std::fs::write(data.join("train/bees/broken.jpg"), b"\xff\xd8\xff garbage").unwrap();
+            for i in 0..3 {
+                std::fs::write(
+                    data.join(format!("train/bees/broken{i}.jpg")),
+                    b"\xff\xd8\xff garbage",
+                )
+                .unwrap();
+            }
             fail(
                 graft(),
                 compile(dir, &lite0(), &data, &[]),

@@ -93,7 +93,9 @@ fn fixture_compile_reaches_the_accuracy_floor_and_eval_measures_the_same() {
         "validation accuracy {printed} below the 0.9 floor"
     );
     assert!(
-        c.output.stdout.contains("(24 val images)"),
+        c.output
+            .stdout
+            .contains("(24 val images, held out: choices were made on train holdout images)"),
         "{}",
         c.output.stdout
     );
@@ -451,7 +453,10 @@ fn folder_without_val_split_holds_out_a_stratified_fifth_and_skips_corrupt_image
     )
     .expect_code(0);
     assert!(
-        out.stderr.contains("39 train / 10 holdout images"),
+        out.stderr.contains(
+            "31 train images (ants 15, bees 16), 8 train holdout images for choices, 10 holdout \
+             images held out"
+        ),
         "{}",
         out.stderr
     );
@@ -770,7 +775,11 @@ fn hymenoptera_full_reaches_0_93() {
         "validation accuracy {accuracy}:\n{}",
         out.stdout
     );
-    assert!(out.stdout.contains("(153 val images)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("(153 val images, held out"),
+        "{}",
+        out.stdout
+    );
 }
 
 /// Ctrl-C during feature extraction: exit 130, no artifact and no temporary file anywhere, and

@@ -21,9 +21,8 @@ use crate::error::{CompileError, Result};
 use crate::extract::{FeatureCache, FeatureExtractor, Features};
 use crate::finetune::{FinetuneConfig, Strategy, Unfreeze};
 use crate::import::{Backbone, CutPoint};
-use crate::pipeline::{
-    choose_normalization, preprocessing_for, split, stage, CompileOptions, Reporter,
-};
+use crate::pipeline::{choose_normalization, preprocessing_for, stage, CompileOptions, Reporter};
+use crate::splits::Splits;
 use crate::svg::{accuracy_range, LineChart, Series};
 use crate::train::{cross_validate, CvScore, HeadKind, CV_FOLDS};
 
@@ -176,7 +175,10 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
         CompileError::InvalidOption("--data is required to advise on a dataset".into())
     })?;
     let folder = ImageFolder::scan(data)?;
-    let (train_samples, _, _) = split(&folder, options)?;
+    // The compile's training images (the ones it fits and makes choices on); the images it
+    // reports accuracy on are never probed.
+    let splits = Splits::of(&folder, options.val_fraction, options.train.seed)?;
+    let train_samples = [&splits.fit[..], &splits.select].concat();
     let mut preprocessing = preprocessing_for(&backbone, options)?;
     if options.normalization.is_none() {
         preprocessing.normalization =

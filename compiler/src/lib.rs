@@ -25,6 +25,7 @@ pub mod probe;
 pub mod quantize;
 pub mod report;
 pub mod rng;
+pub mod splits;
 pub mod svg;
 pub mod train;
 pub mod translate;

@@ -419,9 +419,12 @@ const COMPILE_EXAMPLES: &str = "Examples:
   graft compile --backbone b.onnx --data flowers/ --out f.graft --strategy auto   (see graft advise)
   graft compile --backbone b.onnx --keep-imagenet-head --labels imagenet.txt --out imagenet.graft
 
-DATA is DIR/<class>/<image> (20 % of each class is held out for validation, seeded) or
-DIR/{train,val}/<class>/<image>. Features of the frozen backbone are cached, so a second compile
-on the same images (e.g. with another head) skips extraction.";
+DATA is DIR/<class>/<image> (20 % of each class is held out for validation, seeded),
+DIR/{train,val}/<class>/<image> or DIR/{train,val,test}/<class>/<image>. Every choice (epoch,
+int8 calibration and fallbacks, fine-tuning epoch) is made on a seeded 20 % of the training
+images, so the validation accuracy is held out; with a test split, choices are made on val and
+the test accuracy is the held-out number. Features of the frozen backbone are cached, so a second
+compile on the same images (e.g. with another head) skips extraction.";
 
 #[derive(Args, Debug)]
 struct CompileArgs {
@@ -482,7 +485,8 @@ struct CompileArgs {
     /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
     weight_decay: f64,
-    /// Stop after this many epochs without a lower validation loss.
+    /// Stop after this many epochs without a lower loss on the images for choices (a holdout of
+    /// the training images; val with a test split).
     #[arg(long, default_value_t = TrainConfig::default().patience)]
     patience: usize,
     /// Dropout before the output layer of an mlp head.
@@ -495,14 +499,15 @@ struct CompileArgs {
     /// Seed for the validation split, initialisation, shuffling and dropout.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u64,
-    /// Fraction of each class held out for validation when DIR has no val split.
+    /// Fraction of each class held out for validation when DIR has no val split, and of the
+    /// training images held out to make choices on.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f32,
     #[command(flatten)]
     work: WorkArgs,
     /// Graph precision: f32, or int8 (convolutions and 1x1 products quantized after training,
-    /// activation ranges calibrated on training images; the artifact records the validation
-    /// accuracy of both, and both graphs' latency on this machine, with a warning when int8 is
+    /// activation ranges calibrated on training images; the artifact records the held-out
+    /// validation accuracy of both, and both graphs' latency on this machine, with a warning when int8 is
     /// not the faster one). See docs/PERFORMANCE.md for int8 speed by CPU.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     precision: Precision,
@@ -510,11 +515,11 @@ struct CompileArgs {
     #[arg(long, default_value_t = 32, value_name = "N")]
     calibration_images: usize,
     /// How int8 activation ranges are chosen: auto (simulate min-max, percentile and entropy on
-    /// the validation images and keep the most accurate), or one of them.
+    /// the images for choices and keep the most accurate), or one of them.
     #[arg(long, default_value = "auto", value_parser = ["auto", "min-max", "percentile", "entropy"])]
     calibration: String,
-    /// Validation accuracy, in percentage points, int8 may lose against f32; beyond it the most
-    /// sensitive layers (measured one by one) go back to f32 until the simulated loss fits.
+    /// Accuracy on the images for choices, in percentage points, int8 may lose against f32;
+    /// beyond it the most sensitive layers (measured one by one) go back to f32 until the simulated loss fits.
     #[arg(long, default_value_t = 1.0, value_name = "POINTS", value_parser = parse_budget)]
     accuracy_budget: f64,
     /// Which layers may be int8: all that the accuracy budget allows, or only those that also
@@ -585,7 +590,8 @@ struct CompileArgs {
     /// Maximum epochs of joint training.
     #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).epochs, help_heading = "Fine-tuning")]
     finetune_epochs: usize,
-    /// Stop joint training after this many epochs without a lower validation loss.
+    /// Stop joint training after this many epochs without a lower loss on the images for
+    /// choices.
     #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).patience, help_heading = "Fine-tuning")]
     finetune_patience: usize,
     /// Mini-batch size of joint training.
@@ -938,11 +944,22 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
         let confusion = graft_runtime::eval::ConfusionMatrix {
             counts: metrics.confusion.clone(),
         };
+        let held_out = match metrics.selection_source.as_deref() {
+            Some("val") => "used for choices".to_string(),
+            Some(choices) => format!("held out: choices were made on {choices} images"),
+            None => "also used for choices (artifact made before graft held images out)".into(),
+        };
         writeln!(
             out,
-            "validation accuracy {:.4} ({} {} images)",
+            "validation accuracy {:.4} ({} {} images, {held_out})",
             metrics.val_accuracy, metrics.val_images, metrics.validation_source
         )?;
+        if let (Some(accuracy), Some(images)) = (metrics.test_accuracy, metrics.test_images) {
+            writeln!(
+                out,
+                "test accuracy {accuracy:.4} ({images} test images, held out: no choice made on them)"
+            )?;
+        }
         write!(out, "{}", confusion.display(&m.labels))?;
     }
     if !report.skipped.is_empty() {

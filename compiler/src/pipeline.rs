@@ -33,6 +33,7 @@ use crate::quantize::{
     Precision, QuantizeConfig,
 };
 use crate::rng::Rng;
+use crate::splits::Splits;
 use crate::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
 
 /// Receives what the pipeline has to say: progress of long loops, messages, epochs.
@@ -92,10 +93,10 @@ pub struct CompileOptions {
     /// Training images to calibrate int8 activation ranges on.
     pub calibration_images: usize,
     /// How activation ranges are chosen; `None` tries every method and keeps the most accurate
-    /// on the validation images (simulated).
+    /// on the images for choices (simulated).
     pub calibration: Option<CalibrationMethod>,
-    /// Validation accuracy (a fraction: 0.01 is one point) int8 may lose against f32 before
-    /// the most sensitive layers go back to f32.
+    /// Accuracy on the images for choices (a fraction: 0.01 is one point) int8 may lose
+    /// against f32 before the most sensitive layers go back to f32.
     pub accuracy_budget: f64,
     /// Time each int8 layer alone on this machine and keep f32 where int8 is slower.
     pub int8_only_where_faster: bool,
@@ -208,27 +209,13 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     ));
 
     let folder = ImageFolder::scan(data)?;
-    let (train_samples, val_samples, validation_source) = split(&folder, options)?;
-    let counts = graft_runtime::dataset::counts(&train_samples, folder.classes.len());
-    reporter.message(&format!(
-        "data      {}: {} classes, {} train / {} {} images ({})",
-        data.display(),
-        folder.classes.len(),
-        train_samples.len(),
-        val_samples.len(),
-        validation_source,
-        folder
-            .classes
-            .iter()
-            .zip(&counts)
-            .map(|(c, n)| format!("{c} {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
+    let splits = Splits::of(&folder, options.val_fraction, options.train.seed)?;
+    reporter.message(&splits.describe(data, &folder.classes));
+    let (train_samples, val_samples) = (&splits.fit, &splits.select);
 
     if options.normalization.is_none() {
         preprocessing.normalization = stage("normalize", || {
-            choose_normalization(&backbone, &preprocessing, &train_samples, options, reporter)
+            choose_normalization(&backbone, &preprocessing, train_samples, options, reporter)
         })?;
     }
 
@@ -239,8 +226,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         .as_deref()
         .map(|root| FeatureCache::new(root, &cut, &preprocessing))
         .transpose()?;
-    let mut all = train_samples.clone();
-    all.extend(val_samples.iter().cloned());
+    let all = splits.all();
     let extraction = stage("extract", || {
         extractor.extract(&all, cache.as_ref(), options.threads, reporter)
     })?;
@@ -255,14 +241,15 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     report_extraction(&extraction, cache.as_ref(), extract_seconds, reporter);
     warn_about_duplicates(
         &all,
-        train_samples.len(),
+        train_samples.len() + val_samples.len(),
         &extraction,
         &folder.classes,
         reporter,
     );
-    let (train, val) = split_features(&extraction.features, &val_samples);
+    let (train, val, report) = by_role(&extraction.features, &splits);
     check_every_class_present(&train, &folder.classes, "training")?;
-    check_every_class_present(&val, &folder.classes, "validation")?;
+    check_every_class_present(&val, &folder.classes, splits.select_source)?;
+    check_every_class_present(&report, &folder.classes, splits.report_source)?;
 
     let scratch = options
         .finetune
@@ -272,15 +259,22 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         None
     } else {
         Some(stage("train", || {
-            train_probe_head(options, &train, &val, folder.classes.len(), reporter)
+            train_probe_head(
+                options,
+                (&train, &val),
+                folder.classes.len(),
+                splits.select_source,
+                reporter,
+            )
         })?)
     };
-    let (cut, head, train, val, transfer) = match &options.finetune {
+    let (cut, head, train, val, report, transfer) = match &options.finetune {
         None => (
             cut,
             probe_head.clone().expect("trained unless from scratch"),
             train,
             val,
+            report,
             None,
         ),
         Some(config) => {
@@ -290,7 +284,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
                     &backbone,
                     &cut_name,
                     &preprocessing,
-                    (&train_samples, &val_samples),
+                    (train_samples, val_samples),
                     folder.classes.len(),
                     probe_head.as_ref(),
                     config,
@@ -301,18 +295,19 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             let cut = tuned.backbone.clone().cut(&cut_name)?;
             let extractor = FeatureExtractor::new(&cut, &preprocessing)?;
             let tuned_features = extractor.extract(&all, None, options.threads, reporter)?;
-            let (train, val) = split_features(&tuned_features.features, &val_samples);
+            let (train, val, report) = by_role(&tuned_features.features, &splits);
             let tract_accuracy = ConfusionMatrix::from_pairs(
                 folder.classes.len(),
                 val.labels.iter().copied().zip(tuned.head.predict(&val)),
             )
             .accuracy();
             reporter.message(&format!(
-                "check     fine-tuned backbone in tract: validation accuracy {tract_accuracy:.4} (candle: {:.4}{})",
+                "check     fine-tuned backbone in tract: {} accuracy {tract_accuracy:.4} (candle: {:.4}{})",
+                splits.select_source,
                 tuned.head.best().val_accuracy,
                 probe_accuracy.map_or(String::new(), |a| format!(", head alone before fine-tuning: {a:.4}"))
             ));
-            (cut, tuned.head, train, val, Some(tuned.info))
+            (cut, tuned.head, train, val, report, Some(tuned.info))
         }
     };
 
@@ -326,18 +321,15 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         let graph = folded.to_nnef()?;
         Ok((folded, graph))
     })?;
-    let val_usable: Vec<Sample> = val_samples
-        .iter()
-        .filter(|s| val.paths.contains(&s.path))
-        .cloned()
-        .collect();
+    let val_usable = usable(val_samples, &val);
+    let report_usable = usable(&splits.report, &report);
     let int8_graph = match options.precision {
         Precision::F32 => None,
         Precision::Int8 => {
             let (graph, info) = stage("quantize", || {
                 quantize_graph(
                     folded,
-                    (&train_samples, &val_usable),
+                    (train_samples, &val_usable),
                     &preprocessing,
                     options,
                     reporter,
@@ -361,17 +353,18 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     }
     let head_confusion = ConfusionMatrix::from_pairs(
         folder.classes.len(),
-        val.labels.iter().copied().zip(head.predict(&val)),
+        report.labels.iter().copied().zip(head.predict(&report)),
     );
     let head_val_accuracy = head_confusion.accuracy();
     let verified = if options.verify {
         let evaluation = stage("verify", || {
-            run_graph(&manifest, graph, &val_usable, options, reporter)
+            run_graph(&manifest, graph, &report_usable, options, reporter)
         })?;
         let accuracy = evaluation.accuracy();
         reporter.message(&format!(
-            "verify    artifact run end to end on {} validation images: accuracy {:.4} (head on cached features: {:.4})",
+            "verify    artifact run end to end on {} {} images: accuracy {:.4} (head on cached features: {:.4})",
             evaluation.confusion.total(),
+            splits.report_source,
             accuracy,
             head_val_accuracy
         ));
@@ -379,7 +372,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             let f32_accuracy = run_graph(
                 &all_f32(&manifest),
                 &f32_graph,
-                &val_usable,
+                &report_usable,
                 options,
                 reporter,
             )?
@@ -403,13 +396,29 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let confusion = verified
         .as_ref()
         .map_or(head_confusion, |e| e.confusion.clone());
+    let test_accuracy = match &splits.test {
+        Some(test) => Some(stage("test", || {
+            test_accuracy(
+                &manifest,
+                graph,
+                (test, &extraction.features),
+                options,
+                reporter,
+            )
+        })?),
+        None => None,
+    };
     manifest.metrics = Some(Metrics {
-        validation_source: validation_source.to_string(),
+        validation_source: splits.report_source.to_string(),
         train_images: train.rows(),
-        val_images: val.rows(),
+        val_images: report.rows(),
         train_accuracy: head_train_accuracy(&head, &train),
         val_accuracy: artifact_val_accuracy.unwrap_or(head_val_accuracy),
         confusion: confusion.counts.clone(),
+        selection_source: Some(splits.select_source.to_string()),
+        selection_images: Some(val.rows()),
+        test_accuracy: test_accuracy.map(|t| t.0),
+        test_images: test_accuracy.map(|t| t.1),
     });
     let bytes = artifact::encode(&manifest, graph);
     if reporter.cancelled() {
@@ -487,11 +496,13 @@ fn report_epoch(reporter: &dyn Reporter, record: &EpochRecord) -> ControlFlow<()
 
 /// Trains the head on frozen features (the whole job of `--strategy head`, the first step of
 /// `finetune`).
+/// Trains the head on `train`, its epoch (or L2 strength) chosen on `val`, the images from
+/// `select_source`.
 fn train_probe_head(
     options: &CompileOptions,
-    train: &Features,
-    val: &Features,
+    (train, val): (&Features, &Features),
     classes: usize,
+    select_source: &str,
     reporter: &dyn Reporter,
 ) -> Result<TrainedHead> {
     let balance = if options.train.balance_classes {
@@ -525,7 +536,7 @@ fn train_probe_head(
     )?;
     let best = *head.best();
     reporter.message(&format!(
-        "kept      epoch {} of {}: train accuracy {:.4}, validation accuracy {:.4} (loss {:.4})",
+        "kept      epoch {} of {} by {select_source} loss: train accuracy {:.4}, {select_source} accuracy {:.4} (loss {:.4})",
         head.best_epoch,
         head.history.len(),
         best.train_accuracy,
@@ -534,6 +545,25 @@ fn train_probe_head(
     ));
 
     Ok(head)
+}
+
+/// Accuracy of the artifact's graph on the test images whose features could be extracted, and
+/// their number: measured only, after every choice.
+fn test_accuracy(
+    manifest: &Manifest,
+    graph: &[u8],
+    (test, extracted): (&[Sample], &Features),
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<(f32, usize)> {
+    let test = usable(test, extracted);
+    let evaluation = run_graph(manifest, graph, &test, options, reporter)?;
+    reporter.message(&format!(
+        "test      artifact run end to end on {} test images (held out: no choice made on them): accuracy {:.4}",
+        evaluation.confusion.total(),
+        evaluation.accuracy()
+    ));
+    Ok((evaluation.accuracy(), evaluation.confusion.total() as usize))
 }
 
 /// Fine-tunes (or trains from scratch) the backbone and the head, reporting what it does.
@@ -583,7 +613,7 @@ fn finetune_backbone(
     )?;
     let info = &tuned.info;
     reporter.message(&format!(
-        "trained   {} weights in {} blocks after {:?} ({}): kept epoch {} of {}, validation accuracy {:.4}; {:.1} s, {:.1} images/s forward+backward",
+        "trained   {} weights in {} blocks after {:?} ({}): kept epoch {} of {} (by loss on the images for choices, accuracy {:.4}); {:.1} s, {:.1} images/s forward+backward",
         info.trainable_weights,
         info.unfrozen_blocks.len(),
         info.boundary,
@@ -699,7 +729,7 @@ fn speed_check(
     Ok(check)
 }
 
-/// Most validation images the int8 search runs on (a seeded sample beyond that).
+/// Most images for choices the int8 search runs on (a seeded sample beyond that).
 const MAX_PROBE_IMAGES: usize = 1000;
 
 /// Up to `limit` images of `samples` in a seeded order, as [`Preprocessing::pixels`], with
@@ -739,7 +769,7 @@ fn input_pixels(
 }
 
 /// `--precision int8`: calibrates on a seeded sample of the training images, chooses the
-/// calibration method and the layers kept in f32 by simulating on the validation images
+/// calibration method and the layers kept in f32 by simulating on the images for choices
 /// ([`search`]), and quantizes.
 fn quantize_graph(
     folded: FoldedModel,
@@ -880,7 +910,7 @@ fn report_search(result: &SearchResult, options: &CompileOptions, reporter: &dyn
         .map(|t| format!("{} {:.4}", t.method.name(), t.measurement.score()))
         .collect();
     reporter.message(&format!(
-        "quantize  simulated int8 on {} validation images (f32 {:.4}): {}; using {}",
+        "quantize  simulated int8 on {} images for choices (f32 {:.4}): {}; using {}",
         result.images,
         result.reference.score(),
         trials.join(", "),
@@ -1090,67 +1120,32 @@ pub fn read_labels(path: &Path, expected: usize) -> Result<Vec<String>> {
     Ok(labels)
 }
 
-/// Training and validation samples: the folder's validation split, or a stratified, seeded
-/// holdout of `val_fraction` of each class.
-pub(crate) fn split(
-    folder: &ImageFolder,
-    options: &CompileOptions,
-) -> Result<(Vec<Sample>, Vec<Sample>, &'static str)> {
-    if let Some(val) = &folder.val {
-        return Ok((folder.train.clone(), val.clone(), "val"));
-    }
-    if !(options.val_fraction > 0.0 && options.val_fraction < 1.0) {
-        return Err(CompileError::InvalidOption(format!(
-            "--val-fraction must be between 0 and 1 (exclusive), got {}",
-            options.val_fraction
-        )));
-    }
-    stratified_holdout(folder, options.val_fraction, options.train.seed)
-        .map(|(t, v)| (t, v, "holdout"))
+/// The rows of `all` whose images are among `samples` (those whose features were extracted).
+fn rows_of(all: &Features, samples: &[Sample]) -> Features {
+    let paths: std::collections::HashSet<&Path> =
+        samples.iter().map(|s| s.path.as_path()).collect();
+    let rows: Vec<usize> = (0..all.rows())
+        .filter(|&i| paths.contains(all.paths[i].as_path()))
+        .collect();
+    all.select(&rows)
 }
 
-/// Holds out `fraction` of each class (at least one image, at most all but one), chosen by a
-/// seeded shuffle; both halves keep the folder's order.
-pub fn stratified_holdout(
-    folder: &ImageFolder,
-    fraction: f32,
-    seed: u64,
-) -> Result<(Vec<Sample>, Vec<Sample>)> {
-    let mut rng = Rng::new(seed, "validation-split");
-    let mut held = vec![false; folder.train.len()];
-    for (label, class) in folder.classes.iter().enumerate() {
-        let mut members: Vec<usize> = (0..folder.train.len())
-            .filter(|&i| folder.train[i].label == label)
-            .collect();
-        if members.len() < 2 {
-            return Err(CompileError::NotEnoughData(format!(
-                "class {class:?} has {} image(s): at least 2 are needed to hold one out for validation (or provide DIR/train and DIR/val)",
-                members.len()
-            )));
-        }
-        let k = ((members.len() as f32 * fraction).round() as usize).clamp(1, members.len() - 1);
-        rng.shuffle(&mut members);
-        for &i in &members[..k] {
-            held[i] = true;
-        }
-    }
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (sample, held) in folder.train.iter().zip(held) {
-        if held {
-            val.push(sample.clone());
-        } else {
-            train.push(sample.clone());
-        }
-    }
-    Ok((train, val))
+/// The features of the fit, choice and reported images.
+fn by_role(all: &Features, splits: &Splits) -> (Features, Features, Features) {
+    (
+        rows_of(all, &splits.fit),
+        rows_of(all, &splits.select),
+        rows_of(all, &splits.report),
+    )
 }
 
-fn split_features(all: &Features, val_samples: &[Sample]) -> (Features, Features) {
-    let val_paths: std::collections::HashSet<&Path> =
-        val_samples.iter().map(|s| s.path.as_path()).collect();
-    let (val_rows, train_rows): (Vec<usize>, Vec<usize>) =
-        (0..all.rows()).partition(|&i| val_paths.contains(all.paths[i].as_path()));
-    (all.select(&train_rows), all.select(&val_rows))
+/// The samples of `samples` whose features were extracted (undecodable images are skipped).
+fn usable(samples: &[Sample], features: &Features) -> Vec<Sample> {
+    samples
+        .iter()
+        .filter(|s| features.paths.contains(&s.path))
+        .cloned()
+        .collect()
 }
 
 fn check_every_class_present(features: &Features, classes: &[String], what: &str) -> Result<()> {
@@ -1203,51 +1198,5 @@ fn report_extraction(
             "warning   {} undecodable image(s) skipped",
             extraction.failures.len()
         ));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn folder(per_class: &[usize]) -> ImageFolder {
-        let mut train = Vec::new();
-        for (label, &n) in per_class.iter().enumerate() {
-            for i in 0..n {
-                train.push(Sample {
-                    path: format!("{label}/{i}.jpg").into(),
-                    label,
-                });
-            }
-        }
-        ImageFolder {
-            root: "d".into(),
-            classes: (0..per_class.len()).map(|c| format!("c{c}")).collect(),
-            train,
-            val: None,
-            val_split: None,
-            ignored_files: 0,
-        }
-    }
-
-    #[test]
-    fn holdout_is_stratified_seeded_and_disjoint() {
-        let f = folder(&[10, 5, 2]);
-        let (train, val) = stratified_holdout(&f, 0.2, 1).unwrap();
-        let val_counts = graft_runtime::dataset::counts(&val, 3);
-        assert_eq!(val_counts, [2, 1, 1]);
-        assert_eq!(train.len() + val.len(), 17);
-        assert!(val.iter().all(|v| !train.contains(v)));
-        assert_eq!(stratified_holdout(&f, 0.2, 1).unwrap().1, val);
-        assert_ne!(stratified_holdout(&f, 0.2, 2).unwrap().1, val);
-    }
-
-    #[test]
-    fn holdout_needs_two_images_per_class() {
-        let err = stratified_holdout(&folder(&[3, 1]), 0.2, 1).unwrap_err();
-        assert!(
-            err.to_string().starts_with("class \"c1\" has 1 image(s)"),
-            "{err}"
-        );
     }
 }

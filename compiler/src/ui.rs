@@ -78,7 +78,7 @@ impl Reporter for TerminalUi {
 
     fn epoch(&self, r: &EpochRecord) {
         self.println(&format!(
-            "epoch {:>4}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}",
+            "epoch {:>4}  train loss {:.4} acc {:.4}  selection loss {:.4} acc {:.4}",
             r.epoch, r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy
         ));
     }

@@ -297,8 +297,8 @@ pub struct EpochRecord {
 /// Accuracy measured at compile time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
-    /// Where the validation images came from: `val` (a split folder) or `holdout` (carved out of
-    /// the training images).
+    /// Where the validation images came from: `val` (a split folder), `test` (a `test` folder
+    /// as the only split) or `holdout` (carved out of the folder's images).
     pub validation_source: String,
     /// Number of training images used.
     pub train_images: usize,
@@ -310,6 +310,19 @@ pub struct Metrics {
     pub val_accuracy: f32,
     /// Validation confusion matrix, `[true][predicted]`.
     pub confusion: Vec<Vec<u64>>,
+    /// Where the images every choice (epoch, calibration, fallbacks) was made on came from:
+    /// `train holdout` (then the validation numbers are held out) or `val` (with a test split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection_source: Option<String>,
+    /// Number of images choices were made on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection_images: Option<usize>,
+    /// Accuracy of the artifact's graph on the test split, when the data has `train/val/test`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f32>,
+    /// Number of test images measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_images: Option<usize>,
 }
 
 /// A parsed artifact: its manifest and the location of its graph inside the mapped bytes.

@@ -1,4 +1,5 @@
-//! Labelled image folders: `DIR/<class>/*` or `DIR/{train,val}/<class>/*`.
+//! Labelled image folders: `DIR/<class>/*`, `DIR/{train,val}/<class>/*` or
+//! `DIR/{train,val,test}/<class>/*`.
 //!
 //! Class names are the sorted folder names of the training split. Files are matched by extension
 //! (jpg, jpeg, png, gif, webp, any case); everything else is counted as ignored. Files are listed
@@ -11,6 +12,8 @@ use crate::error::{Error, Result};
 /// File extensions treated as images.
 pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "gif", "webp"];
 /// Folder names recognised as the validation split, in order of preference.
+/// A `test` folder is the validation split only when there is no other; beside one it is kept
+/// apart as [`ImageFolder::test`].
 pub const VAL_SPLIT_NAMES: [&str; 4] = ["val", "valid", "validation", "test"];
 
 /// One labelled image.
@@ -35,6 +38,9 @@ pub struct ImageFolder {
     pub val: Option<Vec<Sample>>,
     /// Name of the validation split folder, when there is one.
     pub val_split: Option<String>,
+    /// Test images, when the folder has a `test` split beside a validation split (a `test`
+    /// split alone is the validation split).
+    pub test: Option<Vec<Sample>>,
     /// Files skipped because their extension is not an image extension.
     pub ignored_files: usize,
 }
@@ -58,24 +64,22 @@ impl ImageFolder {
                 check_class_count(&train_dir, &classes)?;
                 let train = list_split(&train_dir, &classes, &mut ignored_files)?;
                 let val_dir = root.join(&val_name);
-                for c in class_dirs(&val_dir)? {
-                    if !classes.contains(&c) {
-                        return Err(Error::dataset(
-                            val_dir.join(&c),
-                            format!(
-                                "validation class {c:?} has no folder in {}",
-                                train_dir.display()
-                            ),
-                        ));
-                    }
-                }
+                check_split_classes(&val_dir, &train_dir, &classes)?;
                 let val = list_split(&val_dir, &classes, &mut ignored_files)?;
+                let test_dir = root.join("test");
+                let test = if val_name != "test" && test_dir.is_dir() {
+                    check_split_classes(&test_dir, &train_dir, &classes)?;
+                    Some(list_split(&test_dir, &classes, &mut ignored_files)?)
+                } else {
+                    None
+                };
                 return Ok(ImageFolder {
                     root: root.to_path_buf(),
                     classes,
                     train,
                     val: Some(val),
                     val_split: Some(val_name),
+                    test,
                     ignored_files,
                 });
             }
@@ -89,6 +93,7 @@ impl ImageFolder {
             train,
             val: None,
             val_split: None,
+            test: None,
             ignored_files,
         })
     }
@@ -111,6 +116,30 @@ pub fn counts(samples: &[Sample], classes: usize) -> Vec<usize> {
         counts[s.label] += 1;
     }
     counts
+}
+
+/// Every class folder of `split_dir` must be a training class.
+fn check_split_classes(split_dir: &Path, train_dir: &Path, classes: &[String]) -> Result<()> {
+    for c in class_dirs(split_dir)? {
+        if !classes.contains(&c) {
+            let split = split_dir
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+            let what = if split == "test" {
+                "test"
+            } else {
+                "validation"
+            };
+            return Err(Error::dataset(
+                split_dir.join(&c),
+                format!(
+                    "{what} class {c:?} has no folder in {}",
+                    train_dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_class_count(dir: &Path, classes: &[String]) -> Result<()> {
@@ -260,6 +289,30 @@ mod tests {
         let folder = ImageFolder::scan(dir.path()).unwrap();
         assert_eq!(folder.val_split.as_deref(), Some("test"));
         assert_eq!(folder.val.unwrap().len(), 2);
+        assert!(folder.test.is_none());
+    }
+
+    #[test]
+    fn train_val_test_layout_keeps_test_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "train/a/1.jpg",
+            "train/b/1.jpg",
+            "val/a/2.jpg",
+            "val/b/2.jpg",
+            "test/a/3.jpg",
+            "test/b/3.jpg",
+            "test/b/4.jpg",
+        ] {
+            touch(dir.path(), f);
+        }
+        let folder = ImageFolder::scan(dir.path()).unwrap();
+        assert_eq!(folder.val_split.as_deref(), Some("val"));
+        assert_eq!(folder.val.unwrap().len(), 2);
+        assert_eq!(folder.test.unwrap().len(), 3);
+        touch(dir.path(), "test/c/5.jpg");
+        let err = ImageFolder::scan(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("test class \"c\" has no folder in"), "{err}");
     }
 
     #[test]
