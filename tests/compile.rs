@@ -95,7 +95,7 @@ fn fixture_compile_reaches_the_accuracy_floor_and_eval_measures_the_same() {
     assert!(
         c.output
             .stdout
-            .contains("(24 val images, held out: choices were made on train holdout images)"),
+            .contains("(24 val images, held out: no choice made on them)"),
         "{}",
         c.output.stdout
     );
@@ -474,7 +474,12 @@ fn folder_without_val_split_holds_out_a_stratified_fifth_and_skips_corrupt_image
         "{}",
         out.stderr
     );
-    assert!(out.stdout.contains("holdout images)"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("holdout images, held out: no choice made on them)"),
+        "{}",
+        out.stdout
+    );
     assert!(out_path.is_file());
 }
 

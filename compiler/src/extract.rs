@@ -60,6 +60,17 @@ impl Features {
         self.labels.len()
     }
 
+    /// The rows of `self`, then those of `other` (same dimension).
+    pub fn concat(&self, other: &Features) -> Features {
+        debug_assert_eq!(self.dim, other.dim);
+        Features {
+            data: [&self.data[..], &other.data].concat(),
+            dim: self.dim,
+            labels: [&self.labels[..], &other.labels].concat(),
+            paths: [&self.paths[..], &other.paths].concat(),
+        }
+    }
+
     /// The `i`-th feature vector.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]

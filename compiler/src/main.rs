@@ -946,7 +946,7 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
         };
         let held_out = match metrics.selection_source.as_deref() {
             Some("val") => "used for choices".to_string(),
-            Some(choices) => format!("held out: choices were made on {choices} images"),
+            Some(_) => "held out: no choice made on them".to_string(),
             None => "also used for choices (artifact made before graft held images out)".into(),
         };
         writeln!(

@@ -526,6 +526,23 @@ fn train_probe_head(
             options.train.seed,
         ),
     });
+    if matches!(options.train.head, HeadKind::LogReg | HeadKind::Svm) {
+        // Cross-validation on the training images is the choice: every training image is fit,
+        // the held-out-for-choices ones included (their numbers in the history are in-sample).
+        let all = train.concat(val);
+        let head = train_head(&options.train, &all, val, classes, &Device::Cpu, &mut |r| {
+            report_epoch(reporter, r)
+        })?;
+        let best = *head.best();
+        reporter.message(&format!(
+            "kept      L2 strength {} of {} by {CV_FOLDS}-fold cross-validation on {} training images: cross-validated accuracy {:.4}",
+            head.best_epoch,
+            head.history.len(),
+            all.rows(),
+            best.train_accuracy,
+        ));
+        return Ok(head);
+    }
     let head = train_head(
         &options.train,
         train,
