@@ -152,10 +152,19 @@ fn a_test_split_is_measured_and_never_chosen_on() {
             out,
             "--normalize",
             "tf",
-            "--no-cache"
+            "--no-cache",
+            "--report",
+            dir.path().join("report")
         ],
     )
     .expect_code(0);
+    let page = std::fs::read_to_string(dir.path().join("report/index.html")).unwrap();
+    assert!(
+        page.contains("test accuracy")
+            && page.contains("on 12 test images (held out: no choice made on them)")
+            && page.contains("choices were made on"),
+        "report page lacks the test accuracy or the split note"
+    );
     assert!(
         printed.stdout.contains("validation accuracy")
             && printed.stdout.contains("(12 val images, used for choices)")

@@ -1003,10 +1003,13 @@ fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
             &args.out,
             evaluation,
             match report.manifest.metrics.as_ref() {
-                Some(m) if m.validation_source == "holdout" => {
-                    "validation images held out of the training folder".into()
+                Some(m) if m.selection_source.as_deref() == Some("val") => {
+                    "the validation split, which the compile's choices were made on".into()
                 }
-                _ => "the validation split".into(),
+                Some(m) if m.validation_source == "holdout" => {
+                    "validation images held out of the folder; no choice made on them".into()
+                }
+                _ => "the validation split; no choice made on it".into(),
             },
         )?;
         ui.message(&format!("report    {}", page.display()));

@@ -80,6 +80,9 @@ pub struct ReportMetrics {
     pub f32_val_accuracy: Option<f32>,
     /// Validation accuracy the compile measured for the artifact itself.
     pub compiled_val_accuracy: Option<f32>,
+    /// With a `train/val/test` folder: the artifact's accuracy on the test split (held out) and
+    /// the number of test images.
+    pub test_accuracy: Option<(f32, usize)>,
     /// Single-image latency.
     pub latency: Option<Latency>,
     /// Every misclassified image.
@@ -124,6 +127,11 @@ impl ReportMetrics {
                 .as_ref()
                 .and_then(|q| q.f32_val_accuracy),
             compiled_val_accuracy: input.manifest.metrics.as_ref().map(|m| m.val_accuracy),
+            test_accuracy: input
+                .manifest
+                .metrics
+                .as_ref()
+                .and_then(|m| m.test_accuracy.zip(m.test_images)),
             latency: input.latency,
             mistakes: input
                 .evaluation
@@ -188,6 +196,12 @@ figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128p
             m.accuracy, m.images, m.evaluated_on
         ),
     );
+    if let Some((accuracy, images)) = m.test_accuracy {
+        row(
+            "test accuracy",
+            format!("{accuracy:.4} on {images} test images (held out: no choice made on them)"),
+        );
+    }
     row("classes", m.labels.join(", "));
     row(
         "size",
