@@ -46,28 +46,29 @@ struct Report {
     manifest: graft_runtime::artifact::Manifest,
 }
 
+/// `graft compile` of Lite0 on `data` into `out`, with `extra` options.
+fn compile_with(data: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Output {
+    let backbone = lite0();
+    let mut a: Vec<&std::ffi::OsStr> = args![
+        "compile",
+        "--backbone",
+        backbone,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--normalize",
+        "tf",
+        "--no-cache"
+    ]
+    .to_vec();
+    a.extend_from_slice(extra);
+    run(graft(), &a).expect_code(0)
+}
+
 /// Compiles Lite0 in int8 on `data` (`--json`), returning the report.
 fn compile(data: &Path, out: &Path) -> Report {
-    let output = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            lite0(),
-            "--data",
-            data,
-            "--out",
-            out,
-            "--normalize",
-            "tf",
-            "--precision",
-            "int8",
-            "--no-cache",
-            "--json",
-            "--quiet"
-        ],
-    )
-    .expect_code(0);
+    let output = compile_with(data, out, args!["--precision", "int8", "--json", "--quiet"]);
     serde_json::from_str(&output.stdout).unwrap()
 }
 
@@ -140,24 +141,8 @@ fn a_test_split_is_measured_and_never_chosen_on() {
     };
     let (data, data_swapped) = (build("three", &same), build("three-swapped", &swapped));
     let out = dir.path().join("three.graft");
-    let printed = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            lite0(),
-            "--data",
-            data,
-            "--out",
-            out,
-            "--normalize",
-            "tf",
-            "--no-cache",
-            "--report",
-            dir.path().join("report")
-        ],
-    )
-    .expect_code(0);
+    let report = dir.path().join("report");
+    let printed = compile_with(&data, &out, args!["--report", report]);
     let page = std::fs::read_to_string(dir.path().join("report/index.html")).unwrap();
     assert!(
         page.contains("test accuracy")
