@@ -113,6 +113,11 @@ fn swapping_the_validation_labels_changes_only_the_reported_accuracy() {
         predictions(&b, &mini.join("val")),
     );
     assert!(pa == pb, "different predictions");
+    let inspected = run(graft(), args!["inspect", a]).expect_code(0).stdout;
+    assert!(
+        inspected.contains("(val, held out; choices made on 10 train holdout images)"),
+        "{inspected}"
+    );
     let (va, vb) = (ma.metrics.as_ref().unwrap(), mb.metrics.as_ref().unwrap());
     assert_eq!(va.selection_source.as_deref(), Some("train holdout"));
     assert!(va.val_accuracy >= 0.8, "{}", va.val_accuracy);

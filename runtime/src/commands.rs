@@ -547,10 +547,21 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
         }
     }
     if let Some(x) = &m.metrics {
+        let choices = match (x.selection_source.as_deref(), x.selection_images) {
+            (Some("val"), _) => ", used for choices".to_string(),
+            (Some(source), Some(n)) => {
+                format!(", held out; choices made on {n} {source} images")
+            }
+            _ => ", also used for choices (made before graft held images out)".to_string(),
+        };
+        let test = match (x.test_accuracy, x.test_images) {
+            (Some(a), Some(n)) => format!(", test accuracy {a:.4} on {n} images (held out)"),
+            _ => String::new(),
+        };
         lines.push((
             "metrics",
             format!(
-                "val accuracy {:.4} on {} images ({}), train accuracy {:.4} on {} images",
+                "val accuracy {:.4} on {} images ({}{choices}){test}, train accuracy {:.4} on {} images",
                 x.val_accuracy, x.val_images, x.validation_source, x.train_accuracy, x.train_images
             ),
         ));
