@@ -66,18 +66,7 @@ fn number_after(text: &str, prefix: &str) -> f64 {
 
 /// Runs `graft compile --backbone B --data D --out O` followed by `extra`.
 fn compile_cmd(backbone: &Path, data: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Output {
-    let mut a: Vec<&std::ffi::OsStr> = args![
-        "compile",
-        "--backbone",
-        backbone,
-        "--data",
-        data,
-        "--out",
-        out
-    ]
-    .to_vec();
-    a.extend_from_slice(extra);
-    run(graft(), &a)
+    common::compile_cmd(graft(), backbone, data, out, extra)
 }
 
 fn json(text: &str) -> serde_json::Value {

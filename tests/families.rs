@@ -199,24 +199,18 @@ struct Report {
 }
 
 fn compile_family(name: &str, out: &Path, extra: &[&str]) -> Report {
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "compile".into(),
-        "--backbone".into(),
-        family(name).into(),
-        "--data".into(),
-        hymenoptera_mini().into(),
-        "--out".into(),
-        out.into(),
-        "--normalize".into(),
-        "tf".into(),
-        "--no-cache".into(),
-        "--epochs".into(),
-        "5".into(),
-        "--json".into(),
-        "--quiet".into(),
-    ];
-    args.extend(extra.iter().map(|a| a.into()));
-    let output = run(graft(), &args);
+    let mut options: Vec<&std::ffi::OsStr> = args![
+        "--normalize",
+        "tf",
+        "--no-cache",
+        "--epochs",
+        "5",
+        "--json",
+        "--quiet"
+    ]
+    .to_vec();
+    options.extend(extra.iter().map(std::ffi::OsStr::new));
+    let output = compile_cmd(graft(), &family(name), &hymenoptera_mini(), out, &options);
     assert_eq!(output.code, 0, "{name} {extra:?}: {}", output.stderr);
     assert!(out.is_file(), "{name} {extra:?}");
     serde_json::from_str(&output.stdout).unwrap_or_else(|e| panic!("{name}: {e}"))

@@ -48,22 +48,9 @@ struct Report {
 
 /// `graft compile` of Lite0 on `data` into `out`, with `extra` options.
 fn compile_with(data: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Output {
-    let backbone = lite0();
-    let mut a: Vec<&std::ffi::OsStr> = args![
-        "compile",
-        "--backbone",
-        backbone,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--normalize",
-        "tf",
-        "--no-cache"
-    ]
-    .to_vec();
-    a.extend_from_slice(extra);
-    run(graft(), &a).expect_code(0)
+    let mut options: Vec<&std::ffi::OsStr> = args!["--normalize", "tf", "--no-cache"].to_vec();
+    options.extend_from_slice(extra);
+    compile_cmd(graft(), &lite0(), data, out, &options).expect_code(0)
 }
 
 /// Compiles Lite0 in int8 on `data` (`--json`), returning the report.

@@ -2,7 +2,8 @@
 //! what happened. Stages communicate through values only; this module wires them together and
 //! tells a [`Reporter`] what is going on.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -495,9 +496,8 @@ fn report_epoch(reporter: &dyn Reporter, record: &EpochRecord) -> ControlFlow<()
 }
 
 /// Trains the head on frozen features (the whole job of `--strategy head`, the first step of
-/// `finetune`).
-/// Trains the head on `train`, its epoch (or L2 strength) chosen on `val`, the images from
-/// `select_source`.
+/// `finetune`): on `train`, its epoch chosen on `val` (the images from `select_source`); logreg
+/// and svm choose their L2 strength by cross-validation instead and fit `train` and `val`.
 fn train_probe_head(
     options: &CompileOptions,
     (train, val): (&Features, &Features),
@@ -526,40 +526,42 @@ fn train_probe_head(
             options.train.seed,
         ),
     });
-    if matches!(options.train.head, HeadKind::LogReg | HeadKind::Svm) {
-        // Cross-validation on the training images is the choice: every training image is fit,
-        // the held-out-for-choices ones included (their numbers in the history are in-sample).
-        let all = train.concat(val);
-        let head = train_head(&options.train, &all, val, classes, &Device::Cpu, &mut |r| {
-            report_epoch(reporter, r)
-        })?;
-        let best = *head.best();
-        reporter.message(&format!(
-            "kept      L2 strength {} of {} by {CV_FOLDS}-fold cross-validation on {} training images: cross-validated accuracy {:.4}",
-            head.best_epoch,
-            head.history.len(),
-            all.rows(),
-            best.train_accuracy,
-        ));
-        return Ok(head);
-    }
+    // Cross-validation on the training images is the convex heads' choice: they fit every
+    // training image, the held-out-for-choices ones included (whose history numbers are then
+    // in-sample).
+    let convex = matches!(options.train.head, HeadKind::LogReg | HeadKind::Svm);
+    let fitted = if convex {
+        Cow::Owned(train.concat(val))
+    } else {
+        Cow::Borrowed(train)
+    };
     let head = train_head(
         &options.train,
-        train,
+        &fitted,
         val,
         classes,
         &Device::Cpu,
         &mut |r| report_epoch(reporter, r),
     )?;
     let best = *head.best();
-    reporter.message(&format!(
-        "kept      epoch {} of {} by {select_source} loss: train accuracy {:.4}, {select_source} accuracy {:.4} (loss {:.4})",
-        head.best_epoch,
-        head.history.len(),
-        best.train_accuracy,
-        best.val_accuracy,
-        best.val_loss
-    ));
+    reporter.message(&if convex {
+        format!(
+            "kept      L2 strength {} of {} by {CV_FOLDS}-fold cross-validation on {} training images: cross-validated accuracy {:.4}",
+            head.best_epoch,
+            head.history.len(),
+            fitted.rows(),
+            best.train_accuracy,
+        )
+    } else {
+        format!(
+            "kept      epoch {} of {} by {select_source} loss: train accuracy {:.4}, {select_source} accuracy {:.4} (loss {:.4})",
+            head.best_epoch,
+            head.history.len(),
+            best.train_accuracy,
+            best.val_accuracy,
+            best.val_loss
+        )
+    });
 
     Ok(head)
 }
@@ -1139,8 +1141,7 @@ pub fn read_labels(path: &Path, expected: usize) -> Result<Vec<String>> {
 
 /// The rows of `all` whose images are among `samples` (those whose features were extracted).
 fn rows_of(all: &Features, samples: &[Sample]) -> Features {
-    let paths: std::collections::HashSet<&Path> =
-        samples.iter().map(|s| s.path.as_path()).collect();
+    let paths: HashSet<&Path> = samples.iter().map(|s| s.path.as_path()).collect();
     let rows: Vec<usize> = (0..all.rows())
         .filter(|&i| paths.contains(all.paths[i].as_path()))
         .collect();
@@ -1158,9 +1159,10 @@ fn by_role(all: &Features, splits: &Splits) -> (Features, Features, Features) {
 
 /// The samples of `samples` whose features were extracted (undecodable images are skipped).
 fn usable(samples: &[Sample], features: &Features) -> Vec<Sample> {
+    let extracted: HashSet<&Path> = features.paths.iter().map(|p| p.as_path()).collect();
     samples
         .iter()
-        .filter(|s| features.paths.contains(&s.path))
+        .filter(|s| extracted.contains(s.path.as_path()))
         .cloned()
         .collect()
 }

@@ -54,6 +54,28 @@ impl Output {
     }
 }
 
+/// `graft compile --backbone B --data D --out O` and `extra`, run by the `graft` binary at
+/// `graft`: the one command builder the compile tests share.
+pub fn compile_cmd(
+    graft: &Path,
+    backbone: &Path,
+    data: &Path,
+    out: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> Output {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "compile".as_ref(),
+        "--backbone".as_ref(),
+        backbone.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ];
+    args.extend_from_slice(extra);
+    run(graft, &args)
+}
+
 /// Runs `program` with `args` and a private feature cache.
 pub fn run<A: AsRef<std::ffi::OsStr>>(program: &Path, args: &[A]) -> Output {
     run_with_env(program, args, &[])

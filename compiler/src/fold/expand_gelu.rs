@@ -6,6 +6,7 @@
 //! again, the artifact stays standard tract NNEF (`tract_core_erf` and arithmetic) that any tract
 //! reader loads.
 
+use std::borrow::Cow;
 use std::f32::consts::FRAC_1_SQRT_2;
 
 use tract_onnx::prelude::*;
@@ -13,9 +14,9 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math;
 use tract_onnx::tract_core::ops::nn::GeluExact;
 
-/// `model` with every `GeluExact` replaced by `0.5 * x * (1 + erf(x / sqrt 2))`.
-pub(crate) fn expand_gelu(model: &TypedModel) -> TractResult<TypedModel> {
-    let mut model = model.clone();
+/// `model` with every `GeluExact` replaced by `0.5 * x * (1 + erf(x / sqrt 2))` (borrowed
+/// unchanged when it has none).
+pub(crate) fn expand_gelu(model: &TypedModel) -> TractResult<Cow<'_, TypedModel>> {
     let gelus: Vec<usize> = model
         .nodes()
         .iter()
@@ -26,8 +27,9 @@ pub(crate) fn expand_gelu(model: &TypedModel) -> TractResult<TypedModel> {
         .map(|n| n.id)
         .collect();
     if gelus.is_empty() {
-        return Ok(model);
+        return Ok(Cow::Borrowed(model));
     }
+    let mut model = model.clone();
     for id in gelus {
         let node = model.node(id);
         let name = node.name.clone();
@@ -55,7 +57,7 @@ pub(crate) fn expand_gelu(model: &TypedModel) -> TractResult<TypedModel> {
     }
     let model = model.into_compact()?;
     model.check_consistency()?;
-    Ok(model)
+    Ok(Cow::Owned(model))
 }
 
 #[cfg(test)]
