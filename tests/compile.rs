@@ -319,11 +319,7 @@ fn fast_and_reference_pipelines_agree_on_a_12_megapixel_photo() {
         let a = model.classify_tensor(&fast.apply(&small)).unwrap();
         let b = model.classify_tensor(&reference.apply(&full)).unwrap();
         assert_eq!(a.top1(), b.top1(), "{name}");
-        let worst = a
-            .probabilities
-            .iter()
-            .zip(&b.probabilities)
-            .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+        let worst = max_abs_difference(&a.probabilities, &b.probabilities);
         assert!(worst < 0.1, "{name}: probabilities differ by {worst}");
     }
 }

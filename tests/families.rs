@@ -34,16 +34,7 @@ fn golden_crop(index: usize) -> Vec<f32> {
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .collect();
     files.sort();
-    let image = graft_runtime::preprocess::load_image(&files[index])
-        .unwrap()
-        .to_rgb8();
-    let mut chw = vec![0f32; 3 * 224 * 224];
-    for (i, px) in image.pixels().enumerate() {
-        for c in 0..3 {
-            chw[c * 224 * 224 + i] = (px.0[c] as f32 - 127.0) / 128.0;
-        }
-    }
-    chw
+    golden_tensor(&files[index])
 }
 
 /// An artifact of the unmodified backbone gives onnxruntime's logits (within 1e-3) on four
@@ -61,18 +52,12 @@ fn reproduces_onnxruntime_logits(name: &str) {
     };
     compile(&options, &NoProgress).unwrap_or_else(|e| panic!("{name}: {e}"));
     let model = Model::load(&out).unwrap();
-    let raw = std::fs::read(fixtures().join(format!("families/{name}.logits.f32"))).unwrap();
-    let ort: Vec<f32> = raw
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let ort = read_f32_file(&fixtures().join(format!("families/{name}.logits.f32")));
     let mut worst = 0f32;
     for (i, crop) in crops.iter().enumerate() {
         let logits = model.classify_tensor(crop).unwrap().logits;
         assert_eq!(logits.len(), 1000, "{name}");
-        for (a, b) in logits.iter().zip(&ort[i * 1000..(i + 1) * 1000]) {
-            worst = worst.max((a - b).abs());
-        }
+        worst = worst.max(max_abs_difference(&logits, &ort[i * 1000..(i + 1) * 1000]));
     }
     println!("{name:12} max |logit - onnxruntime| {worst:.2e}");
     assert!(worst <= 1e-3, "{name}: max |logit - onnxruntime| = {worst}");
@@ -185,11 +170,7 @@ fn fast_pipeline_agrees_with_reference(name: &str, artifact: &Path, photo: &Path
     let b = model
         .classify_tensor(&reference.apply(&reference.load(photo).unwrap()))
         .unwrap();
-    let worst = a
-        .probabilities
-        .iter()
-        .zip(&b.probabilities)
-        .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+    let worst = max_abs_difference(&a.probabilities, &b.probabilities);
     assert!(worst < 0.05, "{name}: probabilities differ by {worst}");
 }
 

@@ -43,31 +43,15 @@ fn artifact_logits_match_onnxruntime_on_golden_crops() {
     let golden = fixtures().join("golden");
     let index: Vec<GoldenEntry> =
         serde_json::from_slice(&std::fs::read(golden.join("index.json")).unwrap()).unwrap();
-    let raw = std::fs::read(golden.join("ort_logits.f32")).unwrap();
-    let ort: Vec<f32> = raw
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let ort = read_f32_file(&golden.join("ort_logits.f32"));
     assert_eq!(ort.len(), index.len() * 1000);
     let mut worst = 0f32;
     let mut correct = 0;
     for (i, entry) in index.iter().enumerate() {
-        let image = graft_runtime::preprocess::load_image(&golden.join(&entry.file))
-            .unwrap()
-            .to_rgb8();
-        assert_eq!(image.dimensions(), (224, 224));
-        // The exact tensor make_fixtures.py gave onnxruntime: (x - 127) / 128, NCHW.
-        let mut chw = vec![0f32; 3 * 224 * 224];
-        for (i, px) in image.pixels().enumerate() {
-            for c in 0..3 {
-                chw[c * 224 * 224 + i] = (px.0[c] as f32 - 127.0) / 128.0;
-            }
-        }
+        let chw = golden_tensor(&golden.join(&entry.file));
         let result = model.classify_tensor(&chw).unwrap();
         let reference = &ort[i * 1000..(i + 1) * 1000];
-        for (a, b) in result.logits.iter().zip(reference) {
-            worst = worst.max((a - b).abs());
-        }
+        worst = worst.max(max_abs_difference(&result.logits, reference));
         let ort_top1 = (0..1000)
             .max_by(|&a, &b| reference[a].total_cmp(&reference[b]))
             .unwrap();

@@ -134,3 +134,37 @@ pub fn relative_difference(got: &[f32], expected: &[f32]) -> f32 {
         .sqrt();
     diff / norm
 }
+
+/// The largest `|got[i] - expected[i]|`.
+pub fn max_abs_difference(got: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(got.len(), expected.len(), "lengths differ");
+    got.iter()
+        .zip(expected)
+        .fold(0f32, |worst, (a, b)| worst.max((a - b).abs()))
+}
+
+/// A file of little-endian f32 values (the golden logits `make_fixtures.py` and
+/// `make_families.py` write).
+pub fn read_f32_file(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// A 224x224 golden crop as the exact tensor the fixture scripts gave onnxruntime:
+/// `(x - 127) / 128`, NCHW.
+pub fn golden_tensor(path: &Path) -> Vec<f32> {
+    let image = graft_runtime::preprocess::load_image(path)
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(image.dimensions(), (224, 224), "{}", path.display());
+    let mut chw = vec![0f32; 3 * 224 * 224];
+    for (i, px) in image.pixels().enumerate() {
+        for c in 0..3 {
+            chw[c * 224 * 224 + i] = (px.0[c] as f32 - 127.0) / 128.0;
+        }
+    }
+    chw
+}
