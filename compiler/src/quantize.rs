@@ -14,7 +14,7 @@
 //! [`simulate`] is the same rewrite with every quantized layer computed in f32 on int8-rounded
 //! values (weights, bias, input and output go through the same quantizing casts): it runs at f32
 //! speed where tract's int8 kernels are slow, which is what lets [`search`] try calibration
-//! methods and per-layer fallbacks against the validation images.
+//! methods and per-layer fallbacks against the images held out of training for choices.
 
 pub mod calibration;
 mod pointwise;
@@ -34,6 +34,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use crate::error::{CompileError, Result};
+use crate::fold::HEAD_NODE_PREFIX;
 use pointwise::{weights_oi, Layout};
 
 /// Which layers [`quantize`] turns to int8.
@@ -149,12 +150,12 @@ fn candidates(model: &TypedModel) -> TractResult<Vec<Candidate>> {
                 layout: None,
             });
         } else if let Some(einsum) = node.op_as::<EinSum>() {
-            // A 1x1 convolution after tract's declutter: weights [Co, Ci] times activations
-            // [Ci, H, W], then a constant bias [Co, 1, 1].
-            // The trained head stays f32: its outputs are the logits, and it is tiny.
+            // A 1x1 convolution after tract's declutter: constant weights times activations in
+            // one of the layouts `pointwise::Layout` recognises, then a constant bias. The
+            // trained head stays f32: its outputs are the logits, and it is tiny.
             if einsum.q_params.is_some()
                 || node.inputs.len() != 2
-                || node.name.starts_with("graft.head.")
+                || node.name.starts_with(HEAD_NODE_PREFIX)
             {
                 continue;
             }

@@ -18,6 +18,9 @@ use crate::cut::CutBackbone;
 use crate::error::{CompileError, Result};
 use crate::train::Dense;
 
+/// Names of the head's nodes start with this (the int8 rewrite leaves the head in f32).
+pub(crate) const HEAD_NODE_PREFIX: &str = "graft.head.";
+
 /// One graph from image to `[probabilities, logits]`.
 #[derive(Debug, Clone)]
 pub struct FoldedModel {
@@ -47,23 +50,26 @@ impl CutBackbone {
             let mut x = model.output_outlets()?[0];
             for (i, layer) in layers.iter().enumerate() {
                 if i > 0 {
-                    let zero =
-                        model.add_const(format!("graft.head.{i}.zero"), tensor2(&[[0f32]]))?;
-                    x = model.wire_node(format!("graft.head.{i}.relu"), math::max(), &[x, zero])?
-                        [0];
+                    let zero = model
+                        .add_const(format!("{HEAD_NODE_PREFIX}{i}.zero"), tensor2(&[[0f32]]))?;
+                    x = model.wire_node(
+                        format!("{HEAD_NODE_PREFIX}{i}.relu"),
+                        math::max(),
+                        &[x, zero],
+                    )?[0];
                 }
                 let weight = Tensor::from_shape(&[layer.outputs, layer.inputs], &layer.weight)?;
-                let weight = model.add_const(format!("graft.head.{i}.weight"), weight)?;
+                let weight = model.add_const(format!("{HEAD_NODE_PREFIX}{i}.weight"), weight)?;
                 let bias = Tensor::from_shape(&[1, layer.outputs], &layer.bias)?;
-                let bias = model.add_const(format!("graft.head.{i}.bias"), bias)?;
+                let bias = model.add_const(format!("{HEAD_NODE_PREFIX}{i}.bias"), bias)?;
                 let axes = AxesMapping::for_numpy_matmul(2, false, true, false)?;
                 let product = model.wire_node(
-                    format!("graft.head.{i}.matmul"),
+                    format!("{HEAD_NODE_PREFIX}{i}.matmul"),
                     EinSum::new(axes, f32::datum_type()),
                     &[x, weight],
                 )?[0];
                 x = model.wire_node(
-                    format!("graft.head.{i}.add"),
+                    format!("{HEAD_NODE_PREFIX}{i}.add"),
                     math::add(),
                     &[product, bias],
                 )?[0];
