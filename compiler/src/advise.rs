@@ -212,9 +212,8 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
             .iter()
             .map(|(name, shape)| {
                 FeatureCache::for_tensor(root, (&backbone, name, shape[1]), &preprocessing)
-                    .map(Some)
             })
-            .collect::<Result<Vec<_>>>()?,
+            .collect::<Vec<_>>(),
         None => Vec::new(),
     };
     let mut extractions = stage("extract", || {

@@ -53,6 +53,7 @@ pub struct Finding {
     /// What is wrong, for people.
     pub message: String,
     /// The files (pairs are listed side by side).
+    #[serde(serialize_with = "graft_runtime::paths::serialize_all")]
     pub paths: Vec<PathBuf>,
 }
 
@@ -71,6 +72,7 @@ pub struct ClassCount {
 #[derive(Debug, Clone, Serialize)]
 pub struct DataReport {
     /// The folder checked.
+    #[serde(serialize_with = "graft_runtime::paths::serialize")]
     pub root: PathBuf,
     /// Name of the validation split folder, if any.
     pub val_split: Option<String>,
@@ -113,7 +115,7 @@ fn mean_difference(a: &[u8], b: &[u8]) -> f32 {
 }
 
 fn probe(path: &Path) -> Probe {
-    let bytes = match std::fs::read(path) {
+    let bytes = match graft_runtime::read::read_image_file(path) {
         Ok(b) => b,
         Err(e) => {
             return Probe {

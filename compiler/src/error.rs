@@ -71,6 +71,11 @@ pub enum CompileError {
         reason: String,
     },
 
+    /// Two measurements that must agree do not (the artifact run end to end against the head on
+    /// its features): the inputs behind one of them, usually the feature cache, are wrong.
+    #[error("{0}")]
+    Inconsistent(String),
+
     /// The user pressed Ctrl-C; nothing was written but the features computed so far.
     #[error("interrupted: no artifact written")]
     Interrupted,

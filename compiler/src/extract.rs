@@ -6,6 +6,12 @@
 //! or moved images hit the cache and edited ones do not. The cache file is read back through a
 //! memory map and rewritten atomically (temporary file + rename), so an interrupted compile leaves
 //! a usable cache.
+//!
+//! The cache is not trusted: each file records the digest of its key and ends with a SHA-256 of
+//! everything before it, both checked on every load, so a file copied in from another key, or
+//! edited (rows swapped between images, a byte flipped), is ignored with a warning and its
+//! features are computed again. Verifying costs one pass over the file (milliseconds for
+//! thousands of images); computing a wrong head from silently wrong features costs far more.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,9 +30,12 @@ use crate::error::{CompileError, Result};
 use crate::import::Backbone;
 
 /// Version of the cache layout and of the feature computation; bump to invalidate old caches.
-const CACHE_VERSION: u32 = 1;
-const CACHE_MAGIC: [u8; 8] = *b"GRAFTFC1";
-const CACHE_HEADER_LEN: usize = 24;
+const CACHE_VERSION: u32 = 2;
+const CACHE_MAGIC: [u8; 8] = *b"GRAFTFC2";
+/// Magic, dimension (u32), reserved (u32), row count (u64), key digest (32 bytes).
+const CACHE_HEADER_LEN: usize = 56;
+/// The SHA-256 of the rest of the file, at its end.
+const CACHE_CHECKSUM_LEN: usize = 32;
 const CACHE_FILE: &str = "features.bin";
 
 /// SHA-256 of an image file's content.
@@ -245,7 +254,7 @@ impl FeatureExtractor {
                     return Err(CompileError::Interrupted);
                 }
                 let path = &samples[i].path;
-                let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
+                let bytes = graft_runtime::read::read_image_file(path)?;
                 self.outputs_of(&bytes, path)
             },
             || progress.advance(),
@@ -262,7 +271,11 @@ impl FeatureExtractor {
         }
         for ((cache, old), fresh) in caches.iter().zip(&cached).zip(&fresh) {
             if !fresh.is_empty() {
-                cache.store(old, fresh)?;
+                if let Err(e) = cache.store(old, fresh) {
+                    graft_runtime::progress::note(format_args!(
+                        "warning: features not cached: {e}"
+                    ));
+                }
             }
         }
         if progress.cancelled() {
@@ -311,7 +324,7 @@ impl FeatureExtractor {
 }
 
 fn hash_file(path: &Path) -> Result<ImageHash> {
-    let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
+    let bytes = graft_runtime::read::read_image_file(path)?;
     Ok(Sha256::digest(&bytes).into())
 }
 
@@ -320,6 +333,7 @@ fn hash_file(path: &Path) -> Result<ImageHash> {
 pub struct FeatureCache {
     dir: PathBuf,
     dim: usize,
+    key_digest: [u8; 32],
 }
 
 #[derive(Serialize)]
@@ -364,12 +378,14 @@ impl CachedFeatures {
 }
 
 impl FeatureCache {
-    /// The cache for `cut` + `preprocessing` under `root` (created if missing).
+    /// The cache for `cut` + `preprocessing` under `root` (created if missing); `None`, with a
+    /// warning, when that folder cannot be created or written (a read-only home, a full disk):
+    /// the compile then runs without a cache instead of failing.
     pub fn new(
         root: &Path,
         cut: &CutBackbone,
         preprocessing: &Preprocessing,
-    ) -> Result<FeatureCache> {
+    ) -> Option<FeatureCache> {
         FeatureCache::for_tensor(
             root,
             (cut.backbone(), cut.cut_name(), cut.feature_dim()),
@@ -383,7 +399,7 @@ impl FeatureCache {
         root: &Path,
         (backbone, cut, dim): (&Backbone, &str, usize),
         preprocessing: &Preprocessing,
-    ) -> Result<FeatureCache> {
+    ) -> Option<FeatureCache> {
         let key = CacheKey {
             version: CACHE_VERSION,
             backbone_sha256: backbone.sha256(),
@@ -391,14 +407,33 @@ impl FeatureCache {
             preprocessing,
         };
         let key_json = serde_json::to_string_pretty(&key).expect("key serializes");
-        let digest = graft_runtime::artifact::hex(&Sha256::digest(key_json.as_bytes()));
+        let key_digest: [u8; 32] = Sha256::digest(key_json.as_bytes()).into();
+        let digest = graft_runtime::artifact::hex(&key_digest);
         let dir = root.join(&digest[..24]);
-        std::fs::create_dir_all(&dir).map_err(|e| CompileError::io(&dir, e))?;
         let key_path = dir.join("key.json");
-        if !key_path.exists() {
-            graft_runtime::artifact::write_atomic(&key_path, key_json.as_bytes())?;
+        let ready = std::fs::create_dir_all(&dir)
+            .map_err(|e| CompileError::io(&dir, e))
+            .and_then(|()| {
+                if key_path.exists() {
+                    Ok(graft_runtime::artifact::check_writable(&key_path)?)
+                } else {
+                    Ok(graft_runtime::artifact::write_atomic(
+                        &key_path,
+                        key_json.as_bytes(),
+                    )?)
+                }
+            });
+        if let Err(e) = ready {
+            graft_runtime::progress::note(format_args!(
+                "warning: running without a feature cache: {e}"
+            ));
+            return None;
         }
-        Ok(FeatureCache { dir, dim })
+        Some(FeatureCache {
+            dir,
+            dim,
+            key_digest,
+        })
     }
 
     /// The folder holding this key's features.
@@ -406,10 +441,21 @@ impl FeatureCache {
         &self.dir
     }
 
-    /// Memory-maps the cached features. A missing file is an empty cache; a damaged one (wrong
-    /// magic or size) is ignored with a warning and replaced at the next store.
+    /// Memory-maps the cached features. A missing file is an empty cache; one that fails a
+    /// check (magic, size, key, checksum) is ignored with a warning and replaced at the next
+    /// store.
     pub fn load(&self) -> Result<CachedFeatures> {
         let path = self.dir.join(CACHE_FILE);
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(CachedFeatures::default())
+            }
+            Ok(meta) if !meta.is_file() => {
+                self.warn_ignored(&path, "not a regular file");
+                return Ok(CachedFeatures::default());
+            }
+            _ => {}
+        }
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -420,20 +466,24 @@ impl FeatureCache {
         // SAFETY: read-only private map; the file is only ever replaced by rename, never written
         // in place, so its content cannot change under the map.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CompileError::io(&path, e))?;
-        match parse_cache(&map, self.dim) {
-            Some(index) => Ok(CachedFeatures {
+        match parse_cache(&map, self.dim, &self.key_digest) {
+            Ok(index) => Ok(CachedFeatures {
                 map: Some(map),
                 dim: self.dim,
                 index,
             }),
-            None => {
-                eprintln!(
-                    "warning: ignoring damaged feature cache {} (it will be rebuilt)",
-                    path.display()
-                );
+            Err(reason) => {
+                self.warn_ignored(&path, reason);
                 Ok(CachedFeatures::default())
             }
         }
+    }
+
+    fn warn_ignored(&self, path: &Path, reason: &str) {
+        graft_runtime::progress::note(format_args!(
+            "warning: ignoring feature cache {}: {reason} (its features are computed again)",
+            path.display()
+        ));
     }
 
     /// Writes `old` plus `fresh` as the new cache file, atomically.
@@ -458,35 +508,54 @@ impl FeatureCache {
         bytes.extend_from_slice(&(self.dim as u32).to_le_bytes());
         bytes.extend_from_slice(&0u32.to_le_bytes());
         bytes.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&self.key_digest);
         for h in &hashes {
             bytes.extend_from_slice(h);
         }
         for v in &data {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
+        let checksum = Sha256::digest(&bytes);
+        bytes.extend_from_slice(&checksum);
         graft_runtime::artifact::write_atomic(&self.dir.join(CACHE_FILE), &bytes)?;
         Ok(())
     }
 }
 
-fn parse_cache(bytes: &[u8], dim: usize) -> Option<HashMap<ImageHash, usize>> {
-    if bytes.len() < CACHE_HEADER_LEN || bytes[..8] != CACHE_MAGIC {
-        return None;
+/// The row index of a cache file for features of `dim` values under the key `key_digest`, or
+/// what is wrong with it.
+fn parse_cache(
+    bytes: &[u8],
+    dim: usize,
+    key_digest: &[u8; 32],
+) -> std::result::Result<HashMap<ImageHash, usize>, &'static str> {
+    if bytes.len() < CACHE_HEADER_LEN + CACHE_CHECKSUM_LEN || bytes[..8] != CACHE_MAGIC {
+        return Err("not a feature cache of this graft version");
     }
-    let file_dim = u32::from_le_bytes(bytes[8..12].try_into().ok()?) as usize;
-    let count = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
-    let expected = (count as u128) * (32 + dim as u128 * 4) + CACHE_HEADER_LEN as u128;
+    let file_dim = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    let count = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let expected =
+        (count as u128) * (32 + dim as u128 * 4) + (CACHE_HEADER_LEN + CACHE_CHECKSUM_LEN) as u128;
     if file_dim != dim || expected != bytes.len() as u128 {
-        return None;
+        return Err("its size does not match its header");
+    }
+    if bytes[24..56] != key_digest[..] {
+        return Err("it belongs to another backbone, cut or preprocessing");
+    }
+    let (body, checksum) = bytes.split_at(bytes.len() - CACHE_CHECKSUM_LEN);
+    if Sha256::digest(body)[..] != checksum[..] {
+        return Err("checksum mismatch (the file was changed)");
     }
     let hashes = &bytes[CACHE_HEADER_LEN..CACHE_HEADER_LEN + count as usize * 32];
-    Some(
-        hashes
-            .chunks_exact(32)
-            .enumerate()
-            .map(|(row, h)| (h.try_into().expect("32 bytes"), row))
-            .collect(),
-    )
+    let index: HashMap<ImageHash, usize> = hashes
+        .chunks_exact(32)
+        .enumerate()
+        .map(|(row, h)| (h.try_into().expect("32 bytes"), row))
+        .collect();
+    if index.len() != count as usize {
+        return Err("an image appears twice");
+    }
+    Ok(index)
 }
 
 #[cfg(test)]
@@ -499,6 +568,7 @@ mod tests {
         let cache = FeatureCache {
             dir: dir.path().to_path_buf(),
             dim: 3,
+            key_digest: [7; 32],
         };
         assert!(cache.load().unwrap().is_empty());
         cache
@@ -524,5 +594,22 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert!(cache.load().unwrap().is_empty());
+
+        // The two rows swapped (each image gets the other's features): the checksum catches it.
+        let mut swapped = bytes.clone();
+        let rows = CACHE_HEADER_LEN + 2 * 32;
+        let (a, b) = swapped[rows..rows + 24].split_at_mut(12);
+        a.swap_with_slice(b);
+        assert_eq!(
+            parse_cache(&swapped, 3, &[7; 32]),
+            Err("checksum mismatch (the file was changed)")
+        );
+        // Another key's file copied in.
+        assert_eq!(
+            parse_cache(&bytes, 3, &[8; 32]),
+            Err("it belongs to another backbone, cut or preprocessing")
+        );
+        assert_eq!(parse_cache(&bytes, 3, &[7; 32]).map(|i| i.len()), Ok(2));
+        assert!(parse_cache(&bytes, 4, &[7; 32]).is_err());
     }
 }

@@ -198,6 +198,9 @@ pub struct FinetuneConfig {
     pub patience: usize,
     /// Mini-batch size.
     pub batch_size: usize,
+    /// Label smoothing of the training loss: the target puts this much probability evenly on
+    /// all classes (0: plain cross-entropy). The loss that picks the epoch stays plain.
+    pub label_smoothing: f64,
     /// Random variations of the training images, or none (frozen outputs computed once).
     pub augmentation: Option<Augmentation>,
     /// Seed of initialisation, shuffling and augmentation.
@@ -230,6 +233,7 @@ impl FinetuneConfig {
             epochs: 10,
             patience: 5,
             batch_size: 16,
+            label_smoothing: 0.0,
             augmentation: Some(Augmentation::default()),
             seed: 42,
             balance_classes: false,
@@ -697,7 +701,7 @@ pub fn finetune(
                 .collect();
             let y = Tensor::from_vec(labels, batch.len(), device)?;
             let logits = head_forward(&part.features(&batch_tensor(&rows)?, true)?)?;
-            let loss = weighted_cross_entropy(&logits, &y, &class_weights)?;
+            let loss = weighted_cross_entropy(&logits, &y, &class_weights, config.label_smoothing)?;
             let grads = loss.backward()?;
             backbone_optimizer.step(&grads)?;
             head_optimizer.step(&grads)?;

@@ -17,9 +17,9 @@ pub fn install_handler() {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             std::process::exit(EXIT_CODE as i32);
         }
-        eprintln!(
+        graft_runtime::progress::note(format_args!(
             "\ninterrupted: stopping at the next safe point (press Ctrl-C again to quit now)"
-        );
+        ));
     });
 }
 

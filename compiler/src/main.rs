@@ -182,6 +182,9 @@ struct GraftEvalArgs {
 }
 
 fn run_eval(args: &GraftEvalArgs, ui: &TerminalUi) -> Result<Outcome, Failure> {
+    if let Some(dir) = &args.report {
+        graft_compiler::report::check_report_dir(dir)?;
+    }
     let mut stdout = std::io::stdout().lock();
     let (outcome, evaluation) = commands::eval_returning(&args.eval, &mut stdout, ui)?;
     if let Some(dir) = &args.report {
@@ -474,23 +477,23 @@ struct CompileArgs {
     #[arg(long, value_name = "HxW", value_parser = parse_size)]
     input_size: Option<[usize; 2]>,
     /// Maximum training epochs.
-    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    #[arg(long, default_value_t = TrainConfig::default().epochs, value_parser = parse_count)]
     epochs: usize,
     /// Mini-batch size.
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size, value_parser = parse_count)]
     batch_size: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate, value_parser = parse_learning_rate)]
     lr: f64,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay, value_parser = parse_weight_decay)]
     weight_decay: f64,
     /// Stop after this many epochs without a lower loss on the images for choices (a holdout of
     /// the training images; val with a test split).
-    #[arg(long, default_value_t = TrainConfig::default().patience)]
+    #[arg(long, default_value_t = TrainConfig::default().patience, value_parser = parse_count)]
     patience: usize,
     /// Dropout before the output layer of an mlp head.
-    #[arg(long, default_value_t = TrainConfig::default().dropout)]
+    #[arg(long, default_value_t = TrainConfig::default().dropout, value_parser = parse_fraction::<f32>)]
     dropout: f32,
     /// Class weights in the training loss: none, or auto (inverse class frequency, so a class
     /// with few images counts as much as a large one; see `graft check-data` for imbalance).
@@ -573,30 +576,34 @@ struct CompileArgs {
     #[arg(long, default_value = "adamw", value_parser = parse_optimizer, help_heading = "Fine-tuning")]
     optimizer: OptimizerKind,
     /// Learning rate of the retrained backbone layers [default: 1e-4, 1e-3 from scratch].
-    #[arg(long, value_name = "LR", help_heading = "Fine-tuning")]
+    #[arg(long, value_name = "LR", value_parser = parse_learning_rate, help_heading = "Fine-tuning")]
     backbone_lr: Option<f64>,
     /// Learning rate of the head during joint training.
-    #[arg(long, value_name = "LR", default_value_t = FinetuneConfig::new(Strategy::Finetune).head_learning_rate, help_heading = "Fine-tuning")]
+    #[arg(long, value_name = "LR", default_value_t = FinetuneConfig::new(Strategy::Finetune).head_learning_rate, value_parser = parse_learning_rate, help_heading = "Fine-tuning")]
     finetune_head_lr: f64,
     /// Weight decay of the joint training (decoupled for adamw, L2 for sgd).
-    #[arg(long, value_name = "WD", default_value_t = FinetuneConfig::new(Strategy::Finetune).weight_decay, help_heading = "Fine-tuning")]
+    #[arg(long, value_name = "WD", default_value_t = FinetuneConfig::new(Strategy::Finetune).weight_decay, value_parser = parse_weight_decay, help_heading = "Fine-tuning")]
     finetune_weight_decay: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9, help_heading = "Fine-tuning")]
+    #[arg(long, default_value_t = 0.9, value_parser = parse_fraction::<f64>, help_heading = "Fine-tuning")]
     momentum: f64,
     /// Learning-rate schedule: cosine, step (/10 after each third) or constant.
     #[arg(long, default_value = "cosine", value_parser = parse_schedule, help_heading = "Fine-tuning")]
     schedule: Schedule,
     /// Maximum epochs of joint training.
-    #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).epochs, help_heading = "Fine-tuning")]
+    #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).epochs, value_parser = parse_count, help_heading = "Fine-tuning")]
     finetune_epochs: usize,
     /// Stop joint training after this many epochs without a lower loss on the images for
     /// choices.
-    #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).patience, help_heading = "Fine-tuning")]
+    #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).patience, value_parser = parse_count, help_heading = "Fine-tuning")]
     finetune_patience: usize,
     /// Mini-batch size of joint training.
-    #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).batch_size, help_heading = "Fine-tuning")]
+    #[arg(long, value_name = "N", default_value_t = FinetuneConfig::new(Strategy::Finetune).batch_size, value_parser = parse_count, help_heading = "Fine-tuning")]
     finetune_batch_size: usize,
+    /// Label smoothing of the joint training's loss: the target spreads this much probability
+    /// evenly over the classes, which keeps the fine-tuned head from growing overconfident.
+    #[arg(long, value_name = "EPS", default_value_t = FinetuneConfig::new(Strategy::Finetune).label_smoothing, value_parser = parse_fraction::<f64>, help_heading = "Fine-tuning")]
+    label_smoothing: f64,
     /// Do not augment training images (random crops, flips, colour jitter); the frozen layers
     /// then run once per image instead of once per image and epoch.
     #[arg(long, help_heading = "Fine-tuning")]
@@ -667,6 +674,47 @@ fn parse_size(s: &str) -> Result<[usize; 2], String> {
         return Err(err());
     }
     Ok([h, w])
+}
+
+/// A learning rate: a number greater than 0 and at most 1 (NaN and infinities refused, so a
+/// typo fails at once instead of after the whole compile).
+fn parse_learning_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a learning rate: expected a number greater than 0 and at most 1"
+        )),
+    }
+}
+
+/// A weight decay: a number from 0 to 100.
+fn parse_weight_decay(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a weight decay: expected a number from 0 to 100"
+        )),
+    }
+}
+
+/// A probability such as a dropout rate or a momentum: at least 0 and less than 1.
+fn parse_fraction<T: std::str::FromStr + PartialOrd + From<f32>>(s: &str) -> Result<T, String> {
+    match s.trim().parse::<T>() {
+        Ok(v) if v >= T::from(0.0) && v < T::from(1.0) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a fraction: expected a number from 0 up to (not including) 1"
+        )),
+    }
+}
+
+/// A count of at least 1 (epochs, batch size, patience).
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a count: expected a whole number of at least 1"
+        )),
+    }
 }
 
 fn parse_budget(s: &str) -> Result<f64, String> {
@@ -807,6 +855,7 @@ impl CompileArgs {
         config.epochs = self.finetune_epochs;
         config.patience = self.finetune_patience;
         config.batch_size = self.finetune_batch_size;
+        config.label_smoothing = self.label_smoothing;
         if self.no_augment {
             config.augmentation = None;
         }
@@ -925,19 +974,20 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
     let m = &report.manifest;
     if json {
         let doc = serde_json::json!({
-            "artifact": out_path,
+            "artifact": graft_runtime::paths::lossy(out_path),
             "artifact_bytes": report.artifact_bytes,
             "labels": m.labels,
             "cache_hits": report.cache_hits,
             "computed": report.computed,
-            "skipped": report.skipped.iter().map(|(p, e)| serde_json::json!({"path": p, "error": e})).collect::<Vec<_>>(),
+            "skipped": report.skipped.iter().map(|(p, e)| serde_json::json!({"path": graft_runtime::paths::lossy(p), "error": e})).collect::<Vec<_>>(),
             "head_val_accuracy": report.head_val_accuracy,
             "artifact_val_accuracy": report.artifact_val_accuracy,
             "extract_seconds": report.extract_seconds,
             "total_seconds": report.total_seconds,
             "manifest": m,
         });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("json"))?;
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(std::io::Error::other)?;
+        writeln!(out)?;
         return Ok(());
     }
     if let Some(metrics) = &m.metrics {
@@ -979,6 +1029,9 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
 fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
     let ui = TerminalUi::new(quiet);
     let mut options = args.options()?;
+    if let Some(dir) = &args.report {
+        graft_compiler::report::check_report_dir(dir)?;
+    }
     if args.strategy == StrategyChoice::Auto {
         if args.cut.is_some() || args.unfreeze_from.is_some() {
             return Err(Failure {
@@ -1037,11 +1090,11 @@ fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
     })?;
     let model = args.out.join("hymenoptera.graft");
     let compile_args = CompileArgs::parse_from_demo(&backbone, &data, &model, &args.out);
-    eprintln!(
+    graft_runtime::progress::note(format_args!(
         "graft demo: compiling {} + {}",
         backbone.display(),
         data.display()
-    );
+    ));
     run_compile(&compile_args, quiet)?;
     let val = data.join("val");
     let images: Vec<PathBuf> = ["ants", "bees"]
@@ -1060,7 +1113,7 @@ fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
     let predict = PredictArgs {
         model: model.clone(),
         images,
-        top_k: 2,
+        top_k: 2u16,
         json: false,
         threads: None,
         batch: 32,
@@ -1161,7 +1214,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Partial) => ExitCode::from(1),
         Err(failure) if failure.code == 0 => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {}", failure.message);
+            graft_runtime::progress::note(format_args!("error: {}", failure.message));
             ExitCode::from(failure.code)
         }
     }

@@ -172,6 +172,13 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let backbone = stage("import", || {
         Backbone::load(&options.backbone, options.input_size)
     })?;
+    let inputs = backbone.files().map(|f| ("the backbone", f)).chain(
+        options
+            .labels_file
+            .iter()
+            .map(|f| ("the labels file", f.as_path())),
+    );
+    check_out_is_not_an_input(&options.out, inputs)?;
     let [_, _, height, width] = backbone.input_shape();
     reporter.message(&format!(
         "backbone  {} (input {}x{}, sha256 {})",
@@ -210,6 +217,8 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     ));
 
     let folder = ImageFolder::scan(data)?;
+    let images = folder.samples().map(|s| ("a data image", s.path.as_path()));
+    check_out_is_not_an_input(&options.out, images)?;
     let splits = Splits::of(&folder, options.val_fraction, options.train.seed)?;
     reporter.message(&splits.describe(data, &folder.classes));
     let (train_samples, val_samples) = (&splits.fit, &splits.select);
@@ -225,8 +234,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
     let cache = options
         .cache_dir
         .as_deref()
-        .map(|root| FeatureCache::new(root, &cut, &preprocessing))
-        .transpose()?;
+        .and_then(|root| FeatureCache::new(root, &cut, &preprocessing));
     let all = splits.all();
     let extraction = stage("extract", || {
         extractor.extract(&all, cache.as_ref(), options.threads, reporter)
@@ -369,15 +377,29 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             accuracy,
             head_val_accuracy
         ));
+        if manifest.quantization.is_none() && manifest.weights == WeightStorage::F32 {
+            check_graph_agrees_with_head(
+                head_val_accuracy,
+                &evaluation,
+                splits.report_source,
+                cache.as_ref(),
+            )?;
+        }
         if manifest.quantization.is_some() || manifest.weights != WeightStorage::F32 {
-            let f32_accuracy = run_graph(
+            let f32_evaluation = run_graph(
                 &all_f32(&manifest),
                 &f32_graph,
                 &report_usable,
                 options,
                 reporter,
-            )?
-            .accuracy();
+            )?;
+            check_graph_agrees_with_head(
+                head_val_accuracy,
+                &f32_evaluation,
+                splits.report_source,
+                cache.as_ref(),
+            )?;
+            let f32_accuracy = f32_evaluation.accuracy();
             reporter.message(&format!(
                 "verify    {} compute, {} weights: accuracy {accuracy:.4} vs {f32_accuracy:.4} all f32 ({:+.2} points)",
                 manifest.precision,
@@ -1103,6 +1125,36 @@ fn compile_with_own_head(
     })
 }
 
+/// The f32 graph, run end to end, must measure what the head measured on the features it was
+/// trained and evaluated on (the same images, the same graph): both see identical tensors, so
+/// they differ by rounding at most. A gap of more than 10 points (and 3 images) means the
+/// features were not this graph's (a damaged or stale cache that passed its checks, a bug), and
+/// the artifact is refused rather than written with a number that is not its own.
+fn check_graph_agrees_with_head(
+    head_accuracy: f32,
+    graph: &graft_runtime::eval::Evaluation,
+    source: &str,
+    cache: Option<&FeatureCache>,
+) -> Result<()> {
+    let images = graph.confusion.total().max(1) as f32;
+    let gap = head_accuracy - graph.accuracy();
+    if gap <= 0.10 || gap * images < 3.0 {
+        return Ok(());
+    }
+    let hint = match cache {
+        Some(cache) => format!(
+            "the cached features do not match the backbone; delete {} or compile with --no-cache",
+            cache.dir().display()
+        ),
+        None => "this is a bug in graft; please report it".into(),
+    };
+    Err(CompileError::Inconsistent(format!(
+        "verify: the artifact classifies {} {source} images with accuracy {:.4}, but the head measured {head_accuracy:.4} on the features it was trained with: {hint}. No artifact written",
+        graph.confusion.total(),
+        graph.accuracy()
+    )))
+}
+
 /// Fails early, before any work, when the artifact could not be written at `out`.
 fn check_output_path(out: &Path) -> Result<()> {
     let parent = match out.parent() {
@@ -1122,13 +1174,87 @@ fn check_output_path(out: &Path) -> Result<()> {
             parent.display()
         )));
     }
+    graft_runtime::artifact::check_writable(out).map_err(|e| match e {
+        graft_runtime::Error::Io { source, .. } => CompileError::InvalidOption(format!(
+            "--out {}: cannot write into folder {}: {source}",
+            out.display(),
+            parent.display()
+        )),
+        other => other.into(),
+    })
+}
+
+/// Refuses an `--out` that is one of the compile's input files (the same file by identity, so
+/// links and `./` spellings are caught too): the artifact would replace it.
+fn check_out_is_not_an_input<'a>(
+    out: &Path,
+    inputs: impl IntoIterator<Item = (&'static str, &'a Path)>,
+) -> Result<()> {
+    let Some(target) = FileId::of(out) else {
+        return Ok(()); // a file that does not exist yet is nobody's input
+    };
+    for (what, input) in inputs {
+        if FileId::of(input) == Some(target) {
+            return Err(CompileError::InvalidOption(format!(
+                "--out {}: is {what} {} (writing the artifact would replace it); choose another file",
+                out.display(),
+                input.display()
+            )));
+        }
+    }
     Ok(())
 }
 
+/// A file's identity: device and inode on Unix, the canonical path elsewhere.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct FileId {
+    #[cfg(unix)]
+    id: (u64, u64),
+    #[cfg(not(unix))]
+    id: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<FileId> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path).ok()?;
+            Some(FileId {
+                id: (meta.dev(), meta.ino()),
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            path.canonicalize().ok()?.hash(&mut hasher);
+            Some(FileId {
+                id: hasher.finish(),
+            })
+        }
+    }
+}
+
+/// Largest labels file read (a million 64-byte labels).
+const LABELS_FILE_LIMIT: u64 = 64 << 20;
+
 /// Reads one label per line; the count must match the model's outputs.
 pub fn read_labels(path: &Path, expected: usize) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| CompileError::io(path, e))?;
+    let bytes = graft_runtime::read::read_regular(path, LABELS_FILE_LIMIT, "labels")?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        CompileError::InvalidOption(format!("{}: labels file is not UTF-8", path.display()))
+    })?;
     let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+    for (line, label) in labels.iter().enumerate() {
+        if let Some(reason) = graft_runtime::artifact::label_problem(label) {
+            return Err(CompileError::InvalidOption(format!(
+                "{}: line {}: label {label:?} {reason}",
+                path.display(),
+                line + 1
+            )));
+        }
+    }
     if labels.len() != expected {
         return Err(CompileError::InvalidOption(format!(
             "{}: has {} labels, the model has {expected} outputs",

@@ -109,7 +109,18 @@ pub struct ProbeResult {
 impl ProbeResult {
     /// The chosen normalisation.
     pub fn normalization(&self) -> Normalization {
-        self.chosen.parse().expect("a preset name")
+        candidates()
+            .into_iter()
+            .find(|c| c.name == self.chosen)
+            .unwrap_or_else(|| panic!("probe chose {:?}, not a candidate", self.chosen))
+    }
+
+    /// Whether a result read back from the cache is one the probe could have written: the
+    /// chosen name is a candidate and every score is finite. A damaged or edited cache file is
+    /// not, and the probe runs again.
+    pub fn is_valid(&self) -> bool {
+        candidates().iter().any(|c| c.name == self.chosen)
+            && self.scores.iter().all(|(_, score)| score.is_finite())
     }
 }
 
@@ -138,8 +149,9 @@ pub fn probe_normalization(
     });
     if let Some(cached) = cache_file
         .as_ref()
-        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|f| graft_runtime::read::read_regular(f, 1 << 20, "probe cache").ok())
         .and_then(|bytes| serde_json::from_slice::<ProbeResult>(&bytes).ok())
+        .filter(ProbeResult::is_valid)
     {
         return Ok(Some(cached));
     }
@@ -176,10 +188,12 @@ pub fn probe_normalization(
             |logits, class| log_softmax_at(logits, *class),
         )?;
         if let Some(file) = cache_file {
+            // A cache that cannot be written costs the probe again next time, nothing more.
             let dir = file.parent().expect("cache file has a folder");
-            std::fs::create_dir_all(dir).map_err(|e| CompileError::io(dir, e))?;
             let json = serde_json::to_vec_pretty(&result).expect("probe result serializes");
-            graft_runtime::artifact::write_atomic(&file, &json)?;
+            if std::fs::create_dir_all(dir).is_ok() {
+                let _ = graft_runtime::artifact::write_atomic(&file, &json);
+            }
         }
         result
     } else {
@@ -283,5 +297,30 @@ mod tests {
         let expected = 2f32.exp() / (2f32.exp() + 1f32.exp() + 1.0);
         assert!((p - expected).abs() < 1e-6);
         assert!((log_softmax_at(&[2.0, 1.0, 0.0], 0) - expected.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn edited_cache_results_are_not_valid() {
+        let good: ProbeResult = serde_json::from_str(
+            r#"{"scores": [["imagenet", -0.8], ["tf", -0.5]], "chosen": "tf", "method": "m"}"#,
+        )
+        .unwrap();
+        assert!(good.is_valid());
+        assert_eq!(good.normalization(), Normalization::tf());
+        let bogus = ProbeResult {
+            chosen: "bogus".into(),
+            ..good.clone()
+        };
+        assert!(!bogus.is_valid());
+        let custom = ProbeResult {
+            chosen: "0.5,0.5".into(),
+            ..good.clone()
+        };
+        assert!(!custom.is_valid());
+        let nan = ProbeResult {
+            scores: vec![("tf".into(), f32::NAN)],
+            ..good
+        };
+        assert!(!nan.is_valid());
     }
 }

@@ -55,6 +55,7 @@ pub struct ReportInput<'a> {
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportMetrics {
     /// The artifact file.
+    #[serde(serialize_with = "graft_runtime::paths::serialize")]
     pub artifact: PathBuf,
     /// Its size in bytes.
     pub artifact_bytes: u64,
@@ -93,6 +94,7 @@ pub struct ReportMetrics {
 #[derive(Debug, Clone, Serialize)]
 pub struct MistakeEntry {
     /// The image file.
+    #[serde(serialize_with = "graft_runtime::paths::serialize")]
     pub path: PathBuf,
     /// True label.
     pub truth: String,
@@ -145,6 +147,36 @@ impl ReportMetrics {
                 })
                 .collect(),
             labels,
+        }
+    }
+}
+
+/// Checks, before any long work, that [`write_report`] could write into `dir`: a folder that
+/// exists and accepts new files, or a new folder inside one. A file in the way is an error
+/// naming the option, instead of a failure after the artifact was written.
+pub fn check_report_dir(dir: &Path) -> Result<()> {
+    let invalid = |reason: String| {
+        CompileError::InvalidOption(format!("--report {}: {reason}", dir.display()))
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Err(invalid("exists and is not a folder".into())),
+        Ok(_) => graft_runtime::artifact::check_writable(&dir.join("index.html"))
+            .map_err(|_| invalid("the folder is not writable".into())),
+        Err(_) => {
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if !parent.is_dir() {
+                return Err(invalid(format!(
+                    "folder {} does not exist",
+                    parent.display()
+                )));
+            }
+            graft_runtime::artifact::check_writable(&dir.join("index.html")).or_else(|_| {
+                graft_runtime::artifact::check_writable(dir)
+                    .map_err(|_| invalid(format!("cannot create it in {}", parent.display())))
+            })
         }
     }
 }

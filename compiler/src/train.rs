@@ -365,12 +365,17 @@ pub(crate) fn weighted_cross_entropy(
     logits: &Tensor,
     y: &Tensor,
     class_weights: &Tensor,
+    smoothing: f64,
 ) -> candle_core::Result<Tensor> {
     let log_probabilities = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let nll = log_probabilities
+    let mut nll = log_probabilities
         .gather(&y.unsqueeze(1)?, 1)?
         .squeeze(1)?
         .neg()?;
+    if smoothing > 0.0 {
+        let uniform = log_probabilities.mean(D::Minus1)?.neg()?;
+        nll = ((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?;
+    }
     let weights = class_weights.index_select(y, 0)?;
     (nll * &weights)?.sum_all()? / weights.sum_all()?.to_scalar::<f32>()? as f64
 }
@@ -454,7 +459,7 @@ pub fn train_head(
             let x = train_x.index_select(&idx, 0)?;
             let y = train_y.index_select(&idx, 0)?;
             let logits = network.forward(&x, Some(&mut dropout_rng))?;
-            let loss = weighted_cross_entropy(&logits, &y, &class_weights)?;
+            let loss = weighted_cross_entropy(&logits, &y, &class_weights, 0.0)?;
             optimizer.backward_step(&loss)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
         }
@@ -823,7 +828,7 @@ mod tests {
         let logits = Tensor::new(&[[2.0f32, -1.0], [0.5, 0.3], [-1.0, 1.0]], &Device::Cpu).unwrap();
         let y = Tensor::new(&[0u32, 1, 1], &Device::Cpu).unwrap();
         let ones = Tensor::new(&[1.0f32, 1.0], &Device::Cpu).unwrap();
-        let ours = weighted_cross_entropy(&logits, &y, &ones)
+        let ours = weighted_cross_entropy(&logits, &y, &ones, 0.0)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
@@ -832,6 +837,25 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((ours - candle).abs() < 1e-6);
+        // Smoothing 0.2 with 2 classes: target (0.9, 0.1) on row 0, written out by hand.
+        let smoothed = weighted_cross_entropy(&logits, &y, &ones, 0.2)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let rows = [([2.0f32, -1.0], 0), ([0.5, 0.3], 1), ([-1.0, 1.0], 1)];
+        let expected = rows
+            .iter()
+            .map(|(z, label)| {
+                let lse = (z[0].exp() + z[1].exp()).ln();
+                let logp = [z[0] - lse, z[1] - lse];
+                -(0.9 * logp[*label] + 0.1 * logp[1 - label])
+            })
+            .sum::<f32>()
+            / 3.0;
+        assert!(
+            (smoothed - expected).abs() < 1e-5,
+            "{smoothed} vs {expected}"
+        );
     }
 
     #[test]

@@ -29,8 +29,8 @@ impl TerminalUi {
             return;
         }
         match self.bar.lock().expect("bar lock").as_ref() {
-            Some(bar) => bar.suspend(|| eprintln!("{text}")),
-            None => eprintln!("{text}"),
+            Some(bar) => bar.suspend(|| graft_runtime::progress::note(format_args!("{text}"))),
+            None => graft_runtime::progress::note(format_args!("{text}")),
         }
     }
 }

@@ -360,14 +360,16 @@ impl Artifact {
     /// Memory-maps and validates the artifact at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Artifact> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        if file.metadata().map_err(|e| Error::io(path, e))?.is_dir() {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
             let e = std::io::Error::new(
                 std::io::ErrorKind::IsADirectory,
                 "is a folder, not an artifact file",
             );
             return Err(Error::io(path, e));
         }
+        // A FIFO or device is refused before it is opened (opening a FIFO blocks).
+        crate::read::check_regular(path, u64::MAX, "artifact")?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only and private to this process. Another process truncating
         // the file while it is mapped would fault on access; the checksum read below touches every
         // byte once so a file changed between open and parse is reported as corrupt.
@@ -465,12 +467,30 @@ impl Artifact {
     }
 }
 
+/// Why `label` cannot be a class label, if it cannot: a label is printed one per line and
+/// between separators, so it must not be empty or hold control characters (a newline in a label
+/// would forge output lines).
+pub fn label_problem(label: &str) -> Option<&'static str> {
+    if label.is_empty() {
+        Some("is empty")
+    } else if label.chars().any(char::is_control) {
+        Some("contains a control character (such as a newline)")
+    } else {
+        None
+    }
+}
+
 fn validate_manifest(manifest: &Manifest) -> std::result::Result<(), String> {
     if manifest.labels.len() < 2 {
         return Err(format!(
             "a classifier needs at least 2 labels, found {}",
             manifest.labels.len()
         ));
+    }
+    for (i, label) in manifest.labels.iter().enumerate() {
+        if let Some(reason) = label_problem(label) {
+            return Err(format!("label {i} ({label:?}) {reason}"));
+        }
     }
     if manifest.outputs.len() != 2 {
         return Err(format!(
@@ -602,18 +622,69 @@ pub fn encode(manifest: &Manifest, graph: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed to disk,
-/// then renamed over `path`. On error nothing is left behind and an existing file is untouched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
+/// The folder `path` is written into (`.` for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+/// A new temporary file beside `path`, named `.graft-*.tmp`, with the permissions a new file
+/// gets (0666 less the umask, like `cp` or `cargo build` outputs; tempfile's default, 0600,
+/// would hide the artifact from the service user that deploys it).
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = folder_of(path);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(TEMP_PREFIX).suffix(TEMP_SUFFIX);
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))
+}
+
+const TEMP_PREFIX: &str = ".graft-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Temporary files older than this are left from a killed write and are removed by the next.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Checks, before any long work, that [`write_atomic`] could write `path`: its folder accepts a
+/// new file (created and removed at once).
+pub fn check_writable(path: &Path) -> Result<()> {
+    temp_beside(path).map(drop)
+}
+
+/// Removes `.graft-*.tmp` files older than a day from `dir`: what a write killed by SIGKILL or a
+/// power cut leaves behind (a running write's file is younger). Failures are ignored.
+pub fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".graft-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed to disk,
+/// then renamed over `path`. On error nothing is left behind and an existing file is untouched.
+/// Temporary files that killed writes left in that folder more than a day ago are removed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    remove_stale_temp_files(folder_of(path));
+    let mut tmp = temp_beside(path)?;
     tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
@@ -781,6 +852,49 @@ mod tests {
         bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         let err = Artifact::from_bytes(bytes, "m.graft").unwrap_err();
         assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed_by_the_next_write_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".graft-killed.tmp");
+        let fresh = dir.path().join(".graft-running.tmp");
+        let other = dir.path().join("notes.tmp");
+        for f in [&stale, &fresh, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let old = std::time::SystemTime::now() - STALE_TEMP_AGE * 2;
+        for f in [&stale, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        write_atomic(&dir.path().join("m.graft"), b"artifact").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("m.graft"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o600, 0o600);
+            assert_ne!(
+                mode & 0o044,
+                0,
+                "readable beyond the owner under a usual umask: {mode:o}"
+            );
+        }
+        assert!(!stale.exists());
+        assert!(fresh.exists() && other.exists());
+        check_writable(&dir.path().join("n.graft")).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            3,
+            "fresh, other, m.graft"
+        );
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl Latency {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     /// The artifact.
+    #[serde(serialize_with = "crate::paths::serialize")]
     pub model: PathBuf,
     /// Artifact size in bytes.
     pub size_bytes: u64,
@@ -141,7 +142,7 @@ type Files<'a> = Vec<(Vec<u8>, &'a Path)>;
 fn read_files(paths: &[PathBuf]) -> Result<Files<'_>> {
     paths
         .iter()
-        .map(|p| Ok((std::fs::read(p).map_err(|e| Error::io(p, e))?, p.as_path())))
+        .map(|p| Ok((crate::read::read_image_file(p)?, p.as_path())))
         .collect()
 }
 
@@ -291,8 +292,10 @@ fn kernels_name(tract_kernels: bool) -> String {
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     /// The first artifact (A).
+    #[serde(serialize_with = "crate::paths::serialize")]
     pub a: PathBuf,
     /// The second artifact (B).
+    #[serde(serialize_with = "crate::paths::serialize")]
     pub b: PathBuf,
     /// The kernels that ran both graphs.
     pub kernels: String,
@@ -417,7 +420,12 @@ fn print_comparison(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     let c = compare(args)?;
     let io = |e| Error::io("<stdout>", e);
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&c).expect("json")).map_err(io)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&c).map_err(|e| io(std::io::Error::other(e)))?
+        )
+        .map_err(io)?;
         return Ok(Outcome::Complete);
     }
     let lines = [
@@ -449,7 +457,12 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     let r = measure(args)?;
     let io = |e| Error::io("<stdout>", e);
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&r).expect("json")).map_err(io)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| io(std::io::Error::other(e)))?
+        )
+        .map_err(io)?;
         return Ok(Outcome::Complete);
     }
     let s = &r.load_stages;

@@ -35,8 +35,8 @@ pub struct PredictArgs {
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Number of labels to show per image.
-    #[arg(short = 'k', long, default_value_t = 3)]
-    pub top_k: usize,
+    #[arg(short = 'k', long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub top_k: u16,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -78,12 +78,14 @@ pub struct InspectArgs {
 
 #[derive(Serialize)]
 struct ImagePrediction<'a> {
+    #[serde(serialize_with = "crate::paths::serialize")]
     path: &'a Path,
     top_k: Vec<LabelScore>,
 }
 
 #[derive(Serialize)]
 struct Failure<'a> {
+    #[serde(serialize_with = "crate::paths::serialize")]
     path: &'a Path,
     error: String,
 }
@@ -119,11 +121,11 @@ pub fn predict(
                     classified += 1;
                     predictions.push(ImagePrediction {
                         path,
-                        top_k: c.top_k(args.top_k.max(1), labels),
+                        top_k: c.top_k(args.top_k as usize, labels),
                     })
                 }
                 Err(e) => {
-                    eprintln!("warning: skipped {e}");
+                    crate::progress::note(format_args!("warning: skipped {e}"));
                     failures.push(Failure {
                         path,
                         error: e.to_string(),
@@ -152,19 +154,24 @@ pub fn predict(
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
-        let doc = serde_json::json!({ "model": args.model, "predictions": predictions, "failures": failures });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("json")).map_err(io)?;
+        let doc = serde_json::json!({ "model": crate::paths::lossy(&args.model), "predictions": predictions, "failures": failures });
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| io(std::io::Error::other(e)))?
+        )
+        .map_err(io)?;
     } else if !failures.is_empty() {
-        eprintln!(
+        crate::progress::note(format_args!(
             "{} of {} images could not be classified",
             failures.len(),
             images.len()
-        );
+        ));
     }
-    eprintln!(
+    crate::progress::note(format_args!(
         "{}",
         throughput_line(classified, seconds, threads.min(images.len()), args.batch)
-    );
+    ));
     Ok(if failures.is_empty() && !cancelled {
         Outcome::Complete
     } else {
@@ -259,7 +266,9 @@ pub fn evaluate_folder(
 
 #[derive(Serialize)]
 struct EvalReport<'a> {
+    #[serde(serialize_with = "crate::paths::serialize")]
     model: &'a Path,
+    #[serde(serialize_with = "crate::paths::serialize")]
     data: &'a Path,
     images: u64,
     accuracy: f32,
@@ -287,7 +296,7 @@ pub fn eval_returning(
         progress,
     )?;
     for (path, error) in &evaluation.failures {
-        eprintln!("warning: skipped {}: {error}", path.display());
+        crate::progress::note(format_args!("warning: skipped {}: {error}", path.display()));
     }
     let io = |e| Error::io("<stdout>", e);
     let labels = &evaluation.labels;
@@ -311,7 +320,7 @@ pub fn eval_returning(
         writeln!(
             out,
             "{}",
-            serde_json::to_string_pretty(&report).expect("json")
+            serde_json::to_string_pretty(&report).map_err(|e| io(std::io::Error::other(e)))?
         )
         .map_err(io)?;
     } else {
@@ -342,14 +351,19 @@ pub fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<Outcome> {
     let io = |e| Error::io("<stdout>", e);
     if args.json {
         let doc = serde_json::json!({
-            "path": artifact.path,
+            "path": crate::paths::lossy(&artifact.path),
             "size_bytes": artifact.size,
             "format_version": crate::artifact::FORMAT_VERSION,
             "checksum_sha256": artifact.checksum,
             "graph_bytes": artifact.graph_bytes().len(),
             "manifest": artifact.manifest,
         });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("json")).map_err(io)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| io(std::io::Error::other(e)))?
+        )
+        .map_err(io)?;
     } else {
         write!(
             out,

@@ -46,6 +46,14 @@ pub struct ImageFolder {
 }
 
 impl ImageFolder {
+    /// Every image of every split: training, then validation, then test.
+    pub fn samples(&self) -> impl Iterator<Item = &Sample> {
+        self.train
+            .iter()
+            .chain(self.val.iter().flatten())
+            .chain(self.test.iter().flatten())
+    }
+
     /// Scans `root`. With `train/` and one of [`VAL_SPLIT_NAMES`] inside, those are the splits;
     /// otherwise every sub-folder of `root` is a class.
     ///
@@ -182,6 +190,12 @@ fn class_dirs(dir: &Path) -> Result<Vec<String>> {
                 format!("class folder name {name:?} is not valid UTF-8"),
             )
         })?;
+        if let Some(reason) = crate::artifact::label_problem(&name) {
+            return Err(Error::dataset(
+                dir,
+                format!("class folder name {name:?} {reason}; rename the folder"),
+            ));
+        }
         classes.push(name);
     }
     Ok(classes)

@@ -19,6 +19,30 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A path that must name a regular file names a folder, device, FIFO or socket.
+    #[error("{}: not a regular file ({kind}); expected {} {what} file", path.display(), article(what))]
+    NotARegularFile {
+        /// The offending path.
+        path: PathBuf,
+        /// What the file should have been ("image", "backbone").
+        what: String,
+        /// What it is instead ("a FIFO").
+        kind: &'static str,
+    },
+
+    /// A file is larger than graft reads for its kind.
+    #[error("{}: {what} file is {size} bytes, more than the {limit}-byte limit{}", path.display(), size_hint(what))]
+    FileTooLarge {
+        /// The offending file.
+        path: PathBuf,
+        /// What the file is ("image").
+        what: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+
     /// The file does not start with the graft artifact magic bytes.
     #[error("{}: not a graft artifact (missing the GRAFTART magic bytes)", path.display())]
     NotAnArtifact {
@@ -111,6 +135,14 @@ pub enum Error {
     #[error("invalid preprocessing: {0}")]
     InvalidPreprocessing(String),
 
+    /// The model's outputs are NaN or infinite: its weights are damaged (or overflow on this
+    /// input), so no label is given.
+    #[error("{}: the model's output is not finite (NaN or infinity); its weights may be damaged", path.display())]
+    NonFiniteOutput {
+        /// The artifact.
+        path: PathBuf,
+    },
+
     /// The model failed while running; this is a bug in graft or tract, not in the input.
     #[error("inference failed: {0}")]
     Inference(String),
@@ -141,6 +173,24 @@ impl Error {
             path: path.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// "an" before a vowel, else "a".
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+/// How to raise the limit of [`Error::FileTooLarge`], where it can be raised.
+fn size_hint(what: &str) -> &'static str {
+    if what == "image" {
+        " (set GRAFT_MAX_IMAGE_BYTES to raise it)"
+    } else {
+        ""
     }
 }
 

@@ -152,6 +152,7 @@ pub struct Evaluation {
     /// Predictions against truth.
     pub confusion: ConfusionMatrix,
     /// Images that could not be classified, with the reason.
+    #[serde(serialize_with = "crate::paths::serialize_pairs")]
     pub failures: Vec<(PathBuf, String)>,
     /// Every misclassified image, in sample order.
     pub mistakes: Vec<Mistake>,
@@ -161,6 +162,7 @@ pub struct Evaluation {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Mistake {
     /// The image file.
+    #[serde(serialize_with = "crate::paths::serialize")]
     pub path: PathBuf,
     /// Index of its true label.
     pub truth: usize,

@@ -23,8 +23,10 @@ pub mod error;
 pub mod eval;
 pub mod kernels;
 pub mod model;
+pub mod paths;
 pub mod preprocess;
 pub mod progress;
+pub mod read;
 pub mod weights;
 
 pub use artifact::{Artifact, Manifest};

@@ -227,10 +227,18 @@ impl Model {
                 .map(|s| s.to_vec())
                 .map_err(|e| Error::Inference(format!("reading output {ix}: {e:#}")))
         };
-        Ok(Classification {
+        let classification = Classification {
             probabilities: read(0)?,
             logits: read(1)?,
-        })
+        };
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !finite(&classification.probabilities) || !finite(&classification.logits) {
+            // NaN weights, or activations that overflow: no label can be trusted.
+            return Err(Error::NonFiniteOutput {
+                path: self.artifact.path.clone(),
+            });
+        }
+        Ok(classification)
     }
 
     /// Classifies several preprocessed CHW tensors on `threads` threads sharing this model's plan,

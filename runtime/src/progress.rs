@@ -22,3 +22,14 @@ impl Progress for NoProgress {
     fn advance(&self) {}
     fn finish(&self) {}
 }
+
+/// Writes `args` and a newline to stderr, ignoring errors: a closed stderr (`graft ... 2>&1 |
+/// head -1`) must not stop work whose result goes to stdout or a file, and `eprintln!` would
+/// panic there.
+pub fn note(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr
+        .write_fmt(args)
+        .and_then(|()| stderr.write_all(b"\n"));
+}

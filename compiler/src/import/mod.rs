@@ -13,16 +13,33 @@ use tract_onnx::pb::{self, tensor_shape_proto::dimension::Value as Dim, type_pro
 use tract_onnx::prelude::*;
 
 mod ceil_pools;
+mod external_data;
 mod fold_batchnorm;
 pub(crate) mod proto;
 
 use crate::cut::CutBackbone;
 use crate::error::{CompileError, Result};
 
+/// Largest ONNX file read: protobuf cannot encode a message of 2 GiB or more (larger models
+/// keep their weights as external data).
+const MAX_ONNX_BYTES: u64 = 2 << 30;
+
+/// Largest input accepted, in pixels (2048x2048): ImageNet CNNs take 224x224 to 600x600, and
+/// an 8192x8192 input needs tens of gigabytes for its activations before anything can fail
+/// cleanly.
+const MAX_INPUT_PIXELS: u64 = 2048 * 2048;
+
+/// Most nodes an ONNX graph may have (EfficientNet-B7 exports to about 2,600; DenseNet-201 to
+/// about 700). tract's optimizer is superlinear in graph size: a compile of a chain of Relu
+/// nodes took 8 s at 2,000 nodes and 36 s at 4,000 (2-core EPYC, 2026-11-28), and minutes at
+/// 10,000, so a larger graph is refused before it starts.
+const MAX_NODES: usize = 4096;
+
 /// An ONNX classifier backbone, parsed and checked.
 #[derive(Debug, Clone)]
 pub struct Backbone {
     path: PathBuf,
+    external_files: Vec<PathBuf>,
     sha256: String,
     proto: pb::ModelProto,
     input_name: String,
@@ -33,7 +50,7 @@ impl Backbone {
     /// Reads and checks the ONNX file at `path`. `input_size` (`[height, width]`) is required
     /// when the model's input has symbolic spatial dimensions, and must agree with it otherwise.
     pub fn load(path: &Path, input_size: Option<[usize; 2]>) -> Result<Backbone> {
-        let bytes = std::fs::read(path).map_err(|e| CompileError::io(path, e))?;
+        let bytes = graft_runtime::read::read_regular(path, MAX_ONNX_BYTES, "backbone")?;
         let invalid = |reason: String| CompileError::InvalidBackbone {
             path: path.to_path_buf(),
             reason,
@@ -48,6 +65,12 @@ impl Backbone {
             .ok_or_else(|| invalid("the ONNX model has no graph".into()))?;
         if graph.node.is_empty() {
             return Err(invalid("the ONNX graph has no nodes".into()));
+        }
+        if graph.node.len() > MAX_NODES {
+            return Err(invalid(format!(
+                "the ONNX graph has {} nodes, more than graft's limit of {MAX_NODES} (image CNNs have a few thousand at most)",
+                graph.node.len()
+            )));
         }
         for node in &graph.node {
             let standard = node.domain.is_empty() || node.domain == "ai.onnx";
@@ -82,9 +105,14 @@ impl Backbone {
             .ok_or_else(|| invalid(format!("input {:?} has no tensor shape", input.name)))?;
         let input_shape = resolve_input_shape(&input.name, &dims, input_size).map_err(invalid)?;
         let input_name = input.name.clone();
+        let external_files = external_data::external_files(path, &proto)?;
+        let mut hasher = Sha256::new();
+        hasher.update(&bytes);
+        external_data::hash_files(&external_files, &mut hasher)?;
         Ok(Backbone {
             path: path.to_path_buf(),
-            sha256: graft_runtime::artifact::hex(&Sha256::digest(&bytes)),
+            external_files,
+            sha256: graft_runtime::artifact::hex(&hasher.finalize()),
             proto,
             input_name,
             input_shape,
@@ -104,7 +132,12 @@ impl Backbone {
             .unwrap_or_default()
     }
 
-    /// SHA-256 of the ONNX file, hex.
+    /// The files the backbone was read from: the ONNX file, then its external-data files.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.path.as_path()).chain(self.external_files.iter().map(PathBuf::as_path))
+    }
+
+    /// SHA-256 of the ONNX file and of its external-data files (when it has any), hex.
     pub fn sha256(&self) -> &str {
         &self.sha256
     }
@@ -582,6 +615,11 @@ fn resolve_input_shape(
             ))
         }
     };
+    if (h as u64) * (w as u64) > MAX_INPUT_PIXELS {
+        return Err(format!(
+            "input {name:?} is {h}x{w}, more than graft's limit of {MAX_INPUT_PIXELS} pixels (2048x2048); ImageNet CNNs take 224 to 600"
+        ));
+    }
     Ok([1, 3, h, w])
 }
 

@@ -69,7 +69,9 @@ fn main() -> ExitCode {
         (Some(Command::Inspect(args)), _) => commands::inspect(&args, &mut stdout),
         (Some(Command::Bench(args)), _) => graft_runtime::bench::bench(&args, &mut stdout),
         (None, None) => {
-            eprintln!("error: name an artifact and images; see graft-run --help");
+            graft_runtime::progress::note(format_args!(
+                "error: name an artifact and images; see graft-run --help"
+            ));
             return ExitCode::from(1);
         }
     };
@@ -78,7 +80,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Partial) => ExitCode::from(1),
         Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            graft_runtime::progress::note(format_args!("error: {e}"));
             ExitCode::from(if e.is_user_error() { 1 } else { 2 })
         }
     }

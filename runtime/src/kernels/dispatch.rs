@@ -83,10 +83,10 @@ impl Level {
                 Ok(name) => match Level::parse(name.trim()) {
                     Some(cap) => best.min(cap),
                     None => {
-                        eprintln!(
+                        crate::progress::note(format_args!(
                             "warning: {ENV}={name:?} is not one of portable, avx2, avxvnni, avx512; using {}",
                             best.name()
-                        );
+                        ));
                         best
                     }
                 },

@@ -80,7 +80,7 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
 
 /// Reads and decodes the image at `path` at full size (see [`decode_image`]).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::read::read_image_file(path)?;
     decode_image(&bytes, path)
 }
 

@@ -238,7 +238,7 @@ impl Preprocessing {
 
     /// Reads the image file at `path` and decodes it (see [`Self::decode`]).
     pub fn load(&self, path: &Path) -> Result<DynamicImage> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::read::read_image_file(path)?;
         self.decode(&bytes, path)
     }
 

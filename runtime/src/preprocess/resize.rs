@@ -66,6 +66,11 @@ impl Geometry {
         }
     }
 
+    /// Pixels of the whole resized image.
+    fn resized_pixels(&self) -> u64 {
+        self.rw as u64 * self.rh as u64
+    }
+
     /// Whether the resize keeps the size (only the crop is left).
     fn same_size(&self) -> bool {
         (self.rw, self.rh) == (self.w, self.h)
@@ -92,10 +97,19 @@ pub(super) fn resize_and_crop(
         return g.crop(&rgb);
     }
     match pipeline {
-        Pipeline::Reference => reference(&rgb, &g, filter),
-        Pipeline::Fast => fast(&rgb, &g, filter),
+        Pipeline::Reference if g.resized_pixels() <= MAX_REFERENCE_RESIZED_PIXELS => {
+            reference(&rgb, &g, filter)
+        }
+        // An extreme aspect ratio (a 1x16000 strip resizes to 256 x 4,096,000 pixels, 3 GB):
+        // only the crop is resampled, as the fast pipeline always does.
+        Pipeline::Reference | Pipeline::Fast => fast(&rgb, &g, filter),
     }
 }
+
+/// Largest whole resized image the reference pipeline computes before cropping (16 megapixels,
+/// 48 MB): every photo-like aspect ratio stays far below it (a 4:1 panorama is 1024x256), and
+/// images beyond it are resampled crop-only (bounded memory whatever the aspect ratio).
+const MAX_REFERENCE_RESIZED_PIXELS: u64 = 16 << 20;
 
 /// The `image` crate's resize of the whole image, then the crop.
 fn reference(rgb: &RgbImage, g: &Geometry, filter: ResizeFilter) -> RgbImage {
@@ -146,6 +160,24 @@ mod tests {
         assert_eq!(resized_dims(375, 500, 256), (256, 341));
         assert_eq!(resized_dims(32, 32, 256), (256, 256));
         assert_eq!(resized_dims(4000, 10, 256), (102_400, 256));
+    }
+
+    /// A 1x16000 strip resizes to 256 x 4,096,000 pixels; the reference pipeline must not
+    /// compute them all (3 GB) but still give the crop, as the fast one does.
+    #[test]
+    fn extreme_aspect_ratios_are_cropped_without_resizing_the_whole_strip() {
+        for (w, h) in [(1, 16_000), (16_000, 1), (3, 16_000)] {
+            let image = DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x % 256) as u8, (y % 256) as u8, 7])
+            }));
+            let g = Geometry::new(&image.to_rgb8(), 256, [224, 224]);
+            assert!(g.resized_pixels() > MAX_REFERENCE_RESIZED_PIXELS);
+            for pipeline in [Pipeline::Reference, Pipeline::Fast] {
+                let crop =
+                    resize_and_crop(&image, 256, [224, 224], ResizeFilter::Bilinear, pipeline);
+                assert_eq!(crop.dimensions(), (224, 224));
+            }
+        }
     }
 
     /// A smooth picture: both resamplers agree on it within rounding, for every filter, when
