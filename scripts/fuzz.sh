@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes the artifact loader and the image decoder + preprocessing with cargo-fuzz (libFuzzer,
+# Fuzzes the artifact loader, the image decoder + preprocessing, and the feature-cache and
+# probe-cache readers with cargo-fuzz (libFuzzer,
 # AddressSanitizer) for a bounded time each; docs/RELIABILITY.md records the output.
 #
 # usage: scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 300)
@@ -11,7 +12,7 @@ seconds=${1:-300}
 status=0
 export RUSTC_BOOTSTRAP=1
 cargo run --quiet --release --bin make_seeds
-for target in artifact_load image_preprocess; do
+for target in artifact_load image_preprocess feature_cache probe_cache; do
   echo "== $target, ${seconds}s"
   cargo fuzz run -O "$target" "corpus/$target" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=30 -max_len=65536 -print_final_stats=1 2>&1 |

@@ -1345,3 +1345,36 @@ fn report_extraction(
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use graft_runtime::eval::{ConfusionMatrix, Evaluation};
+
+    use super::*;
+
+    fn evaluation(right: u64, wrong: u64) -> Evaluation {
+        Evaluation {
+            labels: vec!["a".into(), "b".into()],
+            confusion: ConfusionMatrix {
+                counts: vec![vec![right, wrong], vec![0, 0]],
+            },
+            failures: Vec::new(),
+            mistakes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_artifact_far_below_its_head_is_refused() {
+        // Rounding-level differences pass; so does a large gap of fewer than 3 images.
+        check_graph_agrees_with_head(0.90, &evaluation(89, 11), "val", None).unwrap();
+        check_graph_agrees_with_head(1.0, &evaluation(8, 2), "val", None).unwrap();
+        // Swapped cache rows: the head saw 100 %, the graph 0 %.
+        let err = check_graph_agrees_with_head(1.0, &evaluation(0, 40), "val", None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "verify: the artifact classifies 40 val images with accuracy 0.0000, but the head measured 1.0000 on the features it was trained with: this is a bug in graft; please report it. No artifact written"
+        );
+    }
+}

@@ -139,7 +139,7 @@ pub enum Error {
     /// input), so no label is given.
     #[error("{}: the model's output is not finite (NaN or infinity); its weights may be damaged", path.display())]
     NonFiniteOutput {
-        /// The artifact.
+        /// The image classified, or the artifact when the input was not a file.
         path: PathBuf,
     },
 

@@ -258,6 +258,13 @@ impl Model {
     /// Reads, decodes, preprocesses and classifies the image file at `path`.
     pub fn classify_path(&self, path: &Path) -> Result<Classification> {
         self.classify(&self.manifest().preprocessing.load(path)?)
+            .map_err(|e| match e {
+                // Name the image the output was computed for, as every other per-image error does.
+                Error::NonFiniteOutput { .. } => Error::NonFiniteOutput {
+                    path: path.to_path_buf(),
+                },
+                e => e,
+            })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Writes the seed corpus: a tiny but complete artifact (a 4x4 RGB input, mean pooled, a 3->2
 //! dense layer and a softmax; a toy graph for the fuzzer only) and copies of the odd-encoding
-//! image fixtures.
+//! image fixtures, a small feature-cache file and a probe-cache file.
 //!
 //! usage: cargo run --manifest-path fuzz/Cargo.toml --bin make_seeds
 
@@ -12,6 +12,10 @@ use graft_runtime::preprocess::{Normalization, Preprocessing};
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::nn::{Reduce, Reducer, Softmax, SoftmaxKind};
+
+#[path = "../../../compiler/src/extract/cache_file.rs"]
+#[allow(dead_code)]
+mod cache_file;
 
 fn toy_graph() -> TractResult<TypedModel> {
     let mut model = TypedModel::default();
@@ -65,5 +69,18 @@ fn main() -> TractResult<()> {
         let path = entry?.path();
         std::fs::copy(&path, images.join(path.file_name().unwrap()))?;
     }
+
+    let caches = root.join("corpus/feature_cache");
+    std::fs::create_dir_all(&caches)?;
+    let hashes = [[1u8; 32], [2; 32], [3; 32]];
+    let rows: Vec<f32> = (0..12).map(|i| i as f32 * 0.25).collect();
+    std::fs::write(caches.join("three-rows.bin"), cache_file::encode(4, &[7; 32], &hashes, &rows))?;
+
+    let probes = root.join("corpus/probe_cache");
+    std::fs::create_dir_all(&probes)?;
+    std::fs::write(
+        probes.join("tf.json"),
+        r#"{"scores": [["imagenet", -0.839], ["tf", -0.549], ["unit", -0.941]], "chosen": "tf", "method": "mean log-probability"}"#,
+    )?;
     Ok(())
 }

@@ -16,13 +16,16 @@ use std::path::Path;
 
 use graft_runtime::dataset::Sample;
 use graft_runtime::eval::par_map;
-use graft_runtime::preprocess::{decode_image, load_image, Normalization, Preprocessing};
+use graft_runtime::preprocess::{decode_image, load_image, Preprocessing};
 use image::DynamicImage;
-use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 
 use crate::error::{CompileError, Result};
 use crate::import::Backbone;
+
+mod result;
+
+pub use result::{candidates, ProbeResult};
 
 /// Number of the user's images the fallback probe looks at.
 pub const PROBE_IMAGES: usize = 16;
@@ -30,108 +33,70 @@ pub const PROBE_IMAGES: usize = 16;
 /// The ImageNet photos (224x224 centre crops) and their class indices, from `fixtures/golden`.
 const REFERENCE_IMAGES: [(&[u8], usize); 16] = [
     (
-        include_bytes!("../../fixtures/golden/0000_n01440764.png"),
+        include_bytes!("../../../fixtures/golden/0000_n01440764.png"),
         0,
     ),
     (
-        include_bytes!("../../fixtures/golden/0001_n01748264.png"),
+        include_bytes!("../../../fixtures/golden/0001_n01748264.png"),
         63,
     ),
     (
-        include_bytes!("../../fixtures/golden/0002_n01990800.png"),
+        include_bytes!("../../../fixtures/golden/0002_n01990800.png"),
         126,
     ),
     (
-        include_bytes!("../../fixtures/golden/0003_n02095570.png"),
+        include_bytes!("../../../fixtures/golden/0003_n02095570.png"),
         189,
     ),
     (
-        include_bytes!("../../fixtures/golden/0004_n02110627.png"),
+        include_bytes!("../../../fixtures/golden/0004_n02110627.png"),
         252,
     ),
     (
-        include_bytes!("../../fixtures/golden/0005_n02236044.png"),
+        include_bytes!("../../../fixtures/golden/0005_n02236044.png"),
         315,
     ),
     (
-        include_bytes!("../../fixtures/golden/0006_n02492035.png"),
+        include_bytes!("../../../fixtures/golden/0006_n02492035.png"),
         378,
     ),
     (
-        include_bytes!("../../fixtures/golden/0007_n02823750.png"),
+        include_bytes!("../../../fixtures/golden/0007_n02823750.png"),
         441,
     ),
     (
-        include_bytes!("../../fixtures/golden/0008_n03063599.png"),
+        include_bytes!("../../../fixtures/golden/0008_n03063599.png"),
         504,
     ),
     (
-        include_bytes!("../../fixtures/golden/0009_n03400231.png"),
+        include_bytes!("../../../fixtures/golden/0009_n03400231.png"),
         567,
     ),
     (
-        include_bytes!("../../fixtures/golden/0010_n03680355.png"),
+        include_bytes!("../../../fixtures/golden/0010_n03680355.png"),
         630,
     ),
     (
-        include_bytes!("../../fixtures/golden/0011_n03873416.png"),
+        include_bytes!("../../../fixtures/golden/0011_n03873416.png"),
         693,
     ),
     (
-        include_bytes!("../../fixtures/golden/0012_n04049303.png"),
+        include_bytes!("../../../fixtures/golden/0012_n04049303.png"),
         756,
     ),
     (
-        include_bytes!("../../fixtures/golden/0013_n04296562.png"),
+        include_bytes!("../../../fixtures/golden/0013_n04296562.png"),
         819,
     ),
     (
-        include_bytes!("../../fixtures/golden/0014_n04517823.png"),
+        include_bytes!("../../../fixtures/golden/0014_n04517823.png"),
         882,
     ),
     (
-        include_bytes!("../../fixtures/golden/0015_n07720875.png"),
+        include_bytes!("../../../fixtures/golden/0015_n07720875.png"),
         945,
     ),
 ];
-
-/// What the probe measured and chose.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProbeResult {
-    /// Score per candidate, in candidate order (higher is better).
-    pub scores: Vec<(String, f32)>,
-    /// Name of the chosen normalisation.
-    pub chosen: String,
-    /// What the scores mean, for the user.
-    pub method: String,
-}
-
-impl ProbeResult {
-    /// The chosen normalisation.
-    pub fn normalization(&self) -> Normalization {
-        candidates()
-            .into_iter()
-            .find(|c| c.name == self.chosen)
-            .unwrap_or_else(|| panic!("probe chose {:?}, not a candidate", self.chosen))
-    }
-
-    /// Whether a result read back from the cache is one the probe could have written: the
-    /// chosen name is a candidate and every score is finite. A damaged or edited cache file is
-    /// not, and the probe runs again.
-    pub fn is_valid(&self) -> bool {
-        candidates().iter().any(|c| c.name == self.chosen)
-            && self.scores.iter().all(|(_, score)| score.is_finite())
-    }
-}
-
-/// The presets the probe chooses from.
-pub fn candidates() -> Vec<Normalization> {
-    vec![
-        Normalization::imagenet(),
-        Normalization::tf(),
-        Normalization::unit(),
-    ]
-}
 
 /// Picks the normalisation under which the backbone's own classifier recognises images best (see
 /// the module documentation). Returns `None` when the backbone has no classifier output to ask
@@ -150,8 +115,7 @@ pub fn probe_normalization(
     if let Some(cached) = cache_file
         .as_ref()
         .and_then(|f| graft_runtime::read::read_regular(f, 1 << 20, "probe cache").ok())
-        .and_then(|bytes| serde_json::from_slice::<ProbeResult>(&bytes).ok())
-        .filter(ProbeResult::is_valid)
+        .and_then(|bytes| ProbeResult::from_cache(&bytes))
     {
         return Ok(Some(cached));
     }
@@ -297,30 +261,5 @@ mod tests {
         let expected = 2f32.exp() / (2f32.exp() + 1f32.exp() + 1.0);
         assert!((p - expected).abs() < 1e-6);
         assert!((log_softmax_at(&[2.0, 1.0, 0.0], 0) - expected.ln()).abs() < 1e-6);
-    }
-
-    #[test]
-    fn edited_cache_results_are_not_valid() {
-        let good: ProbeResult = serde_json::from_str(
-            r#"{"scores": [["imagenet", -0.8], ["tf", -0.5]], "chosen": "tf", "method": "m"}"#,
-        )
-        .unwrap();
-        assert!(good.is_valid());
-        assert_eq!(good.normalization(), Normalization::tf());
-        let bogus = ProbeResult {
-            chosen: "bogus".into(),
-            ..good.clone()
-        };
-        assert!(!bogus.is_valid());
-        let custom = ProbeResult {
-            chosen: "0.5,0.5".into(),
-            ..good.clone()
-        };
-        assert!(!custom.is_valid());
-        let nan = ProbeResult {
-            scores: vec![("tf".into(), f32::NAN)],
-            ..good
-        };
-        assert!(!nan.is_valid());
     }
 }

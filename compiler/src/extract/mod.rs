@@ -29,17 +29,14 @@ use crate::cut::{CutBackbone, MultiCut};
 use crate::error::{CompileError, Result};
 use crate::import::Backbone;
 
+mod cache_file;
+
+pub use cache_file::ImageHash;
+use cache_file::{parse as parse_cache, CACHE_HEADER_LEN};
+
 /// Version of the cache layout and of the feature computation; bump to invalidate old caches.
 const CACHE_VERSION: u32 = 2;
-const CACHE_MAGIC: [u8; 8] = *b"GRAFTFC2";
-/// Magic, dimension (u32), reserved (u32), row count (u64), key digest (32 bytes).
-const CACHE_HEADER_LEN: usize = 56;
-/// The SHA-256 of the rest of the file, at its end.
-const CACHE_CHECKSUM_LEN: usize = 32;
 const CACHE_FILE: &str = "features.bin";
-
-/// SHA-256 of an image file's content.
-pub type ImageHash = [u8; 32];
 
 /// The optimized frozen graph plus the preprocessing that feeds it. Usually one cut (one
 /// output); for a [`MultiCut`], one output per cut, all computed by one forward pass.
@@ -503,59 +500,10 @@ impl FeatureCache {
                 data.extend_from_slice(f);
             }
         }
-        let mut bytes = Vec::with_capacity(CACHE_HEADER_LEN + hashes.len() * (32 + self.dim * 4));
-        bytes.extend_from_slice(&CACHE_MAGIC);
-        bytes.extend_from_slice(&(self.dim as u32).to_le_bytes());
-        bytes.extend_from_slice(&0u32.to_le_bytes());
-        bytes.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&self.key_digest);
-        for h in &hashes {
-            bytes.extend_from_slice(h);
-        }
-        for v in &data {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        let checksum = Sha256::digest(&bytes);
-        bytes.extend_from_slice(&checksum);
+        let bytes = cache_file::encode(self.dim, &self.key_digest, &hashes, &data);
         graft_runtime::artifact::write_atomic(&self.dir.join(CACHE_FILE), &bytes)?;
         Ok(())
     }
-}
-
-/// The row index of a cache file for features of `dim` values under the key `key_digest`, or
-/// what is wrong with it.
-fn parse_cache(
-    bytes: &[u8],
-    dim: usize,
-    key_digest: &[u8; 32],
-) -> std::result::Result<HashMap<ImageHash, usize>, &'static str> {
-    if bytes.len() < CACHE_HEADER_LEN + CACHE_CHECKSUM_LEN || bytes[..8] != CACHE_MAGIC {
-        return Err("not a feature cache of this graft version");
-    }
-    let file_dim = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
-    let count = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
-    let expected =
-        (count as u128) * (32 + dim as u128 * 4) + (CACHE_HEADER_LEN + CACHE_CHECKSUM_LEN) as u128;
-    if file_dim != dim || expected != bytes.len() as u128 {
-        return Err("its size does not match its header");
-    }
-    if bytes[24..56] != key_digest[..] {
-        return Err("it belongs to another backbone, cut or preprocessing");
-    }
-    let (body, checksum) = bytes.split_at(bytes.len() - CACHE_CHECKSUM_LEN);
-    if Sha256::digest(body)[..] != checksum[..] {
-        return Err("checksum mismatch (the file was changed)");
-    }
-    let hashes = &bytes[CACHE_HEADER_LEN..CACHE_HEADER_LEN + count as usize * 32];
-    let index: HashMap<ImageHash, usize> = hashes
-        .chunks_exact(32)
-        .enumerate()
-        .map(|(row, h)| (h.try_into().expect("32 bytes"), row))
-        .collect();
-    if index.len() != count as usize {
-        return Err("an image appears twice");
-    }
-    Ok(index)
 }
 
 #[cfg(test)]
