@@ -859,3 +859,46 @@ fn ctrl_c_leaves_no_artifact_and_keeps_a_usable_cache() {
     );
     assert!(out_path.is_file());
 }
+
+/// Artifacts and report pages get the permissions any new file gets (0666 less the umask), so a
+/// service user can read a deployed model; tempfile's private 0600 used to stay on them.
+#[cfg(unix)]
+#[test]
+fn artifacts_and_reports_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = compiled().cache();
+    for (umask, expected) in [("022", 0o644), ("077", 0o600)] {
+        let out = dir.path().join(format!("m{umask}.graft"));
+        let report = dir.path().join(format!("report{umask}"));
+        let status = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("umask {umask}; exec \"$@\""))
+            .arg("bash")
+            .arg(graft())
+            .args(["compile", "--backbone"])
+            .arg(lite0())
+            .arg("--data")
+            .arg(hymenoptera_mini())
+            .arg("--out")
+            .arg(&out)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--report")
+            .arg(&report)
+            .arg("--quiet")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for file in [out, report.join("index.html"), report.join("metrics.json")] {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode,
+                expected,
+                "{} under umask {umask}: {mode:o}",
+                file.display()
+            );
+        }
+    }
+}

@@ -213,8 +213,8 @@ pub struct FinetuneConfig {
 
 impl FinetuneConfig {
     /// Defaults for `strategy`: AdamW, backbone 1e-4 / head 1e-3 for fine-tuning (1e-3 for both
-    /// from scratch), weight decay 1e-4, cosine schedule, 10 epochs (patience 5), batch 16,
-    /// augmentation on, top 2 blocks, CPU.
+    /// from scratch), weight decay 1e-4, cosine schedule, 10 epochs (patience 5), batch 16, no
+    /// label smoothing, augmentation on, top 2 blocks, CPU.
     pub fn new(strategy: Strategy) -> FinetuneConfig {
         let scratch = strategy == Strategy::Scratch;
         FinetuneConfig {

@@ -43,6 +43,8 @@ fn main() -> TractResult<()> {
         input: TensorSpec { name: "input".into(), shape: vec![1, 3, 4, 4] },
         outputs: vec!["probabilities".into(), "logits".into()],
         precision: "f32".into(),
+        weights: Default::default(),
+        quantization: None,
         backbone: BackboneInfo {
             file_name: "toy".into(),
             sha256: "00".into(),
