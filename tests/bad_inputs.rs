@@ -134,6 +134,13 @@ fn good_artifact() -> &'static [u8] {
     })
 }
 
+/// The fixture artifact written to `dir/m.graft`.
+fn good_artifact_in(dir: &Path) -> PathBuf {
+    let path = dir.join("m.graft");
+    std::fs::write(&path, good_artifact()).unwrap();
+    path
+}
+
 /// The artifact's manifest and graph bytes.
 fn split_artifact(bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let m = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
@@ -232,8 +239,8 @@ fn option_error(dir: &Path, flag: &str, value: &str, placeholder: &str, reason: 
 
 /// Lite0 with its first raw weight tensor moved out to external data at `location` (relative
 /// to `dir`, where the model is written; the data file itself is left to the case). Returns
-/// the model and the tensor's name.
-fn external_weights(dir: &Path, location: &str) -> (PathBuf, String) {
+/// the model, the tensor's name and the bytes moved out.
+fn external_weights(dir: &Path, location: &str) -> (PathBuf, String, Vec<u8>) {
     let mut proto = lite0_proto();
     let graph = proto.graph.as_mut().unwrap();
     let tensor = graph
@@ -241,12 +248,11 @@ fn external_weights(dir: &Path, location: &str) -> (PathBuf, String) {
         .iter_mut()
         .find(|t| !t.raw_data.is_empty())
         .unwrap();
-    let length = tensor.raw_data.len();
-    tensor.raw_data.clear();
+    let data = std::mem::take(&mut tensor.raw_data);
     tensor.data_location = Some(1);
     for (key, value) in [
         ("location", location.to_string()),
-        ("length", length.to_string()),
+        ("length", data.len().to_string()),
     ] {
         tensor
             .external_data
@@ -256,7 +262,7 @@ fn external_weights(dir: &Path, location: &str) -> (PathBuf, String) {
             });
     }
     let name = tensor.name.clone();
-    (write_onnx(dir, "external.onnx", &proto), name)
+    (write_onnx(dir, "external.onnx", &proto), name, data)
 }
 
 /// `artifact` with every value of the first graph tensor whose name contains `fragment` set to
@@ -978,8 +984,7 @@ const CASES: &[Case] = &[
     Case {
         name: "decompression bomb at predict time",
         build: |dir| {
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             let bomb = fixtures().join("odd-images/bomb-20000x20000.png");
             fail(
                 graft_run(),
@@ -997,8 +1002,7 @@ const CASES: &[Case] = &[
     Case {
         name: "missing image at predict time",
         build: |dir| {
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             let missing = dir.join("missing.jpg");
             fail(
                 graft(),
@@ -1013,8 +1017,7 @@ const CASES: &[Case] = &[
     Case {
         name: "folder without images at predict time",
         build: |dir| {
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             let empty = dir.join("photos");
             std::fs::create_dir(&empty).unwrap();
             fail(
@@ -1030,8 +1033,7 @@ const CASES: &[Case] = &[
     Case {
         name: "evaluation folder with a class the model does not know",
         build: |dir| {
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             let data = dir.join("eval");
             copy_images(&hymenoptera_mini().join("val/ants"), &data.join("ants"), 1);
             copy_images(&hymenoptera_mini().join("val/bees"), &data.join("wasps"), 1);
@@ -1043,8 +1045,7 @@ const CASES: &[Case] = &[
         name: "image that is a FIFO at predict time (would block in open)",
         build: |dir| {
             let fifo = mkfifo(dir, "x.jpg");
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             fail(
                 graft_run(),
                 os(&[&artifact, &fifo]),
@@ -1058,8 +1059,7 @@ const CASES: &[Case] = &[
     Case {
         name: "image that is /dev/zero (would be read without end)",
         build: |dir| {
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             fail(graft_run(), os(&[&artifact, &"/dev/zero"]), Expect::Warnings(vec!["warning: skipped /dev/zero: not a regular file (a character device); expected an image file".into()]))
         },
     },
@@ -1071,8 +1071,7 @@ const CASES: &[Case] = &[
                 .unwrap()
                 .set_len(5 << 30)
                 .unwrap();
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             fail(graft(), os(&[&"predict", &artifact, &big]), Expect::Warnings(vec![format!("warning: skipped {}: image file is 5368709120 bytes, more than the 268435456-byte limit (set GRAFT_MAX_IMAGE_BYTES to raise it)", big.display())]))
         },
     },
@@ -1264,8 +1263,7 @@ const CASES: &[Case] = &[
     Case {
         name: "--top-k 0",
         build: |dir| {
-            let artifact = dir.join("m.graft");
-            std::fs::write(&artifact, good_artifact()).unwrap();
+            let artifact = good_artifact_in(dir);
             let image = first_image(&hymenoptera_mini().join("val/ants"));
             fail(
                 graft_run(),
@@ -1312,7 +1310,7 @@ const CASES: &[Case] = &[
     Case {
         name: "external data in a FIFO (would block the import)",
         build: |dir| {
-            let (onnx, _) = external_weights(dir, "w.bin");
+            let (onnx, _, _) = external_weights(dir, "w.bin");
             let fifo = mkfifo(dir, "w.bin");
             fail(
                 graft(),
@@ -1327,14 +1325,14 @@ const CASES: &[Case] = &[
     Case {
         name: "external data outside the model's folder",
         build: |dir| {
-            let (onnx, name) = external_weights(dir, "../w.bin");
+            let (onnx, name, _) = external_weights(dir, "../w.bin");
             fail(graft(), compile(dir, &onnx, &hymenoptera_mini(), &[]), Expect::Error(format!("error: {}: initializer {name:?}: external data location \"../w.bin\" must be a relative path inside the model's folder", onnx.display())))
         },
     },
     Case {
         name: "external data range past the end of its file",
         build: |dir| {
-            let (onnx, name) = external_weights(dir, "w.bin");
+            let (onnx, name, _) = external_weights(dir, "w.bin");
             std::fs::write(dir.join("w.bin"), [0u8; 10]).unwrap();
             fail(
                 graft(),
@@ -1708,30 +1706,8 @@ fn edited_probe_cache_is_ignored() {
 fn changed_external_data_is_a_new_backbone() {
     let dir = tempfile::tempdir().unwrap();
     let data = small_dataset(dir.path(), 6);
-    let mut proto = lite0_proto();
-    let graph = proto.graph.as_mut().unwrap();
-    let tensor = graph
-        .initializer
-        .iter_mut()
-        .filter(|t| !t.raw_data.is_empty())
-        .max_by_key(|t| t.raw_data.len())
-        .unwrap();
-    std::fs::write(dir.path().join("w.bin"), &tensor.raw_data).unwrap();
-    let length = tensor.raw_data.len();
-    tensor.raw_data.clear();
-    tensor.data_location = Some(1);
-    for (key, value) in [
-        ("location", "w.bin".to_string()),
-        ("length", length.to_string()),
-    ] {
-        tensor
-            .external_data
-            .push(tract_onnx::pb::StringStringEntryProto {
-                key: key.into(),
-                value,
-            });
-    }
-    let onnx = write_onnx(dir.path(), "external.onnx", &proto);
+    let (onnx, _, weights) = external_weights(dir.path(), "w.bin");
+    std::fs::write(dir.path().join("w.bin"), weights).unwrap();
     let cache = dir.path().join("cache");
     let compile_ext = || {
         let mut args = compile(dir.path(), &onnx, &data, &[]);
