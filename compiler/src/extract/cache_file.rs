@@ -64,6 +64,11 @@ pub fn parse(
     if file_dim != dim || expected != bytes.len() as u128 {
         return Err("its size does not match its header");
     }
+    if bytes[12..16] != [0; 4] {
+        // Found by fuzzing: a file accepted with other bytes here would not be the file
+        // `encode` writes for the same rows.
+        return Err("its reserved header field is not zero");
+    }
     if bytes[24..56] != key_digest[..] {
         return Err("it belongs to another backbone, cut or preprocessing");
     }
@@ -81,4 +86,30 @@ pub fn parse(
         return Err("an image appears twice");
     }
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inputs the fuzz target `feature_cache` found (`fixtures/fuzz-regressions`): each is
+    /// refused, or parses to exactly what `encode` writes.
+    #[test]
+    fn fuzz_regressions_are_refused() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/fuzz-regressions");
+        let bytes = std::fs::read(dir.join("feature-cache-reserved-field.bin")).unwrap();
+        let key: [u8; 32] = bytes[24..56].try_into().unwrap();
+        assert_eq!(
+            parse(&bytes, 4, &key),
+            Err("its reserved header field is not zero")
+        );
+        let mut fixed = bytes.clone();
+        fixed[12..16].fill(0);
+        let body = fixed.len() - CHECKSUM_LEN;
+        let sum = Sha256::digest(&fixed[..body]);
+        fixed[body..].copy_from_slice(&sum);
+        let index = parse(&fixed, 4, &key).unwrap();
+        assert_eq!(index.len(), 3);
+    }
 }
