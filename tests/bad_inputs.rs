@@ -1345,6 +1345,23 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "wrapper folder around a split dataset (names the --data meant)",
+        build: |dir| {
+            let wrapper = dir.join("wrapper");
+            copy_images(
+                &hymenoptera_mini().join("train/ants"),
+                &wrapper.join("data/train/ants"),
+                2,
+            );
+            copy_images(
+                &hymenoptera_mini().join("val/ants"),
+                &wrapper.join("data/val/ants"),
+                2,
+            );
+            fail(graft(), compile(dir, &lite0(), &wrapper, &[]), Expect::Error(format!("error: {}: found only one class (\"data\"): a classifier needs at least two; it holds folders (train, val), so --data {} may be what was meant", wrapper.display(), wrapper.join("data").display())))
+        },
+    },
+    Case {
         name: "class folder name with a newline (would forge output lines)",
         build: |dir| {
             let data = dir.join("data");

@@ -902,3 +902,31 @@ fn artifacts_and_reports_follow_the_umask() {
         }
     }
 }
+
+/// `DIR/train/<class>` without a validation split is a training split (it used to be read as one
+/// class named "train"): validation is held out of it, as for a flat folder.
+#[test]
+fn a_train_folder_alone_holds_out_validation_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    copy_dir(&hymenoptera_mini().join("train"), &data.join("train"));
+    let out = compile_cmd(
+        &lite0(),
+        &data,
+        &dir.path().join("m.graft"),
+        args!["--cache-dir", compiled().cache()],
+    )
+    .expect_code(0);
+    assert!(
+        out.stderr
+            .contains("2 classes, 30 train images (ants 15, bees 15)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout
+            .contains("(10 holdout images, held out: no choice made on them)"),
+        "{}",
+        out.stdout
+    );
+}

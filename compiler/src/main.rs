@@ -422,8 +422,8 @@ const COMPILE_EXAMPLES: &str = "Examples:
   graft compile --backbone b.onnx --data flowers/ --out f.graft --strategy auto   (see graft advise)
   graft compile --backbone b.onnx --keep-imagenet-head --labels imagenet.txt --out imagenet.graft
 
-DATA is DIR/<class>/<image> (20 % of each class is held out for validation, seeded),
-DIR/{train,val}/<class>/<image> or DIR/{train,val,test}/<class>/<image>. Every choice (epoch,
+DATA is DIR/<class>/<image> or DIR/train/<class>/<image> (20 % of each class is held out for
+validation, seeded), DIR/{train,val}/<class>/<image> or DIR/{train,val,test}/<class>/<image>. Every choice (epoch,
 int8 calibration and fallbacks, fine-tuning epoch) is made on a seeded 20 % of the training
 images, so the validation accuracy is held out; with a test split, choices are made on val and
 the test accuracy is the held-out number. Features of the frozen backbone are cached, so a second

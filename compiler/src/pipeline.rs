@@ -169,6 +169,12 @@ pub struct CompileReport {
 pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<CompileReport> {
     let started = Instant::now();
     check_output_path(&options.out)?;
+    // The data folder is checked before the backbone is imported: a wrong --data is the more
+    // common mistake, and its error should not wait for the import.
+    let folder = match (&options.data, options.keep_imagenet_head) {
+        (Some(data), false) => Some(ImageFolder::scan(data)?),
+        _ => None,
+    };
     let backbone = stage("import", || {
         Backbone::load(&options.backbone, options.input_size)
     })?;
@@ -216,7 +222,7 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         }
     ));
 
-    let folder = ImageFolder::scan(data)?;
+    let folder = folder.expect("scanned above when there is --data");
     let images = folder.samples().map(|s| ("a data image", s.path.as_path()));
     check_out_is_not_an_input(&options.out, images)?;
     let splits = Splits::of(&folder, options.val_fraction, options.train.seed)?;

@@ -55,7 +55,8 @@ impl ImageFolder {
     }
 
     /// Scans `root`. With `train/` and one of [`VAL_SPLIT_NAMES`] inside, those are the splits;
-    /// otherwise every sub-folder of `root` is a class.
+    /// with `train/` alone, it is the training split (validation is held out of it); otherwise
+    /// every sub-folder of `root` is a class.
     ///
     /// Errors: `root` unreadable, fewer than two classes, a class without images, or a
     /// validation class that has no training folder.
@@ -92,9 +93,15 @@ impl ImageFolder {
                 });
             }
         }
-        let classes = class_dirs(root)?;
-        check_class_count(root, &classes)?;
-        let train = list_split(root, &classes, &mut ignored_files)?;
+        // `DIR/train/<class>` alone: the training split, validation held out of it.
+        let class_root = if train_dir.is_dir() && class_dirs(root)? == ["train"] {
+            train_dir
+        } else {
+            root.to_path_buf()
+        };
+        let classes = class_dirs(&class_root)?;
+        check_class_count(&class_root, &classes)?;
+        let train = list_split(&class_root, &classes, &mut ignored_files)?;
         Ok(ImageFolder {
             root: root.to_path_buf(),
             classes,
@@ -156,10 +163,23 @@ fn check_class_count(dir: &Path, classes: &[String]) -> Result<()> {
             dir,
             "no class folders found: expected DIR/<class>/<image> or DIR/{train,val}/<class>/<image>",
         )),
-        [only] => Err(Error::dataset(
-            dir,
-            format!("found only one class ({only:?}): a classifier needs at least two"),
-        )),
+        [only] => {
+            // A wrapper folder (`--data parent` for `parent/data/train/...`) looks like one
+            // class holding folders: say which --data was probably meant.
+            let inner = dir.join(only);
+            let hint = match class_dirs(&inner) {
+                Ok(sub) if !sub.is_empty() => format!(
+                    "; it holds folders ({}), so --data {} may be what was meant",
+                    sub.join(", "),
+                    inner.display()
+                ),
+                _ => String::new(),
+            };
+            Err(Error::dataset(
+                dir,
+                format!("found only one class ({only:?}): a classifier needs at least two{hint}"),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -287,6 +307,36 @@ mod tests {
             .collect();
         assert_eq!(names, [("x.jpeg", 0), ("1.PNG", 1), ("2.jpg", 1)]);
         assert_eq!(folder.ignored_files, 1);
+    }
+
+    #[test]
+    fn train_folder_alone_is_the_training_split() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["train/a/1.jpg", "train/a/2.jpg", "train/b/3.jpg"] {
+            touch(dir.path(), f);
+        }
+        let folder = ImageFolder::scan(dir.path()).unwrap();
+        assert_eq!(folder.classes, ["a", "b"]);
+        assert!(folder.val.is_none(), "validation is held out of train/");
+        assert_eq!(folder.train.len(), 3);
+        assert_eq!(folder.root, dir.path());
+    }
+
+    #[test]
+    fn a_wrapper_folder_names_the_data_folder_meant() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["data/train/a/1.jpg", "data/val/a/2.jpg"] {
+            touch(dir.path(), f);
+        }
+        let err = ImageFolder::scan(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: found only one class (\"data\"): a classifier needs at least two; it holds folders (train, val), so --data {} may be what was meant",
+                dir.path().display(),
+                dir.path().join("data").display()
+            )
+        );
     }
 
     #[test]
