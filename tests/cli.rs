@@ -136,3 +136,38 @@ fn a_closed_output_pipe_is_not_an_error() {
         }
     }
 }
+
+/// `graft demo` from an installed binary: `--fixtures` names the checkout's fixtures folder, the
+/// demo runs from any working directory, and a folder without them is an error saying so.
+#[test]
+fn demo_runs_from_another_folder_with_fixtures_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(graft())
+        .current_dir(dir.path())
+        .args(["demo", "--quiet", "--out", "demo", "--fixtures"])
+        .arg(fixtures())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("demo/hymenoptera.graft").is_file());
+    let wrong = run(
+        graft(),
+        &["demo", "--fixtures", dir.path().to_str().unwrap(), "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.path().join("x").to_string_lossy().into_owned()])
+            .collect::<Vec<_>>(),
+    )
+    .expect_code(1);
+    assert_eq!(
+        wrong.error_line(),
+        format!(
+            "error: the demo needs the fixtures folder of a graft checkout ({} has no efficientnet_lite0.onnx and hymenoptera-mini); pass --fixtures DIR",
+            dir.path().display()
+        )
+    );
+}

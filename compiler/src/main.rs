@@ -618,6 +618,10 @@ struct DemoArgs {
     /// Folder for the demo artifact and its feature cache.
     #[arg(long, value_name = "DIR", default_value = default_demo_dir())]
     out: PathBuf,
+    /// The `fixtures` folder of a graft checkout (the backbone and the ant/bee photos), for a
+    /// `graft` installed elsewhere [default: the checkout this binary was built from].
+    #[arg(long, value_name = "DIR")]
+    fixtures: Option<PathBuf>,
 }
 
 fn default_demo_dir() -> &'static str {
@@ -1072,13 +1076,13 @@ fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
 }
 
 fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
-    let fixtures = fixtures_dir();
+    let fixtures = args.fixtures.clone().unwrap_or_else(fixtures_dir);
     let backbone = fixtures.join("efficientnet_lite0.onnx");
     let data = fixtures.join("hymenoptera-mini");
     if !backbone.is_file() || !data.is_dir() {
         return Err(Failure {
             message: format!(
-                "the demo needs the fixtures of a graft checkout ({} not found)",
+                "the demo needs the fixtures folder of a graft checkout ({} has no efficientnet_lite0.onnx and hymenoptera-mini); pass --fixtures DIR",
                 fixtures.display()
             ),
             code: 1,
