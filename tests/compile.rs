@@ -397,6 +397,7 @@ fn inspect_shows_labels_preprocessing_provenance_and_metrics() {
         "cut at \"features\"",
         "normalize tf",
         "pipeline fast (reduced-scale JPEG decode, SIMD resize)",
+        "shorter side -> 256 (bilinear), centre crop 224x224, RGB, normalize",
     ] {
         assert!(
             text.stdout.contains(needle),

@@ -497,7 +497,7 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
         (
             "preprocess",
             format!(
-                "shorter side -> {} ({:?}), centre crop {}x{}, {:?}, normalize {} (mean {:?}, std {:?}, pixel units); pipeline {}",
+                "shorter side -> {} ({}), centre crop {}x{}, {}, normalize {} (mean {:?}, std {:?}, pixel units); pipeline {}",
                 p.resize_shorter, p.filter, p.crop[0], p.crop[1], p.channel_order, n.name, n.mean, n.std, p.pipeline
             ),
         ),

@@ -198,6 +198,26 @@ impl std::fmt::Display for Pipeline {
     }
 }
 
+impl std::fmt::Display for ResizeFilter {
+    /// The name `--filter` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResizeFilter::Nearest => "nearest",
+            ResizeFilter::Bilinear => "bilinear",
+            ResizeFilter::Bicubic => "bicubic",
+        })
+    }
+}
+
+impl std::fmt::Display for ChannelOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChannelOrder::Rgb => "RGB",
+            ChannelOrder::Bgr => "BGR",
+        })
+    }
+}
+
 impl FromStr for ResizeFilter {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
