@@ -14,20 +14,34 @@
 //! # Ok::<(), graft_runtime::Error>(())
 //! ```
 
+// The artifact file and the model it holds.
 pub mod artifact;
-pub mod bench;
-pub mod capi;
-pub mod commands;
-pub mod dataset;
-pub mod error;
-pub mod eval;
-pub mod kernels;
-pub mod model;
-pub mod paths;
-pub mod preprocess;
-pub mod progress;
-pub mod read;
 pub mod weights;
+
+pub mod model;
+
+// Input: files read within bounds, images to tensors, labelled folders.
+pub mod read;
+
+pub mod preprocess;
+
+pub mod dataset;
+
+// graft's own kernels, swapped into the graph when it is loaded.
+pub mod kernels;
+
+// Using it: evaluation, benchmarks, the commands of graft-run, the C API.
+pub mod eval;
+
+pub mod bench;
+pub mod commands;
+
+pub mod capi;
+
+// Shared: errors, progress, paths in output.
+pub mod error;
+pub mod paths;
+pub mod progress;
 
 pub use artifact::{Artifact, Manifest};
 pub use error::{Error, Result};
