@@ -975,19 +975,29 @@ fn report_search(result: &SearchResult, options: &CompileOptions, reporter: &dyn
         ));
     }
     let budget = options.accuracy_budget * 100.0;
+    let change = accuracy_change(result.loss());
     if result.fallbacks.is_empty() {
         reporter.message(&format!(
-            "quantize  loss {:.2} points, within the {budget:.2}-point budget: no layer falls back to f32",
-            result.loss() * 100.0
+            "quantize  {change}, within the {budget:.2}-point budget: no layer falls back to f32"
         ));
     } else {
         let names: Vec<&str> = result.fallbacks.iter().map(|f| f.layer.as_str()).collect();
         reporter.message(&format!(
-            "quantize  {} most sensitive layers back to f32 for the {budget:.2}-point budget (loss now {:.2} points): {}",
+            "quantize  {} most sensitive layers back to f32 for the {budget:.2}-point budget ({change} now): {}",
             names.len(),
-            result.loss() * 100.0,
             names.join(", ")
         ));
+    }
+}
+
+/// An accuracy loss (a fraction; negative when int8 did better) in words: "loss 0.65 points",
+/// "gain 0.65 points" (a negative loss read as "loss -0.65 points").
+fn accuracy_change(loss: f64) -> String {
+    let points = loss * 100.0;
+    if points < 0.0 {
+        format!("gain {:.2} points", -points)
+    } else {
+        format!("loss {points:.2} points")
     }
 }
 
@@ -1367,6 +1377,13 @@ mod tests {
             failures: Vec::new(),
             mistakes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn accuracy_changes_are_said_with_their_sign_in_words() {
+        assert_eq!(accuracy_change(0.0065), "loss 0.65 points");
+        assert_eq!(accuracy_change(-0.0065), "gain 0.65 points");
+        assert_eq!(accuracy_change(0.0), "loss 0.00 points");
     }
 
     #[test]
