@@ -171,3 +171,26 @@ fn demo_runs_from_another_folder_with_fixtures_given() {
         )
     );
 }
+
+/// `graft compile --help` groups its options by stage, in pipeline order.
+#[test]
+fn compile_help_groups_options_by_stage() {
+    let help = run(graft(), &["compile", "--help"]).expect_code(0).stdout;
+    let headings: Vec<&str> = help
+        .lines()
+        .filter(|l| !l.starts_with(' ') && l.ends_with(':'))
+        .collect();
+    assert_eq!(
+        headings,
+        [
+            "Options:",
+            "Preprocessing:",
+            "Head training:",
+            "Fine-tuning:",
+            "Precision:",
+            "Output:",
+            "Examples:"
+        ],
+        "{help}"
+    );
+}

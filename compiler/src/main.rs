@@ -121,7 +121,7 @@ struct AdviseArgs {
     /// ONNX backbone.
     #[arg(long, value_name = "ONNX")]
     backbone: PathBuf,
-    /// Labelled images: DIR/<class>/* or DIR/{train,val}/<class>/*.
+    /// Labelled images: DIR/<class>/*, DIR/train/<class>/* or DIR/{train,val}/<class>/*.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// Input normalisation, as for compile.
@@ -333,7 +333,7 @@ fn write_blocks(
 
 #[derive(Args, Debug)]
 struct CheckDataArgs {
-    /// Labelled images: DIR/<class>/* or DIR/{train,val}/<class>/*.
+    /// Labelled images: DIR/<class>/*, DIR/train/<class>/* or DIR/{train,val}/<class>/*.
     #[arg(value_name = "DIR")]
     data: PathBuf,
     /// Print one JSON document (every finding with every path) instead of text.
@@ -434,7 +434,7 @@ struct CompileArgs {
     /// ONNX backbone (an ImageNet classifier such as EfficientNet-Lite, MobileNet, ResNet).
     #[arg(long, value_name = "ONNX")]
     backbone: PathBuf,
-    /// Labelled images: DIR/<class>/* or DIR/{train,val}/<class>/*.
+    /// Labelled images: DIR/<class>/*, DIR/train/<class>/* or DIR/{train,val}/<class>/*.
     #[arg(
         long,
         value_name = "DIR",
@@ -444,115 +444,70 @@ struct CompileArgs {
     /// Artifact to write (replaced atomically).
     #[arg(long, short, value_name = "FILE")]
     out: PathBuf,
-    /// Tensor to cut the backbone at [default: the input of its last Gemm/MatMul, i.e. the pooled
-    /// features]. A [1,C,H,W] feature map is global-average-pooled.
-    #[arg(long, value_name = "TENSOR")]
-    cut: Option<String>,
-    /// Head to train: linear (softmax regression, AdamW), logreg (logistic regression solved to
-    /// convergence) or svm (one-vs-rest linear SVM), both with the L2 strength chosen by 5-fold
-    /// cross-validation, or mlp:H (H hidden units, ReLU, dropout).
-    #[arg(long, default_value = "linear", value_parser = parse_head)]
-    head: HeadKind,
     /// Input normalisation: auto (ask the backbone's own classifier which of imagenet, tf, unit
     /// it was trained with), imagenet, tf ((x-127)/128), unit (x/255), none, or custom
     /// M,S / M1,M2,M3,S1,S2,S3 on the 0..1 scale.
-    #[arg(long, default_value = "auto", value_parser = parse_normalization)]
+    #[arg(long, default_value = "auto", value_parser = parse_normalization, help_heading = "Preprocessing")]
     normalize: NormalizeChoice,
     /// Resize the shorter image side to this before the centre crop [default: crop / 0.875].
-    #[arg(long, value_name = "PIXELS")]
+    #[arg(long, value_name = "PIXELS", help_heading = "Preprocessing")]
     resize: Option<u32>,
     /// Resize filter: bilinear, bicubic or nearest.
-    #[arg(long, default_value = "bilinear", value_parser = parse_filter)]
+    #[arg(long, default_value = "bilinear", value_parser = parse_filter, help_heading = "Preprocessing")]
     filter: ResizeFilter,
     /// How images are decoded and resized: fast (large JPEGs decoded at 1/2, 1/4 or 1/8 scale by
     /// libjpeg-turbo, never below the resize; SIMD resize of the crop only) or reference (full-size
     /// decode and the `image` crate's resize, which artifacts made before this option record).
     /// Recorded in the artifact; the runtime follows it.
-    #[arg(long, default_value = "fast", value_parser = parse_pipeline)]
+    #[arg(long, default_value = "fast", value_parser = parse_pipeline, help_heading = "Preprocessing")]
     pipeline: Pipeline,
     /// Feed channels as BGR instead of RGB.
-    #[arg(long)]
+    #[arg(long, help_heading = "Preprocessing")]
     bgr: bool,
     /// Input size HxW, for backbones whose input height and width are dynamic.
-    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    #[arg(long, value_name = "HxW", value_parser = parse_size, help_heading = "Preprocessing")]
     input_size: Option<[usize; 2]>,
+    /// Tensor to cut the backbone at [default: the input of its last Gemm/MatMul, i.e. the pooled
+    /// features]. A [1,C,H,W] feature map is global-average-pooled.
+    #[arg(long, value_name = "TENSOR", help_heading = "Head training")]
+    cut: Option<String>,
+    /// Head to train: linear (softmax regression, AdamW), logreg (logistic regression solved to
+    /// convergence) or svm (one-vs-rest linear SVM), both with the L2 strength chosen by 5-fold
+    /// cross-validation, or mlp:H (H hidden units, ReLU, dropout).
+    #[arg(long, default_value = "linear", value_parser = parse_head, help_heading = "Head training")]
+    head: HeadKind,
     /// Maximum training epochs.
-    #[arg(long, default_value_t = TrainConfig::default().epochs, value_parser = parse_count)]
+    #[arg(long, default_value_t = TrainConfig::default().epochs, value_parser = parse_count, help_heading = "Head training")]
     epochs: usize,
     /// Mini-batch size.
-    #[arg(long, default_value_t = TrainConfig::default().batch_size, value_parser = parse_count)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size, value_parser = parse_count, help_heading = "Head training")]
     batch_size: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().learning_rate, value_parser = parse_learning_rate)]
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate, value_parser = parse_learning_rate, help_heading = "Head training")]
     lr: f64,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = TrainConfig::default().weight_decay, value_parser = parse_weight_decay)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay, value_parser = parse_weight_decay, help_heading = "Head training")]
     weight_decay: f64,
     /// Stop after this many epochs without a lower loss on the images for choices (a holdout of
     /// the training images; val with a test split).
-    #[arg(long, default_value_t = TrainConfig::default().patience, value_parser = parse_count)]
+    #[arg(long, default_value_t = TrainConfig::default().patience, value_parser = parse_count, help_heading = "Head training")]
     patience: usize,
     /// Dropout before the output layer of an mlp head.
-    #[arg(long, default_value_t = TrainConfig::default().dropout, value_parser = parse_fraction::<f32>)]
+    #[arg(long, default_value_t = TrainConfig::default().dropout, value_parser = parse_fraction::<f32>, help_heading = "Head training")]
     dropout: f32,
     /// Class weights in the training loss: none, or auto (inverse class frequency, so a class
     /// with few images counts as much as a large one; see `graft check-data` for imbalance).
-    #[arg(long, default_value = "none", value_parser = ["none", "auto"])]
+    #[arg(long, default_value = "none", value_parser = ["none", "auto"], help_heading = "Head training")]
     class_weights: String,
     /// Seed for the validation split, initialisation, shuffling and dropout.
-    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    #[arg(long, default_value_t = TrainConfig::default().seed, help_heading = "Head training")]
     seed: u64,
     /// Fraction of each class held out for validation when DIR has no val split, and of the
     /// training images held out to make choices on.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, help_heading = "Head training")]
     val_fraction: f32,
     #[command(flatten)]
     work: WorkArgs,
-    /// Graph precision: f32, or int8 (convolutions and 1x1 products quantized after training,
-    /// activation ranges calibrated on training images; the artifact records the held-out
-    /// validation accuracy of both, and both graphs' latency on this machine, with a warning when int8 is
-    /// not the faster one). See docs/PERFORMANCE.md for int8 speed by CPU.
-    #[arg(long, default_value = "f32", value_parser = parse_precision)]
-    precision: Precision,
-    /// Training images to calibrate int8 activation ranges on.
-    #[arg(long, default_value_t = 32, value_name = "N")]
-    calibration_images: usize,
-    /// How int8 activation ranges are chosen: auto (simulate min-max, percentile and entropy on
-    /// the images for choices and keep the most accurate), or one of them.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "min-max", "percentile", "entropy"])]
-    calibration: String,
-    /// Accuracy on the images for choices, in percentage points, int8 may lose against f32;
-    /// beyond it the most sensitive layers (measured one by one) go back to f32 until the simulated loss fits.
-    #[arg(long, default_value_t = 1.0, value_name = "POINTS", value_parser = parse_budget)]
-    accuracy_budget: f64,
-    /// Which layers may be int8: all that the accuracy budget allows, or only those that also
-    /// run faster in int8 than in f32 when timed alone on this machine (use `faster` when
-    /// compiling on the CPU the artifact will run on).
-    #[arg(long, default_value = "all", value_parser = ["all", "faster"])]
-    int8_layers: String,
-    /// How the artifact stores its large weight tensors: f32, f16 (half the size) or int8
-    /// (symmetric per output channel, a quarter). They are widened back to f32 when the artifact
-    /// is loaded, so inference runs at f32 speed; the end-to-end check measures the accuracy.
-    #[arg(long, default_value = "f32", value_parser = parse_weights)]
-    weights: WeightStorage,
-    /// Skip running the finished artifact on the validation images.
-    #[arg(long)]
-    no_verify: bool,
-    /// Also write an HTML report (training curves, confusion matrix, per-class
-    /// precision/recall, misclassified images, f32 vs quantized accuracy, latency, size) and
-    /// metrics.json into this folder.
-    #[arg(long, value_name = "DIR", conflicts_with = "no_verify")]
-    report: Option<PathBuf>,
-    /// Keep the backbone's own classifier (no training, --data not needed): an artifact of the
-    /// unmodified model, for checking the import against the original.
-    #[arg(long)]
-    keep_imagenet_head: bool,
-    /// Class names for --keep-imagenet-head, one per line, in output order.
-    #[arg(long, value_name = "FILE", requires = "keep_imagenet_head")]
-    labels: Option<PathBuf>,
-    /// Print the compile report as JSON on stdout.
-    #[arg(long)]
-    json: bool,
     /// What to train: head (frozen backbone, new head), finetune (the head first, then the top
     /// --unfreeze blocks and the head together at small learning rates), scratch (every layer
     /// from random weights: the no-transfer baseline), or auto (run `graft advise` first and
@@ -611,6 +566,66 @@ struct CompileArgs {
     /// Where candle trains: cpu, or cuda (GPU 0; needs a build with --features cuda).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"], help_heading = "Fine-tuning")]
     device: String,
+    /// Graph precision: f32, or int8 (convolutions and 1x1 products quantized after training,
+    /// activation ranges calibrated on training images; the artifact records the held-out
+    /// validation accuracy of both, and both graphs' latency on this machine, with a warning when int8 is
+    /// not the faster one). See docs/PERFORMANCE.md for int8 speed by CPU.
+    #[arg(long, default_value = "f32", value_parser = parse_precision, help_heading = "Precision")]
+    precision: Precision,
+    /// Training images to calibrate int8 activation ranges on.
+    #[arg(
+        long,
+        default_value_t = 32,
+        value_name = "N",
+        help_heading = "Precision"
+    )]
+    calibration_images: usize,
+    /// How int8 activation ranges are chosen: auto (simulate min-max, percentile and entropy on
+    /// the images for choices and keep the most accurate), or one of them.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "min-max", "percentile", "entropy"], help_heading = "Precision")]
+    calibration: String,
+    /// Accuracy on the images for choices, in percentage points, int8 may lose against f32;
+    /// beyond it the most sensitive layers (measured one by one) go back to f32 until the simulated loss fits.
+    #[arg(long, default_value_t = 1.0, value_name = "POINTS", value_parser = parse_budget, help_heading = "Precision")]
+    accuracy_budget: f64,
+    /// Which layers may be int8: all that the accuracy budget allows, or only those that also
+    /// run faster in int8 than in f32 when timed alone on this machine (use `faster` when
+    /// compiling on the CPU the artifact will run on).
+    #[arg(long, default_value = "all", value_parser = ["all", "faster"], help_heading = "Precision")]
+    int8_layers: String,
+    /// How the artifact stores its large weight tensors: f32, f16 (half the size) or int8
+    /// (symmetric per output channel, a quarter). They are widened back to f32 when the artifact
+    /// is loaded, so inference runs at f32 speed; the end-to-end check measures the accuracy.
+    #[arg(long, default_value = "f32", value_parser = parse_weights, help_heading = "Precision")]
+    weights: WeightStorage,
+    /// Skip running the finished artifact on the validation images.
+    #[arg(long, help_heading = "Output")]
+    no_verify: bool,
+    /// Also write an HTML report (training curves, confusion matrix, per-class
+    /// precision/recall, misclassified images, f32 vs quantized accuracy, latency, size) and
+    /// metrics.json into this folder.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "no_verify",
+        help_heading = "Output"
+    )]
+    report: Option<PathBuf>,
+    /// Keep the backbone's own classifier (no training, --data not needed): an artifact of the
+    /// unmodified model, for checking the import against the original.
+    #[arg(long, help_heading = "Output")]
+    keep_imagenet_head: bool,
+    /// Class names for --keep-imagenet-head, one per line, in output order.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "keep_imagenet_head",
+        help_heading = "Output"
+    )]
+    labels: Option<PathBuf>,
+    /// Print the compile report as JSON on stdout.
+    #[arg(long, help_heading = "Output")]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
