@@ -219,10 +219,15 @@ fn mkfifo(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
+/// Replaces the value of `option` in a command.
+fn set_option(args: &mut [OsString], option: &str, value: &Path) {
+    let at = args.iter().position(|a| a == option).unwrap() + 1;
+    args[at] = value.as_os_str().to_os_string();
+}
+
 /// Replaces the `--out` value of a compile command.
 fn set_out(args: &mut [OsString], out: &Path) {
-    let at = args.iter().position(|a| a == "--out").unwrap() + 1;
-    args[at] = out.as_os_str().to_os_string();
+    set_option(args, "--out", out);
 }
 
 /// A compile with `flag=value`, refused at parse time with `reason`.
@@ -1132,8 +1137,7 @@ const CASES: &[Case] = &[
             let blocker = dir.join("not-a-folder");
             std::fs::write(&blocker, "x").unwrap();
             let mut args = compile(dir, &lite0(), &small_dataset(dir, 6), &[]);
-            let at = args.iter().position(|a| a == "--cache-dir").unwrap() + 1;
-            args[at] = blocker.join("cache").into_os_string();
+            set_option(&mut args, "--cache-dir", &blocker.join("cache"));
             Check {
                 program: graft(),
                 args,
@@ -1622,8 +1626,7 @@ fn cache_file(cache: &Path) -> PathBuf {
 /// A compile with its own cache folder; returns its output.
 fn compile_cached(dir: &Path, data: &Path, cache: &Path, extra: &[&dyn AsRef<OsStr>]) -> Output {
     let mut args = compile(dir, &lite0(), data, extra);
-    let at = args.iter().position(|a| a == "--cache-dir").unwrap() + 1;
-    args[at] = cache.as_os_str().to_os_string();
+    set_option(&mut args, "--cache-dir", cache);
     args.retain(|a| a != "--no-verify");
     run(&graft(), &args)
 }
@@ -1690,8 +1693,7 @@ fn edited_probe_cache_is_ignored() {
         let mut args = compile(dir, &lite0(), &data, &[]);
         let at = args.iter().position(|a| a == "--normalize").unwrap();
         args.drain(at..at + 2);
-        let at = args.iter().position(|a| a == "--cache-dir").unwrap() + 1;
-        args[at] = cache.as_os_str().to_os_string();
+        set_option(&mut args, "--cache-dir", &cache);
         run(&graft(), &args)
     };
     auto(dir.path()).expect_code(0);
@@ -1728,8 +1730,7 @@ fn changed_external_data_is_a_new_backbone() {
     let cache = dir.path().join("cache");
     let compile_ext = || {
         let mut args = compile(dir.path(), &onnx, &data, &[]);
-        let at = args.iter().position(|a| a == "--cache-dir").unwrap() + 1;
-        args[at] = cache.as_os_str().to_os_string();
+        set_option(&mut args, "--cache-dir", &cache);
         run(&graft(), &args).expect_code(0)
     };
     assert!(compile_ext().stderr.contains("0 from cache, 24 computed"));

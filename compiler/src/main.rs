@@ -695,45 +695,55 @@ fn parse_size(s: &str) -> Result<[usize; 2], String> {
     Ok([h, w])
 }
 
-/// A learning rate: a number greater than 0 and at most 1 (NaN and infinities refused, so a
-/// typo fails at once instead of after the whole compile).
+/// `s` (trimmed) as a `T` that `valid` accepts, else the error "`s` `expected`". Numeric
+/// options go through it so that NaN, infinities and out-of-range values fail at once, naming
+/// the option, instead of after the whole compile.
+fn parse_checked<T: std::str::FromStr>(
+    s: &str,
+    valid: impl Fn(&T) -> bool,
+    expected: &str,
+) -> Result<T, String> {
+    s.trim()
+        .parse::<T>()
+        .ok()
+        .filter(|v| valid(v))
+        .ok_or_else(|| format!("{s:?} {expected}"))
+}
+
+/// A learning rate: a number greater than 0 and at most 1.
 fn parse_learning_rate(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a learning rate: expected a number greater than 0 and at most 1"
-        )),
-    }
+    parse_checked(
+        s,
+        |&v| v > 0.0 && v <= 1.0,
+        "is not a learning rate: expected a number greater than 0 and at most 1",
+    )
 }
 
 /// A weight decay: a number from 0 to 100.
 fn parse_weight_decay(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a weight decay: expected a number from 0 to 100"
-        )),
-    }
+    parse_checked(
+        s,
+        |v| (0.0..=100.0).contains(v),
+        "is not a weight decay: expected a number from 0 to 100",
+    )
 }
 
 /// A probability such as a dropout rate or a momentum: at least 0 and less than 1.
 fn parse_fraction<T: std::str::FromStr + PartialOrd + From<f32>>(s: &str) -> Result<T, String> {
-    match s.trim().parse::<T>() {
-        Ok(v) if v >= T::from(0.0) && v < T::from(1.0) => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a fraction: expected a number from 0 up to (not including) 1"
-        )),
-    }
+    parse_checked(
+        s,
+        |v| *v >= T::from(0.0) && *v < T::from(1.0),
+        "is not a fraction: expected a number from 0 up to (not including) 1",
+    )
 }
 
 /// A count of at least 1 (epochs, batch size, patience).
 fn parse_count(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(v) if v >= 1 => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a count: expected a whole number of at least 1"
-        )),
-    }
+    parse_checked(
+        s,
+        |&v| v >= 1,
+        "is not a count: expected a whole number of at least 1",
+    )
 }
 
 fn parse_budget(s: &str) -> Result<f64, String> {
@@ -1005,7 +1015,9 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
             "total_seconds": report.total_seconds,
             "manifest": m,
         });
-        serde_json::to_writer_pretty(&mut out, &doc).map_err(std::io::Error::other)?;
+        // `io::Error::from` keeps a closed pipe's kind (quiet exit 0, as before this wrote JSON
+        // through a string); `other` would turn it into an error.
+        serde_json::to_writer_pretty(&mut out, &doc).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }

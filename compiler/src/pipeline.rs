@@ -383,28 +383,26 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             accuracy,
             head_val_accuracy
         ));
-        if manifest.quantization.is_none() && manifest.weights == WeightStorage::F32 {
-            check_graph_agrees_with_head(
-                head_val_accuracy,
-                &evaluation,
-                splits.report_source,
-                cache.as_ref(),
-            )?;
-        }
-        if manifest.quantization.is_some() || manifest.weights != WeightStorage::F32 {
-            let f32_evaluation = run_graph(
+        let narrowed = manifest.quantization.is_some() || manifest.weights != WeightStorage::F32;
+        // The all-f32 graph's own run: the artifact's, unless it was quantized or narrowed.
+        let f32_evaluation = if narrowed {
+            Cow::Owned(run_graph(
                 &all_f32(&manifest),
                 &f32_graph,
                 &report_usable,
                 options,
                 reporter,
-            )?;
-            check_graph_agrees_with_head(
-                head_val_accuracy,
-                &f32_evaluation,
-                splits.report_source,
-                cache.as_ref(),
-            )?;
+            )?)
+        } else {
+            Cow::Borrowed(&evaluation)
+        };
+        check_graph_agrees_with_head(
+            head_val_accuracy,
+            &f32_evaluation,
+            splits.report_source,
+            cache.as_ref(),
+        )?;
+        if narrowed {
             let f32_accuracy = f32_evaluation.accuracy();
             reporter.message(&format!(
                 "verify    {} compute, {} weights: accuracy {accuracy:.4} vs {f32_accuracy:.4} all f32 ({:+.2} points)",

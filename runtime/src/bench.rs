@@ -420,12 +420,7 @@ fn print_comparison(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     let c = compare(args)?;
     let io = |e| Error::io("<stdout>", e);
     if args.json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&c).map_err(|e| io(std::io::Error::other(e)))?
-        )
-        .map_err(io)?;
+        crate::commands::write_json(out, &c)?;
         return Ok(Outcome::Complete);
     }
     let lines = [
@@ -457,12 +452,7 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     let r = measure(args)?;
     let io = |e| Error::io("<stdout>", e);
     if args.json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| io(std::io::Error::other(e)))?
-        )
-        .map_err(io)?;
+        crate::commands::write_json(out, &r)?;
         return Ok(Outcome::Complete);
     }
     let s = &r.load_stages;

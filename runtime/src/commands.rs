@@ -76,6 +76,14 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+/// Writes `value` to `out` as pretty JSON and a newline. Serialized first, so a write error
+/// (a closed pipe) keeps its kind.
+pub(crate) fn write_json(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
+    let io = |e| Error::io("<stdout>", e);
+    let json = serde_json::to_string_pretty(value).map_err(|e| io(std::io::Error::other(e)))?;
+    writeln!(out, "{json}").map_err(io)
+}
+
 #[derive(Serialize)]
 struct ImagePrediction<'a> {
     #[serde(serialize_with = "crate::paths::serialize")]
@@ -155,12 +163,7 @@ pub fn predict(
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         let doc = serde_json::json!({ "model": crate::paths::lossy(&args.model), "predictions": predictions, "failures": failures });
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&doc).map_err(|e| io(std::io::Error::other(e)))?
-        )
-        .map_err(io)?;
+        write_json(out, &doc)?;
     } else if !failures.is_empty() {
         crate::progress::note(format_args!(
             "{} of {} images could not be classified",
@@ -317,12 +320,7 @@ pub fn eval_returning(
                 })
                 .collect(),
         };
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| io(std::io::Error::other(e)))?
-        )
-        .map_err(io)?;
+        write_json(out, &report)?;
     } else {
         writeln!(
             out,
@@ -358,12 +356,7 @@ pub fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<Outcome> {
             "graph_bytes": artifact.graph_bytes().len(),
             "manifest": artifact.manifest,
         });
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&doc).map_err(|e| io(std::io::Error::other(e)))?
-        )
-        .map_err(io)?;
+        write_json(out, &doc)?;
     } else {
         write!(
             out,

@@ -9,7 +9,6 @@
 //! cache key).
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -75,7 +74,8 @@ pub fn external_files(model: &Path, proto: &pb::ModelProto) -> Result<Vec<PathBu
                 .transpose()
         };
         let offset = number("offset")?.unwrap_or(0);
-        let end = match number("length")? {
+        let length = number("length")?;
+        let end = match length {
             Some(length) => offset.checked_add(length),
             None => Some(size),
         };
@@ -83,7 +83,7 @@ pub fn external_files(model: &Path, proto: &pb::ModelProto) -> Result<Vec<PathBu
             return Err(invalid(format!(
                 "initializer {:?}: external data range from byte {offset} ({} bytes) lies outside {} ({size} bytes)",
                 tensor.name,
-                number("length")?.map_or("to the end".into(), |l| l.to_string()),
+                length.map_or("to the end".into(), |l| l.to_string()),
                 path.display()
             )));
         }
@@ -94,21 +94,12 @@ pub fn external_files(model: &Path, proto: &pb::ModelProto) -> Result<Vec<PathBu
 
 /// Feeds the names and contents of `files` into `hasher`, streaming (bounded memory).
 pub fn hash_files(files: &[PathBuf], hasher: &mut Sha256) -> Result<()> {
-    let mut buffer = vec![0u8; 1 << 20];
     for path in files {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         hasher.update((name.len() as u64).to_le_bytes());
         hasher.update(name.as_bytes());
         let mut file = std::fs::File::open(path).map_err(|e| CompileError::io(path, e))?;
-        loop {
-            let n = file
-                .read(&mut buffer)
-                .map_err(|e| CompileError::io(path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
+        std::io::copy(&mut file, hasher).map_err(|e| CompileError::io(path, e))?;
     }
     Ok(())
 }
