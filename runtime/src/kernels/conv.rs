@@ -514,6 +514,25 @@ impl Convolution {
         self.bias.len() * self.geometry.n()
     }
 
+    /// A pointwise convolution's weights (`m x k`, row-major), bias and pixel count; `None` for
+    /// other geometries.
+    pub fn pointwise_parts(&self) -> Option<(Vec<f32>, &[f32], usize)> {
+        match self.geometry {
+            Geometry::Pointwise { n, .. } => Some((self.weights.unpacked(), &self.bias, n)),
+            Geometry::Patches(_) => None,
+        }
+    }
+
+    /// The epilogue: the clamp after the bias, whether a residual is added, the clamp after it.
+    pub fn epilogue_parts(&self) -> ([f32; 2], bool, [f32; 2]) {
+        (self.before, self.residual, self.after)
+    }
+
+    /// The output's shape.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.output_shape
+    }
+
     /// Runs the convolution: `input` (`C x H x W`), `residual` (shaped like the output) when the
     /// operator has one, into `output`.
     pub fn run(&self, input: &[f32], residual: Option<&[f32]>, output: &mut [f32]) {
@@ -618,7 +637,7 @@ impl TypedOp for Convolution {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::use_graft_kernels_at;
+    use crate::kernels::{use_graft_kernels_in, Layout};
     use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
     use tract_core::ops::math::{add, max, min};
 
@@ -701,20 +720,20 @@ mod tests {
             )
         };
         let (reference, shape) = run(model.clone().into_optimized().unwrap());
-        for level in Level::available() {
+        let graft = |n: &TypedNode| ["GraftConv", "GraftBlockedConv"].contains(&&*n.op.name());
+        for (level, layout) in Level::available()
+            .into_iter()
+            .flat_map(|l| [(l, Layout::Plain), (l, Layout::Blocked)])
+        {
             let mut ours = model.clone().into_decluttered().unwrap();
-            let replaced = use_graft_kernels_at(&mut ours, level).unwrap();
+            let replaced = use_graft_kernels_in(&mut ours, level, layout).unwrap();
             assert_eq!(replaced, 1, "{level:?}: {ours}");
-            let graft = ours
-                .nodes()
-                .iter()
-                .filter(|n| n.op_is::<Convolution>())
-                .count();
-            assert_eq!(graft, 1, "{level:?}: one fused operator");
+            let fused = ours.nodes().iter().filter(|n| graft(n)).count();
+            assert_eq!(fused, 1, "{level:?} {layout:?}: one fused operator");
             let leftover: Vec<_> = ours
                 .nodes()
                 .iter()
-                .filter(|n| !n.op_is::<Convolution>())
+                .filter(|n| !graft(n))
                 .filter(|n| n.name.starts_with("relu") || n.name == "residual")
                 .map(|n| &n.name)
                 .collect();

@@ -529,7 +529,7 @@ impl TypedOp for QuantizedDepthwise {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{use_graft_kernels, use_graft_kernels_at};
+    use crate::kernels::{use_graft_kernels, use_graft_kernels_in, Layout};
     use tract_core::ops::change_axes::AxisOp;
     use tract_core::ops::cnn::{KernelFormat, PaddingSpec, PoolSpec};
     use tract_core::ops::nn::DataFormat;
@@ -609,16 +609,22 @@ mod tests {
         // The kernel at every level this CPU has, and the clamps absorbed into it.
         let mut results = vec![];
         for level in Level::available() {
-            let mut model = model.clone();
-            assert_eq!(
-                use_graft_kernels_at(&mut model, level).unwrap(),
-                1 + relu6 as usize
-            );
-            assert!(model.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
-            assert!(!model.nodes().iter().any(|n| n.name.starts_with("relu")));
-            let (ours, our_shape) = run(model);
-            assert_eq!(shape, our_shape);
-            results.push(ours);
+            for layout in [Layout::Plain, Layout::Blocked] {
+                let mut model = model.clone();
+                assert_eq!(
+                    use_graft_kernels_in(&mut model, level, layout).unwrap(),
+                    1 + relu6 as usize
+                );
+                let kernel = ["GraftDepthwiseConv", "GraftBlockedDepthwise"];
+                assert!(model
+                    .nodes()
+                    .iter()
+                    .any(|n| kernel.contains(&&*n.op.name())));
+                assert!(!model.nodes().iter().any(|n| n.name.starts_with("relu")));
+                let (ours, our_shape) = run(model);
+                assert_eq!(shape, our_shape);
+                results.push(ours);
+            }
         }
         (reference, results, shape)
     }

@@ -13,10 +13,14 @@
 //! multiply-adds; the same dequantize and quantize), so the two give identical results (tested).
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::convolve;
+pub(super) use x86::{convolve, convolve_blocked, transpose16};
+
+use tract_core::internal::*;
 
 use super::conv::collapse;
 use super::depthwise::DepthwiseConv;
+use super::dispatch::Level;
+use super::layout::blocked_shape;
 
 /// Output rows computed per band (the band's input rows stay in cache).
 const BAND: usize = 8;
@@ -24,6 +28,100 @@ const BAND: usize = 8;
 /// Whether the blocked kernel computes `conv`: clamps that are one clamp.
 pub(super) fn applies(conv: &DepthwiseConv) -> bool {
     collapse(&conv.clamp).is_some()
+}
+
+/// A [`DepthwiseConv`] the blocked kernel computes, with input and output in the blocked layout
+/// (`[ceil(C / 16), H * W, 16]`; see [`layout`](super::layout)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockedDepthwise {
+    conv: DepthwiseConv,
+}
+
+impl Eq for BlockedDepthwise {}
+
+impl BlockedDepthwise {
+    /// The blocked form of `conv`, when its level is AVX-512 and the kernel [`applies`].
+    pub fn of(conv: &DepthwiseConv) -> Option<BlockedDepthwise> {
+        (conv.level == Level::Avx512 && applies(conv))
+            .then(|| BlockedDepthwise { conv: conv.clone() })
+    }
+
+    /// Channels.
+    pub fn channels(&self) -> usize {
+        self.conv.channels
+    }
+
+    /// Input pixels.
+    pub fn input_pixels(&self) -> usize {
+        self.conv.input[0] * self.conv.input[1]
+    }
+
+    /// Output pixels.
+    pub fn output_pixels(&self) -> usize {
+        self.conv.output[0] * self.conv.output[1]
+    }
+
+    /// The plain layout's output shape.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.conv.output_shape
+    }
+}
+
+impl Op for BlockedDepthwise {
+    fn name(&self) -> StaticName {
+        "GraftBlockedDepthwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let mut info = self.conv.info()?;
+        info.push("16-channel blocks".into());
+        Ok(info)
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for BlockedDepthwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let view = input.view();
+        let values = view.as_slice::<f32>()?;
+        let expected: usize = blocked_shape(self.channels(), self.input_pixels())
+            .iter()
+            .product();
+        ensure!(
+            values.len() == expected,
+            "graft's blocked depthwise kernel expects {expected} input values, got {}",
+            values.len()
+        );
+        let shape = blocked_shape(self.channels(), self.output_pixels());
+        // SAFETY: the kernel writes every output value, padding lanes included (zero weights).
+        let mut output = unsafe { Tensor::uninitialized_aligned::<f32>(&shape, 64)? };
+        {
+            let mut plain = output.try_as_plain_ram_mut()?;
+            // SAFETY: AVX-512 is supported (the level was checked when the kernel was built); the
+            // lengths match the blocked shapes.
+            unsafe { convolve_blocked(&self.conv, values, plain.as_slice_mut::<f32>()?) };
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for BlockedDepthwise {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(blocked_shape(
+            self.channels(),
+            self.output_pixels()
+        ))))
+    }
+
+    as_op!();
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -37,7 +135,7 @@ mod x86 {
 
     /// Transposes 16 vectors of 16 floats in place (row `i` becomes column `i`).
     #[inline(always)]
-    pub(super) unsafe fn transpose16(r: &mut [__m512; 16]) {
+    pub(in super::super) unsafe fn transpose16(r: &mut [__m512; 16]) {
         let mut a = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
             a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -207,6 +305,81 @@ mod x86 {
                                 }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `conv` with input and output in the blocked layout (`[ceil(C / 16)][H][W][16]`,
+    /// [`layout`](super::super::layout)): each band's input rows are copied into the padded
+    /// buffer as they are, and output rows are written in place; no transposes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    pub(in super::super) unsafe fn convolve_blocked(
+        conv: &DepthwiseConv,
+        input: &[f32],
+        output: &mut [f32],
+    ) {
+        let [kh, kw] = conv.kernel;
+        let [sh, sw] = conv.stride;
+        let [ih, iw] = conv.input;
+        let [oh, ow] = conv.output;
+        let [pt, pl] = conv.pad;
+        let [low, high] = collapse(&conv.clamp).expect("checked by applies");
+        let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
+        let taps = kh * kw;
+        let pw = (ow - 1) * sw + kw;
+        let band_rows = (BAND - 1) * sh + kh;
+        let mut padded = Aligned::zeroed(band_rows * pw * 64);
+        let padded = padded.floats_mut();
+        let mut weights = Aligned::zeroed(taps * 64);
+        let weights = weights.floats_mut();
+        let (plane_in, plane_out) = (ih * iw * 16, oh * ow * 16);
+        let columns = iw.min(pw.saturating_sub(pl));
+        for (block, c0) in (0..conv.channels).step_by(16).enumerate() {
+            let lanes = (conv.channels - c0).min(16);
+            for (tap, w) in weights.chunks_exact_mut(16).enumerate() {
+                for (c, w) in w.iter_mut().enumerate() {
+                    *w = if c < lanes {
+                        conv.weights[(c0 + c) * taps + tap]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            let bias = _mm512_maskz_loadu_ps(mask(lanes), conv.bias.as_ptr().add(c0));
+            let block_in = input.as_ptr().add(block * plane_in);
+            let block_out = output.as_mut_ptr().add(block * plane_out);
+            let band = Block {
+                padded: padded.as_ptr(),
+                weights: weights.as_ptr(),
+                kernel: [kh, kw],
+                stride: sw,
+                pw,
+                bias,
+                low,
+                high,
+            };
+            for oy0 in (0..oh).step_by(BAND) {
+                let rows_out = BAND.min(oh - oy0);
+                let rows_in = (rows_out - 1) * sh + kh;
+                for row in 0..rows_in {
+                    let target = padded.as_mut_ptr().add(row * pw * 16);
+                    let y = (oy0 * sh + row) as isize - pt as isize;
+                    if y < 0 || y as usize >= ih {
+                        std::ptr::write_bytes(target, 0, pw * 16);
+                        continue;
+                    }
+                    let source = block_in.add(y as usize * iw * 16);
+                    std::ptr::copy_nonoverlapping(source, target.add(pl * 16), columns * 16);
+                }
+                for r in 0..rows_out {
+                    let start = r * sh * pw;
+                    let out = block_out.add((oy0 + r) * ow * 16);
+                    match sw {
+                        1 => band.row::<1>(start, ow, out),
+                        2 => band.row::<2>(start, ow, out),
+                        _ => band.row::<0>(start, ow, out),
                     }
                 }
             }

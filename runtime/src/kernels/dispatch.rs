@@ -96,6 +96,46 @@ impl Level {
     }
 }
 
+/// How graft's kernels lay out the activations between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// tract's channel-major tensors throughout.
+    Plain,
+    /// Runs of graft's f32 pointwise and depthwise convolutions in the 16-channel-blocked layout
+    /// ([`layout`](super::layout)); AVX-512 only (other levels run plain).
+    Blocked,
+}
+
+/// The environment variable that picks the layout (`plain`, `blocked`).
+pub const LAYOUT_ENV: &str = "GRAFT_LAYOUT";
+
+impl Layout {
+    /// The name `GRAFT_LAYOUT` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Plain => "plain",
+            Layout::Blocked => "blocked",
+        }
+    }
+
+    /// The layout this process uses: `blocked` unless `GRAFT_LAYOUT=plain` (an unknown name is
+    /// reported once on stderr and ignored). Chosen on first use and kept.
+    pub fn current() -> Layout {
+        static CURRENT: OnceLock<Layout> = OnceLock::new();
+        *CURRENT.get_or_init(|| match std::env::var(LAYOUT_ENV) {
+            Ok(name) if name.trim() == "plain" => Layout::Plain,
+            Ok(name) if name.trim() == "blocked" => Layout::Blocked,
+            Ok(name) => {
+                crate::progress::note(format_args!(
+                    "warning: {LAYOUT_ENV}={name:?} is not one of plain, blocked; using blocked"
+                ));
+                Layout::Blocked
+            }
+            Err(_) => Layout::Blocked,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,6 +70,20 @@ impl PackedWeights {
     pub fn level(&self) -> Level {
         self.level
     }
+
+    /// The `m x k` row-major matrix they were packed from.
+    pub fn unpacked(&self) -> Vec<f32> {
+        let (mr, _) = tile(self.level);
+        let packed = self.data.floats();
+        let mut a = vec![0f32; self.m * self.k];
+        for (row, values) in a.chunks_exact_mut(self.k.max(1)).enumerate() {
+            let (block, r) = (row / mr, row % mr);
+            for (kk, v) in values.iter_mut().enumerate() {
+                *v = packed[(block * self.k + kk) * mr + r];
+            }
+        }
+        a
+    }
 }
 
 /// The B operand of a product: `K x N` values, packed `NR` columns at a time into panels of `T`

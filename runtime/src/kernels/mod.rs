@@ -20,6 +20,10 @@
 //!   16-channels-a-vector kernel (`depthwise_blocked.rs`); in int8 graphs the dequantize ->
 //!   depthwise -> ReLU6 -> quantize chain runs as one [`QuantizedDepthwise`] operator.
 //! - [`cast`]: f32 <-> int8 casts with tract's arithmetic in vectorised loops.
+//! - [`layout`] / [`pointwise_blocked`] (AVX-512): runs of f32 pointwise and depthwise
+//!   convolutions in a 16-channel-blocked layout, where a pixel of 16 channels is one vector:
+//!   the depthwise kernel then needs no transposes and the pointwise one no packing
+//!   (`GRAFT_LAYOUT=plain` turns it off; [`Layout`]).
 //!
 //! Every kernel is unit-tested against tract's operator or a plain reference at every level
 //! the CPU supports; the int8 products are bit-identical across levels.
@@ -34,12 +38,15 @@ pub mod dispatch;
 pub mod gemm_f32;
 pub mod gemm_int8;
 mod graph;
+pub mod layout;
+#[cfg(target_arch = "x86_64")]
+pub mod pointwise_blocked;
 pub mod qconv;
 
 pub use cast::QuantizedCast;
 pub use conv::Convolution;
 pub use depthwise::{DepthwiseConv, QuantizedDepthwise};
-pub use dispatch::Level;
+pub use dispatch::{Layout, Level};
 pub use qconv::QuantizedConvolution;
 
 use tract_core::internal::*;
@@ -135,15 +142,103 @@ fn fuse_quantized_convolutions(model: &mut TypedModel, level: Level) -> TractRes
     Ok(fused)
 }
 
-/// Replaces every operator one of graft's kernels computes with that kernel, using the
-/// instruction set [`Level::current`] chose for this process; returns how many were replaced.
-/// Run it on a typed graph before `optimize`.
-pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
-    use_graft_kernels_at(model, Level::current())
+/// The blocked form of node `node` when one of graft's blocked kernels computes it, with the
+/// `(channels, pixels)` of its inputs (a residual is shaped like the output) and of its output.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
+fn blocked_op(node: &TypedNode) -> Option<(Box<dyn TypedOp>, [(usize, usize); 2], TVec<usize>)> {
+    use depthwise_blocked::BlockedDepthwise;
+    use pointwise_blocked::BlockedPointwise;
+    if let Some(conv) = node.op_as::<Convolution>() {
+        let op = BlockedPointwise::of(conv)?;
+        let shape = conv.output_shape().into();
+        let io = [(op.k(), op.pixels()), (op.m(), op.pixels())];
+        return Some((Box::new(op), io, shape));
+    }
+    let conv = node.op_as::<DepthwiseConv>()?;
+    let op = BlockedDepthwise::of(conv)?;
+    let shape = op.output_shape().into();
+    let channels = op.channels();
+    let io = [
+        (channels, op.input_pixels()),
+        (channels, op.output_pixels()),
+    ];
+    Some((Box::new(op), io, shape))
 }
 
-/// [`use_graft_kernels`] at a given level (which this CPU must support).
+/// Puts every f32 pointwise convolution and depthwise convolution graft has a blocked kernel
+/// for in the 16-channel-blocked layout ([`layout`]): each is replaced by its blocked form
+/// between a [`ToBlocked`](layout::ToBlocked) and a [`FromBlocked`](layout::FromBlocked), and
+/// where a blocked operator reads another's result the pair between them is skipped (the
+/// unused conversions are left for `compact`). Returns how many operators were converted.
+#[cfg(target_arch = "x86_64")]
+fn use_blocked_layout(model: &mut TypedModel) -> TractResult<usize> {
+    use layout::{FromBlocked, ToBlocked};
+    let mut converted = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some((op, [input, output], shape)) = blocked_op(node) else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::default();
+        let mut inputs = tvec![];
+        for (i, &outlet) in node.inputs.iter().enumerate() {
+            let (channels, pixels) = if i == 0 { input } else { output };
+            let producer = model.node(outlet.node);
+            let to = ToBlocked { channels, pixels };
+            // A conversion of the same tensor made for an earlier operator.
+            let converted = model
+                .outlet_successors(outlet)
+                .iter()
+                .find(|s| model.node(s.node).op_as::<ToBlocked>() == Some(&to));
+            let wire = match (producer.op_as::<FromBlocked>(), converted) {
+                (Some(from), _) if (from.channels, from.pixels) == (channels, pixels) => {
+                    patch.tap_model(model, producer.inputs[0])?
+                }
+                (_, Some(inlet)) => patch.tap_model(model, OutletId::new(inlet.node, 0))?,
+                _ => {
+                    let tap = patch.tap_model(model, outlet)?;
+                    let name = format!("{}.to_blocked.{i}", node.name);
+                    patch.wire_node(name, to, &[tap])?[0]
+                }
+            };
+            inputs.push(wire);
+        }
+        let blocked = patch.wire_node(format!("{}.blocked", node.name), op, &inputs)?;
+        let (channels, pixels) = output;
+        let back = FromBlocked {
+            channels,
+            pixels,
+            shape,
+        };
+        let back = patch.wire_node(format!("{}.from_blocked", node.name), back, &blocked)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), back)?;
+        patch.apply(model)?;
+        converted += 1;
+    }
+    Ok(converted)
+}
+
+/// Replaces every operator one of graft's kernels computes with that kernel, using the
+/// instruction set [`Level::current`] chose for this process and the [`Layout::current`];
+/// returns how many were replaced. Run it on a typed graph before `optimize`.
+pub fn use_graft_kernels(model: &mut TypedModel) -> TractResult<usize> {
+    use_graft_kernels_in(model, Level::current(), Layout::current())
+}
+
+/// [`use_graft_kernels`] at a given level (which this CPU must support), in the layout this
+/// process uses.
 pub fn use_graft_kernels_at(model: &mut TypedModel, level: Level) -> TractResult<usize> {
+    use_graft_kernels_in(model, level, Layout::current())
+}
+
+/// [`use_graft_kernels`] at a given level (which this CPU must support) and layout (blocked
+/// applies at the AVX-512 level only).
+pub fn use_graft_kernels_in(
+    model: &mut TypedModel,
+    level: Level,
+    layout: Layout,
+) -> TractResult<usize> {
     ensure!(
         level.supported(),
         "this CPU cannot run {} kernels",
@@ -166,6 +261,12 @@ pub fn use_graft_kernels_at(model: &mut TypedModel, level: Level) -> TractResult
     replaced += fuse_depthwise_clamps(model)?;
     replaced += fuse_convolutions(model, level)?;
     replaced += fuse_quantized_convolutions(model, level)?;
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && layout == Layout::Blocked {
+        use_blocked_layout(model)?;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = layout;
     if replaced > 0 {
         model.compact()?;
     }
@@ -178,4 +279,131 @@ pub fn into_optimized(model: TypedModel) -> TractResult<TypedModel> {
     use_graft_kernels(&mut model)?;
     model.optimize()?;
     Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+    use tract_core::ops::math::{add, max, min};
+    use tract_core::ops::nn::DataFormat;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 2003.0 - 0.5)
+            .collect()
+    }
+
+    /// Wires a convolution of `x` (`channels` in) with `out` outputs, `group` groups, a square
+    /// `kernel` and `stride` (padding `kernel / 2`), then ReLU6.
+    fn conv(
+        model: &mut TypedModel,
+        name: &str,
+        x: OutletId,
+        [channels, out, group, kernel, stride]: [usize; 5],
+    ) -> OutletId {
+        let w = Tensor::from_shape(
+            &[out, channels / group, kernel, kernel],
+            &values(out * channels / group * kernel * kernel, out + kernel),
+        )
+        .unwrap();
+        let w = model.add_const(format!("{name}.w"), w).unwrap();
+        let b = model
+            .add_const(format!("{name}.b"), tensor1(&values(out, 7)))
+            .unwrap();
+        let pad = kernel / 2;
+        let op = Conv::new(
+            PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec![kernel, kernel],
+                padding: PaddingSpec::Explicit(tvec![pad, pad], tvec![pad, pad]),
+                dilations: None,
+                strides: Some(tvec![stride, stride]),
+                input_channels: channels,
+                output_channels: out,
+            },
+            KernelFormat::OIHW,
+            group,
+            None,
+        );
+        let y = model.wire_node(name, op, &[x, w, b]).unwrap()[0];
+        let zero = model
+            .add_const(format!("{name}.0"), tensor4(&[[[[0f32]]]]))
+            .unwrap();
+        let six = model
+            .add_const(format!("{name}.6"), tensor4(&[[[[6f32]]]]))
+            .unwrap();
+        let y = model
+            .wire_node(format!("{name}.relu"), max(), &[y, zero])
+            .unwrap()[0];
+        model
+            .wire_node(format!("{name}.relu6"), min(), &[y, six])
+            .unwrap()[0]
+    }
+
+    /// A stem and two inverted-residual blocks (expand, depthwise, project, residual add) with
+    /// channel counts that are not multiples of 16, as graft's kernels run them in the plain and
+    /// the blocked layouts: the same values bit for bit, and in the blocked graph one conversion
+    /// in and one out, none between the blocked operators.
+    #[test]
+    fn the_blocked_layout_gives_the_plain_layouts_values_with_conversions_only_at_the_edges() {
+        if !Level::Avx512.supported() {
+            return;
+        }
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 3, 23, 21])).unwrap();
+        let stem = conv(&mut model, "stem", x, [3, 24, 1, 3, 2]);
+        let mut y = stem;
+        for (i, (expand, kernel)) in [(72, 3), (40, 5)].into_iter().enumerate() {
+            let e = conv(
+                &mut model,
+                &format!("b{i}.expand"),
+                y,
+                [24, expand, 1, 1, 1],
+            );
+            let d = conv(
+                &mut model,
+                &format!("b{i}.dw"),
+                e,
+                [expand, expand, expand, kernel, 1],
+            );
+            let p = conv(
+                &mut model,
+                &format!("b{i}.project"),
+                d,
+                [expand, 24, 1, 1, 1],
+            );
+            y = model
+                .wire_node(format!("b{i}.add"), add(), &[p, y])
+                .unwrap()[0];
+        }
+        model.select_output_outlets(&[y]).unwrap();
+        let image = Tensor::from_shape(&[1, 3, 23, 21], &values(3 * 23 * 21, 3)).unwrap();
+        let run = |layout: Layout| {
+            let mut graph = model.clone().into_decluttered().unwrap();
+            use_graft_kernels_in(&mut graph, Level::Avx512, layout).unwrap();
+            let ops: Vec<String> = graph
+                .nodes()
+                .iter()
+                .map(|n| n.op.name().to_string())
+                .collect();
+            let out = graph.into_optimized().unwrap().into_runnable().unwrap();
+            let out = out.run(tvec![image.clone().into()]).unwrap();
+            (out[0].view().as_slice::<f32>().unwrap().to_vec(), ops)
+        };
+        let (plain, _) = run(Layout::Plain);
+        let (blocked, ops) = run(Layout::Blocked);
+        let count = |name: &str| ops.iter().filter(|o| *o == name).count();
+        assert_eq!(count("GraftBlockedConv"), 4, "{ops:?}");
+        assert_eq!(count("GraftBlockedDepthwise"), 2, "{ops:?}");
+        assert_eq!(count("GraftToBlocked"), 1, "{ops:?}");
+        assert_eq!(count("GraftFromBlocked"), 1, "{ops:?}");
+        assert!(plain.iter().any(|&v| v != 0.0));
+        assert_eq!(plain.len(), blocked.len());
+        let same = plain
+            .iter()
+            .zip(&blocked)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "blocked and plain layouts differ");
+    }
 }
