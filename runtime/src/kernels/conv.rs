@@ -514,13 +514,9 @@ impl Convolution {
         self.bias.len() * self.geometry.n()
     }
 
-    /// A pointwise convolution's weights (`m x k`, row-major), bias and pixel count; `None` for
-    /// other geometries.
-    pub fn pointwise_parts(&self) -> Option<(Vec<f32>, &[f32], usize)> {
-        match self.geometry {
-            Geometry::Pointwise { n, .. } => Some((self.weights.unpacked(), &self.bias, n)),
-            Geometry::Patches(_) => None,
-        }
+    /// The weights (`m x k`, row-major, `k` in OIHW order), bias and geometry.
+    pub fn parts(&self) -> (Vec<f32>, &[f32], &Geometry) {
+        (self.weights.unpacked(), &self.bias, &self.geometry)
     }
 
     /// The epilogue: the clamp after the bias, whether a residual is added, the clamp after it.

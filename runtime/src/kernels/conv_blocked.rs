@@ -16,9 +16,9 @@ use std::sync::Arc;
 use tract_core::internal::*;
 
 use super::aligned::Aligned;
-use super::conv::Convolution;
+use super::conv::{Convolution, Geometry, PatchGeometry};
 use super::gemm_f32::UNBOUNDED;
-use super::layout::BLOCK;
+use super::layout::{blocked_shape, BLOCK};
 
 /// Pixels at most in one micro-kernel tile.
 const MP: usize = 12;
@@ -122,6 +122,8 @@ pub fn product(
                 r.as_ptr().wrapping_add((b0 * pixels + p0) * BLOCK)
             }),
             clamps,
+            offsets: std::ptr::null(),
+            step: BLOCK,
         };
         let rows = tile_at(t + 1) - p0;
         let nb = (blocks - b0).min(NB);
@@ -158,6 +160,10 @@ struct Tile {
     /// Same offsets as `out`, or null.
     residual: *const f32,
     clamps: Clamps,
+    /// Direct convolutions: input `kk` of the tile's first pixel is at `x + offsets[kk]`, and
+    /// the next pixels `step` values apart. Null for blocked input.
+    offsets: *const usize,
+    step: usize,
 }
 
 mod x86 {
@@ -170,9 +176,11 @@ mod x86 {
     pub(super) unsafe fn tile(t: &Tile, rows: usize, nb: usize) {
         macro_rules! dispatch {
             ($($r:literal)*) => {
-                match (rows, nb) {
-                    $(($r, 1) => kernel::<$r, 1>(t),
-                      ($r, 2) => kernel::<$r, 2>(t),)*
+                match (rows, nb, t.offsets.is_null()) {
+                    $(($r, 1, true) => kernel::<$r, 1>(t),
+                      ($r, 2, true) => kernel::<$r, 2>(t),
+                      ($r, 1, false) => direct::<$r, 1>(t),
+                      ($r, 2, false) => direct::<$r, 2>(t),)*
                     _ => unreachable!("a tile of {rows} x {nb}"),
                 }
             };
@@ -207,6 +215,36 @@ mod x86 {
                 x = x.add(block_stride - BLOCK);
             }
         }
+        store(t, &acc)
+    }
+
+    /// [`kernel`] for a direct convolution: input `kk` of pixel `p` at
+    /// `x + offsets[kk] + p * step`.
+    #[inline(always)]
+    unsafe fn direct<const R: usize, const B: usize>(t: &Tile) {
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        let mut w = t.w;
+        for kk in 0..t.k {
+            let mut wv = [_mm512_setzero_ps(); B];
+            for (b, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_ps(w.add(b * t.k * BLOCK));
+            }
+            let x = t.x.add(*t.offsets.add(kk));
+            for (p, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(p * t.step));
+                for (sum, wv) in acc.iter_mut().zip(&wv) {
+                    *sum = _mm512_fmadd_ps(xv, *wv, *sum);
+                }
+            }
+            w = w.add(BLOCK);
+        }
+        store(t, &acc)
+    }
+
+    /// The epilogue: bias, clamp, residual, clamp; one store per vector.
+    #[inline(always)]
+    unsafe fn store<const R: usize, const B: usize>(t: &Tile, acc: &[[__m512; B]; R]) {
+        let block_stride = t.pixels * BLOCK;
         let [lo, hi] = t.clamps.before.map(|v| _mm512_set1_ps(v));
         let [lo2, hi2] = t.clamps.after.map(|v| _mm512_set1_ps(v));
         // The accumulators leave the registers through a store loop shaped like the product
@@ -232,37 +270,114 @@ mod x86 {
     }
 }
 
-/// A [`Convolution`] with a pointwise geometry, in the blocked layout: input `[ceil(k/16),
-/// pixels, 16]` (and a residual shaped like the output when it has one), output
-/// `[ceil(m/16), pixels, 16]`.
+/// A direct convolution's plain input, zero-padded: `C` planes of `rows x width`, input pixel
+/// `(y, x)` at `(y + pad_top, x + pad_left)`; and where each input of the product reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Direct {
+    geometry: PatchGeometry,
+    rows: usize,
+    width: usize,
+    /// `offsets[(c * kh + ky) * kw + kx]`: where tap `(c, ky, kx)` of output pixel `(0, 0)`
+    /// reads (the weights' OIHW order).
+    offsets: Vec<usize>,
+}
+
+impl Direct {
+    fn new(geometry: &PatchGeometry) -> Direct {
+        let g = geometry;
+        let span = |out: usize, stride: usize, kernel: usize, dilation: usize| {
+            (out - 1) * stride + (kernel - 1) * dilation + 1
+        };
+        let rows = span(g.output[0], g.stride[0], g.kernel[0], g.dilation[0]);
+        let width = span(g.output[1], g.stride[1], g.kernel[1], g.dilation[1]);
+        let mut offsets = vec![];
+        for c in 0..g.channels {
+            for ky in 0..g.kernel[0] {
+                for kx in 0..g.kernel[1] {
+                    let at = (c * rows + ky * g.dilation[0]) * width + kx * g.dilation[1];
+                    offsets.push(at);
+                }
+            }
+        }
+        Direct {
+            geometry: g.clone(),
+            rows,
+            width,
+            offsets,
+        }
+    }
+
+    /// `input` (`C x H x W`) zero-padded.
+    fn pad(&self, input: &[f32]) -> Aligned {
+        let g = &self.geometry;
+        let [ih, iw] = g.input;
+        let [pt, pl] = g.pad;
+        let mut padded = Aligned::zeroed(g.channels * self.rows * self.width * 4);
+        let values = padded.floats_mut();
+        let columns = iw.min(self.width.saturating_sub(pl));
+        for (c, plane) in input.chunks_exact(ih * iw).enumerate() {
+            for (y, line) in plane.chunks_exact(iw).enumerate() {
+                if y + pt >= self.rows {
+                    break;
+                }
+                let at = (c * self.rows + y + pt) * self.width + pl;
+                values[at..at + columns].copy_from_slice(&line[..columns]);
+            }
+        }
+        padded
+    }
+}
+
+/// Where a [`BlockedConv`] reads its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Input {
+    /// A 1x1 convolution of a blocked input, `[ceil(k / 16), pixels, 16]`.
+    Blocked,
+    /// Any other convolution with one group, of a plain `C x H x W` input (a stem reading the
+    /// image, or a k x k convolution after plain-layout operators), read directly: no patch
+    /// matrix.
+    Direct(Direct),
+}
+
+/// A [`Convolution`] writing the blocked layout `[ceil(m / 16), pixels, 16]`: a pointwise one
+/// reading a blocked input, or any other reading a plain one; a residual, when it has one, is
+/// blocked like the output.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BlockedPointwise {
+pub struct BlockedConv {
     weights: Arc<BlockedWeights>,
+    input: Input,
+    /// Output pixels.
     pixels: usize,
     clamps: [[f32; 2]; 2],
     residual: bool,
 }
 
 // tract compares operators for equality; NaN weights never come out of a folded graph.
-impl Eq for BlockedPointwise {}
+impl Eq for BlockedConv {}
 
-impl BlockedPointwise {
-    /// The blocked form of `conv` when it is pointwise.
-    pub fn of(conv: &Convolution) -> Option<BlockedPointwise> {
-        let (weights, bias, pixels) = conv.pointwise_parts()?;
+impl BlockedConv {
+    /// The blocked form of `conv`.
+    pub fn of(conv: &Convolution) -> BlockedConv {
+        let (weights, bias, geometry) = conv.parts();
         let (m, k) = (bias.len(), weights.len() / bias.len().max(1));
         let (before, residual, after) = conv.epilogue_parts();
-        Some(BlockedPointwise {
+        let (input, pixels) = match geometry {
+            Geometry::Pointwise { n, .. } => (Input::Blocked, *n),
+            Geometry::Patches(g) => (Input::Direct(Direct::new(g)), g.columns()),
+        };
+        BlockedConv {
             weights: Arc::new(BlockedWeights::new(&weights, bias, m, k)),
+            input,
             pixels,
             clamps: [before, if residual { after } else { UNBOUNDED }],
             residual,
-        })
+        }
     }
 
-    /// Input channels.
-    pub fn k(&self) -> usize {
-        self.weights.k
+    /// The channels and pixels of its input when it reads the blocked layout; `None` when it
+    /// reads a plain one.
+    pub fn blocked_input(&self) -> Option<(usize, usize)> {
+        (self.input == Input::Blocked).then_some((self.weights.k, self.pixels))
     }
 
     /// Output channels.
@@ -270,25 +385,105 @@ impl BlockedPointwise {
         self.weights.m
     }
 
-    /// Pixels.
+    /// Output pixels.
     pub fn pixels(&self) -> usize {
         self.pixels
     }
 
-    /// Whether it takes a residual (its second input).
-    pub fn has_residual(&self) -> bool {
-        self.residual
+    fn input_len(&self) -> usize {
+        match &self.input {
+            Input::Blocked => self.weights.k.div_ceil(BLOCK) * self.pixels * BLOCK,
+            Input::Direct(d) => d.geometry.channels * d.geometry.input[0] * d.geometry.input[1],
+        }
+    }
+
+    fn run(&self, input: &[f32], residual: Option<&[f32]>, output: &mut [f32]) {
+        let clamps = Clamps {
+            before: self.clamps[0],
+            after: self.clamps[1],
+        };
+        match &self.input {
+            Input::Blocked => product(&self.weights, input, self.pixels, residual, clamps, output),
+            Input::Direct(d) => direct_product(&self.weights, d, input, residual, clamps, output),
+        }
     }
 }
 
-impl Op for BlockedPointwise {
+/// A direct convolution of the plain `input` into the blocked `output`, one output row at a
+/// time (a tile's pixels are `stride` apart in the padded planes).
+fn direct_product(
+    weights: &BlockedWeights,
+    direct: &Direct,
+    input: &[f32],
+    residual: Option<&[f32]>,
+    clamps: Clamps,
+    output: &mut [f32],
+) {
+    let g = &direct.geometry;
+    let [oh, ow] = g.output;
+    let pixels = oh * ow;
+    let blocks = weights.m.div_ceil(BLOCK);
+    assert!(
+        super::dispatch::Level::Avx512.supported(),
+        "the blocked layout needs AVX-512"
+    );
+    assert_eq!(
+        input.len(),
+        g.channels * g.input[0] * g.input[1],
+        "plain input"
+    );
+    assert_eq!(weights.k, direct.offsets.len(), "one weight per tap");
+    assert_eq!(output.len(), blocks * pixels * BLOCK, "blocked output");
+    if let Some(r) = residual {
+        assert_eq!(
+            r.len(),
+            output.len(),
+            "the residual is shaped like the output"
+        );
+    }
+    let padded = direct.pad(input);
+    let tiles = ow.div_ceil(MP);
+    let tile_at = |t: usize| t * (ow / tiles) + t.min(ow % tiles);
+    let out = output.as_mut_ptr();
+    for oy in 0..oh {
+        for t in 0..tiles {
+            let ox = tile_at(t);
+            for b0 in (0..blocks).step_by(NB) {
+                let at = (b0 * pixels + oy * ow + ox) * BLOCK;
+                let tile = Tile {
+                    k: weights.k,
+                    pixels,
+                    x: padded.floats()[(oy * g.stride[0]) * direct.width + ox * g.stride[1]..]
+                        .as_ptr(),
+                    w: weights.data.floats()[b0 * weights.k * BLOCK..].as_ptr(),
+                    bias: weights.bias.floats()[b0 * BLOCK..].as_ptr(),
+                    out: out.wrapping_add(at),
+                    residual: residual.map_or(std::ptr::null(), |r| r.as_ptr().wrapping_add(at)),
+                    clamps,
+                    offsets: direct.offsets.as_ptr(),
+                    step: g.stride[1],
+                };
+                // SAFETY: AVX-512 is supported (asserted); every tap of the tile's pixels lies
+                // inside the padded planes (sized from the output), and its outputs inside the
+                // output and residual (lengths asserted).
+                unsafe { x86::tile(&tile, tile_at(t + 1) - ox, (blocks - b0).min(NB)) }
+            }
+        }
+    }
+}
+
+impl Op for BlockedConv {
     fn name(&self) -> StaticName {
         "GraftBlockedConv".into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let input = match &self.input {
+            Input::Blocked => "1x1 of a blocked input".to_string(),
+            Input::Direct(d) => format!("direct, {:?}", d.geometry),
+        };
         Ok(vec![format!(
-            "1x1, {} -> {} channels, {} pixels, 16-channel blocks, clamps {:?}{}",
+            "{input}, {} -> {} channels, {} pixels, clamps {:?}{}",
             self.weights.k,
             self.weights.m,
             self.pixels,
@@ -308,7 +503,7 @@ impl Op for BlockedPointwise {
     op_as_typed_op!();
 }
 
-impl EvalOp for BlockedPointwise {
+impl EvalOp for BlockedConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -319,46 +514,37 @@ impl EvalOp for BlockedPointwise {
         );
         let views: TVec<_> = inputs.iter().map(|i| i.view()).collect();
         let input = views[0].as_slice::<f32>()?;
-        let out_len = self.weights.m.div_ceil(BLOCK) * self.pixels * BLOCK;
         ensure!(
-            input.len() == self.weights.k.div_ceil(BLOCK) * self.pixels * BLOCK,
-            "graft's blocked convolution got {} input values",
+            input.len() == self.input_len(),
+            "graft's blocked convolution expects {} input values, got {}",
+            self.input_len(),
             input.len()
         );
+        let shape = blocked_shape(self.weights.m, self.pixels);
         let residual = match views.get(1) {
             Some(r) => {
                 let r = r.as_slice::<f32>()?;
-                ensure!(r.len() == out_len, "residual of the output's size");
+                ensure!(
+                    r.len() == shape.iter().product::<usize>(),
+                    "residual of the output's size"
+                );
                 Some(r)
             }
             None => None,
         };
-        let shape = [self.weights.m.div_ceil(BLOCK), self.pixels, BLOCK];
         // SAFETY: the product writes every output value (f32 has no invalid bit patterns).
         let mut output = unsafe { Tensor::uninitialized_aligned::<f32>(&shape, 64)? };
         {
             let mut plain = output.try_as_plain_ram_mut()?;
-            let clamps = Clamps {
-                before: self.clamps[0],
-                after: self.clamps[1],
-            };
-            product(
-                &self.weights,
-                input,
-                self.pixels,
-                residual,
-                clamps,
-                plain.as_slice_mut::<f32>()?,
-            );
+            self.run(input, residual, plain.as_slice_mut::<f32>()?);
         }
         Ok(tvec!(output.into_tvalue()))
     }
 }
 
-impl TypedOp for BlockedPointwise {
+impl TypedOp for BlockedConv {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let shape = [self.weights.m.div_ceil(BLOCK), self.pixels, BLOCK];
-        Ok(tvec!(f32::fact(shape)))
+        Ok(tvec!(f32::fact(blocked_shape(self.weights.m, self.pixels))))
     }
 
     as_op!();
@@ -434,6 +620,74 @@ mod tests {
                 // The padding lanes hold finite values (zero weights, zero bias).
                 assert!(out.iter().all(|v| v.is_finite()), "{m}x{k}x{n}");
             }
+        }
+    }
+
+    /// Direct convolutions of a plain input give, bit for bit, what the plain layout's patch
+    /// product gives, over strides, paddings, dilations and odd sizes.
+    #[test]
+    fn direct_convolutions_match_the_patch_product_bit_for_bit() {
+        use super::super::conv::Patches;
+        if !Level::Avx512.supported() {
+            return;
+        }
+        for (channels, m, input, kernel, stride, dilation, pad) in [
+            (3, 32, [23, 21], [3, 3], [2, 2], [1, 1], [1, 1]),
+            (3, 24, [16, 16], [3, 3], [2, 2], [1, 1], [0, 0]),
+            (5, 17, [9, 13], [5, 3], [1, 2], [1, 1], [2, 1]),
+            (4, 40, [12, 12], [3, 3], [1, 1], [2, 2], [2, 2]),
+            (2, 8, [7, 30], [7, 7], [2, 2], [1, 1], [3, 3]),
+            (16, 33, [6, 6], [1, 1], [2, 2], [1, 1], [0, 0]),
+        ] {
+            let span = |i: usize| (kernel[i] - 1) * dilation[i] + 1;
+            let output = [0, 1].map(|i| (input[i] + 2 * pad[i] - span(i)) / stride[i] + 1);
+            let geometry = PatchGeometry {
+                channels,
+                input,
+                kernel,
+                stride,
+                dilation,
+                pad,
+                output,
+            };
+            let (k, n) = (geometry.rows(), geometry.columns());
+            let (a, x) = (values(m * k, 1), values(channels * input[0] * input[1], 2));
+            let bias = values(m, 3);
+            let epilogue = Epilogue {
+                bias: &bias,
+                before: [0.0, 0.6],
+                residual: None,
+                after: UNBOUNDED,
+            };
+            let packed = PackedWeights::new(Level::Avx512, &a, m, k);
+            let mut plain = vec![f32::NAN; m * n];
+            matmul(
+                &packed,
+                &Patches::new(&x, &geometry, 0.0),
+                &mut plain,
+                &epilogue,
+            );
+            let weights = BlockedWeights::new(&a, &bias, m, k);
+            let mut out = vec![f32::NAN; m.div_ceil(16) * n * 16];
+            let clamps = Clamps {
+                before: epilogue.before,
+                after: UNBOUNDED,
+            };
+            direct_product(
+                &weights,
+                &Direct::new(&geometry),
+                &x,
+                None,
+                clamps,
+                &mut out,
+            );
+            let back = from_blocked(&out, m, n);
+            let same = back
+                .iter()
+                .zip(&plain)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{geometry:?}");
+            assert!(out.iter().all(|v| v.is_finite()), "{geometry:?}");
         }
     }
 
