@@ -5,7 +5,7 @@
                                                          training images (seeded choice)
   ort_bench.py time MODEL.onnx RUNS                      one thread, batch 1: prints one JSON line
                                                          {"p50_ms": ..., "load_ms": ...}
-  ort_bench.py profile MODEL.onnx RUNS                   one thread, batch 1, onnxruntime's profiler:
+  ort_bench.py profile MODEL.onnx RUNS [NODES=25]        one thread, batch 1, onnxruntime's profiler:
                                                          median time per operator type and the 25
                                                          slowest nodes (profiling adds ~10 %)
 
@@ -83,7 +83,7 @@ def timing(model, runs):
     print(json.dumps({"p50_ms": float(np.median(lat)), "load_ms": load_ms, "runs": runs}))
 
 
-def profile(model, runs):
+def profile(model, runs, nodes=25):
     import collections
 
     opts = ort.SessionOptions()
@@ -114,7 +114,7 @@ def profile(model, runs):
     for kind, ms in per_kind.most_common():
         print(f"  {ms:6.2f} ms  {kind}")
     print("slowest nodes:")
-    for ms, node, kind in sorted(rows, reverse=True)[:25]:
+    for ms, node, kind in sorted(rows, reverse=True)[:nodes]:
         print(f"  {ms:6.3f} ms  {node} ({kind})")
 
 
@@ -124,6 +124,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "time":
         timing(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "profile":
-        profile(sys.argv[2], int(sys.argv[3]))
+        profile(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 25)
     else:
         sys.exit(__doc__)
