@@ -524,11 +524,6 @@ impl Convolution {
         (self.before, self.residual, self.after)
     }
 
-    /// The output's shape.
-    pub fn output_shape(&self) -> &[usize] {
-        &self.output_shape
-    }
-
     /// Runs the convolution: `input` (`C x H x W`), `residual` (shaped like the output) when the
     /// operator has one, into `output`.
     pub fn run(&self, input: &[f32], residual: Option<&[f32]>, output: &mut [f32]) {

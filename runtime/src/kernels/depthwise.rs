@@ -121,7 +121,7 @@ impl DepthwiseConv {
         match self.level {
             // SAFETY (both): the level is supported (checked when the kernel was built).
             Level::Avx512 if super::depthwise_blocked::applies(self) => {
-                return unsafe { super::depthwise_blocked::convolve(self, input, output) }
+                return unsafe { super::depthwise_blocked::convolve(self, input, output, false) }
             }
             Level::Avx512 => return unsafe { self.run_avx512(input, output) },
             Level::Avx2 | Level::AvxVnni => return unsafe { self.run_avx2_fma(input, output) },
@@ -349,6 +349,16 @@ pub(super) enum Planes<'a> {
     },
 }
 
+impl Planes<'_> {
+    /// Values.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Planes::F32(values) => values.len(),
+            Planes::Int8 { values, .. } => values.len(),
+        }
+    }
+}
+
 /// Where a depthwise convolution writes its output planes.
 pub(super) enum Sink<'a> {
     F32(&'a mut [f32]),
@@ -465,6 +475,13 @@ impl QuantizedDepthwise {
             output: quantize.quantized,
         };
         Ok(Some((fused, next.id)))
+    }
+}
+
+impl QuantizedDepthwise {
+    /// The f32 convolution (with the chain's clamps) and the int8 input and output types.
+    pub(crate) fn parts(&self) -> (&DepthwiseConv, [DatumType; 2]) {
+        (&self.conv, [self.input, self.output])
     }
 }
 
@@ -748,14 +765,20 @@ mod tests {
         let kernel = DepthwiseConv::for_node(&model, conv_node, Level::current())
             .unwrap()
             .unwrap();
-        let mut fused = model.clone();
-        use_graft_kernels(&mut fused).unwrap();
-        assert!(fused
-            .nodes()
-            .iter()
-            .any(|n| n.op_is::<QuantizedDepthwise>()));
-        assert!(!fused.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
-        let ours = run(fused);
+        let mut layouts = vec![];
+        for layout in [Layout::Plain, Layout::Blocked] {
+            let mut fused = model.clone();
+            use_graft_kernels_in(&mut fused, Level::current(), layout).unwrap();
+            let kernel = ["GraftQuantizedDepthwise", "GraftBlockedDepthwise"];
+            assert!(fused
+                .nodes()
+                .iter()
+                .any(|n| kernel.contains(&&*n.op.name())));
+            assert!(!fused.nodes().iter().any(|n| n.op_is::<DepthwiseConv>()));
+            layouts.push(run(fused));
+        }
+        assert_eq!(layouts[0], layouts[1], "the same bytes in both layouts");
+        let ours = layouts.remove(0);
 
         // The unfused arithmetic by hand: dequantize, graft's f32 kernel, max, min, quantize.
         let dequantized: Vec<f32> = raw.iter().map(|&q| (q as f32 + 5.0) * 0.05).collect();

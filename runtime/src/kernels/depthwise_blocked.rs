@@ -18,7 +18,7 @@ pub(super) use x86::{convolve, convolve_blocked, transpose16};
 use tract_core::internal::*;
 
 use super::conv::collapse;
-use super::depthwise::DepthwiseConv;
+use super::depthwise::{DepthwiseConv, Planes, Sink};
 use super::dispatch::Level;
 use super::layout::blocked_shape;
 
@@ -30,20 +30,33 @@ pub(super) fn applies(conv: &DepthwiseConv) -> bool {
     collapse(&conv.clamp).is_some()
 }
 
-/// A [`DepthwiseConv`] the blocked kernel computes, with input and output in the blocked layout
-/// (`[ceil(C / 16), H * W, 16]`; see [`layout`](super::layout)).
+/// A [`DepthwiseConv`] the blocked kernel computes writing the blocked layout
+/// (`[ceil(C / 16), H * W, 16]`; see [`layout`](super::layout)), reading a blocked input or a
+/// plain one (transposed in); f32, or int8 in and out (the int8 graph's dequantize ->
+/// depthwise -> clamp -> quantize chain, as [`QuantizedDepthwise`](super::QuantizedDepthwise)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockedDepthwise {
     conv: DepthwiseConv,
+    /// The int8 input and output types; `None` for f32.
+    int8: Option<[DatumType; 2]>,
+    blocked_input: bool,
 }
 
 impl Eq for BlockedDepthwise {}
 
 impl BlockedDepthwise {
-    /// The blocked form of `conv`, when its level is AVX-512 and the kernel [`applies`].
-    pub fn of(conv: &DepthwiseConv) -> Option<BlockedDepthwise> {
-        (conv.level == Level::Avx512 && applies(conv))
-            .then(|| BlockedDepthwise { conv: conv.clone() })
+    /// The blocked form of `conv` (`int8`: its quantized input and output types), when its
+    /// level is AVX-512 and the kernel [`applies`].
+    pub fn of(
+        conv: &DepthwiseConv,
+        int8: Option<[DatumType; 2]>,
+        blocked_input: bool,
+    ) -> Option<BlockedDepthwise> {
+        (conv.level == Level::Avx512 && applies(conv)).then(|| BlockedDepthwise {
+            conv: conv.clone(),
+            int8,
+            blocked_input,
+        })
     }
 
     /// Channels.
@@ -61,9 +74,19 @@ impl BlockedDepthwise {
         self.conv.output[0] * self.conv.output[1]
     }
 
-    /// The plain layout's output shape.
-    pub fn output_shape(&self) -> &[usize] {
-        &self.conv.output_shape
+    /// The output's element type.
+    pub fn output_type(&self) -> DatumType {
+        self.int8.map_or(f32::datum_type(), |[_, out]| out)
+    }
+
+    fn input_len(&self) -> usize {
+        if self.blocked_input {
+            blocked_shape(self.channels(), self.input_pixels())
+                .iter()
+                .product()
+        } else {
+            self.channels() * self.input_pixels()
+        }
     }
 }
 
@@ -74,7 +97,15 @@ impl Op for BlockedDepthwise {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let mut info = self.conv.info()?;
-        info.push("16-channel blocks".into());
+        info.push(format!(
+            "16-channel blocks, {} input, {:?}",
+            if self.blocked_input {
+                "blocked"
+            } else {
+                "plain"
+            },
+            self.int8
+        ));
         Ok(info)
     }
 
@@ -91,23 +122,49 @@ impl EvalOp for BlockedDepthwise {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let view = input.view();
-        let values = view.as_slice::<f32>()?;
-        let expected: usize = blocked_shape(self.channels(), self.input_pixels())
-            .iter()
-            .product();
-        ensure!(
-            values.len() == expected,
-            "graft's blocked depthwise kernel expects {expected} input values, got {}",
-            values.len()
-        );
         let shape = blocked_shape(self.channels(), self.output_pixels());
         // SAFETY: the kernel writes every output value, padding lanes included (zero weights).
-        let mut output = unsafe { Tensor::uninitialized_aligned::<f32>(&shape, 64)? };
+        let mut output =
+            unsafe { Tensor::uninitialized_aligned_dt(self.output_type(), &shape, 64)? };
         {
             let mut plain = output.try_as_plain_ram_mut()?;
+            let (planes, sink) = match self.int8 {
+                None => (
+                    Planes::F32(view.as_slice::<f32>()?),
+                    Sink::F32(plain.as_slice_mut::<f32>()?),
+                ),
+                Some([input_type, output_type]) => {
+                    let (in_zero_point, in_scale) = input_type.zp_scale();
+                    let (out_zero_point, out_scale) = output_type.zp_scale();
+                    (
+                        Planes::Int8 {
+                            values: view.as_slice::<i8>()?,
+                            zero_point: in_zero_point as f32,
+                            scale: in_scale,
+                        },
+                        Sink::Int8 {
+                            values: plain.as_slice_mut::<i8>()?,
+                            zero_point: out_zero_point as f32,
+                            scale: out_scale,
+                        },
+                    )
+                }
+            };
+            ensure!(
+                planes.len() == self.input_len(),
+                "graft's blocked depthwise kernel expects {} input values, got {}",
+                self.input_len(),
+                planes.len()
+            );
             // SAFETY: AVX-512 is supported (the level was checked when the kernel was built); the
-            // lengths match the blocked shapes.
-            unsafe { convolve_blocked(&self.conv, values, plain.as_slice_mut::<f32>()?) };
+            // lengths match the shapes (the output is allocated from them).
+            unsafe {
+                if self.blocked_input {
+                    convolve_blocked(&self.conv, planes, sink)
+                } else {
+                    convolve(&self.conv, planes, sink, true)
+                }
+            }
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -115,10 +172,8 @@ impl EvalOp for BlockedDepthwise {
 
 impl TypedOp for BlockedDepthwise {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(blocked_shape(
-            self.channels(),
-            self.output_pixels()
-        ))))
+        let shape = blocked_shape(self.channels(), self.output_pixels());
+        Ok(tvec!(self.output_type().fact(shape)))
     }
 
     as_op!();
@@ -169,7 +224,14 @@ mod x86 {
 
     /// `conv` on `input` into `output`, for a convolution [`applies`](super::applies) accepts.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-    pub(in super::super) unsafe fn convolve(conv: &DepthwiseConv, input: Planes, mut output: Sink) {
+    ///
+    /// With `blocked_output`, the output is written in the blocked layout, without transposes.
+    pub(in super::super) unsafe fn convolve(
+        conv: &DepthwiseConv,
+        input: Planes,
+        mut output: Sink,
+        blocked_output: bool,
+    ) {
         let [kh, kw] = conv.kernel;
         let [sh, sw] = conv.stride;
         let [ih, iw] = conv.input;
@@ -263,8 +325,16 @@ mod x86 {
                         2 => block.row::<2>(start, ow, results.as_mut_ptr()),
                         _ => block.row::<0>(start, ow, results.as_mut_ptr()),
                     }
-                    // Transpose the output row back into the planes.
                     let oy = oy0 + r;
+                    if blocked_output {
+                        let at = ((c0 / 16) * plane_out + oy * ow) * 16;
+                        for x in 0..ow {
+                            let v = _mm512_loadu_ps(results.as_ptr().add(x * 16));
+                            store16(&mut output, at + x * 16, v);
+                        }
+                        continue;
+                    }
+                    // Transpose the output row back into the planes.
                     for x0 in (0..ow).step_by(16) {
                         let count = (ow - x0).min(16);
                         let mut v = [_mm512_setzero_ps(); 16];
@@ -311,14 +381,41 @@ mod x86 {
         }
     }
 
+    /// Stores 16 values at `at` of `output` (quantized for int8, as the plain path does).
+    #[inline(always)]
+    unsafe fn store16(output: &mut Sink, at: usize, v: __m512) {
+        match output {
+            Sink::F32(values) => _mm512_storeu_ps(values.as_mut_ptr().add(at), v),
+            Sink::Int8 {
+                values,
+                zero_point,
+                scale,
+            } => {
+                let q = _mm512_add_ps(
+                    _mm512_div_ps(v, _mm512_set1_ps(*scale)),
+                    _mm512_set1_ps(*zero_point),
+                );
+                let q =
+                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+                let q = _mm512_min_ps(
+                    _mm512_max_ps(q, _mm512_set1_ps(-128.0)),
+                    _mm512_set1_ps(127.0),
+                );
+                let q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));
+                _mm_storeu_si128(values.as_mut_ptr().add(at) as *mut _, q);
+            }
+        }
+    }
+
     /// `conv` with input and output in the blocked layout (`[ceil(C / 16)][H][W][16]`,
     /// [`layout`](super::super::layout)): each band's input rows are copied into the padded
-    /// buffer as they are, and output rows are written in place; no transposes.
+    /// buffer as they are (f32) or dequantized (int8), and output rows are written in place;
+    /// no transposes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub(in super::super) unsafe fn convolve_blocked(
         conv: &DepthwiseConv,
-        input: &[f32],
-        output: &mut [f32],
+        input: Planes,
+        mut output: Sink,
     ) {
         let [kh, kw] = conv.kernel;
         let [sh, sw] = conv.stride;
@@ -332,6 +429,8 @@ mod x86 {
         let band_rows = (BAND - 1) * sh + kh;
         let mut padded = Aligned::zeroed(band_rows * pw * 64);
         let padded = padded.floats_mut();
+        let mut results = Aligned::zeroed(ow * 64);
+        let results = results.floats_mut();
         let mut weights = Aligned::zeroed(taps * 64);
         let weights = weights.floats_mut();
         let (plane_in, plane_out) = (ih * iw * 16, oh * ow * 16);
@@ -348,8 +447,6 @@ mod x86 {
                 }
             }
             let bias = _mm512_maskz_loadu_ps(mask(lanes), conv.bias.as_ptr().add(c0));
-            let block_in = input.as_ptr().add(block * plane_in);
-            let block_out = output.as_mut_ptr().add(block * plane_out);
             let band = Block {
                 padded: padded.as_ptr(),
                 weights: weights.as_ptr(),
@@ -370,16 +467,49 @@ mod x86 {
                         std::ptr::write_bytes(target, 0, pw * 16);
                         continue;
                     }
-                    let source = block_in.add(y as usize * iw * 16);
-                    std::ptr::copy_nonoverlapping(source, target.add(pl * 16), columns * 16);
+                    let at = block * plane_in + y as usize * iw * 16;
+                    let target = target.add(pl * 16);
+                    match input {
+                        Planes::F32(values) => std::ptr::copy_nonoverlapping(
+                            values.as_ptr().add(at),
+                            target,
+                            columns * 16,
+                        ),
+                        Planes::Int8 {
+                            values,
+                            zero_point,
+                            scale,
+                        } => {
+                            let (zero_point, scale) =
+                                (_mm512_set1_ps(zero_point), _mm512_set1_ps(scale));
+                            for x in 0..columns {
+                                let q =
+                                    _mm_loadu_si128(values.as_ptr().add(at + x * 16) as *const _);
+                                let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                                let v = _mm512_mul_ps(_mm512_sub_ps(q, zero_point), scale);
+                                _mm512_storeu_ps(target.add(x * 16), v);
+                            }
+                        }
+                    }
                 }
                 for r in 0..rows_out {
                     let start = r * sh * pw;
-                    let out = block_out.add((oy0 + r) * ow * 16);
+                    let at = block * plane_out + (oy0 + r) * ow * 16;
+                    // f32 rows are written in place; int8 ones quantized from `results`.
+                    let out = match &mut output {
+                        Sink::F32(values) => values.as_mut_ptr().add(at),
+                        Sink::Int8 { .. } => results.as_mut_ptr(),
+                    };
                     match sw {
                         1 => band.row::<1>(start, ow, out),
                         2 => band.row::<2>(start, ow, out),
                         _ => band.row::<0>(start, ow, out),
+                    }
+                    if let Sink::Int8 { .. } = output {
+                        for x in 0..ow {
+                            let v = _mm512_loadu_ps(results.as_ptr().add(x * 16));
+                            store16(&mut output, at + x * 16, v);
+                        }
                     }
                 }
             }
@@ -616,7 +746,13 @@ mod tests {
                     let t = std::time::Instant::now();
                     for _ in 0..100 {
                         // SAFETY: AVX-512 is there (the level is available).
-                        unsafe { super::convolve_blocked(&conv, &blocked_in, &mut blocked_out) };
+                        unsafe {
+                            super::convolve_blocked(
+                                &conv,
+                                Planes::F32(&blocked_in),
+                                Sink::F32(&mut blocked_out),
+                            )
+                        };
                     }
                     eprintln!(
                         "{c}x{s}x{s} k{k} s{st} blocked layout: {:.1} us",

@@ -112,6 +112,27 @@ impl PackedInt8 {
     pub fn level(&self) -> Level {
         self.level
     }
+
+    /// The `m x k` row-major int8 matrix they were packed from.
+    pub fn unpacked(&self) -> Vec<i8> {
+        let (mr, _) = tile(self.level);
+        let groups = self.k.div_ceil(4);
+        let packed = self.data.int8();
+        let mut a = vec![0i8; self.m * self.k];
+        for (row, values) in a.chunks_exact_mut(self.k.max(1)).enumerate() {
+            let (block, r) = (row / mr, row % mr);
+            for (kk, v) in values.iter_mut().enumerate() {
+                *v = packed[((block * groups + kk / 4) * mr + r) * 4 + kk % 4];
+            }
+        }
+        a
+    }
+
+    /// The epilogue's constants per row (`offset`, `multiplier`; `m` of each) and the output
+    /// zero point.
+    pub(crate) fn requantization(&self) -> (&[i32], &[f32], f32) {
+        (&self.offset[..self.m], &self.multiplier[..self.m], self.y0)
+    }
 }
 
 // The B operand is a `Panels<u8>`: columns packed as `K/4` groups of `NR x 4` bytes, each

@@ -18,46 +18,82 @@ use tract_core::internal::*;
 /// Channels in one block: one AVX-512 vector, one cache line of f32.
 pub const BLOCK: usize = 16;
 
+/// A value the blocked layout holds: f32 (converted with AVX-512 transposes where the CPU has
+/// them) or int8 (plain loops).
+pub trait Element: Copy + Default {
+    /// Converts between `plain` (`channels x pixels`) and `blocked`; see [`to_blocked`].
+    fn convert(
+        from: &[Self],
+        channels: usize,
+        pixels: usize,
+        to: &mut [Self],
+        direction: Direction,
+    );
+}
+
+impl Element for f32 {
+    fn convert(from: &[f32], channels: usize, pixels: usize, to: &mut [f32], direction: Direction) {
+        check(from.len(), to.len(), channels, pixels, direction);
+        #[cfg(target_arch = "x86_64")]
+        if super::dispatch::Level::Avx512.supported() {
+            // SAFETY: AVX-512 is there; the lengths are checked above.
+            return unsafe { x86::convert(from, channels, pixels, to, direction) };
+        }
+        convert_plain(from, channels, pixels, to, direction)
+    }
+}
+
+impl Element for i8 {
+    fn convert(from: &[i8], channels: usize, pixels: usize, to: &mut [i8], direction: Direction) {
+        check(from.len(), to.len(), channels, pixels, direction);
+        convert_plain(from, channels, pixels, to, direction)
+    }
+}
+
 /// `values` (`channels x pixels`, channel-major) in the blocked layout.
-pub fn to_blocked(values: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
-    let mut out = vec![0f32; channels.div_ceil(BLOCK) * pixels * BLOCK];
-    convert(values, channels, pixels, &mut out, Direction::In);
+pub fn to_blocked<T: Element>(values: &[T], channels: usize, pixels: usize) -> Vec<T> {
+    let mut out = vec![T::default(); channels.div_ceil(BLOCK) * pixels * BLOCK];
+    T::convert(values, channels, pixels, &mut out, Direction::In);
     out
 }
 
 /// `values` in the blocked layout back as `channels x pixels`, channel-major.
-pub fn from_blocked(values: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
-    let mut out = vec![0f32; channels * pixels];
-    convert(values, channels, pixels, &mut out, Direction::Out);
+pub fn from_blocked<T: Element>(values: &[T], channels: usize, pixels: usize) -> Vec<T> {
+    let mut out = vec![T::default(); channels * pixels];
+    T::convert(values, channels, pixels, &mut out, Direction::Out);
     out
 }
 
+/// Which way a conversion goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
+pub enum Direction {
     /// Channel-major to blocked.
     In,
     /// Blocked to channel-major.
     Out,
 }
 
-/// Converts between `plain` (`channels x pixels`) and `blocked`, in `direction` (the source is
-/// `from`, the target `to`).
-fn convert(from: &[f32], channels: usize, pixels: usize, to: &mut [f32], direction: Direction) {
+fn check(from: usize, to: usize, channels: usize, pixels: usize, direction: Direction) {
     let blocked_len = channels.div_ceil(BLOCK) * pixels * BLOCK;
     let (plain_len, other) = match direction {
-        Direction::In => (from.len(), to.len()),
-        Direction::Out => (to.len(), from.len()),
+        Direction::In => (from, to),
+        Direction::Out => (to, from),
     };
     assert_eq!(plain_len, channels * pixels, "{channels} x {pixels} values");
     assert_eq!(
         other, blocked_len,
         "the blocked layout of {channels} x {pixels}"
     );
-    #[cfg(target_arch = "x86_64")]
-    if super::dispatch::Level::Avx512.supported() {
-        // SAFETY: AVX-512 is there; the lengths are checked above.
-        return unsafe { x86::convert(from, channels, pixels, to, direction) };
-    }
+}
+
+/// The conversion in plain loops; the padding lanes of a blocked target are zeroed.
+fn convert_plain<T: Copy + Default>(
+    from: &[T],
+    channels: usize,
+    pixels: usize,
+    to: &mut [T],
+    direction: Direction,
+) {
     for c in 0..channels {
         let (block, lane) = (c / BLOCK, c % BLOCK);
         for p in 0..pixels {
@@ -72,7 +108,7 @@ fn convert(from: &[f32], channels: usize, pixels: usize, to: &mut [f32], directi
         for block in channels / BLOCK..channels.div_ceil(BLOCK) {
             for p in 0..pixels {
                 let at = (block * pixels + p) * BLOCK;
-                to[at + channels % BLOCK..at + BLOCK].fill(0.0);
+                to[at + channels % BLOCK..at + BLOCK].fill(T::default());
             }
         }
     }
@@ -137,6 +173,8 @@ mod x86 {
 /// channel-major) to `[ceil(channels / 16), pixels, 16]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ToBlocked {
+    /// The element type (f32 or int8, quantized or not).
+    pub dt: DatumType,
     /// Channels.
     pub channels: usize,
     /// Pixels.
@@ -147,6 +185,8 @@ pub struct ToBlocked {
 /// shaped `shape`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FromBlocked {
+    /// The element type (f32 or int8, quantized or not).
+    pub dt: DatumType,
     /// Channels.
     pub channels: usize,
     /// Pixels.
@@ -180,30 +220,61 @@ impl EvalOp for ToBlocked {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let view = input.view();
-        let values = view.as_slice::<f32>()?;
-        ensure!(
-            values.len() == self.channels * self.pixels,
-            "GraftToBlocked expects {} x {} values, got {}",
-            self.channels,
-            self.pixels,
-            values.len()
-        );
         let shape = blocked_shape(self.channels, self.pixels);
-        // SAFETY: `convert` writes every value, padding included.
-        let mut output = unsafe { Tensor::uninitialized_aligned::<f32>(&shape, 64)? };
-        {
-            let mut plain = output.try_as_plain_ram_mut()?;
-            let to = plain.as_slice_mut::<f32>()?;
-            convert(values, self.channels, self.pixels, to, Direction::In);
-        }
+        let output = convert_tensor(
+            &input,
+            self.dt,
+            (self.channels, self.pixels),
+            &shape,
+            Direction::In,
+        )?;
         Ok(tvec!(output.into_tvalue()))
     }
 }
 
+/// `input` converted in `direction` into a new tensor of `shape`.
+fn convert_tensor(
+    input: &Tensor,
+    dt: DatumType,
+    (channels, pixels): (usize, usize),
+    shape: &[usize],
+    direction: Direction,
+) -> TractResult<Tensor> {
+    let expected = match direction {
+        Direction::In => channels * pixels,
+        Direction::Out => blocked_shape(channels, pixels).iter().product(),
+    };
+    ensure!(
+        input.datum_type() == dt && input.len() == expected,
+        "a layout conversion expects {expected} values of {dt:?}, got {} of {:?}",
+        input.len(),
+        input.datum_type()
+    );
+    // SAFETY: the conversion writes every value, padding included.
+    let mut output = unsafe { Tensor::uninitialized_aligned_dt(dt, shape, 64)? };
+    {
+        let view = input.view();
+        let mut plain = output.try_as_plain_ram_mut()?;
+        if dt == f32::datum_type() {
+            let to = plain.as_slice_mut::<f32>()?;
+            f32::convert(view.as_slice::<f32>()?, channels, pixels, to, direction);
+        } else {
+            ensure!(
+                dt.unquantized() == i8::datum_type(),
+                "f32 or int8, not {dt:?}"
+            );
+            let to = plain.as_slice_mut::<i8>()?;
+            i8::convert(view.as_slice::<i8>()?, channels, pixels, to, direction);
+        }
+    }
+    Ok(output)
+}
+
 impl TypedOp for ToBlocked {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(blocked_shape(self.channels, self.pixels))))
+        Ok(tvec!(self
+            .dt
+            .fact(blocked_shape(self.channels, self.pixels))))
     }
 
     as_op!();
@@ -229,28 +300,20 @@ impl EvalOp for FromBlocked {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let view = input.view();
-        let values = view.as_slice::<f32>()?;
-        let expected: usize = blocked_shape(self.channels, self.pixels).iter().product();
-        ensure!(
-            values.len() == expected,
-            "GraftFromBlocked expects {expected} values, got {}",
-            values.len()
-        );
-        // SAFETY: `convert` writes every value.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.shape)? };
-        {
-            let mut plain = output.try_as_plain_ram_mut()?;
-            let to = plain.as_slice_mut::<f32>()?;
-            convert(values, self.channels, self.pixels, to, Direction::Out);
-        }
+        let output = convert_tensor(
+            &input,
+            self.dt,
+            (self.channels, self.pixels),
+            &self.shape,
+            Direction::Out,
+        )?;
         Ok(tvec!(output.into_tvalue()))
     }
 }
 
 impl TypedOp for FromBlocked {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(&*self.shape)))
+        Ok(tvec!(self.dt.fact(&*self.shape)))
     }
 
     as_op!();

@@ -29,6 +29,8 @@
 //! the CPU supports; the int8 products are bit-identical across levels.
 
 mod aligned;
+#[cfg(target_arch = "x86_64")]
+mod blocking;
 pub mod cast;
 pub mod conv;
 #[cfg(target_arch = "x86_64")]
@@ -42,6 +44,8 @@ pub mod gemm_int8;
 mod graph;
 pub mod layout;
 pub mod qconv;
+#[cfg(target_arch = "x86_64")]
+pub mod qconv_blocked;
 
 pub use cast::QuantizedCast;
 pub use conv::Convolution;
@@ -142,99 +146,6 @@ fn fuse_quantized_convolutions(model: &mut TypedModel, level: Level) -> TractRes
     Ok(fused)
 }
 
-/// The blocked form of node `node` when one of graft's blocked kernels computes it: the
-/// operator, the `(channels, pixels)` of its first input when that is blocked (`None`: it reads
-/// a plain tensor), those of its output (and residual), and its output's plain shape.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::type_complexity)]
-fn blocked_op(
-    node: &TypedNode,
-) -> Option<(
-    Box<dyn TypedOp>,
-    Option<(usize, usize)>,
-    (usize, usize),
-    TVec<usize>,
-)> {
-    use conv_blocked::BlockedConv;
-    use depthwise_blocked::BlockedDepthwise;
-    if let Some(conv) = node.op_as::<Convolution>() {
-        let op = BlockedConv::of(conv);
-        let shape = conv.output_shape().into();
-        let (input, output) = (op.blocked_input(), (op.m(), op.pixels()));
-        return Some((Box::new(op), input, output, shape));
-    }
-    let conv = node.op_as::<DepthwiseConv>()?;
-    let op = BlockedDepthwise::of(conv)?;
-    let shape = op.output_shape().into();
-    let channels = op.channels();
-    let io = (
-        Some((channels, op.input_pixels())),
-        (channels, op.output_pixels()),
-    );
-    Some((Box::new(op), io.0, io.1, shape))
-}
-
-/// Puts every f32 pointwise convolution and depthwise convolution graft has a blocked kernel
-/// for in the 16-channel-blocked layout ([`layout`]): each is replaced by its blocked form
-/// between a [`ToBlocked`](layout::ToBlocked) and a [`FromBlocked`](layout::FromBlocked), and
-/// where a blocked operator reads another's result the pair between them is skipped (the
-/// unused conversions are left for `compact`). Returns how many operators were converted.
-#[cfg(target_arch = "x86_64")]
-fn use_blocked_layout(model: &mut TypedModel) -> TractResult<usize> {
-    use layout::{FromBlocked, ToBlocked};
-    let mut converted = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some((op, input, output, shape)) = blocked_op(node) else {
-            continue;
-        };
-        let mut patch = TypedModelPatch::default();
-        let mut inputs = tvec![];
-        for (i, &outlet) in node.inputs.iter().enumerate() {
-            let Some((channels, pixels)) = (if i == 0 { input } else { Some(output) }) else {
-                inputs.push(patch.tap_model(model, outlet)?);
-                continue;
-            };
-            // The plain tensor's producer, through reshapes (the decluttered graph still has
-            // unit axes added and removed between convolutions).
-            let mut producer = model.node(outlet.node);
-            while graph::passes_through(model, producer) {
-                producer = model.node(producer.inputs[0].node);
-            }
-            let to = ToBlocked { channels, pixels };
-            // A conversion of the same tensor made for an earlier operator.
-            let converted = model
-                .outlet_successors(outlet)
-                .iter()
-                .find(|s| model.node(s.node).op_as::<ToBlocked>() == Some(&to));
-            let wire = match (producer.op_as::<FromBlocked>(), converted) {
-                (Some(from), _) if (from.channels, from.pixels) == (channels, pixels) => {
-                    patch.tap_model(model, producer.inputs[0])?
-                }
-                (_, Some(inlet)) => patch.tap_model(model, OutletId::new(inlet.node, 0))?,
-                _ => {
-                    let tap = patch.tap_model(model, outlet)?;
-                    let name = format!("{}.to_blocked.{i}", node.name);
-                    patch.wire_node(name, to, &[tap])?[0]
-                }
-            };
-            inputs.push(wire);
-        }
-        let blocked = patch.wire_node(format!("{}.blocked", node.name), op, &inputs)?;
-        let (channels, pixels) = output;
-        let back = FromBlocked {
-            channels,
-            pixels,
-            shape,
-        };
-        let back = patch.wire_node(format!("{}.from_blocked", node.name), back, &blocked)?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), back)?;
-        patch.apply(model)?;
-        converted += 1;
-    }
-    Ok(converted)
-}
-
 /// Replaces every operator one of graft's kernels computes with that kernel, using the
 /// instruction set [`Level::current`] chose for this process and the [`Layout::current`];
 /// returns how many were replaced. Run it on a typed graph before `optimize`.
@@ -279,7 +190,7 @@ pub fn use_graft_kernels_in(
     replaced += fuse_quantized_convolutions(model, level)?;
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && layout == Layout::Blocked {
-        use_blocked_layout(model)?;
+        blocking::use_blocked_layout(model)?;
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = layout;

@@ -287,6 +287,15 @@ impl QuantizedConvolution {
         Ok((QuantizedConvolution { output, ..self }, last))
     }
 
+    /// A pointwise convolution's packed weights, pixel count and output type; `None` for other
+    /// geometries.
+    pub fn pointwise_parts(&self) -> Option<(&PackedInt8, usize, DatumType)> {
+        match self.geometry {
+            Geometry::Pointwise { n, .. } => Some((&self.weights, n, self.output)),
+            Geometry::Patches(_) => None,
+        }
+    }
+
     fn input_len(&self) -> usize {
         match &self.geometry {
             Geometry::Pointwise { k, n } => k * n,
@@ -375,7 +384,7 @@ impl TypedOp for QuantizedConvolution {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::use_graft_kernels_at;
+    use crate::kernels::{use_graft_kernels_in, Layout};
     use tract_core::axes::AxesMapping;
     use tract_core::ops::cast::cast;
     use tract_core::ops::cnn::{KernelFormat, PaddingSpec, PoolSpec};
@@ -436,13 +445,17 @@ mod tests {
         };
         let reference = run(model.clone().into_optimized().unwrap());
         let mut first: Option<Vec<f32>> = None;
-        for level in Level::available() {
+        for (level, layout) in Level::available()
+            .into_iter()
+            .flat_map(|l| [(l, Layout::Plain), (l, Layout::Blocked)])
+        {
             let mut ours = model.clone().into_decluttered().unwrap();
-            use_graft_kernels_at(&mut ours, level).unwrap();
+            use_graft_kernels_in(&mut ours, level, layout).unwrap();
+            let kernel = ["GraftQuantizedConv", "GraftBlockedQuantizedConv"];
             let fused = ours
                 .nodes()
                 .iter()
-                .filter(|n| n.op_is::<QuantizedConvolution>())
+                .filter(|n| kernel.contains(&&*n.op.name()))
                 .count();
             assert_eq!(fused, 1, "{level:?}");
             let values = run(ours.into_optimized().unwrap());
