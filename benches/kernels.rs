@@ -1,5 +1,6 @@
 //! Criterion benches of graft's kernel families on EfficientNet-Lite0's shapes, at every
-//! instruction-set level this CPU supports (the same code paths `GRAFT_KERNELS` selects):
+//! instruction-set level this CPU supports (the same code paths `GRAFT_KERNELS` selects), and
+//! with AVX-512 the 16-channel-blocked layout's kernels (`GRAFT_LAYOUT`):
 //! `cargo bench -p graft-runtime --bench kernels`. Numbers and machine in docs/PERFORMANCE.md.
 
 use std::hint::black_box;
@@ -7,7 +8,8 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use graft_runtime::kernels::gemm_f32::{self, Epilogue, PackedWeights, Rows, UNBOUNDED};
 use graft_runtime::kernels::gemm_int8::{self, PackedInt8, Requantization, RowsInt8};
-use graft_runtime::kernels::{use_graft_kernels_at, Level};
+use graft_runtime::kernels::{conv_blocked, layout, qconv_blocked};
+use graft_runtime::kernels::{use_graft_kernels_at, use_graft_kernels_in, Layout, Level};
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
 use tract_core::ops::nn::DataFormat;
@@ -80,6 +82,34 @@ fn pointwise(c: &mut Criterion) {
                     )
                 })
             });
+            if level == Level::Avx512 {
+                let blocked = |c: usize| c.div_ceil(layout::BLOCK) * n * layout::BLOCK;
+                let weights = conv_blocked::BlockedWeights::new(&a, &bias, m, k);
+                let input = layout::to_blocked(&b, k, n);
+                let mut out = vec![0f32; blocked(m)];
+                let clamps = conv_blocked::Clamps {
+                    before: [0.0, 6.0],
+                    after: UNBOUNDED,
+                };
+                group.bench_function(format!("f32/{name}/avx512-blocked"), |bench| {
+                    bench.iter(|| {
+                        conv_blocked::product(
+                            &weights,
+                            black_box(&input),
+                            n,
+                            None,
+                            clamps,
+                            &mut out,
+                        )
+                    })
+                });
+                let weights = qconv_blocked::BlockedInt8Weights::new(&packed);
+                let input = layout::to_blocked(&qb, k, n);
+                let mut out = vec![0i8; blocked(m)];
+                group.bench_function(format!("int8/{name}/avx512-blocked"), |bench| {
+                    bench.iter(|| qconv_blocked::product(&weights, black_box(&input), n, &mut out))
+                });
+            }
         }
     }
     group.finish();
@@ -143,5 +173,66 @@ fn depthwise(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pointwise, depthwise);
+/// One inverted-residual block of Lite0 (expand 1x1 24 -> 144, depthwise 3x3, project 1x1
+/// 144 -> 24, ReLU6 after the first two, residual add) on a 56x56 map, as a plan with graft's
+/// kernels at AVX-512 in the plain and the blocked layout.
+fn block(c: &mut Criterion) {
+    if !Level::Avx512.supported() {
+        return;
+    }
+    let (channels, expand, size) = (24, 144, 56);
+    let mut model = TypedModel::default();
+    let x = model
+        .add_source("x", f32::fact([1, channels, size, size]))
+        .unwrap();
+    let mut conv =
+        |name: &str, x: OutletId, (cin, cout, group, k): (usize, usize, usize, usize)| {
+            let w = Tensor::from_shape(
+                &[cout, cin / group, k, k],
+                &values(cout * cin / group * k * k),
+            )
+            .unwrap();
+            let w = model.add_const(format!("{name}.w"), w).unwrap();
+            let b = model
+                .add_const(format!("{name}.b"), tensor1(&values(cout)))
+                .unwrap();
+            let op = Conv::new(
+                PoolSpec {
+                    data_format: DataFormat::NCHW,
+                    kernel_shape: tvec![k, k],
+                    padding: PaddingSpec::SameUpper,
+                    dilations: None,
+                    strides: None,
+                    input_channels: cin,
+                    output_channels: cout,
+                },
+                KernelFormat::OIHW,
+                group,
+                None,
+            );
+            model.wire_node(name, op, &[x, w, b]).unwrap()[0]
+        };
+    let e = conv("expand", x, (channels, expand, 1, 1));
+    let d = conv("depthwise", e, (expand, expand, expand, 3));
+    let p = conv("project", d, (expand, channels, 1, 1));
+    let y = model
+        .wire_node("add", tract_core::ops::math::add(), &[p, x])
+        .unwrap();
+    model.select_output_outlets(&y).unwrap();
+    let input =
+        Tensor::from_shape(&[1, channels, size, size], &values(channels * size * size)).unwrap();
+    let mut group = c.benchmark_group("kernels/block");
+    group.sample_size(30);
+    for layout in [Layout::Plain, Layout::Blocked] {
+        let mut graph = model.clone().into_decluttered().unwrap();
+        use_graft_kernels_in(&mut graph, Level::Avx512, layout).unwrap();
+        let plan = graph.into_optimized().unwrap().into_runnable().unwrap();
+        group.bench_function(format!("24_144_56x56/avx512-{}", layout.name()), |bench| {
+            bench.iter(|| plan.run(tvec![input.clone().into()]).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pointwise, depthwise, block);
 criterion_main!(benches);
