@@ -116,6 +116,12 @@ fn a_closed_output_pipe_is_not_an_error() {
     use std::process::{Command, Stdio};
     for args in [
         vec![std::ffi::OsString::from("inspect-backbone"), lite0().into()],
+        vec!["inspect-backbone".into(), lite0().into(), "--json".into()],
+        vec![
+            "check-data".into(),
+            hymenoptera_mini().into(),
+            "--json".into(),
+        ],
         vec!["completions".into(), "bash".into()],
     ] {
         for _ in 0..3 {

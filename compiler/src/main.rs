@@ -162,7 +162,7 @@ fn run_advise(args: &AdviseArgs, quiet: bool) -> Result<Outcome, Failure> {
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &advice).map_err(std::io::Error::other)?;
+        serde_json::to_writer_pretty(&mut out, &advice).map_err(std::io::Error::from)?;
         writeln!(out)?;
     } else {
         write!(out, "{}", advice.to_text())?;
@@ -258,7 +258,7 @@ fn run_inspect_backbone(
             "cut_points": points,
             "blocks": blocks,
         });
-        serde_json::to_writer_pretty(&mut *out, &doc).map_err(std::io::Error::other)?;
+        serde_json::to_writer_pretty(&mut *out, &doc).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(Outcome::Complete);
     }
@@ -359,7 +359,7 @@ fn run_check_data(
     let report = check_data(&args.data, threads, ui)?;
     let errors = report.count(Severity::Error);
     if args.json {
-        serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::other)?;
+        serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::from)?;
         writeln!(out)?;
     } else {
         writeln!(
