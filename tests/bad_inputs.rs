@@ -1790,3 +1790,44 @@ fn non_utf8_paths_are_written_lossily() {
         }
     }
 }
+
+/// `predict --jsonl` (issue 19): one JSON object per line and image, written batch by batch;
+/// an image that cannot be classified is a line with its error (and exit 1), and `--json` with
+/// `--jsonl` is a usage error.
+#[test]
+fn predict_jsonl_writes_one_object_per_line_and_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = good_artifact_in(dir.path());
+    let images = dir.path().join("images");
+    copy_images(&hymenoptera_mini().join("val/ants"), &images, 3);
+    std::fs::write(images.join("broken.jpg"), b"not a jpeg").unwrap();
+    for program in [graft(), graft_run()] {
+        let out = run(
+            &program,
+            &os(&[&"predict", &model, &images, &"--jsonl", &"--batch", &"2"]),
+        );
+        assert_eq!(out.code, 1, "{}", out.stderr);
+        let lines: Vec<serde_json::Value> = out
+            .stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4, "{}", out.stdout);
+        let failed: Vec<_> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+        assert_eq!(failed.len(), 1, "{}", out.stdout);
+        assert!(failed[0]["path"].as_str().unwrap().ends_with("broken.jpg"));
+        for line in lines.iter().filter(|l| l.get("error").is_none()) {
+            assert_eq!(line["top_k"].as_array().unwrap().len(), 2, "{line}");
+        }
+        let both = run(
+            &program,
+            &os(&[&"predict", &model, &images, &"--jsonl", &"--json"]),
+        );
+        assert_eq!(both.code, 1, "{}", both.stderr);
+        assert!(
+            both.stderr.contains("cannot be used with"),
+            "{}",
+            both.stderr
+        );
+    }
+}

@@ -1146,6 +1146,7 @@ fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
         images,
         top_k: 2u16,
         json: false,
+        jsonl: false,
         threads: None,
         batch: 32,
     };

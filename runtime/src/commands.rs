@@ -38,8 +38,13 @@ pub struct PredictArgs {
     #[arg(short = 'k', long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub top_k: u16,
     /// Print one JSON document instead of text.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "jsonl")]
     pub json: bool,
+    /// Print one JSON object per line and image as each batch is classified
+    /// (`{"path", "top_k"}`, or `{"path", "error"}` for an image that could not be), for large
+    /// folders and pipes.
+    #[arg(long)]
+    pub jsonl: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -123,6 +128,7 @@ pub fn predict(
             |path| model.classify_path(path),
             || progress.advance(),
         );
+        let first_failure = failures.len();
         for (path, result) in batch.iter().zip(results) {
             match result {
                 Ok(c) => {
@@ -142,16 +148,9 @@ pub fn predict(
             }
         }
         if !args.json {
-            // Text streams: this batch's lines now; JSON keeps every prediction for one document.
-            for p in &predictions {
-                let scores: Vec<String> = p
-                    .top_k
-                    .iter()
-                    .map(|s| format!("{} {:.3}", s.label, s.probability))
-                    .collect();
-                writeln!(out, "{}: {}", p.path.display(), scores.join(", ")).map_err(io)?;
-            }
-            out.flush().map_err(io)?;
+            // Text and JSON lines stream: this batch's lines now; JSON keeps every prediction
+            // for one document.
+            write_batch(args.jsonl, &predictions, &failures[first_failure..], out)?;
             predictions.clear();
         }
         if progress.cancelled() {
@@ -180,6 +179,37 @@ pub fn predict(
     } else {
         Outcome::Partial
     })
+}
+
+/// Writes one batch's results: a text line per prediction, or with `jsonl` a JSON object per
+/// line for each prediction and each failure.
+fn write_batch(
+    jsonl: bool,
+    predictions: &[ImagePrediction],
+    failures: &[Failure],
+    out: &mut dyn Write,
+) -> Result<()> {
+    let io = |e| Error::io("<stdout>", e);
+    for p in predictions {
+        if jsonl {
+            let line = serde_json::to_string(p).map_err(|e| io(std::io::Error::other(e)))?;
+            writeln!(out, "{line}").map_err(io)?;
+            continue;
+        }
+        let scores: Vec<String> = p
+            .top_k
+            .iter()
+            .map(|s| format!("{} {:.3}", s.label, s.probability))
+            .collect();
+        writeln!(out, "{}: {}", p.path.display(), scores.join(", ")).map_err(io)?;
+    }
+    if jsonl {
+        for f in failures {
+            let line = serde_json::to_string(f).map_err(|e| io(std::io::Error::other(e)))?;
+            writeln!(out, "{line}").map_err(io)?;
+        }
+    }
+    out.flush().map_err(io)
 }
 
 /// `classified 72 images in 2.104 s: 34.3 images/s (2 threads, batches of 32)`.
