@@ -999,7 +999,7 @@ const CASES: &[Case] = &[
                         "warning: skipped {}: cannot decode image: Image size exceeds limit",
                         bomb.display()
                     ),
-                    "1 of 1 images could not be classified".into(),
+                    "1 of 1 image could not be classified".into(),
                 ]),
             )
         },

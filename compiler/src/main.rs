@@ -16,6 +16,7 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(purge_delay, -1) };
 }
 
+use graft_runtime::progress::count;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -1032,13 +1033,18 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
         };
         writeln!(
             out,
-            "validation accuracy {:.4} ({} {} images, {held_out})",
-            metrics.val_accuracy, metrics.val_images, metrics.validation_source
+            "validation accuracy {:.4} ({}, {held_out})",
+            metrics.val_accuracy,
+            count(
+                metrics.val_images,
+                &format!("{} image", metrics.validation_source)
+            )
         )?;
         if let (Some(accuracy), Some(images)) = (metrics.test_accuracy, metrics.test_images) {
             writeln!(
                 out,
-                "test accuracy {accuracy:.4} ({images} test images, held out: no choice made on them)"
+                "test accuracy {accuracy:.4} ({}, held out: no choice made on them)",
+                count(images, "test image")
             )?;
         }
         write!(out, "{}", confusion.display(&m.labels))?;

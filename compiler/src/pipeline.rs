@@ -2,6 +2,7 @@
 //! what happened. Stages communicate through values only; this module wires them together and
 //! tells a [`Reporter`] what is going on.
 
+use graft_runtime::progress::count;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
@@ -377,9 +378,11 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         })?;
         let accuracy = evaluation.accuracy();
         reporter.message(&format!(
-            "verify    artifact run end to end on {} {} images: accuracy {:.4} (head on cached features: {:.4})",
-            evaluation.confusion.total(),
-            splits.report_source,
+            "verify    artifact run end to end on {}: accuracy {:.4} (head on cached features: {:.4})",
+            count(
+                evaluation.confusion.total(),
+                &format!("{} image", splits.report_source)
+            ),
             accuracy,
             head_val_accuracy
         ));
@@ -955,8 +958,8 @@ fn report_search(result: &SearchResult, options: &CompileOptions, reporter: &dyn
         .map(|t| format!("{} {:.4}", t.method.name(), t.measurement.score()))
         .collect();
     reporter.message(&format!(
-        "quantize  simulated int8 on {} images for choices (f32 {:.4}): {}; using {}",
-        result.images,
+        "quantize  simulated int8 on {} for choices (f32 {:.4}): {}; using {}",
+        count(result.images, "image"),
         result.reference.score(),
         trials.join(", "),
         result.method.name()
@@ -1039,8 +1042,11 @@ fn warn_about_duplicates(
     }
     if !conflicts.is_empty() {
         reporter.message(&format!(
-            "warning   {} images appear under two labels: {}",
-            conflicts.len(),
+            "warning   {} under two labels: {}",
+            match conflicts.len() {
+                1 => "1 image appears".to_string(),
+                n => format!("{n} images appear"),
+            },
             conflicts.join(", ")
         ));
     }
@@ -1343,8 +1349,8 @@ fn report_extraction(
         format!("cache {}", c.dir().display())
     });
     reporter.message(&format!(
-        "features  {} images: {} from cache, {} computed in {:.1}s{rate}; {where_}",
-        extraction.features.rows(),
+        "features  {}: {} from cache, {} computed in {:.1}s{rate}; {where_}",
+        count(extraction.features.rows(), "image"),
         extraction.cache_hits,
         extraction.computed,
         seconds

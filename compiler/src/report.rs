@@ -7,6 +7,7 @@
 //! misclassified images with true and predicted labels, f32 vs quantized accuracy, latency and
 //! size.
 
+use graft_runtime::progress::count;
 use std::fmt::Write as _;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -224,14 +225,19 @@ figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128p
     row(
         "accuracy",
         format!(
-            "{:.4} on {} images ({})",
-            m.accuracy, m.images, m.evaluated_on
+            "{:.4} on {} ({})",
+            m.accuracy,
+            count(m.images, "image"),
+            m.evaluated_on
         ),
     );
     if let Some((accuracy, images)) = m.test_accuracy {
         row(
             "test accuracy",
-            format!("{accuracy:.4} on {images} test images (held out: no choice made on them)"),
+            format!(
+                "{accuracy:.4} on {} (held out: no choice made on them)",
+                count(images, "test image")
+            ),
         );
     }
     row("classes", m.labels.join(", "));

@@ -18,6 +18,7 @@
 //! seeded by `--seed`, from separate random streams, so the same folder and seed always split the
 //! same way.
 
+use graft_runtime::progress::count;
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -122,20 +123,21 @@ impl Splits {
             .collect::<Vec<_>>()
             .join(", ");
         let measured = match &self.test {
-            Some(test) => format!("{} test images held out (val also measured)", test.len()),
+            Some(test) => format!(
+                "{} held out (val also measured)",
+                count(test.len(), "test image")
+            ),
             None => format!(
-                "{} {} images held out",
-                self.report.len(),
-                self.report_source
+                "{} held out",
+                count(self.report.len(), &format!("{} image", self.report_source))
             ),
         };
         format!(
-            "data      {}: {} classes, {} train images ({per_class}), {} {} images for choices, {measured}",
+            "data      {}: {} classes, {} ({per_class}), {} for choices, {measured}",
             data.display(),
             classes.len(),
-            self.fit.len(),
-            self.select.len(),
-            self.select_source,
+            count(self.fit.len(), "train image"),
+            count(self.select.len(), &format!("{} image", self.select_source)),
         )
     }
 }

@@ -2,6 +2,7 @@
 //! inference, single-thread latency percentiles, multi-thread throughput, preprocessing cost and
 //! peak memory.
 
+use crate::progress::count;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -499,9 +500,9 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
         (
             "batch",
             format!(
-                "{} images on {} thread(s), {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms; {:.1} images/s",
-                r.batch,
-                r.threads,
+                "{} on {}, {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms; {:.1} images/s",
+                count(r.batch as usize, "image"),
+                count(r.threads, "thread"),
                 r.batch_latency.runs,
                 r.batch_latency.p50,
                 r.batch_latency.p90,

@@ -15,6 +15,7 @@ use crate::dataset::{has_image_extension, ImageFolder, Sample};
 use crate::error::{Error, Result};
 use crate::eval::{default_threads, evaluate, par_map, ClassStats, Evaluation};
 use crate::model::{LabelScore, Model};
+use crate::progress::count;
 pub use crate::progress::{NoProgress, Progress};
 
 /// How a command ended when it did not fail outright.
@@ -114,7 +115,6 @@ pub fn predict(
     let images = expand_images(&args.images)?;
     let threads = args.threads.unwrap_or_else(default_threads).max(1);
     let labels = model.labels();
-    let io = |e| Error::io("<stdout>", e);
     let started = std::time::Instant::now();
     progress.start("classifying", images.len());
     let mut predictions = Vec::new();
@@ -165,9 +165,9 @@ pub fn predict(
         write_json(out, &doc)?;
     } else if !failures.is_empty() {
         crate::progress::note(format_args!(
-            "{} of {} images could not be classified",
+            "{} of {} could not be classified",
             failures.len(),
-            images.len()
+            count(images.len(), "image")
         ));
     }
     crate::progress::note(format_args!(
@@ -214,12 +214,11 @@ fn write_batch(
 
 /// `classified 72 images in 2.104 s: 34.3 images/s (2 threads, batches of 32)`.
 fn throughput_line(images: usize, seconds: f64, threads: usize, batch: u32) -> String {
-    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
     format!(
         "classified {} in {seconds:.3} s: {:.1} images/s ({}, batches of {batch})",
-        plural(images, "image"),
+        count(images, "image"),
         images as f64 / seconds.max(1e-9),
-        plural(threads, "thread"),
+        count(threads, "thread"),
     )
 }
 
@@ -354,15 +353,16 @@ pub fn eval_returning(
     } else {
         writeln!(
             out,
-            "accuracy {:.4} on {} images ({})",
+            "accuracy {:.4} on {} ({})",
             evaluation.accuracy(),
-            evaluation.confusion.total(),
+            count(evaluation.confusion.total(), "image"),
             args.data.display()
         )
         .map_err(io)?;
         write!(out, "{}", evaluation.confusion.display(labels)).map_err(io)?;
         if !evaluation.failures.is_empty() {
-            writeln!(out, "{} images skipped", evaluation.failures.len()).map_err(io)?;
+            let skipped = count(evaluation.failures.len(), "image");
+            writeln!(out, "{skipped} skipped").map_err(io)?;
         }
     }
     let outcome = if evaluation.failures.is_empty() {
@@ -477,12 +477,12 @@ fn describe_precision(m: &Manifest) -> String {
         )
     });
     format!(
-        "{}: {int8} of {} layers int8 ({}){coverage}, {} on {} images{trials}{budget}{timed}{accuracy}{speed}",
+        "{}: {int8} of {} layers int8 ({}){coverage}, {} on {}{trials}{budget}{timed}{accuracy}{speed}",
         m.precision,
         q.layers.len(),
         kinds.join(", "),
         q.method,
-        q.calibration_images
+        count(q.calibration_images, "image")
     )
 }
 
@@ -592,14 +592,20 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
             _ => ", also used for choices (made before graft held images out)".to_string(),
         };
         let test = match (x.test_accuracy, x.test_images) {
-            (Some(a), Some(n)) => format!(", test accuracy {a:.4} on {n} images (held out)"),
+            (Some(a), Some(n)) => {
+                format!(", test accuracy {a:.4} on {} (held out)", count(n, "image"))
+            }
             _ => String::new(),
         };
         lines.push((
             "metrics",
             format!(
-                "val accuracy {:.4} on {} images ({}{choices}){test}, train accuracy {:.4} on {} images",
-                x.val_accuracy, x.val_images, x.validation_source, x.train_accuracy, x.train_images
+                "val accuracy {:.4} on {} ({}{choices}){test}, train accuracy {:.4} on {}",
+                x.val_accuracy,
+                count(x.val_images, "image"),
+                x.validation_source,
+                x.train_accuracy,
+                count(x.train_images, "image")
             ),
         ));
     }

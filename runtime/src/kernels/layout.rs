@@ -4,9 +4,10 @@
 //! depthwise convolution wants the opposite, one vector holding one pixel of 16 channels, so in
 //! the plain layout graft's depthwise kernel transposes every input row in and every output row
 //! out, which costs about as much as its multiply-adds. In the blocked layout a tensor of `C`
-//! channels over `P` pixels is `[ceil(C / 16)][P][16]` (the channels past `C` are zero): a
-//! pixel of 16 channels is one cache line, the depthwise kernel reads it directly and the
-//! pointwise convolutions ([`pointwise_blocked`](super::pointwise_blocked)) read and write it
+//! channels over `P` pixels is `[ceil(C / 16)][P][16]` (the lanes past `C` hold finite values
+//! that every consumer ignores: zero weights, or dropped when converting back): a pixel of 16
+//! channels is one cache line, the depthwise kernel reads it directly and the
+//! pointwise convolutions ([`conv_blocked`](super::conv_blocked)) read and write it
 //! without packing. onnxruntime runs its f32 CNNs in the same kind of layout (NCHWc).
 //!
 //! [`use_graft_kernels`](super::use_graft_kernels) puts every run of graft's blocked

@@ -20,10 +20,10 @@
 //!   16-channels-a-vector kernel (`depthwise_blocked.rs`); in int8 graphs the dequantize ->
 //!   depthwise -> ReLU6 -> quantize chain runs as one [`QuantizedDepthwise`] operator.
 //! - [`cast`]: f32 <-> int8 casts with tract's arithmetic in vectorised loops.
-//! - [`layout`] / [`conv_blocked`] (AVX-512): runs of f32 pointwise and depthwise
-//!   convolutions in a 16-channel-blocked layout, where a pixel of 16 channels is one vector:
-//!   the depthwise kernel then needs no transposes and the pointwise one no packing
-//!   (`GRAFT_LAYOUT=plain` turns it off; [`Layout`]).
+//! - [`layout`] / [`conv_blocked`] / [`qconv_blocked`] (AVX-512): runs of convolutions, f32
+//!   and int8, in a 16-channel-blocked layout where a pixel of 16 channels is one vector: the
+//!   depthwise kernel then needs no transposes and the pointwise ones no packing; the pass that
+//!   introduces it is `blocking.rs` (`GRAFT_LAYOUT=plain` turns it off; [`Layout`]).
 //!
 //! Every kernel is unit-tested against tract's operator or a plain reference at every level
 //! the CPU supports; the int8 products are bit-identical across levels.
