@@ -48,7 +48,7 @@ PY
 
 graft_p50() {
   "$graft_run" bench "$1" --iterations "$runs" --threads 1 --batch 1 --json |
-    "$python" -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["latency"]["p50"])'
+    "$python" -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["latency"]["p50_ms"])'
 }
 ort_p50() {
   "$python" scripts/ort_bench.py time "$1" "$runs" |

@@ -262,13 +262,28 @@ fn bench_reports_batch_latency_and_throughput() {
     assert_eq!(doc["batch"], 4);
     assert_eq!(doc["threads"], 2);
     assert_eq!(doc["batch_latency"]["runs"], 5, "16 / 4 runs, at least 5");
-    let p50 = doc["batch_latency"]["p50"].as_f64().unwrap();
-    let single = doc["latency"]["p50"].as_f64().unwrap();
+    let p50 = doc["batch_latency"]["p50_ms"].as_f64().unwrap();
+    let single = doc["latency"]["p50_ms"].as_f64().unwrap();
     assert!(p50 > 0.0 && single > 0.0);
-    assert!(doc["batch_throughput"].as_f64().unwrap() > 0.0);
-    for key in ["load_ms", "first_inference_ms", "throughput", "size_bytes"] {
+    assert!(doc["batch_images_per_s"].as_f64().unwrap() > 0.0);
+    for key in [
+        "load_ms",
+        "first_inference_ms",
+        "images_per_s",
+        "size_bytes",
+    ] {
         assert!(doc[key].as_f64().unwrap() > 0.0, "{key}: {doc}");
     }
+    // Every duration names its unit (issue 19): the load stages are milliseconds too.
+    let stages = &doc["load_stages_ms"];
+    for key in ["validate_ms", "parse_ms", "optimize_ms"] {
+        assert!(stages[key].as_f64().unwrap() >= 0.0, "{key}: {doc}");
+    }
+    assert!(
+        stages["parse_ms"].as_f64().unwrap() + stages["optimize_ms"].as_f64().unwrap()
+            <= doc["load_ms"].as_f64().unwrap() * 1.01,
+        "stages in the same unit as load_ms: {doc}"
+    );
     assert!(doc["decode"].is_null(), "no files, no decoding time: {doc}");
     let photo = fixtures().join("hymenoptera-mini/val/ants/11381045_b352a47d8c.jpg");
     let doc = json(
@@ -280,7 +295,7 @@ fn bench_reports_batch_latency_and_throughput() {
         .stdout,
     );
     assert_eq!(doc["decode"]["runs"], 4, "{doc}");
-    assert!(doc["decode"]["p50"].as_f64().unwrap() > 0.0, "{doc}");
+    assert!(doc["decode"]["p50_ms"].as_f64().unwrap() > 0.0, "{doc}");
 }
 
 /// A 12-megapixel photo: the fast pipeline decodes it at 1/8 scale and classifies it as the
@@ -345,11 +360,33 @@ fn bench_times_two_artifacts_in_alternation_under_every_kernel_level() {
         .expect_code(0);
         let doc = json(&out.stdout);
         assert_eq!(doc["kernels"], level.name());
+        let layout = if level == graft_runtime::kernels::Level::Avx512 {
+            "blocked"
+        } else {
+            "plain"
+        };
+        assert_eq!(doc["layout"], layout, "{doc}");
         assert_eq!(doc["ratio"]["pairs"], 6);
         for key in ["p10", "p50", "p90"] {
             assert!(doc["ratio"][key].as_f64().unwrap() > 0.0, "{doc}");
         }
-        assert!(doc["a_latency"]["p50"].as_f64().unwrap() > 0.0);
+        assert!(doc["a_latency"]["p50_ms"].as_f64().unwrap() > 0.0);
+    }
+    if graft_runtime::kernels::Level::Avx512.supported() {
+        let out = run_with_env(
+            &graft_run(),
+            args![
+                "bench",
+                c.artifact,
+                c.artifact,
+                "--iterations",
+                "2",
+                "--json"
+            ],
+            &[("GRAFT_LAYOUT", "plain")],
+        )
+        .expect_code(0);
+        assert_eq!(json(&out.stdout)["layout"], "plain");
     }
     let text = run(
         graft(),

@@ -52,19 +52,33 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// Latency statistics in milliseconds.
+/// Latency statistics in milliseconds (the JSON keys say so: `p50_ms`, ...).
 #[derive(Debug, Clone, Serialize)]
 pub struct Latency {
     /// Median.
+    #[serde(rename = "p50_ms")]
     pub p50: f64,
     /// 90th percentile.
+    #[serde(rename = "p90_ms")]
     pub p90: f64,
     /// 99th percentile.
+    #[serde(rename = "p99_ms")]
     pub p99: f64,
     /// Mean.
+    #[serde(rename = "mean_ms")]
     pub mean: f64,
     /// Number of timed runs.
     pub runs: usize,
+}
+
+/// [`LoadTimings`] (seconds) written as milliseconds, each key ending in `_ms`.
+fn stages_in_ms<S: serde::Serializer>(t: &LoadTimings, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(3))?;
+    map.serialize_entry("validate_ms", &(t.validate * 1e3))?;
+    map.serialize_entry("parse_ms", &(t.parse * 1e3))?;
+    map.serialize_entry("optimize_ms", &(t.optimize * 1e3))?;
+    map.end()
 }
 
 /// The `q` quantile (nearest rank) of `sorted` samples.
@@ -99,9 +113,13 @@ pub struct BenchReport {
     /// The kernels that ran the graph: graft's at an instruction-set level (`avx512`, `avxvnni`,
     /// `avx2`, `portable`; see `GRAFT_KERNELS`) or `tract`.
     pub kernels: String,
+    /// How graft's kernels laid out the activations: `blocked` (16-channel blocks, AVX-512;
+    /// see `GRAFT_LAYOUT`), `plain`, or `tract`.
+    pub layout: String,
     /// Wall-clock load time in milliseconds.
     pub load_ms: f64,
-    /// Load time by stage, in seconds.
+    /// Load time by stage (written in milliseconds: `load_stages_ms`).
+    #[serde(rename = "load_stages_ms", serialize_with = "stages_in_ms")]
     pub load_stages: LoadTimings,
     /// The first inference after loading, in milliseconds.
     pub first_inference_ms: f64,
@@ -119,10 +137,12 @@ pub struct BenchReport {
     /// Time to classify one batch of preprocessed images on `threads` threads.
     pub batch_latency: Latency,
     /// Images per second in the batch run (graph execution only).
+    #[serde(rename = "batch_images_per_s")]
     pub batch_throughput: f64,
     /// Threads inside each matrix product.
     pub intra_op_threads: usize,
     /// Images per second, preprocessing included, with `threads` threads sharing the model.
+    #[serde(rename = "images_per_s")]
     pub throughput: f64,
     /// Peak resident memory of the process in bytes (Linux), when known.
     pub peak_rss_bytes: Option<u64>,
@@ -265,6 +285,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         size_bytes: model.artifact().size,
         precision: model.manifest().precision.clone(),
         kernels: kernels_name(args.tract_kernels),
+        layout: layout_name(args.tract_kernels),
         load_ms,
         load_stages: model.load_timings(),
         first_inference_ms,
@@ -279,6 +300,17 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         throughput,
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+fn layout_name(tract_kernels: bool) -> String {
+    use crate::kernels::{Layout, Level};
+    if tract_kernels {
+        "tract".into()
+    } else if Level::current() == Level::Avx512 && Layout::current() == Layout::Blocked {
+        Layout::Blocked.name().into()
+    } else {
+        Layout::Plain.name().into()
+    }
 }
 
 fn kernels_name(tract_kernels: bool) -> String {
@@ -300,6 +332,8 @@ pub struct Comparison {
     pub b: PathBuf,
     /// The kernels that ran both graphs.
     pub kernels: String,
+    /// Their activation layout (see [`BenchReport::layout`]).
+    pub layout: String,
     /// A's graph execution, milliseconds.
     pub a_latency: Latency,
     /// B's graph execution, milliseconds.
@@ -363,6 +397,7 @@ pub fn compare(args: &BenchArgs) -> Result<Comparison> {
         a: args.model.clone(),
         b: b_path.clone(),
         kernels: kernels_name(args.tract_kernels),
+        layout: layout_name(args.tract_kernels),
         a_latency,
         b_latency,
         ratio,
@@ -430,12 +465,13 @@ fn print_comparison(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
         (
             "B / A",
             format!(
-                "median {:.3} (p10 {:.3}, p90 {:.3}) over {} alternating pairs, 1 thread, {} kernels",
+                "median {:.3} (p10 {:.3}, p90 {:.3}) over {} alternating pairs, 1 thread, {} kernels, {} layout",
                 c.ratio.p50,
                 c.ratio.p10,
                 c.ratio.p90,
                 c.ratio.pairs,
-                c.kernels
+                c.kernels,
+                c.layout
             ),
         ),
     ];
@@ -461,11 +497,12 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
         (
             "model",
             format!(
-                "{} ({:.1} MiB, {}, {} kernels)",
+                "{} ({:.1} MiB, {}, {} kernels, {} layout)",
                 r.model.display(),
                 r.size_bytes as f64 / (1 << 20) as f64,
                 r.precision,
-                r.kernels
+                r.kernels,
+                r.layout
             ),
         ),
         (
