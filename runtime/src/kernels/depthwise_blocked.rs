@@ -256,26 +256,7 @@ mod x86 {
         let columns = iw.min(pw.saturating_sub(pl));
         for c0 in (0..conv.channels).step_by(16) {
             let lanes = (conv.channels - c0).min(16);
-            for (tap, w) in weights.chunks_exact_mut(16).enumerate() {
-                for (c, w) in w.iter_mut().enumerate() {
-                    *w = if c < lanes {
-                        conv.weights[(c0 + c) * taps + tap]
-                    } else {
-                        0.0
-                    };
-                }
-            }
-            let bias = _mm512_maskz_loadu_ps(mask(lanes), conv.bias.as_ptr().add(c0));
-            let block = Block {
-                padded: padded.as_ptr(),
-                weights: weights.as_ptr(),
-                kernel: [kh, kw],
-                stride: sw,
-                pw,
-                bias,
-                low,
-                high,
-            };
+            let block = Block::for_channels(conv, c0, weights, (padded.as_ptr(), pw), [low, high]);
             for oy0 in (0..oh).step_by(BAND) {
                 let rows_out = BAND.min(oh - oy0);
                 let rows_in = (rows_out - 1) * sh + kh;
@@ -436,27 +417,7 @@ mod x86 {
         let (plane_in, plane_out) = (ih * iw * 16, oh * ow * 16);
         let columns = iw.min(pw.saturating_sub(pl));
         for (block, c0) in (0..conv.channels).step_by(16).enumerate() {
-            let lanes = (conv.channels - c0).min(16);
-            for (tap, w) in weights.chunks_exact_mut(16).enumerate() {
-                for (c, w) in w.iter_mut().enumerate() {
-                    *w = if c < lanes {
-                        conv.weights[(c0 + c) * taps + tap]
-                    } else {
-                        0.0
-                    };
-                }
-            }
-            let bias = _mm512_maskz_loadu_ps(mask(lanes), conv.bias.as_ptr().add(c0));
-            let band = Block {
-                padded: padded.as_ptr(),
-                weights: weights.as_ptr(),
-                kernel: [kh, kw],
-                stride: sw,
-                pw,
-                bias,
-                low,
-                high,
-            };
+            let band = Block::for_channels(conv, c0, weights, (padded.as_ptr(), pw), [low, high]);
             // The outputs whose taps all fall inside the input columns: `lo .. hi`.
             let lo = pl.div_ceil(sw).min(ow);
             let hi = if pl + iw >= kw {
@@ -562,6 +523,39 @@ mod x86 {
     }
 
     impl Block {
+        /// The 16 channels from `c0` of `conv` (the weights copied into `weights` as `[tap][16]`,
+        /// zero past the last channel), reading the band at `padded`, `pw` pixels a row.
+        #[inline(always)]
+        unsafe fn for_channels(
+            conv: &DepthwiseConv,
+            c0: usize,
+            weights: &mut [f32],
+            (padded, pw): (*const f32, usize),
+            [low, high]: [__m512; 2],
+        ) -> Block {
+            let taps = conv.kernel[0] * conv.kernel[1];
+            let lanes = (conv.channels - c0).min(16);
+            for (tap, w) in weights.chunks_exact_mut(16).enumerate().take(taps) {
+                for (c, w) in w.iter_mut().enumerate() {
+                    *w = if c < lanes {
+                        conv.weights[(c0 + c) * taps + tap]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            Block {
+                padded,
+                weights: weights.as_ptr(),
+                kernel: conv.kernel,
+                stride: conv.stride[1],
+                pw,
+                bias: _mm512_maskz_loadu_ps(mask(lanes), conv.bias.as_ptr().add(c0)),
+                low,
+                high,
+            }
+        }
+
         /// One output row of `ow` pixels whose first tap reads padded pixel `start`, stored 16
         /// floats apart from `out`; `S` is the horizontal stride (0: read from `self.stride`).
         #[inline(always)]
