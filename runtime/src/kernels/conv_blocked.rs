@@ -103,46 +103,70 @@ pub fn product(
             "the residual is shaped like the output"
         );
     }
-    // Pixel tiles of nearly equal size (49 pixels: 7 tiles of 7, not 6 of 8 and one of 1).
-    let tiles = pixels.div_ceil(MP);
     let blocks = m.div_ceil(BLOCK);
-    let groups = blocks.div_ceil(NB);
-    let tile_at = |t: usize| t * (pixels / tiles) + t.min(pixels % tiles);
     let out = output.as_mut_ptr();
-    let run = |g: usize, t: usize| {
-        let (b0, p0) = (g * NB, tile_at(t));
-        let tile = Tile {
-            k,
-            pixels,
-            x: input.as_ptr().wrapping_add(p0 * BLOCK),
-            w: weights.data.floats()[b0 * k * BLOCK..].as_ptr(),
-            bias: weights.bias.floats()[b0 * BLOCK..].as_ptr(),
-            out: out.wrapping_add((b0 * pixels + p0) * BLOCK),
-            residual: residual.map_or(std::ptr::null(), |r| {
-                r.as_ptr().wrapping_add((b0 * pixels + p0) * BLOCK)
-            }),
-            clamps,
-            offsets: std::ptr::null(),
-            step: BLOCK,
-        };
-        let rows = tile_at(t + 1) - p0;
-        let nb = (blocks - b0).min(NB);
-        // SAFETY: AVX-512 is supported (asserted); the tile's pixels and blocks lie inside the
-        // input, weights, output and residual (lengths asserted above).
-        unsafe { x86::tile(&tile, rows, nb) }
+    let weight_bytes = k * blocks * BLOCK * 4;
+    for_each_tile(
+        pixels,
+        blocks,
+        [MP, NB],
+        weight_bytes,
+        |b0, nb, p0, rows| {
+            let tile = Tile {
+                k,
+                pixels,
+                x: input.as_ptr().wrapping_add(p0 * BLOCK),
+                w: weights.data.floats()[b0 * k * BLOCK..].as_ptr(),
+                bias: weights.bias.floats()[b0 * BLOCK..].as_ptr(),
+                out: out.wrapping_add((b0 * pixels + p0) * BLOCK),
+                residual: residual.map_or(std::ptr::null(), |r| {
+                    r.as_ptr().wrapping_add((b0 * pixels + p0) * BLOCK)
+                }),
+                clamps,
+                offsets: std::ptr::null(),
+                step: BLOCK,
+            };
+            // SAFETY: AVX-512 is supported (asserted); the tile's pixels and blocks lie inside the
+            // input, weights, output and residual (lengths asserted above).
+            unsafe { x86::tile(&tile, rows, nb) }
+        },
+    );
+}
+
+/// `n` split into the fewest runs of at most `most`, of nearly equal length (49 pixels, at most
+/// 8 a run: 7 runs of 7, not 6 of 8 and one of 1): `(first, length)` of each.
+pub(super) fn even_runs(n: usize, most: usize) -> impl Iterator<Item = (usize, usize)> {
+    let runs = n.div_ceil(most);
+    let at = move |t: usize| t * (n / runs.max(1)) + t.min(n % runs.max(1));
+    (0..runs).map(move |t| (at(t), at(t + 1) - at(t)))
+}
+
+/// The tiles of a blocked product over `pixels` pixels and `blocks` output blocks, tiles of at
+/// most `[pixels, blocks]` = `most`: `run(first block, blocks, first pixel, pixels)`. Weights of
+/// at most 32 KiB stay in L1 and are read once per pixel tile; larger ones are read once per
+/// group of blocks, the pixels streaming past them.
+pub(super) fn for_each_tile(
+    pixels: usize,
+    blocks: usize,
+    [most_pixels, most_blocks]: [usize; 2],
+    weight_bytes: usize,
+    mut run: impl FnMut(usize, usize, usize, usize),
+) {
+    let groups = || {
+        (0..blocks)
+            .step_by(most_blocks)
+            .map(|b0| (b0, (blocks - b0).min(most_blocks)))
     };
-    // Weights that stay in L1 are read once per pixel tile; larger ones once per block group,
-    // the pixels streaming past them.
-    if k * blocks * BLOCK * 4 <= 32 << 10 {
-        for t in 0..tiles {
-            for g in 0..groups {
-                run(g, t);
+    if weight_bytes <= 32 << 10 {
+        for (p0, rows) in even_runs(pixels, most_pixels) {
+            for (b0, nb) in groups() {
+                run(b0, nb, p0, rows);
             }
         }
     } else {
-        for g in 0..groups {
-            for t in 0..tiles {
-                run(g, t);
+        for (b0, nb) in groups() {
+            for (p0, rows) in even_runs(pixels, most_pixels) {
+                run(b0, nb, p0, rows);
             }
         }
     }
@@ -442,12 +466,9 @@ fn direct_product(
         );
     }
     let padded = direct.pad(input);
-    let tiles = ow.div_ceil(MP);
-    let tile_at = |t: usize| t * (ow / tiles) + t.min(ow % tiles);
     let out = output.as_mut_ptr();
     for oy in 0..oh {
-        for t in 0..tiles {
-            let ox = tile_at(t);
+        for (ox, columns) in even_runs(ow, MP) {
             for b0 in (0..blocks).step_by(NB) {
                 let at = (b0 * pixels + oy * ow + ox) * BLOCK;
                 let tile = Tile {
@@ -466,7 +487,7 @@ fn direct_product(
                 // SAFETY: AVX-512 is supported (asserted); every tap of the tile's pixels lies
                 // inside the padded planes (sized from the output), and its outputs inside the
                 // output and residual (lengths asserted).
-                unsafe { x86::tile(&tile, tile_at(t + 1) - ox, (blocks - b0).min(NB)) }
+                unsafe { x86::tile(&tile, columns, (blocks - b0).min(NB)) }
             }
         }
     }

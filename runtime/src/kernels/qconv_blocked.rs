@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tract_core::internal::*;
 
 use super::aligned::Aligned;
+use super::conv_blocked::for_each_tile;
 use super::gemm_int8::PackedInt8;
 use super::layout::{blocked_shape, BLOCK};
 use super::qconv::QuantizedConvolution;
@@ -87,41 +88,31 @@ pub fn product(weights: &BlockedInt8Weights, input: &[i8], pixels: usize, output
         m.div_ceil(BLOCK) * pixels * BLOCK,
         "blocked output"
     );
-    let tiles = pixels.div_ceil(MP);
     let blocks = m.div_ceil(BLOCK);
     let groups = k.div_ceil(4);
-    let tile_at = |t: usize| t * (pixels / tiles) + t.min(pixels % tiles);
     let out = output.as_mut_ptr();
-    let run = |b0: usize, t: usize| {
-        let p0 = tile_at(t);
-        let tile = Tile {
-            groups,
-            pixels,
-            x: input.as_ptr().wrapping_add(p0 * BLOCK),
-            w: weights.data.int8()[b0 * groups * BLOCK * 4..].as_ptr(),
-            offset: weights.offset[b0 * BLOCK..].as_ptr(),
-            multiplier: weights.multiplier[b0 * BLOCK..].as_ptr(),
-            y0: weights.y0,
-            out: out.wrapping_add((b0 * pixels + p0) * BLOCK),
-        };
-        // SAFETY: AVX-512 VNNI is supported (asserted); the tile's pixels and blocks lie inside
-        // the input, weights and output (lengths asserted above).
-        unsafe { x86::tile(&tile, tile_at(t + 1) - p0, (blocks - b0).min(NB)) }
-    };
-    // As in the f32 kernel: small weights stay in L1 across pixel tiles.
-    if groups * blocks * BLOCK * 4 <= 32 << 10 {
-        for t in 0..tiles {
-            for b0 in (0..blocks).step_by(NB) {
-                run(b0, t);
-            }
-        }
-    } else {
-        for b0 in (0..blocks).step_by(NB) {
-            for t in 0..tiles {
-                run(b0, t);
-            }
-        }
-    }
+    let weight_bytes = groups * blocks * BLOCK * 4;
+    for_each_tile(
+        pixels,
+        blocks,
+        [MP, NB],
+        weight_bytes,
+        |b0, nb, p0, rows| {
+            let tile = Tile {
+                groups,
+                pixels,
+                x: input.as_ptr().wrapping_add(p0 * BLOCK),
+                w: weights.data.int8()[b0 * groups * BLOCK * 4..].as_ptr(),
+                offset: weights.offset[b0 * BLOCK..].as_ptr(),
+                multiplier: weights.multiplier[b0 * BLOCK..].as_ptr(),
+                y0: weights.y0,
+                out: out.wrapping_add((b0 * pixels + p0) * BLOCK),
+            };
+            // SAFETY: AVX-512 VNNI is supported (asserted); the tile's pixels and blocks lie inside
+            // the input, weights and output (lengths asserted above).
+            unsafe { x86::tile(&tile, rows, nb) }
+        },
+    );
 }
 
 /// One micro-kernel call; pointers at the tile's first pixel and block.
