@@ -50,7 +50,6 @@ fn blocked_source(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, (us
 
 /// The blocked form of `node`, if it has one.
 fn blocked_form(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Blocked>> {
-    let first_blocked = node.inputs.first().and_then(|&i| blocked_source(model, i));
     if let Some(conv) = node.op_as::<Convolution>() {
         let op = BlockedConv::of(conv);
         let output = (op.m(), op.pixels());
@@ -69,7 +68,8 @@ fn blocked_form(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Bloc
             .map(|q| (q.parts().0, Some(q.parts().1)))
     };
     if let Some((conv, int8)) = depthwise {
-        let blocked_input = first_blocked.is_some();
+        // Blocked input when its producer is blocked; else transposed in (no conversion op).
+        let blocked_input = blocked_source(model, node.inputs[0]).is_some();
         let Some(op) = BlockedDepthwise::of(conv, int8, blocked_input) else {
             return Ok(None);
         };

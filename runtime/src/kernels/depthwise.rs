@@ -349,12 +349,34 @@ pub(super) enum Planes<'a> {
     },
 }
 
-impl Planes<'_> {
+impl<'a> Planes<'a> {
+    /// int8 `values` of quantized type `dt` (its zero point and scale dequantize them).
+    pub(super) fn int8(values: &'a [i8], dt: DatumType) -> Planes<'a> {
+        let (zero_point, scale) = dt.zp_scale();
+        Planes::Int8 {
+            values,
+            zero_point: zero_point as f32,
+            scale,
+        }
+    }
+
     /// Values.
     pub(super) fn len(&self) -> usize {
         match self {
             Planes::F32(values) => values.len(),
             Planes::Int8 { values, .. } => values.len(),
+        }
+    }
+}
+
+impl<'a> Sink<'a> {
+    /// int8 `values` of quantized type `dt` (its zero point and scale quantize into them).
+    pub(super) fn int8(values: &'a mut [i8], dt: DatumType) -> Sink<'a> {
+        let (zero_point, scale) = dt.zp_scale();
+        Sink::Int8 {
+            values,
+            zero_point: zero_point as f32,
+            scale,
         }
     }
 }
@@ -512,23 +534,13 @@ impl EvalOp for QuantizedDepthwise {
         let values = view.as_slice::<i8>()?;
         let conv = &self.conv;
         conv.check_input(values.len())?;
-        let (in_zero_point, in_scale) = self.input.zp_scale();
-        let (out_zero_point, out_scale) = self.output.zp_scale();
         // SAFETY: the kernel writes every output value (i8 has no invalid bit patterns).
         let mut output = unsafe { Tensor::uninitialized_dt(self.output, &conv.output_shape)? };
         {
             let mut plain = output.try_as_plain_ram_mut()?;
             conv.dispatch(
-                Planes::Int8 {
-                    values,
-                    zero_point: in_zero_point as f32,
-                    scale: in_scale,
-                },
-                Sink::Int8 {
-                    values: plain.as_slice_mut::<i8>()?,
-                    zero_point: out_zero_point as f32,
-                    scale: out_scale,
-                },
+                Planes::int8(values, self.input),
+                Sink::int8(plain.as_slice_mut::<i8>()?, self.output),
             );
         }
         Ok(tvec!(output.into_tvalue()))

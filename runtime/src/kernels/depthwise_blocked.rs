@@ -133,22 +133,10 @@ impl EvalOp for BlockedDepthwise {
                     Planes::F32(view.as_slice::<f32>()?),
                     Sink::F32(plain.as_slice_mut::<f32>()?),
                 ),
-                Some([input_type, output_type]) => {
-                    let (in_zero_point, in_scale) = input_type.zp_scale();
-                    let (out_zero_point, out_scale) = output_type.zp_scale();
-                    (
-                        Planes::Int8 {
-                            values: view.as_slice::<i8>()?,
-                            zero_point: in_zero_point as f32,
-                            scale: in_scale,
-                        },
-                        Sink::Int8 {
-                            values: plain.as_slice_mut::<i8>()?,
-                            zero_point: out_zero_point as f32,
-                            scale: out_scale,
-                        },
-                    )
-                }
+                Some([input_type, output_type]) => (
+                    Planes::int8(view.as_slice::<i8>()?, input_type),
+                    Sink::int8(plain.as_slice_mut::<i8>()?, output_type),
+                ),
             };
             ensure!(
                 planes.len() == self.input_len(),
@@ -223,34 +211,23 @@ mod x86 {
     }
 
     /// `conv` on `input` into `output`, for a convolution [`applies`](super::applies) accepts.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-    ///
     /// With `blocked_output`, the output is written in the blocked layout, without transposes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub(in super::super) unsafe fn convolve(
         conv: &DepthwiseConv,
         input: Planes,
         mut output: Sink,
         blocked_output: bool,
     ) {
-        let [kh, kw] = conv.kernel;
+        let kh = conv.kernel[0];
         let [sh, sw] = conv.stride;
         let [ih, iw] = conv.input;
         let [oh, ow] = conv.output;
         let [pt, pl] = conv.pad;
         let [low, high] = collapse(&conv.clamp).expect("checked by applies");
         let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
-        let taps = kh * kw;
-        // A band's padded input rows, pixel-major, 16 channels a pixel. Columns outside the
-        // input stay zero; rows outside it are zeroed when a band reads them.
-        let pw = (ow - 1) * sw + kw;
-        let band_rows = (BAND - 1) * sh + kh;
-        // 64-byte aligned: every vector load is one cache line.
-        let mut padded = Aligned::zeroed(band_rows * pw * 64);
-        let padded = padded.floats_mut();
-        let mut results = Aligned::zeroed(ow.next_multiple_of(16) * 64);
-        let results = results.floats_mut();
-        let mut weights = Aligned::zeroed(taps * 64);
-        let weights = weights.floats_mut();
+        let mut scratch = Scratch::new(conv);
+        let (pw, [padded, results, weights]) = scratch.views();
         let (plane_in, plane_out) = (ih * iw, oh * ow);
         // Input columns that land in the buffer.
         let columns = iw.min(pw.saturating_sub(pl));
@@ -405,30 +382,23 @@ mod x86 {
         let [pt, pl] = conv.pad;
         let [low, high] = collapse(&conv.clamp).expect("checked by applies");
         let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
-        let taps = kh * kw;
-        let pw = (ow - 1) * sw + kw;
-        let band_rows = (BAND - 1) * sh + kh;
-        let mut padded = Aligned::zeroed(band_rows * pw * 64);
-        let padded = padded.floats_mut();
-        let mut results = Aligned::zeroed(ow * 64);
-        let results = results.floats_mut();
-        let mut weights = Aligned::zeroed(taps * 64);
-        let weights = weights.floats_mut();
+        let mut scratch = Scratch::new(conv);
+        let (pw, [padded, results, weights]) = scratch.views();
         let (plane_in, plane_out) = (ih * iw * 16, oh * ow * 16);
         let columns = iw.min(pw.saturating_sub(pl));
+        // The outputs whose taps all fall inside the input columns: `lo .. hi`.
+        let lo = pl.div_ceil(sw).min(ow);
+        let hi = if pl + iw >= kw {
+            ((pl + iw - kw) / sw + 1).clamp(lo, ow)
+        } else {
+            lo
+        };
+        // f32 rows are read where they are, no band copy, when few outputs reach into the
+        // padding (those are computed tap by tap): on 56x56 and wider planes, -10 to -35 %;
+        // on 14x14 planes with 5x5 kernels the edges would double the time.
+        let in_place = kh <= 8 && (ow - (hi - lo)) * 8 <= ow;
         for (block, c0) in (0..conv.channels).step_by(16).enumerate() {
             let band = Block::for_channels(conv, c0, weights, (padded.as_ptr(), pw), [low, high]);
-            // The outputs whose taps all fall inside the input columns: `lo .. hi`.
-            let lo = pl.div_ceil(sw).min(ow);
-            let hi = if pl + iw >= kw {
-                ((pl + iw - kw) / sw + 1).clamp(lo, ow)
-            } else {
-                lo
-            };
-            // f32 rows are read where they are, no band copy, when few outputs reach into the
-            // padding (those are computed tap by tap): on 56x56 and wider planes, -10 to -35 %;
-            // on 14x14 planes with 5x5 kernels the edges would double the time.
-            let in_place = kh <= 8 && (ow - (hi - lo)) * 8 <= ow;
             if let (Planes::F32(values), Sink::F32(out), true) = (input, &mut output, in_place) {
                 let block_in = values.as_ptr().add(block * plane_in);
                 let block_out = out.as_mut_ptr().add(block * plane_out);
@@ -506,6 +476,42 @@ mod x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// The buffers both drivers use, 64-byte aligned (every vector load is one cache line): a
+    /// band's padded input rows (pixel-major, 16 channels a pixel; columns outside the input
+    /// stay zero, rows outside it are zeroed when a band reads them), one output row of
+    /// results (whole vectors of 16 pixels), and one group's weights `[tap][16]`.
+    struct Scratch {
+        /// Pixels in a padded row.
+        pw: usize,
+        padded: Aligned,
+        results: Aligned,
+        weights: Aligned,
+    }
+
+    impl Scratch {
+        fn new(conv: &DepthwiseConv) -> Scratch {
+            let ([kh, kw], [sh, sw], ow) = (conv.kernel, conv.stride, conv.output[1]);
+            let pw = (ow - 1) * sw + kw;
+            let band_rows = (BAND - 1) * sh + kh;
+            Scratch {
+                pw,
+                padded: Aligned::zeroed(band_rows * pw * 64),
+                results: Aligned::zeroed(ow.next_multiple_of(16) * 64),
+                weights: Aligned::zeroed(kh * kw * 64),
+            }
+        }
+
+        /// `pw` and the three buffers as f32.
+        fn views(&mut self) -> (usize, [&mut [f32]; 3]) {
+            let views = [
+                self.padded.floats_mut(),
+                self.results.floats_mut(),
+                self.weights.floats_mut(),
+            ];
+            (self.pw, views)
         }
     }
 
