@@ -306,10 +306,8 @@ fn layout_name(tract_kernels: bool) -> String {
     use crate::kernels::{Layout, Level};
     if tract_kernels {
         "tract".into()
-    } else if Level::current() == Level::Avx512 && Layout::current() == Layout::Blocked {
-        Layout::Blocked.name().into()
     } else {
-        Layout::Plain.name().into()
+        Layout::current().at(Level::current()).name().into()
     }
 }
 

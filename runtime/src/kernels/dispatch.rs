@@ -118,6 +118,16 @@ impl Layout {
         }
     }
 
+    /// The layout graft's kernels use at `level`: blocked only at AVX-512 (the blocked
+    /// kernels need it), plain otherwise.
+    pub fn at(self, level: Level) -> Layout {
+        if level == Level::Avx512 && cfg!(target_arch = "x86_64") {
+            self
+        } else {
+            Layout::Plain
+        }
+    }
+
     /// The layout this process uses: `blocked` unless `GRAFT_LAYOUT=plain` (an unknown name is
     /// reported once on stderr and ignored). Chosen on first use and kept.
     pub fn current() -> Layout {

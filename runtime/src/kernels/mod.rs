@@ -189,7 +189,7 @@ pub fn use_graft_kernels_in(
     replaced += fuse_convolutions(model, level)?;
     replaced += fuse_quantized_convolutions(model, level)?;
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 && layout == Layout::Blocked {
+    if layout.at(level) == Layout::Blocked {
         blocking::use_blocked_layout(model)?;
     }
     #[cfg(not(target_arch = "x86_64"))]
