@@ -279,17 +279,24 @@ mod x86 {
                 _mm512_storeu_ps(sums[p][b].as_mut_ptr(), *sum);
             }
         }
-        for (i, sum) in sums.iter().flatten().enumerate() {
-            let (p, b) = (i / B, i % B);
-            let at = b * block_stride + p * BLOCK;
-            let bias = _mm512_loadu_ps(t.bias.add(b * BLOCK));
-            let sum = _mm512_loadu_ps(sum.as_ptr());
-            let mut y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(sum, bias), lo), hi);
-            if !t.residual.is_null() {
-                let r = _mm512_loadu_ps(t.residual.add(at));
-                y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, r), lo2), hi2);
+        // Nested loops over the constant `R` and `B`, fully unrolled: one flat loop over the
+        // `R * B` vectors was not, and spent more instructions on its indices than on the
+        // epilogue (int8 products with short reductions ran 1.6x slower).
+        let mut bias = [_mm512_setzero_ps(); B];
+        for (b, bias) in bias.iter_mut().enumerate() {
+            *bias = _mm512_loadu_ps(t.bias.add(b * BLOCK));
+        }
+        for (p, sums) in sums.iter().enumerate() {
+            for (b, sum) in sums.iter().enumerate() {
+                let at = b * block_stride + p * BLOCK;
+                let sum = _mm512_loadu_ps(sum.as_ptr());
+                let mut y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(sum, bias[b]), lo), hi);
+                if !t.residual.is_null() {
+                    let r = _mm512_loadu_ps(t.residual.add(at));
+                    y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, r), lo2), hi2);
+                }
+                _mm512_storeu_ps(t.out.add(at), y);
             }
-            _mm512_storeu_ps(t.out.add(at), y);
         }
     }
 }

@@ -150,7 +150,12 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn kernel<const R: usize, const B: usize>(t: &Tile) {
-        let mut acc = [[_mm512_setzero_si512(); B]; R];
+        // The sums start from the per-channel offset (the integer part of the requantization).
+        let mut offset = [_mm512_setzero_si512(); B];
+        for (b, offset) in offset.iter_mut().enumerate() {
+            *offset = _mm512_loadu_si512(t.offset.add(b * BLOCK) as *const _);
+        }
+        let mut acc = [offset; R];
         let block_stride = t.pixels * BLOCK;
         let flip = _mm512_set1_epi32(0x8080_8080u32 as i32);
         // One loop over the groups of four channels; `x` steps a word at a time and jumps to
@@ -176,27 +181,33 @@ mod x86 {
                 x = x.add(block_stride - BLOCK);
             }
         }
-        // Through memory in the product loop's order (see the f32 kernel).
+        // Through memory in the product loop's order, then an epilogue in nested loops over the
+        // constant `R` and `B` (see the f32 kernel).
         let mut sums = [[[0i32; BLOCK]; B]; R];
         for (p, acc) in acc.iter().enumerate() {
             for (b, sum) in acc.iter().enumerate() {
                 _mm512_storeu_si512(sums[p][b].as_mut_ptr() as *mut _, *sum);
             }
         }
+        // The plain kernel's `round(clamp(y, -128, 127))` with one clamp: rounding commutes
+        // with clamping to integers, and the saturating narrowing (`vpmovsdb`) clamps below
+        // (a value under -2^31 converts to i32::MIN, which saturates to -128 as well).
         let y0 = _mm512_set1_ps(t.y0);
-        let (low, high) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
-        for (i, sum) in sums.iter().flatten().enumerate() {
-            let (p, b) = (i / B, i % B);
-            let offset = _mm512_loadu_si512(t.offset.add(b * BLOCK) as *const _);
-            let multiplier = _mm512_loadu_ps(t.multiplier.add(b * BLOCK));
-            let sum = _mm512_loadu_si512(sum.as_ptr() as *const _);
-            let y = _mm512_cvtepi32_ps(_mm512_add_epi32(sum, offset));
-            let y = _mm512_fmadd_ps(y, multiplier, y0);
-            let y = _mm512_min_ps(_mm512_max_ps(y, low), high);
-            let y =
-                _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
-            let at = b * block_stride + p * BLOCK;
-            _mm_storeu_si128(t.out.add(at) as *mut _, _mm512_cvtepi32_epi8(y));
+        let high = _mm512_set1_ps(127.0);
+        let mut multiplier = [_mm512_setzero_ps(); B];
+        for (b, multiplier) in multiplier.iter_mut().enumerate() {
+            *multiplier = _mm512_loadu_ps(t.multiplier.add(b * BLOCK));
+        }
+        for (p, sums) in sums.iter().enumerate() {
+            for (b, sum) in sums.iter().enumerate() {
+                let sum = _mm512_loadu_si512(sum.as_ptr() as *const _);
+                let y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), multiplier[b], y0);
+                let y = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm512_min_ps(y, high),
+                );
+                let at = b * block_stride + p * BLOCK;
+                _mm_storeu_si128(t.out.add(at) as *mut _, _mm512_cvtsepi32_epi8(y));
+            }
         }
     }
 }
@@ -327,10 +338,12 @@ mod tests {
             (33, 9, 6),
         ] {
             let (a, x) = (bytes(m * k, 1), bytes(k * n, 2));
-            for per_channel in [false, true] {
+            // Per-tensor and per-channel scales, and scales so large that most outputs
+            // saturate from beyond the i32 range (the epilogue's one-sided clamp).
+            for (per_channel, x_scale) in [(false, 0.02), (true, 0.02), (true, 1e6)] {
                 let requant = Requantization {
                     x0: -3,
-                    x_scale: 0.02,
+                    x_scale,
                     k_scales: if per_channel {
                         (0..m).map(|i| 0.001 + i as f32 * 1e-4).collect()
                     } else {
