@@ -12,9 +12,9 @@
 //! Operators with a blocked form: f32 convolutions with one group ([`BlockedConv`]), depthwise
 //! convolutions f32 and int8 ([`BlockedDepthwise`]), int8 pointwise convolutions
 //! ([`BlockedQuantizedConv`]); and, when their inputs are already blocked, element-wise
-//! operators that do not care about the layout: graft's f32 <-> int8 casts and the f32 `Add` of
-//! two tensors of the same shape (an int8 graph's residual connections), run as they are on the
-//! blocked tensors (whose padding lanes hold finite values).
+//! operators that do not care about the layout: graft's f32 <-> int8 casts, its int8 residual
+//! addition ([`QuantizedAdd`]) and the f32 `Add` of two tensors of the same shape, run as they
+//! are on the blocked tensors (whose padding lanes hold finite values).
 
 use tract_core::internal::*;
 
@@ -26,7 +26,7 @@ use super::graph::passes_through;
 use super::layout::{FromBlocked, ToBlocked};
 use super::qconv::QuantizedConvolution;
 use super::qconv_blocked::BlockedQuantizedConv;
-use super::QuantizedCast;
+use super::{QuantizedAdd, QuantizedCast};
 
 /// What a node becomes in the blocked layout.
 struct Blocked {
@@ -100,7 +100,7 @@ fn elementwise_form(model: &TypedModel, node: &TypedNode) -> TractResult<Option<
     let is_add = node.op.name() == "Add"
         && node.inputs.len() == 2
         && node.outputs[0].fact.datum_type == f32::datum_type();
-    if !(node.op_is::<QuantizedCast>() || is_add) {
+    if !(node.op_is::<QuantizedCast>() || node.op_is::<QuantizedAdd>() || is_add) {
         return Ok(None);
     }
     let shapes: TVec<_> = node
@@ -135,15 +135,13 @@ pub(super) fn use_blocked_layout(model: &mut TypedModel) -> TractResult<usize> {
         let Some(blocked) = blocked_form(model, node)? else {
             continue;
         };
-        let fact = &node.outputs[0].fact;
-        let Some(shape) = fact.shape.as_concrete() else {
+        let shapes: Option<Vec<_>> = node
+            .outputs
+            .iter()
+            .map(|o| o.fact.shape.as_concrete())
+            .collect();
+        let Some(shapes) = shapes else {
             continue;
-        };
-        let back = FromBlocked {
-            dt: fact.datum_type,
-            channels: blocked.output.0,
-            pixels: blocked.output.1,
-            shape: shape.into(),
         };
         let mut patch = TypedModelPatch::default();
         let mut inputs = tvec![];
@@ -154,9 +152,22 @@ pub(super) fn use_blocked_layout(model: &mut TypedModel) -> TractResult<usize> {
             };
             inputs.push(wire);
         }
-        let out = patch.wire_node(format!("{}.blocked", node.name), blocked.op, &inputs)?;
-        let back = patch.wire_node(format!("{}.from_blocked", node.name), back, &out)?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), back)?;
+        let outputs = patch.wire_node(format!("{}.blocked", node.name), blocked.op, &inputs)?;
+        // Every output (one, or an int8 sum and its f32 form) back to the plain layout.
+        for (slot, (&out, shape)) in outputs.iter().zip(shapes).enumerate() {
+            let back = FromBlocked {
+                dt: node.outputs[slot].fact.datum_type,
+                channels: blocked.output.0,
+                pixels: blocked.output.1,
+                shape: shape.into(),
+            };
+            let name = match slot {
+                0 => format!("{}.from_blocked", node.name),
+                _ => format!("{}.from_blocked.{slot}", node.name),
+            };
+            let back = patch.wire_node(name, back, &[out])?[0];
+            patch.shunt_outside(model, OutletId::new(id, slot), back)?;
+        }
         patch.apply(model)?;
         converted += 1;
     }

@@ -970,6 +970,29 @@ mod tests {
                         "{c}x{s}x{s} k{k} s{st} blocked layout: {:.1} us",
                         t.elapsed().as_secs_f64() * 1e4
                     );
+                    let int8_in: Vec<i8> = (0..blocked_in.len())
+                        .map(|i| (i * 53 % 97) as i8 - 48)
+                        .collect();
+                    let mut int8_out = vec![0i8; blocked_out.len()];
+                    let t = std::time::Instant::now();
+                    for _ in 0..100 {
+                        let input = Planes::Int8 {
+                            values: &int8_in,
+                            zero_point: -3.0,
+                            scale: 0.05,
+                        };
+                        let output = Sink::Int8 {
+                            values: &mut int8_out,
+                            zero_point: -128.0,
+                            scale: 6.0 / 255.0,
+                        };
+                        // SAFETY: AVX-512 is there (the level is available).
+                        unsafe { super::convolve_blocked(&conv, input, output) };
+                    }
+                    eprintln!(
+                        "{c}x{s}x{s} k{k} s{st} blocked layout, int8: {:.1} us",
+                        t.elapsed().as_secs_f64() * 1e4
+                    );
                     let t = std::time::Instant::now();
                     for _ in 0..100 {
                         // SAFETY: AVX-512 is there (the level is available).

@@ -19,7 +19,8 @@
 //!   half of Lite0's time): a plane-at-a-time loop for every level, and at the AVX-512 level a
 //!   16-channels-a-vector kernel (`depthwise_blocked.rs`); in int8 graphs the dequantize ->
 //!   depthwise -> ReLU6 -> quantize chain runs as one [`QuantizedDepthwise`] operator.
-//! - [`cast`]: f32 <-> int8 casts with tract's arithmetic in vectorised loops.
+//! - [`cast`]: f32 <-> int8 casts with tract's arithmetic in vectorised loops; [`add`]: an int8
+//!   graph's residual addition (dequantize both, add, quantize) as one [`QuantizedAdd`].
 //! - [`layout`] / [`conv_blocked`] / [`qconv_blocked`] (AVX-512): runs of convolutions, f32
 //!   and int8, in a 16-channel-blocked layout where a pixel of 16 channels is one vector: the
 //!   depthwise kernel then needs no transposes and the pointwise ones no packing; the pass that
@@ -28,6 +29,7 @@
 //! Every kernel is unit-tested against tract's operator or a plain reference at every level
 //! the CPU supports; the int8 products are bit-identical across levels.
 
+pub mod add;
 mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod blocking;
@@ -47,6 +49,7 @@ pub mod qconv;
 #[cfg(target_arch = "x86_64")]
 pub mod qconv_blocked;
 
+pub use add::QuantizedAdd;
 pub use cast::QuantizedCast;
 pub use conv::Convolution;
 pub use depthwise::{DepthwiseConv, QuantizedDepthwise};
@@ -69,6 +72,29 @@ fn fuse_quantized_depthwise(model: &mut TypedModel) -> TractResult<usize> {
         let name = format!("{}.int8_depthwise", model.node(quantize).name);
         let input = node.inputs[0];
         replace_chain(model, &[input], quantize, name, kernel)?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
+/// Fuses every dequantize, dequantize -> add -> quantize chain (an int8 residual connection;
+/// one operand may be f32) into one [`QuantizedAdd`], which also gives the f32 sum where other
+/// operators read it; returns how many.
+fn fuse_quantized_adds(model: &mut TypedModel, level: Level) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(chain) = QuantizedAdd::for_chain(model, node, level)? else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::default();
+        let inputs = patch.taps(model, &chain.inputs)?;
+        let outputs = patch.wire_node(format!("{}.int8_add", node.name), chain.op, &inputs)?;
+        patch.shunt_outside(model, OutletId::new(id, 0), outputs[0])?;
+        if let Some(add) = chain.f32_sum {
+            patch.shunt_outside(model, OutletId::new(add, 0), outputs[1])?;
+        }
+        patch.apply(model)?;
         fused += 1;
     }
     Ok(fused)
@@ -184,6 +210,7 @@ pub fn use_graft_kernels_in(
         patch.apply(model)?;
         replaced += 1;
     }
+    replaced += fuse_quantized_adds(model, level)?;
     replaced += fuse_quantized_depthwise(model)?;
     replaced += fuse_depthwise_clamps(model)?;
     replaced += fuse_convolutions(model, level)?;
