@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tract_core::internal::*;
 use tract_core::ops::cnn::Conv;
 
+use super::aligned::Aligned;
 use super::cast::{dequantize_portable, quantize_portable, QuantizedCast};
 use super::conv::{collapse, PatchGeometry};
 use super::dispatch::Level;
@@ -27,6 +28,9 @@ pub struct DepthwiseConv {
     pub(super) output_shape: TVec<usize>,
     /// `[C, kh * kw]`.
     pub(super) weights: Arc<Vec<f32>>,
+    /// The same weights 16 channels at a time, `[ceil(C / 16), kh * kw, 16]` (zero past `C`),
+    /// as the AVX-512 kernel reads them: packed once here, not per run.
+    pub(super) by_block: Arc<Aligned>,
     /// `[C]`.
     pub(super) bias: Arc<Vec<f32>>,
     /// `[low, high]` for each `max` (`[c, inf]`) or `min` (`[-inf, c]`) applied to the output
@@ -37,6 +41,19 @@ pub struct DepthwiseConv {
 // tract compares operators for equality (to merge identical nodes); weights that compare equal
 // are the same operator, and NaN weights never come out of a folded graph.
 impl Eq for DepthwiseConv {}
+
+/// `weights` (`[channels, taps]`) as `[ceil(channels / 16), taps, 16]`, zero past `channels`.
+pub(super) fn by_block(weights: &[f32], channels: usize, taps: usize) -> Aligned {
+    let mut packed = Aligned::zeroed(channels.div_ceil(16) * taps * 16 * 4);
+    let values = packed.floats_mut();
+    for (c, filter) in weights.chunks_exact(taps).enumerate().take(channels) {
+        let (block, lane) = (c / 16, c % 16);
+        for (tap, &w) in filter.iter().enumerate() {
+            values[(block * taps + tap) * 16 + lane] = w;
+        }
+    }
+    packed
+}
 
 impl DepthwiseConv {
     /// The kernel for `node` when it is a convolution this kernel computes exactly: f32, one
@@ -88,6 +105,7 @@ impl DepthwiseConv {
             output: g.output,
             output_shape,
             weights: Arc::new(weights.view().as_slice::<f32>()?.to_vec()),
+            by_block: Arc::new(by_block(weights.view().as_slice::<f32>()?, channels, taps)),
             bias: Arc::new(bias),
             clamp: vec![],
         }))

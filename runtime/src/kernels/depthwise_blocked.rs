@@ -4,13 +4,16 @@
 //! Lite0's 14x14 and 7x7 planes rows are shorter than two vectors and per-channel set-up
 //! dominates, and on the large planes it makes several passes (phase planes, accumulator, copy
 //! out). Here one vector holds one pixel of 16 channels. For each group of 16 channels and each
-//! band of output rows, the input rows the band reads are transposed into a zero-padded
-//! pixel-major buffer (`[row][x][16]`, 16x16 in-register transposes, int8 input dequantized on
-//! the way), every output pixel is `bias + sum of w[tap] * pixel[tap]` over whole vectors,
-//! 4 pixels at a time so each weight vector is loaded once for 4 multiply-adds, and each output
-//! row is transposed back into the 16 planes (quantized on the way for int8 output). Same
-//! arithmetic in the same order as the plane loop (bias, then taps in order, fused
-//! multiply-adds; the same dequantize and quantize), so the two give identical results (tested).
+//! band of output rows, the input rows the band reads are copied into a zero-padded
+//! pixel-major buffer (`[row][x][16]`; from the blocked layout as they are, from planes with
+//! 16x16 in-register transposes, int8 input dequantized on the way), or read in place (f32
+//! blocked input on wide planes); every output pixel is `bias + sum of w[tap] * pixel[tap]` over
+//! whole vectors, 8 pixels at a time and a row's last pixels in one call (a 7-pixel row is one
+//! call, not four), each input vector of a kernel row loaded once for all its taps. The weights
+//! are packed `[tap][16]` per group once, when the operator is built (packing them per run cost
+//! the 7x7 layers half their time). Same arithmetic in the same order as the plane loop (bias,
+//! then taps in order, fused multiply-adds; the same dequantize and quantize), so the two give
+//! identical results (tested).
 
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::{convolve, convolve_blocked, transpose16};
@@ -227,13 +230,13 @@ mod x86 {
         let [low, high] = collapse(&conv.clamp).expect("checked by applies");
         let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
         let mut scratch = Scratch::new(conv);
-        let (pw, [padded, results, weights]) = scratch.views();
+        let (pw, [padded, results]) = scratch.views();
         let (plane_in, plane_out) = (ih * iw, oh * ow);
         // Input columns that land in the buffer.
         let columns = iw.min(pw.saturating_sub(pl));
         for c0 in (0..conv.channels).step_by(16) {
             let lanes = (conv.channels - c0).min(16);
-            let block = Block::for_channels(conv, c0, weights, (padded.as_ptr(), pw), [low, high]);
+            let block = Block::for_channels(conv, c0, (padded.as_ptr(), pw), [low, high]);
             for oy0 in (0..oh).step_by(BAND) {
                 let rows_out = BAND.min(oh - oy0);
                 let rows_in = (rows_out - 1) * sh + kh;
@@ -383,7 +386,7 @@ mod x86 {
         let [low, high] = collapse(&conv.clamp).expect("checked by applies");
         let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
         let mut scratch = Scratch::new(conv);
-        let (pw, [padded, results, weights]) = scratch.views();
+        let (pw, [padded, results]) = scratch.views();
         let (plane_in, plane_out) = (ih * iw * 16, oh * ow * 16);
         let columns = iw.min(pw.saturating_sub(pl));
         // The outputs whose taps all fall inside the input columns: `lo .. hi`.
@@ -398,7 +401,7 @@ mod x86 {
         // on 14x14 planes with 5x5 kernels the edges would double the time.
         let in_place = kh <= 8 && (ow - (hi - lo)) * 8 <= ow;
         for (block, c0) in (0..conv.channels).step_by(16).enumerate() {
-            let band = Block::for_channels(conv, c0, weights, (padded.as_ptr(), pw), [low, high]);
+            let band = Block::for_channels(conv, c0, (padded.as_ptr(), pw), [low, high]);
             if let (Planes::F32(values), Sink::F32(out), true) = (input, &mut output, in_place) {
                 let block_in = values.as_ptr().add(block * plane_in);
                 let block_out = out.as_mut_ptr().add(block * plane_out);
@@ -482,13 +485,12 @@ mod x86 {
     /// The buffers both drivers use, 64-byte aligned (every vector load is one cache line): a
     /// band's padded input rows (pixel-major, 16 channels a pixel; columns outside the input
     /// stay zero, rows outside it are zeroed when a band reads them), one output row of
-    /// results (whole vectors of 16 pixels), and one group's weights `[tap][16]`.
+    /// results (whole vectors of 16 pixels).
     struct Scratch {
         /// Pixels in a padded row.
         pw: usize,
         padded: Aligned,
         results: Aligned,
-        weights: Aligned,
     }
 
     impl Scratch {
@@ -500,18 +502,15 @@ mod x86 {
                 pw,
                 padded: Aligned::zeroed(band_rows * pw * 64),
                 results: Aligned::zeroed(ow.next_multiple_of(16) * 64),
-                weights: Aligned::zeroed(kh * kw * 64),
             }
         }
 
-        /// `pw` and the three buffers as f32.
-        fn views(&mut self) -> (usize, [&mut [f32]; 3]) {
-            let views = [
-                self.padded.floats_mut(),
-                self.results.floats_mut(),
-                self.weights.floats_mut(),
-            ];
-            (self.pw, views)
+        /// `pw` and the two buffers as f32.
+        fn views(&mut self) -> (usize, [&mut [f32]; 2]) {
+            (
+                self.pw,
+                [self.padded.floats_mut(), self.results.floats_mut()],
+            )
         }
     }
 
@@ -529,30 +528,20 @@ mod x86 {
     }
 
     impl Block {
-        /// The 16 channels from `c0` of `conv` (the weights copied into `weights` as `[tap][16]`,
-        /// zero past the last channel), reading the band at `padded`, `pw` pixels a row.
+        /// The 16 channels from `c0` of `conv` (a multiple of 16; their weights `[tap][16]` in
+        /// `conv.by_block`), reading the band at `padded`, `pw` pixels a row.
         #[inline(always)]
         unsafe fn for_channels(
             conv: &DepthwiseConv,
             c0: usize,
-            weights: &mut [f32],
             (padded, pw): (*const f32, usize),
             [low, high]: [__m512; 2],
         ) -> Block {
             let taps = conv.kernel[0] * conv.kernel[1];
             let lanes = (conv.channels - c0).min(16);
-            for (tap, w) in weights.chunks_exact_mut(16).enumerate().take(taps) {
-                for (c, w) in w.iter_mut().enumerate() {
-                    *w = if c < lanes {
-                        conv.weights[(c0 + c) * taps + tap]
-                    } else {
-                        0.0
-                    };
-                }
-            }
             Block {
                 padded,
-                weights: weights.as_ptr(),
+                weights: conv.by_block.floats()[c0 * taps..].as_ptr(),
                 kernel: conv.kernel,
                 stride: conv.stride[1],
                 pw,
@@ -571,13 +560,18 @@ mod x86 {
                 self.pixels::<8, S>(start + ox * self.stride, out.add(ox * 16));
                 ox += 8;
             }
-            while ox + 4 <= ow {
-                self.pixels::<4, S>(start + ox * self.stride, out.add(ox * 16));
-                ox += 4;
-            }
-            while ox < ow {
-                self.pixels::<1, S>(start + ox * self.stride, out.add(ox * 16));
-                ox += 1;
+            let first = start + ox * self.stride;
+            let out = out.add(ox * 16);
+            // The last pixels in one call (7x7 and 14x14 planes are most of a row).
+            match ow - ox {
+                1 => self.pixels::<1, S>(first, out),
+                2 => self.pixels::<2, S>(first, out),
+                3 => self.pixels::<3, S>(first, out),
+                4 => self.pixels::<4, S>(first, out),
+                5 => self.pixels::<5, S>(first, out),
+                6 => self.pixels::<6, S>(first, out),
+                7 => self.pixels::<7, S>(first, out),
+                _ => {}
             }
         }
 
@@ -609,13 +603,16 @@ mod x86 {
                 self.pixels_from::<8, S>(at(ox), out.add(ox * 16));
                 ox += 8;
             }
-            while ox + 4 <= hi {
-                self.pixels_from::<4, S>(at(ox), out.add(ox * 16));
-                ox += 4;
-            }
-            while ox < hi {
-                self.pixels_from::<1, S>(at(ox), out.add(ox * 16));
-                ox += 1;
+            let target = out.add(ox * 16);
+            match hi - ox {
+                1 => self.pixels_from::<1, S>(at(ox), target),
+                2 => self.pixels_from::<2, S>(at(ox), target),
+                3 => self.pixels_from::<3, S>(at(ox), target),
+                4 => self.pixels_from::<4, S>(at(ox), target),
+                5 => self.pixels_from::<5, S>(at(ox), target),
+                6 => self.pixels_from::<6, S>(at(ox), target),
+                7 => self.pixels_from::<7, S>(at(ox), target),
+                _ => {}
             }
             for ox in (0..lo).chain(hi..ow) {
                 self.pixel_checked(rows, ox * stride, [pl, iw], out.add(ox * 16));
@@ -730,11 +727,14 @@ mod x86 {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::depthwise::{DepthwiseConv, Planes, Sink};
+    use super::super::depthwise::{by_block, DepthwiseConv, Planes, Sink};
     use super::super::dispatch::Level;
 
     fn conv(level: Level, channels: usize, size: usize, k: usize, stride: usize) -> DepthwiseConv {
         let out = size.div_ceil(stride);
+        let weights: Vec<f32> = (0..channels * k * k)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
         DepthwiseConv {
             level,
             channels,
@@ -744,11 +744,8 @@ mod tests {
             input: [size, size],
             output: [out, out],
             output_shape: [channels, out, out].into_iter().collect(),
-            weights: Arc::new(
-                (0..channels * k * k)
-                    .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
-                    .collect(),
-            ),
+            weights: Arc::new(weights.clone()),
+            by_block: Arc::new(by_block(&weights, channels, k * k)),
             bias: Arc::new((0..channels).map(|c| c as f32 * 0.25 - 1.0).collect()),
             clamp: vec![[0.0, f32::INFINITY], [f32::NEG_INFINITY, 6.0]],
         }
@@ -928,6 +925,7 @@ mod tests {
     #[ignore]
     fn timing() {
         for (c, s, k, st) in [
+            (1152, 7, 5, 1),
             (672, 14, 5, 1),
             (32, 112, 3, 1),
             (672, 14, 3, 1),
