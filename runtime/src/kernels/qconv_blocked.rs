@@ -181,15 +181,8 @@ mod x86 {
                 x = x.add(block_stride - BLOCK);
             }
         }
-        // Through memory in the product loop's order, then an epilogue in nested loops over the
-        // constant `R` and `B` (see the f32 kernel).
-        let mut sums = [[[0i32; BLOCK]; B]; R];
-        for (p, acc) in acc.iter().enumerate() {
-            for (b, sum) in acc.iter().enumerate() {
-                _mm512_storeu_si512(sums[p][b].as_mut_ptr() as *mut _, *sum);
-            }
-        }
-        // The plain kernel's `round(clamp(y, -128, 127))` with one clamp: rounding commutes
+        // The epilogue on the accumulators, shaped as the f32 kernel's (see there). The plain
+        // kernel's `round(clamp(y, -128, 127))` with one clamp: rounding commutes
         // with clamping to integers, and the saturating narrowing (`vpmovsdb`) clamps below
         // (a value under -2^31 converts to i32::MIN, which saturates to -128 as well).
         let y0 = _mm512_set1_ps(t.y0);
@@ -198,9 +191,8 @@ mod x86 {
         for (b, multiplier) in multiplier.iter_mut().enumerate() {
             *multiplier = _mm512_loadu_ps(t.multiplier.add(b * BLOCK));
         }
-        for (p, sums) in sums.iter().enumerate() {
-            for (b, sum) in sums.iter().enumerate() {
-                let sum = _mm512_loadu_si512(sum.as_ptr() as *const _);
+        for (p, acc) in acc.iter().enumerate() {
+            for (b, &sum) in acc.iter().enumerate() {
                 let y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), multiplier[b], y0);
                 let y = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                     _mm512_min_ps(y, high),
