@@ -1,5 +1,5 @@
 //! Where an artifact's plan spends its time, operator by operator and node by node (one thread,
-//! mean of 20 runs on a zero image), built as `graft-run` builds it and, with `--tract-kernels`,
+//! median of 100 runs on a zero image), built as `graft-run` builds it and, with `--tract-kernels`,
 //! with tract's own operators instead of graft's kernels.
 //!
 //! `cargo run --release -p graft-runtime --example profile -- MODEL.graft [--tract-kernels] [NODES]`
@@ -28,7 +28,7 @@ fn main() -> TractResult<()> {
     graph.optimize()?;
     let plan = graph.into_runnable()?;
     let x = Tensor::zero::<f32>(&artifact.manifest.input.shape)?;
-    let (per_node, per_op) = profile_plan(&plan, &x, 20)?;
+    let (per_node, per_op) = profile_plan(&plan, &x, 100)?;
     let total: f64 = per_op.iter().map(|(_, t)| t).sum();
     println!(
         "{path} ({}, {} kernels): {:.2} ms per image, by operator:",

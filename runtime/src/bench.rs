@@ -574,8 +574,10 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
 /// Time spent per name, slowest first, in seconds.
 pub type Timings = Vec<(String, f64)>;
 
-/// Where a plan spends its time: mean seconds per node (`name (operator)`) and per operator over
-/// `runs` runs on `input`, after one untimed run; slowest first.
+/// Where a plan spends its time: the median over `runs` runs on `input` (after one untimed run)
+/// of the seconds per node (`name (operator)`) and per operator (summed over its nodes in each
+/// run); slowest first. Medians, not means: on a shared VM a few slow runs would otherwise move
+/// the totals by 10 %.
 pub fn profile_plan(
     plan: &std::sync::Arc<tract_core::prelude::TypedSimplePlan>,
     input: &tract_core::prelude::Tensor,
@@ -585,23 +587,35 @@ pub fn profile_plan(
     use tract_core::plan::{eval, SimpleState};
     use tract_core::prelude::*;
     let mut state = SimpleState::new(plan)?;
-    let (mut per_node, mut per_op) = (HashMap::new(), HashMap::new());
+    let mut per_node: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut per_op: HashMap<String, Vec<f64>> = HashMap::new();
     for run in 0..=runs {
+        let mut ops: HashMap<String, f64> = HashMap::new();
         state.run_plan_with_eval(tvec![input.clone().into()], |ctx, st, node, inputs| {
             let started = Instant::now();
             let result = eval(ctx, st, node, inputs);
             if run > 0 {
-                let seconds = started.elapsed().as_secs_f64() / runs as f64;
-                *per_op.entry(node.op.name().to_string()).or_insert(0.0) += seconds;
-                *per_node
+                let seconds = started.elapsed().as_secs_f64();
+                *ops.entry(node.op.name().to_string()).or_insert(0.0) += seconds;
+                per_node
                     .entry(format!("{} ({})", node.name, node.op.name()))
-                    .or_insert(0.0) += seconds;
+                    .or_default()
+                    .push(seconds);
             }
             result
         })?;
+        for (op, seconds) in ops {
+            per_op.entry(op).or_default().push(seconds);
+        }
     }
-    let sorted = |map: HashMap<String, f64>| {
-        let mut v: Timings = map.into_iter().collect();
+    let sorted = |map: HashMap<String, Vec<f64>>| {
+        let mut v: Timings = map
+            .into_iter()
+            .map(|(name, mut samples)| {
+                samples.sort_by(f64::total_cmp);
+                (name, samples[samples.len() / 2])
+            })
+            .collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     };
