@@ -1,4 +1,5 @@
-//! Criterion benches of graft's kernel families on EfficientNet-Lite0's shapes, at every
+//! Criterion benches of graft's kernel families on EfficientNet-Lite0's shapes (pointwise and
+//! depthwise convolutions, an inverted-residual block, an int8 residual addition), at every
 //! instruction-set level this CPU supports (the same code paths `GRAFT_KERNELS` selects), and
 //! with AVX-512 the 16-channel-blocked layout's kernels (`GRAFT_LAYOUT`):
 //! `cargo bench -p graft-runtime --bench kernels`. Numbers and machine in docs/PERFORMANCE.md.
@@ -234,5 +235,61 @@ fn block(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pointwise, depthwise, block);
+/// An int8 graph's residual connection on Lite0's 24 x 56x56 map (two int8 tensors dequantized,
+/// added, quantized), as a plan with tract's operators and with graft's `QuantizedAdd` at each
+/// level.
+fn residual_add(c: &mut Criterion) {
+    use tract_core::ops::cast::cast;
+    let shape = [24, 56, 56];
+    let qi8 = |zero_point, scale| i8::datum_type().quantize(QParams::ZpScale { zero_point, scale });
+    let types = [qi8(-5, 0.29), qi8(2, 0.34), qi8(-8, 0.25)];
+    let mut model = TypedModel::default();
+    let mut dequantized = vec![];
+    let mut inputs = tvec![];
+    for (i, &dt) in types[..2].iter().enumerate() {
+        let x = model.add_source(format!("x{i}"), dt.fact(shape)).unwrap();
+        dequantized.push(
+            model
+                .wire_node(format!("x{i}.f32"), cast(f32::datum_type()), &[x])
+                .unwrap()[0],
+        );
+        let values: Vec<i8> = (0..24 * 56 * 56)
+            .map(|j| (j * 73 + i) as u8 as i8)
+            .collect();
+        let mut t = Tensor::from_shape(&shape, &values).unwrap();
+        // SAFETY: the same i8 storage, with quantization parameters.
+        unsafe { t.set_datum_type(dt) };
+        inputs.push(t);
+    }
+    let sum = model
+        .wire_node("add", tract_core::ops::math::add(), &dequantized)
+        .unwrap();
+    let y = model.wire_node("quantize", cast(types[2]), &sum).unwrap();
+    model.select_output_outlets(&y).unwrap();
+    let run = |plan: &std::sync::Arc<TypedSimplePlan>| {
+        plan.run(inputs.iter().map(|t| t.clone().into()).collect())
+    };
+    let mut group = c.benchmark_group("kernels/residual_add");
+    group.sample_size(30);
+    let tract = model
+        .clone()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    group.bench_function("int8_24x56x56/tract", |bench| {
+        bench.iter(|| run(&tract).unwrap())
+    });
+    for level in Level::available() {
+        let mut graph = model.clone().into_decluttered().unwrap();
+        use_graft_kernels_at(&mut graph, level).unwrap();
+        let plan = graph.into_optimized().unwrap().into_runnable().unwrap();
+        group.bench_function(format!("int8_24x56x56/{}", level.name()), |bench| {
+            bench.iter(|| run(&plan).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pointwise, depthwise, block, residual_add);
 criterion_main!(benches);

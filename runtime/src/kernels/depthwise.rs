@@ -379,6 +379,7 @@ impl<'a> Planes<'a> {
     }
 
     /// Values.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the blocked kernels' check
     pub(super) fn len(&self) -> usize {
         match self {
             Planes::F32(values) => values.len(),
@@ -520,6 +521,7 @@ impl QuantizedDepthwise {
 
 impl QuantizedDepthwise {
     /// The f32 convolution (with the chain's clamps) and the int8 input and output types.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // for the blocking pass
     pub(crate) fn parts(&self) -> (&DepthwiseConv, [DatumType; 2]) {
         (&self.conv, [self.input, self.output])
     }

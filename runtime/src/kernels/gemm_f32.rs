@@ -160,7 +160,8 @@ struct Tile {
     k: usize,
     a: *const f32,
     b: *const f32,
-    /// Distance between B's rows: `NR` in a packed panel, `N` when read in place.
+    /// Distance between B's rows: `NR` in a packed panel, `N` when read in place (x86-64 only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     ldb: usize,
     c: *mut f32,
     ldc: usize,

@@ -130,6 +130,7 @@ impl PackedInt8 {
 
     /// The epilogue's constants per row (`offset`, `multiplier`; `m` of each) and the output
     /// zero point.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // for the blocked kernel
     pub(crate) fn requantization(&self) -> (&[i32], &[f32], f32) {
         (&self.offset[..self.m], &self.multiplier[..self.m], self.y0)
     }
