@@ -18,7 +18,8 @@ use crate::model::{LoadOptions, LoadTimings, Model};
 use crate::preprocess::Preprocessing;
 
 /// Arguments of `bench`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct BenchArgs {
     /// Artifact to measure.
     pub model: PathBuf,
@@ -28,27 +29,27 @@ pub struct BenchArgs {
     /// a machine whose speed drifts.
     pub images: Vec<PathBuf>,
     /// Timed single-thread runs for the latency percentiles.
-    #[arg(long, default_value_t = 100)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 100))]
     pub iterations: usize,
     /// Untimed runs before measuring.
-    #[arg(long, default_value_t = 10)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 10))]
     pub warmup: usize,
     /// Threads sharing the model for the batch and throughput runs [default: all cores].
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub threads: Option<usize>,
     /// Images per batch for the batch-latency run: a batch's preprocessed images run on the
     /// `--threads` workers through the same batch-1 graph.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..)))]
     pub batch: u32,
     /// Threads inside each matrix product (tract's multithread-mm; needs a build with the
     /// `multithread` feature).
-    #[arg(long, default_value_t = 1)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
     pub intra_op_threads: usize,
     /// Run tract's own operators instead of graft's kernels (to compare the two).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub tract_kernels: bool,
     /// Print one JSON document instead of text.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: bool,
 }
 

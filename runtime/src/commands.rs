@@ -28,36 +28,38 @@ pub enum Outcome {
 }
 
 /// Arguments of `predict`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PredictArgs {
     /// Artifact written by `graft compile`.
     pub model: PathBuf,
     /// Image files, or folders whose images (searched recursively) are all classified.
-    #[arg(required = true)]
+    #[cfg_attr(feature = "cli", arg(required = true))]
     pub images: Vec<PathBuf>,
     /// Number of labels to show per image.
-    #[arg(short = 'k', long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    #[cfg_attr(feature = "cli", arg(short = 'k', long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..)))]
     pub top_k: u16,
     /// Print one JSON document instead of text.
-    #[arg(long, conflicts_with = "jsonl")]
+    #[cfg_attr(feature = "cli", arg(long, conflicts_with = "jsonl"))]
     pub json: bool,
     /// Print one JSON object per line and image as each batch is classified
     /// (`{"path", "top_k"}`, or `{"path", "error"}` for an image that could not be), for large
     /// folders and pipes.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub jsonl: bool,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub threads: Option<usize>,
     /// Images decoded and classified together; text results are printed batch by batch, so
     /// memory stays bounded on large folders. The images of a batch run on the worker threads
     /// through the same batch-1 graph (in tract a batch-8 graph is slower per image).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..)))]
     pub batch: u32,
 }
 
 /// Arguments of `eval`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct EvalArgs {
     /// Artifact written by `graft compile`.
     pub model: PathBuf,
@@ -65,20 +67,21 @@ pub struct EvalArgs {
     /// validation split is used). Class folder names must be labels of the model.
     pub data: PathBuf,
     /// Print one JSON document instead of text.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: bool,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub threads: Option<usize>,
 }
 
 /// Arguments of `inspect`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct InspectArgs {
     /// Artifact to describe.
     pub model: PathBuf,
     /// Print the manifest as JSON.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: bool,
 }
 

@@ -3,7 +3,9 @@
 //! An artifact is one file produced by `graft compile`: a tract graph (backbone and trained head
 //! folded together, serialized as NNEF), the labels, the preprocessing and provenance. This crate
 //! depends on tract-core and tract-nnef only, never on the ONNX importer or on candle, so edge
-//! builds stay small.
+//! builds stay small. The `cli` feature (default) adds the `graft-run` binary and the clap
+//! derives on the command argument structs ([`commands`], [`bench`]); without it
+//! (`--no-default-features`) the library has no command-line dependency.
 //!
 //! ```no_run
 //! let model = graft_runtime::Model::load("model.graft")?;
