@@ -4,7 +4,7 @@
 //! folded together, serialized as NNEF), the labels, the preprocessing and provenance. This crate
 //! depends on tract-core and tract-nnef only, never on the ONNX importer or on candle, so edge
 //! builds stay small. The `cli` feature (default) adds the `graft-run` binary and the clap
-//! derives on the command argument structs ([`commands`], [`bench`]); without it
+//! derives on the command argument structs ([`commands`], [`mod@bench`]); without it
 //! (`--no-default-features`) the library has no command-line dependency.
 //!
 //! ```no_run
