@@ -66,3 +66,48 @@ fn missing_and_foreign_files_are_user_errors() {
         )
     );
 }
+
+/// The section names of an ELF64 little-endian file (the section header string table).
+fn elf_sections(bytes: &[u8]) -> Vec<String> {
+    let u16_at = |at: usize| u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap()) as usize;
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    assert_eq!(&bytes[..5], b"\x7fELF\x02", "an ELF64 file");
+    let (table, size, count, names) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+    let header = |i: usize| table + i * size;
+    let strings = u64_at(header(names) + 0x18);
+    (0..count)
+        .map(|i| {
+            let start = strings + u32_at(header(i));
+            let end = start + bytes[start..].iter().position(|&b| b == 0).unwrap();
+            String::from_utf8_lossy(&bytes[start..end]).into_owned()
+        })
+        .collect()
+}
+
+/// What a release build produces is what users install and ship: no debug info (issue 19; the
+/// line tables alone made `graft-run` 126 MB), symbols kept for profilers. Checked in release
+/// builds on Linux (the dev profile keeps its debug info).
+#[test]
+#[cfg(target_os = "linux")]
+fn release_binary_ships_without_debug_info() {
+    if cfg!(debug_assertions) {
+        return;
+    }
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_graft-run"));
+    let bytes = std::fs::read(path).unwrap();
+    let sections = elf_sections(&bytes);
+    assert!(sections.iter().any(|s| s == ".text"), "{sections:?}");
+    assert!(
+        sections.iter().any(|s| s == ".symtab"),
+        "symbols kept: {sections:?}"
+    );
+    // `.debug_gdb_scripts` is loaded data (the debugger's pretty-printer list), not debug info.
+    let debug: Vec<&String> = sections
+        .iter()
+        .filter(|s| s.starts_with(".debug") && *s != ".debug_gdb_scripts")
+        .collect();
+    assert!(debug.is_empty(), "{} carries {debug:?}", path.display());
+    let mb = bytes.len() as f64 / 1e6;
+    assert!(mb < 60.0, "graft-run is {mb:.1} MB");
+}
