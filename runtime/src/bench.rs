@@ -614,7 +614,7 @@ pub fn profile_plan(
             .into_iter()
             .map(|(name, mut samples)| {
                 samples.sort_by(f64::total_cmp);
-                (name, samples[samples.len() / 2])
+                (name, quantile(&samples, 0.5))
             })
             .collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -10,7 +10,7 @@
 
 use tract_core::internal::*;
 
-use super::cast::{quantize_portable, QuantizedCast};
+use super::cast::{f32_zp_scale, quantize_portable, QuantizedCast};
 use super::dispatch::Level;
 use super::graph::{only_successor, passes_through};
 
@@ -27,12 +27,6 @@ pub struct QuantizedAdd {
     /// Whether the f32 sum is a second output.
     f32_sum: bool,
     level: Level,
-}
-
-/// The zero point and scale of a quantized type, as the f32 arithmetic uses them.
-fn zp_scale(dt: DatumType) -> [f32; 2] {
-    let (zero_point, scale) = dt.zp_scale();
-    [zero_point as f32, scale]
 }
 
 /// One operand of the addition.
@@ -145,7 +139,7 @@ impl QuantizedAdd {
             "lengths differ"
         );
         assert!(sum.as_ref().is_none_or(|s| s.len() == out.len()));
-        let target = zp_scale(self.output);
+        let target = f32_zp_scale(self.output);
         match self.level {
             // SAFETY: the level was checked to be supported when the operator was made.
             #[cfg(target_arch = "x86_64")]
@@ -283,7 +277,7 @@ impl EvalOp for QuantizedAdd {
             view: &'a TensorView<'_>,
         ) -> TractResult<Operand<'a>> {
             Ok(match dt {
-                Some(dt) => Operand::Int8(view.as_slice::<i8>()?, zp_scale(dt)),
+                Some(dt) => Operand::Int8(view.as_slice::<i8>()?, f32_zp_scale(dt)),
                 None => Operand::F32(view.as_slice::<f32>()?),
             })
         }

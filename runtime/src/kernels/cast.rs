@@ -13,6 +13,12 @@ pub struct QuantizedCast {
     pub(crate) to_int8: bool,
 }
 
+/// The zero point and scale of a quantized type as the kernels' f32 arithmetic uses them.
+pub(crate) fn f32_zp_scale(dt: DatumType) -> [f32; 2] {
+    let (zero_point, scale) = dt.zp_scale();
+    [zero_point as f32, scale]
+}
+
 impl QuantizedCast {
     /// The kernel for `node` when it is such a cast.
     pub fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<QuantizedCast>> {
@@ -110,8 +116,7 @@ impl EvalOp for QuantizedCast {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let (zero_point, scale) = self.quantized.zp_scale();
-        let (zero_point, scale) = (zero_point as f32, scale);
+        let [zero_point, scale] = f32_zp_scale(self.quantized);
         let to = if self.to_int8 {
             self.quantized
         } else {

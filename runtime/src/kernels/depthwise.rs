@@ -6,7 +6,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::Conv;
 
 use super::aligned::Aligned;
-use super::cast::{dequantize_portable, quantize_portable, QuantizedCast};
+use super::cast::{dequantize_portable, f32_zp_scale, quantize_portable, QuantizedCast};
 use super::conv::{collapse, PatchGeometry};
 use super::dispatch::Level;
 use super::graph::{clamp_chain, konst, only_successor, passes_through, per_channel};
@@ -370,10 +370,10 @@ pub(super) enum Planes<'a> {
 impl<'a> Planes<'a> {
     /// int8 `values` of quantized type `dt` (its zero point and scale dequantize them).
     pub(super) fn int8(values: &'a [i8], dt: DatumType) -> Planes<'a> {
-        let (zero_point, scale) = dt.zp_scale();
+        let [zero_point, scale] = f32_zp_scale(dt);
         Planes::Int8 {
             values,
-            zero_point: zero_point as f32,
+            zero_point,
             scale,
         }
     }
@@ -391,10 +391,10 @@ impl<'a> Planes<'a> {
 impl<'a> Sink<'a> {
     /// int8 `values` of quantized type `dt` (its zero point and scale quantize into them).
     pub(super) fn int8(values: &'a mut [i8], dt: DatumType) -> Sink<'a> {
-        let (zero_point, scale) = dt.zp_scale();
+        let [zero_point, scale] = f32_zp_scale(dt);
         Sink::Int8 {
             values,
-            zero_point: zero_point as f32,
+            zero_point,
             scale,
         }
     }
