@@ -555,22 +555,37 @@ mod x86 {
         /// floats apart from `out`; `S` is the horizontal stride (0: read from `self.stride`).
         #[inline(always)]
         unsafe fn row<const S: usize>(&self, start: usize, ow: usize, out: *mut f32) {
-            let mut ox = 0;
-            while ox + 8 <= ow {
-                self.pixels::<8, S>(start + ox * self.stride, out.add(ox * 16));
+            let at = |ox: usize| {
+                let first = start + ox * self.stride;
+                move |ky: usize| self.padded.add((first + ky * self.pw) * 16)
+            };
+            self.span::<S, _>([0, ow], at, out)
+        }
+
+        /// Outputs `from .. to` of a row, kernel row `ky` of output `ox` read from
+        /// `at(ox)(ky)`: 8 at a time, the last 1-7 in one call (7x7 and 14x14 planes are most
+        /// of a row).
+        #[inline(always)]
+        unsafe fn span<const S: usize, F: Fn(usize) -> *const f32>(
+            &self,
+            [from, to]: [usize; 2],
+            at: impl Fn(usize) -> F,
+            out: *mut f32,
+        ) {
+            let mut ox = from;
+            while ox + 8 <= to {
+                self.pixels_from::<8, S>(at(ox), out.add(ox * 16));
                 ox += 8;
             }
-            let first = start + ox * self.stride;
-            let out = out.add(ox * 16);
-            // The last pixels in one call (7x7 and 14x14 planes are most of a row).
-            match ow - ox {
-                1 => self.pixels::<1, S>(first, out),
-                2 => self.pixels::<2, S>(first, out),
-                3 => self.pixels::<3, S>(first, out),
-                4 => self.pixels::<4, S>(first, out),
-                5 => self.pixels::<5, S>(first, out),
-                6 => self.pixels::<6, S>(first, out),
-                7 => self.pixels::<7, S>(first, out),
+            let target = out.add(ox * 16);
+            match to - ox {
+                1 => self.pixels_from::<1, S>(at(ox), target),
+                2 => self.pixels_from::<2, S>(at(ox), target),
+                3 => self.pixels_from::<3, S>(at(ox), target),
+                4 => self.pixels_from::<4, S>(at(ox), target),
+                5 => self.pixels_from::<5, S>(at(ox), target),
+                6 => self.pixels_from::<6, S>(at(ox), target),
+                7 => self.pixels_from::<7, S>(at(ox), target),
                 _ => {}
             }
         }
@@ -598,22 +613,7 @@ mod x86 {
                     }
                 }
             };
-            let mut ox = lo;
-            while ox + 8 <= hi {
-                self.pixels_from::<8, S>(at(ox), out.add(ox * 16));
-                ox += 8;
-            }
-            let target = out.add(ox * 16);
-            match hi - ox {
-                1 => self.pixels_from::<1, S>(at(ox), target),
-                2 => self.pixels_from::<2, S>(at(ox), target),
-                3 => self.pixels_from::<3, S>(at(ox), target),
-                4 => self.pixels_from::<4, S>(at(ox), target),
-                5 => self.pixels_from::<5, S>(at(ox), target),
-                6 => self.pixels_from::<6, S>(at(ox), target),
-                7 => self.pixels_from::<7, S>(at(ox), target),
-                _ => {}
-            }
+            self.span::<S, _>([lo, hi], at, out);
             for ox in (0..lo).chain(hi..ow) {
                 self.pixel_checked(rows, ox * stride, [pl, iw], out.add(ox * 16));
             }
@@ -649,16 +649,10 @@ mod x86 {
             _mm512_storeu_ps(out, y);
         }
 
-        /// `N` outputs whose first tap reads padded pixel `start`, the next ones `S` (or
-        /// `self.stride` when `S` is 0) pixels further, stored 16 floats apart from `out`. With
-        /// the stride a constant, each load's address is a constant offset from one pointer.
-        #[inline(always)]
-        unsafe fn pixels<const N: usize, const S: usize>(&self, start: usize, out: *mut f32) {
-            self.pixels_from::<N, S>(|ky| self.padded.add((start + ky * self.pw) * 16), out)
-        }
-
-        /// [`Self::pixels`] reading kernel row `ky` of the first output at `row_of(ky)` (null:
-        /// a row of padding, skipped).
+        /// `N` outputs, the next ones `S` (or `self.stride` when `S` is 0) pixels further, stored
+        /// 16 floats apart from `out`, kernel row `ky` of the first read at `row_of(ky)` (null: a
+        /// row of padding, skipped). With the stride a constant, each load's address is a
+        /// constant offset from one pointer.
         #[inline(always)]
         unsafe fn pixels_from<const N: usize, const S: usize>(
             &self,
