@@ -269,7 +269,8 @@ mod x86 {
     /// accumulators. Loops over the constant `R` and `B` with no branch inside (the residual
     /// test is outside): a branch in the loop, or one flat loop over the `R * B` vectors, made the
     /// compiler keep the accumulators in memory (2x slower); going through a stack array cost
-    /// the short reductions (k = 16, 24) 8-10 %.
+    /// the short reductions (k = 16, 24) 8-10 %. The two loops are written out on purpose: one
+    /// body shared through a `const RESIDUAL: bool` parameter spilled them again (2.4x slower).
     #[inline(always)]
     unsafe fn store<const R: usize, const B: usize>(t: &Tile, acc: &[[__m512; B]; R]) {
         let block_stride = t.pixels * BLOCK;
