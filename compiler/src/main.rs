@@ -582,12 +582,14 @@ struct CompileArgs {
     )]
     calibration_images: usize,
     /// How int8 activation ranges are chosen: auto (simulate min-max, percentile and entropy on
-    /// the images for choices and keep the most accurate), or one of them.
+    /// training images and keep the one whose outputs stay closest to f32), or one of them.
     #[arg(long, default_value = "auto", value_parser = ["auto", "min-max", "percentile", "entropy"], help_heading = "Precision")]
     calibration: String,
-    /// Accuracy on the images for choices, in percentage points, int8 may lose against f32;
-    /// beyond it the most sensitive layers (measured one by one) go back to f32 until the simulated loss fits.
-    #[arg(long, default_value_t = 1.0, value_name = "POINTS", value_parser = parse_budget, help_heading = "Precision")]
+    /// Share of the training images, in percent, whose top-1 class int8 may change against f32
+    /// (which bounds the accuracy it can lose on them); beyond it the most sensitive layers
+    /// (measured one by one) go back to f32 until the simulated graph fits. Measured on up to
+    /// 1000 training images, never on val or test.
+    #[arg(long, default_value_t = 1.0, value_name = "PERCENT", value_parser = parse_budget, help_heading = "Precision")]
     accuracy_budget: f64,
     /// Which layers may be int8: all that the accuracy budget allows, or only those that also
     /// run faster in int8 than in f32 when timed alone on this machine (use `faster` when
@@ -750,9 +752,7 @@ fn parse_count(s: &str) -> Result<usize, String> {
 fn parse_budget(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a number of percentage points from 0 to 100"
-        )),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
     }
 }
 

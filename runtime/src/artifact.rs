@@ -97,15 +97,24 @@ pub struct QuantizationInfo {
     /// Validation accuracy of the quantized graph, run end to end.
     #[serde(default)]
     pub val_accuracy: Option<f32>,
-    /// Every calibration method tried, with its simulated validation accuracy.
+    /// Every calibration method tried, with how close its simulated graph came to f32.
     #[serde(default)]
     pub calibration_trials: Vec<CalibrationTrial>,
-    /// Validation accuracy int8 was allowed to lose against f32 (0.01: one point).
+    /// Share of the probe images whose top-1 class int8 was allowed to change against f32
+    /// (0.01: one in a hundred). Artifacts written before [`QuantizationInfo::probe`] existed
+    /// recorded validation accuracy int8 was allowed to lose instead.
     #[serde(default)]
     pub accuracy_budget: Option<f32>,
-    /// Simulated validation accuracy of the chosen quantization.
-    #[serde(default)]
+    /// Simulated validation accuracy of the chosen quantization (artifacts written before
+    /// [`QuantizationInfo::probe`] existed; newer ones record [`QuantizationInfo::agreement`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulated_accuracy: Option<f32>,
+    /// The images the choices were simulated on, in words (`1000 training images`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
+    /// Share of the probe images whose top-1 class the chosen (simulated) int8 graph keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f32>,
     /// The whole int8 graph against its f32 original, timed on the compiling machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speed: Option<SpeedCheck>,
@@ -150,11 +159,20 @@ pub struct SpeedCheck {
 pub struct CalibrationTrial {
     /// `min-max`, `percentile` or `entropy`.
     pub method: String,
-    /// Validation accuracy of the int8 graph simulated in f32 with this method's ranges.
-    pub simulated_accuracy: f32,
+    /// Validation accuracy of the int8 graph simulated in f32 with this method's ranges
+    /// (artifacts written before [`QuantizationInfo::probe`] existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated_accuracy: Option<f32>,
+    /// Share of the probe images whose top-1 class the simulated graph keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f32>,
+    /// Mean Kullback-Leibler divergence of its output distribution from the f32 graph's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<f32>,
 }
 
-/// [`LayerPrecision::reason`] of a layer the accuracy budget returned to f32.
+/// [`LayerPrecision::reason`] of a layer the budget (top-1 changes against f32; validation
+/// accuracy in older artifacts) returned to f32.
 pub const KEPT_F32_FOR_BUDGET: &str = "kept f32: accuracy budget";
 /// [`LayerPrecision::reason`] of a depthwise convolution (tract has no int8 kernel for it).
 pub const KEPT_F32_NO_INT8_DEPTHWISE: &str = "kept f32: tract has no int8 depthwise kernel";

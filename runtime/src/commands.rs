@@ -426,31 +426,24 @@ fn describe_precision(m: &Manifest) -> String {
         ),
         _ => String::new(),
     };
-    let trials = if q.calibration_trials.is_empty() {
-        String::new()
-    } else {
-        let tried: Vec<String> = q
-            .calibration_trials
-            .iter()
-            .map(|t| format!("{} {:.4}", t.method, t.simulated_accuracy))
-            .collect();
-        format!("; simulated validation accuracy {}", tried.join(", "))
-    };
+    let trials = describe_trials(q);
     let budget_fallbacks: Vec<&str> = q
         .layers
         .iter()
         .filter(|l| l.reason.as_deref() == Some(artifact::KEPT_F32_FOR_BUDGET))
         .map(|l| l.layer.as_str())
         .collect();
+    // Artifacts with a probe budget top-1 changes in percent; older ones accuracy in points.
+    let unit = if q.probe.is_some() { " %" } else { "-point" };
     let budget = match q.accuracy_budget {
         Some(b) if budget_fallbacks.is_empty() => {
             format!(
-                "; within the {:.2}-point budget with no fallback",
+                "; within the {:.2}{unit} budget with no fallback",
                 b * 100.0
             )
         }
         Some(b) => format!(
-            "; kept f32 for the {:.2}-point budget: {}",
+            "; kept f32 for the {:.2}{unit} budget: {}",
             b * 100.0,
             budget_fallbacks.join(", ")
         ),
@@ -487,6 +480,29 @@ fn describe_precision(m: &Manifest) -> String {
         q.method,
         count(q.calibration_images, "image")
     )
+}
+
+/// The calibration methods the compiler simulated: top-1 agreement with f32 on its probe images,
+/// or (artifacts from before the probe was recorded) simulated validation accuracy.
+fn describe_trials(q: &crate::artifact::QuantizationInfo) -> String {
+    if q.calibration_trials.is_empty() {
+        return String::new();
+    }
+    let tried: Vec<String> = q
+        .calibration_trials
+        .iter()
+        .map(|t| {
+            let value = t.agreement.or(t.simulated_accuracy).unwrap_or(f32::NAN);
+            format!("{} {value:.4}", t.method)
+        })
+        .collect();
+    match (&q.probe, q.agreement) {
+        (Some(probe), Some(agreement)) => format!(
+            "; simulated on {probe}, top-1 agreement with f32 {} (chosen: {agreement:.4})",
+            tried.join(", ")
+        ),
+        _ => format!("; simulated validation accuracy {}", tried.join(", ")),
+    }
 }
 
 fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {

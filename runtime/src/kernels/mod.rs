@@ -11,7 +11,8 @@
 //!   and a k x k one to im2col + product; [`Convolution`] packs its weights once at load and
 //!   runs a register-tiled product whose epilogue applies bias, clamps and the residual add
 //!   before the single store.
-//! - [`gemm_int8`] / [`qconv`]: int8 convolutions (tract's quantized `EinSum` and `Conv`). tract
+//! - [`gemm_int8`] / [`qconv`]: int8 convolutions (tract's quantized `EinSum` and `Conv`; a
+//!   convolution the compiler wrote per output channel is merged first, `merge_channels.rs`). tract
 //!   runs per-channel requantization as whole-tensor `Scale`/`Add`/`Max`/`Min`/`Cast` operators
 //!   (an int8 Lite0 four times slower than f32); [`QuantizedConvolution`] computes u8 x s8 dot
 //!   products (`vpdpbusd`) and requantizes on the registers, so per-channel scales cost nothing.
@@ -45,6 +46,7 @@ pub mod gemm_f32;
 pub mod gemm_int8;
 mod graph;
 pub mod layout;
+mod merge_channels;
 pub mod qconv;
 #[cfg(target_arch = "x86_64")]
 pub mod qconv_blocked;
@@ -197,7 +199,7 @@ pub fn use_graft_kernels_in(
         "this CPU cannot run {} kernels",
         level.name()
     );
-    let mut replaced = 0;
+    let mut replaced = merge_channels::merge_channel_convolutions(model)?;
     for id in model.eval_order()? {
         let node = model.node(id);
         let patch = if let Some(kernel) = DepthwiseConv::for_node(model, node, level)? {
