@@ -59,26 +59,38 @@ fn completion_scripts_cover_every_command() {
     );
 }
 
+/// The default output is short (no epoch lines), `-v` adds a readable line per pipeline stage
+/// with its duration and counts, `-vv` a line per epoch.
 #[test]
-fn verbose_logs_every_stage_with_its_duration() {
+fn verbosity_levels_add_stage_lines_then_epoch_lines() {
     let dir = tempfile::tempdir().unwrap();
     let artifact = dir.path().join("v.graft");
-    let out = run(
-        graft(),
-        &[
-            "-vv".as_ref(),
+    let cache = dir.path().join("cache");
+    let (backbone, data) = (lite0(), hymenoptera_mini());
+    let compile = |flags: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_ref()).collect();
+        args.extend([
             "compile".as_ref(),
             "--backbone".as_ref(),
-            lite0().as_os_str(),
+            backbone.as_os_str(),
             "--data".as_ref(),
-            hymenoptera_mini().as_os_str(),
+            data.as_os_str(),
             "--out".as_ref(),
             artifact.as_os_str(),
-            "--no-cache".as_ref(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
             "--no-verify".as_ref(),
-        ],
-    )
-    .expect_code(0);
+        ]);
+        run(graft(), &args).expect_code(0).stderr
+    };
+    let epoch_line = "epoch    1  train loss ";
+    let default = compile(&[]);
+    assert!(default.contains("kept      epoch "), "{default}");
+    assert!(!default.contains(epoch_line), "{default}");
+    assert!(!default.contains("stage     "), "{default}");
+
+    let stages = compile(&["-v"]);
+    assert!(!stages.contains(epoch_line), "{stages}");
     for name in [
         "import",
         "cut",
@@ -88,18 +100,28 @@ fn verbose_logs_every_stage_with_its_duration() {
         "fold",
         "write",
     ] {
-        let line = format!("stage{{name=\"{name}\"}}: graft_compiler::pipeline: close time.busy=");
-        assert!(out.stderr.contains(&line), "no {line}\n{}", out.stderr);
+        let line = format!("stage     {name} ");
+        assert!(
+            stages
+                .lines()
+                .any(|l| l.starts_with(&line) && l.ends_with(" s")),
+            "no {line:?}\n{stages}"
+        );
     }
-    assert!(out
-        .stderr
-        .contains("features extracted images=72 cache_hits=0 computed=72 skipped=0"));
     assert!(
-        out.stderr
-            .contains("DEBUG stage{name=\"train\"}: graft_compiler::pipeline: epoch epoch=1 "),
-        "{}",
-        out.stderr
+        stages.contains(
+            "\nlog       features extracted images=72 cache_hits=72 computed=0 skipped=0"
+        ),
+        "{stages}"
     );
+    assert!(
+        !stages.contains("INFO") && !stages.contains("graft_compiler::"),
+        "{stages}"
+    );
+
+    let epochs = compile(&["-vv"]);
+    assert!(epochs.contains(epoch_line), "{epochs}");
+    assert!(epochs.contains("\nstage     train "), "{epochs}");
     let both = run(graft(), &["-q", "-v", "inspect", "x.graft"]).expect_code(1);
     assert!(
         both.stderr

@@ -27,7 +27,7 @@ use graft_compiler::finetune::{FinetuneConfig, OptimizerKind, Schedule, Strategy
 use graft_compiler::pipeline::{compile, CompileOptions, CompileReport, Reporter};
 use graft_compiler::quantize::Precision;
 use graft_compiler::train::{HeadKind, TrainConfig};
-use graft_compiler::ui::TerminalUi;
+use graft_compiler::ui::{TerminalUi, Verbosity};
 use graft_compiler::CompileError;
 use graft_runtime::bench::BenchArgs;
 use graft_runtime::commands::{self, EvalArgs, InspectArgs, Outcome, PredictArgs};
@@ -147,8 +147,8 @@ struct AdviseArgs {
     json: bool,
 }
 
-fn run_advise(args: &AdviseArgs, quiet: bool) -> Result<Outcome, Failure> {
-    let ui = TerminalUi::new(quiet);
+fn run_advise(args: &AdviseArgs, verbosity: Verbosity) -> Result<Outcome, Failure> {
+    let ui = TerminalUi::new(verbosity);
     let mut options = CompileOptions::new(&args.backbone, PathBuf::new());
     options.data = Some(args.data.clone());
     options.input_size = args.input_size;
@@ -1063,8 +1063,8 @@ fn print_report(report: &CompileReport, out_path: &Path, json: bool) -> std::io:
     Ok(())
 }
 
-fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
-    let ui = TerminalUi::new(quiet);
+fn run_compile(args: &CompileArgs, verbosity: Verbosity) -> Result<Outcome, Failure> {
+    let ui = TerminalUi::new(verbosity);
     let mut options = args.options()?;
     if let Some(dir) = &args.report {
         graft_compiler::report::check_report_dir(dir)?;
@@ -1108,7 +1108,7 @@ fn run_compile(args: &CompileArgs, quiet: bool) -> Result<Outcome, Failure> {
     Ok(Outcome::Complete)
 }
 
-fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
+fn run_demo(args: &DemoArgs, verbosity: Verbosity) -> Result<Outcome, Failure> {
     let fixtures = args.fixtures.clone().unwrap_or_else(fixtures_dir);
     let backbone = fixtures.join("efficientnet_lite0.onnx");
     let data = fixtures.join("hymenoptera-mini");
@@ -1132,7 +1132,7 @@ fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
         backbone.display(),
         data.display()
     ));
-    run_compile(&compile_args, quiet)?;
+    run_compile(&compile_args, verbosity)?;
     let val = data.join("val");
     let images: Vec<PathBuf> = ["ants", "bees"]
         .iter()
@@ -1159,7 +1159,7 @@ fn run_demo(args: &DemoArgs, quiet: bool) -> Result<Outcome, Failure> {
     let outcome = commands::predict(
         &predict,
         &mut std::io::stdout().lock(),
-        &TerminalUi::new(quiet),
+        &TerminalUi::new(verbosity),
     )?;
     println!(
         "\nNext: graft inspect {0}   |   graft eval {0} {1}",
@@ -1200,26 +1200,21 @@ fn main() -> ExitCode {
         }
     };
     graft_compiler::interrupt::install_handler();
-    if cli.verbose > 0 {
-        use std::io::IsTerminal;
+    let verbosity = Verbosity::from_flags(cli.quiet, cli.verbose);
+    if verbosity >= Verbosity::Stages {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_max_level(if cli.verbose > 1 {
-                tracing::Level::DEBUG
-            } else {
-                tracing::Level::INFO
-            })
-            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .event_format(graft_compiler::ui::LogLines)
             .init();
     }
-    let quiet = cli.quiet;
-    let ui = TerminalUi::new(quiet);
+    let ui = TerminalUi::new(verbosity);
     let mut stdout = std::io::stdout().lock();
     let result: Result<Outcome, Failure> = match &cli.command {
         Command::Compile(args) => {
             drop(stdout);
-            run_compile(args, quiet)
+            run_compile(args, verbosity)
         }
         Command::Predict(args) => commands::predict(args, &mut stdout, &ui).map_err(Into::into),
         Command::Eval(args) => {
@@ -1230,13 +1225,13 @@ fn main() -> ExitCode {
         Command::Bench(args) => graft_runtime::bench::bench(args, &mut stdout).map_err(Into::into),
         Command::Demo(args) => {
             drop(stdout);
-            run_demo(args, quiet)
+            run_demo(args, verbosity)
         }
         Command::CheckData(args) => run_check_data(args, &mut stdout, &ui),
         Command::InspectBackbone(args) => run_inspect_backbone(args, &mut stdout),
         Command::Advise(args) => {
             drop(stdout);
-            run_advise(args, quiet)
+            run_advise(args, verbosity)
         }
         Command::Completions { shell } => {
             let mut script = Vec::new();

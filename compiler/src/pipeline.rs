@@ -508,20 +508,18 @@ pub(crate) fn preprocessing_for(
 /// Runs one stage of the pipeline inside a tracing span named after it (`graft -v` logs each
 /// span's duration when it closes).
 pub(crate) fn stage<T>(name: &'static str, run: impl FnOnce() -> Result<T>) -> Result<T> {
-    let _span = tracing::info_span!("stage", name).entered();
-    run()
+    let started = Instant::now();
+    let result = tracing::info_span!("stage", name).in_scope(run);
+    tracing::info!(target: STAGE_LOG, "{name} {:.2} s", started.elapsed().as_secs_f64());
+    result
 }
+
+/// The tracing target of the event that closes a pipeline stage (`stage`): the `-v` log
+/// prints it as `stage     NAME SECONDS s`.
+pub const STAGE_LOG: &str = "graft::stage";
 
 /// Shows an epoch's record; asks training to stop when the user pressed Ctrl-C.
 fn report_epoch(reporter: &dyn Reporter, record: &EpochRecord) -> ControlFlow<()> {
-    tracing::debug!(
-        epoch = record.epoch,
-        train_loss = record.train_loss,
-        train_accuracy = record.train_accuracy,
-        val_loss = record.val_loss,
-        val_accuracy = record.val_accuracy,
-        "epoch"
-    );
     reporter.epoch(record);
     if reporter.cancelled() {
         ControlFlow::Break(())
