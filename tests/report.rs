@@ -28,6 +28,7 @@ struct Metrics {
 struct Mistake {
     truth: String,
     predicted: String,
+    probability: f32,
 }
 
 fn read_metrics(dir: &Path) -> Metrics {
@@ -114,6 +115,18 @@ fn compile_and_eval_reports_show_the_printed_numbers() {
         assert_eq!(cell, count.to_string(), "heat map cells show the counts");
     }
     assert_eq!(charts[3].matches("<rect x=").count(), 2 * 2 + 2);
+    assert_eq!(
+        charts[3].matches("class=\"value\"").count(),
+        2 * 2,
+        "precision and recall bars carry their values"
+    );
+    for chart in &charts[..2] {
+        // The kept epoch is marked on the validation curve (one red point, a tooltip saying so),
+        // and the axis says epochs: the head is linear.
+        assert_eq!(chart.matches("#d62728").count(), 1, "{chart}");
+        assert!(chart.contains("kept: epoch "), "{chart}");
+        assert!(!chart.contains("L2 path"), "{chart}");
+    }
 
     // The validation photos with their labels swapped: every photo the model gets right is a
     // mistake here, shown with its image.
@@ -145,6 +158,13 @@ fn compile_and_eval_reports_show_the_printed_numbers() {
     assert!(wrong >= 20, "the photos are recognised as what they show");
     assert_eq!(metrics.mistakes.len(), wrong);
     assert!(metrics.mistakes.iter().all(|m| m.truth != m.predicted));
+    assert!(
+        metrics
+            .mistakes
+            .windows(2)
+            .all(|w| w[0].probability >= w[1].probability),
+        "the most confident mistakes first"
+    );
     let html = std::fs::read_to_string(eval_report.join("index.html")).unwrap();
     assert_eq!(html.matches("<figure").count(), wrong);
     assert_eq!(html.matches("src=\"data:image/jpeg;base64,").count(), wrong);

@@ -131,14 +131,21 @@ pub fn bar_chart(
         for (k, (name, color, values)) in sets.iter().enumerate() {
             let value = values.get(c).copied().unwrap_or(0.0).clamp(y0, y1);
             let top = y(value);
+            let left = start + bar * k as f64;
             let _ = writeln!(
                 svg,
-                r#"<rect x="{:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {}: {value:.4}</title></rect>"#,
-                start + bar * k as f64,
+                r#"<rect x="{left:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {}: {value:.4}</title></rect>"#,
                 bar.max(1.0) - 1.0,
                 (HEIGHT - BOTTOM - top).max(0.0),
                 escape(category),
                 escape(name),
+            );
+            // The value above its bar.
+            let _ = writeln!(
+                svg,
+                r#"<text class="value" x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{value:.2}</text>"#,
+                left + bar / 2.0,
+                top - 3.0,
             );
         }
         let _ = writeln!(
@@ -362,6 +369,8 @@ mod tests {
             (0.0, 1.0),
         );
         assert_eq!(bars.matches("<title>").count(), 4);
+        assert_eq!(bars.matches("class=\"value\"").count(), 4);
+        assert!(bars.contains(">0.50</text>") && bars.contains(">0.40</text>"));
         let map = heat_map("m", &["x".into(), "y".into()], &[vec![3, 1], vec![0, 4]]);
         assert_eq!(map.matches("<rect x=").count(), 4);
         assert!(map.contains("true x, predicted y: 1"));
