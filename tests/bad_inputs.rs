@@ -722,7 +722,7 @@ const CASES: &[Case] = &[
     Case {
         name: "unknown preprocessing pipeline",
         build: |dir| {
-            fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--pipeline", &"turbo"]), Expect::Error("error: invalid value 'turbo' for '--pipeline <PIPELINE>': unknown preprocessing pipeline \"turbo\": expected fast or reference".into()))
+            fail(graft(), compile(dir, &lite0(), &hymenoptera_mini(), &[&"--pipeline", &"turbo"]), Expect::Error("error: invalid value 'turbo' for '--pipeline <PIPELINE>': unknown preprocessing pipeline \"turbo\": expected fast, fast-v1 or reference".into()))
         },
     },
     Case {

@@ -413,7 +413,7 @@ fn inspect_shows_labels_preprocessing_provenance_and_metrics() {
     assert_eq!(m["labels"], serde_json::json!(["ants", "bees"]));
     assert_eq!(m["preprocessing"]["normalization"]["name"], "tf");
     assert_eq!(m["preprocessing"]["crop"], serde_json::json!([224, 224]));
-    assert_eq!(m["preprocessing"]["pipeline"], "fast-v1");
+    assert_eq!(m["preprocessing"]["pipeline"], "fast-v2");
     assert_eq!(
         m["backbone"]["sha256"],
         "cf70b3573f4a1349ccf3ba43e6e3417fa72a0e3dd26011aef06a707f9cfd8593"
@@ -433,7 +433,7 @@ fn inspect_shows_labels_preprocessing_provenance_and_metrics() {
         "labels      2 classes: ants, bees",
         "cut at \"features\"",
         "normalize tf",
-        "pipeline fast (reduced-scale JPEG decode, SIMD resize)",
+        "pipeline fast (reduced-scale decode of large JPEGs, SIMD resize)",
         "shorter side -> 256 (bilinear), centre crop 224x224, RGB, normalize",
     ] {
         assert!(

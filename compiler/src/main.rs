@@ -457,9 +457,10 @@ struct CompileArgs {
     #[arg(long, default_value = "bilinear", value_parser = parse_filter, help_heading = "Preprocessing")]
     filter: ResizeFilter,
     /// How images are decoded and resized: fast (large JPEGs decoded at 1/2, 1/4 or 1/8 scale by
-    /// libjpeg-turbo, never below the resize; SIMD resize of the crop only) or reference (full-size
-    /// decode and the `image` crate's resize, which artifacts made before this option record).
-    /// Recorded in the artifact; the runtime follows it.
+    /// libjpeg-turbo, never below the resize, other images as reference does; SIMD resize of the
+    /// crop only), reference (full-size decode and the `image` crate's resize, which artifacts
+    /// made before this option record) or fast-v1 (fast, with libjpeg-turbo for full-scale JPEGs
+    /// too: the first fast pipeline). Recorded in the artifact; the runtime follows it.
     #[arg(long, default_value = "fast", value_parser = parse_pipeline, help_heading = "Preprocessing")]
     pipeline: Pipeline,
     /// Feed channels as BGR instead of RGB.

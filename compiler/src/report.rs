@@ -224,10 +224,11 @@ fn render(input: &ReportInput, m: &ReportMetrics) -> String {
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: sans-serif; margin: 2em auto; max-width: 1340px; color: #222; }}
+body {{ font-family: sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1340px; color: #222; }}
 h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.2em; margin-top: 1.6em; }}
 table {{ border-collapse: collapse; }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: left; }}
 .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+.charts svg {{ width: calc(50% - 6px); min-width: 480px; height: auto; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
 figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128px; height: 128px; object-fit: cover; border: 2px solid #d62728; }}
 </style></head><body>

@@ -140,12 +140,16 @@ pub fn bar_chart(
                 escape(category),
                 escape(name),
             );
-            // The value above its bar.
+            // The value above its bar, or inside its top when the bar reaches the legend's row.
+            let (label_y, fill) = if top - 3.0 < TOP + 4.0 {
+                (top + 12.0, "white")
+            } else {
+                (top - 3.0, "#222")
+            };
             let _ = writeln!(
                 svg,
-                r#"<text class="value" x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{value:.2}</text>"#,
+                r#"<text class="value" x="{:.1}" y="{label_y:.1}" text-anchor="middle" font-size="10" fill="{fill}">{value:.2}</text>"#,
                 left + bar / 2.0,
-                top - 3.0,
             );
         }
         let _ = writeln!(

@@ -96,6 +96,19 @@ pub fn decode_at_least(bytes: &[u8], path: &Path, shorter: u32) -> Result<Dynami
     }
 }
 
+/// Decodes image bytes like [`decode_image`], except that a sequential JPEG large enough to be
+/// decoded at a reduced DCT scale (its shorter side at least twice `shorter`) is decoded so by
+/// libjpeg-turbo ([`decode_at_least`]): the pixels of every full-scale decode are the reference
+/// decoder's.
+pub fn decode_reduced(bytes: &[u8], path: &Path, shorter: u32) -> Result<DynamicImage> {
+    match sequential_jpeg(bytes) {
+        Some(jpeg) if scale_eighths(jpeg.width, jpeg.height, shorter) < 8 => {
+            decode_jpeg(bytes, path, jpeg, shorter)
+        }
+        _ => decode_image(bytes, path),
+    }
+}
+
 /// What the frame header of a sequential JPEG says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Frame {
@@ -286,6 +299,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The current fast pipeline's decode: a JPEG that can only be decoded at full scale gets the
+    /// reference decoder's pixels exactly; a large one is decoded at reduced scale, as the first
+    /// fast pipeline does.
+    #[test]
+    fn only_reduced_scale_decodes_leave_the_reference_decoder() {
+        let path = Path::new("x.jpg");
+        let small = jpeg(500, 375, 90, None);
+        let reference = decode_image(&small, path).unwrap().to_rgb8();
+        let reduced = decode_reduced(&small, path, 256).unwrap().to_rgb8();
+        assert_eq!(reduced.dimensions(), (500, 375));
+        assert_eq!(reduced.as_raw(), reference.as_raw());
+        let large = jpeg(2400, 1800, 90, None);
+        let (now, v1) = (
+            decode_reduced(&large, path, 256).unwrap().to_rgb8(),
+            decode_at_least(&large, path, 256).unwrap().to_rgb8(),
+        );
+        assert_eq!(now.dimensions(), (600, 450));
+        assert_eq!(now.as_raw(), v1.as_raw());
     }
 
     #[test]

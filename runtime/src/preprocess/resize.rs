@@ -102,7 +102,7 @@ pub(super) fn resize_and_crop(
         }
         // An extreme aspect ratio (a 1x16000 strip resizes to 256 x 4,096,000 pixels, 3 GB):
         // only the crop is resampled, as the fast pipeline always does.
-        Pipeline::Reference | Pipeline::Fast => fast(&rgb, &g, filter),
+        Pipeline::Reference | Pipeline::Fast | Pipeline::FastV1 => fast(&rgb, &g, filter),
     }
 }
 
