@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use candle_core::Device;
 use graft_runtime::artifact::{
-    self, CalibrationTrial, EpochRecord, Manifest, Metrics, QuantizationInfo, SpeedCheck,
+    self, CalibrationTrial, EpochRecord, LayerPrecision, Manifest, Metrics, QuantizationInfo,
+    SpeedCheck,
 };
 use graft_runtime::dataset::{ImageFolder, Sample};
 use graft_runtime::eval::{evaluate, par_map, ConfusionMatrix};
@@ -33,12 +34,13 @@ use crate::quantize::search::{
     input_tensor, search, Measurement, Probe, SearchOptions, SearchResult,
 };
 use crate::quantize::{
-    calibrate, plan, quantize, time_layers, total_product_macs, CalibrationMethod, LayerTiming,
-    Precision, QuantizeConfig,
+    calibrate, plan, quantize, time_layers, total_product_macs, ActivationRanges, Calibration,
+    CalibrationMethod, LayerTiming, Precision, QuantizeConfig,
 };
 use crate::rng::Rng;
 use crate::splits::Splits;
 use crate::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
+use tract_onnx::prelude::TypedModel;
 
 /// Receives what the pipeline has to say: progress of long loops, messages, epochs.
 pub trait Reporter: Progress {
@@ -871,19 +873,8 @@ fn quantize_graph(
     reporter: &dyn Reporter,
 ) -> Result<(Vec<u8>, QuantizationInfo)> {
     let seed = options.train.seed;
-    let (pixels, _) = input_pixels(
-        samples.fit,
-        options.calibration_images,
-        (seed, "calibration"),
-        preprocessing,
-        options.threads,
-    );
-    let calibration_images = pixels.len();
-    let inputs = pixels
-        .iter()
-        .map(|pixels| input_tensor(preprocessing, pixels))
-        .collect::<Result<Vec<_>>>()?;
-    let calibration = calibrate(&folded.model, &inputs, |_| {})?;
+    let (calibration, calibration_images) =
+        calibrate_on(&folded.model, samples.fit, preprocessing, options)?;
     let (probe_images, probe_words) = samples.pixels(seed, preprocessing, options.threads);
     let probe = Probe::new(
         &folded.model,
@@ -892,18 +883,18 @@ fn quantize_graph(
         None,
         options.threads,
     )?;
-    let base = QuantizeConfig::default();
+    let search_options = SearchOptions {
+        methods: options
+            .calibration
+            .map_or(CalibrationMethod::ALL.to_vec(), |m| vec![m]),
+        budget: options.accuracy_budget,
+        base: QuantizeConfig::default(),
+    };
     let result = search(
         &folded.model,
         &calibration,
         &probe,
-        &SearchOptions {
-            methods: options
-                .calibration
-                .map_or(CalibrationMethod::ALL.to_vec(), |m| vec![m]),
-            budget: options.accuracy_budget,
-            base: base.clone(),
-        },
+        &search_options,
         reporter,
     )?;
     if reporter.cancelled() {
@@ -913,36 +904,11 @@ fn quantize_graph(
     let ranges = calibration.ranges(result.method);
     let mut config = result.config.clone();
     let timings = if options.int8_only_where_faster {
-        let timings = time_layers(&folded.model, &ranges, &config, 15)?;
-        let slower: Vec<&LayerTiming> = timings.iter().filter(|t| t.int8_ms > t.f32_ms).collect();
-        config
-            .keep_f32
-            .extend(slower.iter().map(|t| t.layer.clone()));
-        reporter.message(&format!(
-            "quantize  timed alone here: {} of {} int8 layers are slower than in f32 and stay f32 (int8 {:.2} ms vs f32 {:.2} ms in all)",
-            slower.len(),
-            timings.len(),
-            timings.iter().map(|t| t.int8_ms).sum::<f64>(),
-            timings.iter().map(|t| t.f32_ms).sum::<f64>(),
-        ));
-        timings
+        keep_slower_layers_f32(&folded.model, &ranges, &mut config, reporter)?
     } else {
         vec![]
     };
-    let mut layers = plan(&folded.model, &config)?;
-    for layer in &mut layers {
-        let timing = timings.iter().find(|t| t.layer == layer.layer);
-        layer.timed_ms = timing.map(|t| [t.f32_ms as f32, t.int8_ms as f32]);
-        layer.reason = if result.fallbacks.iter().any(|f| f.layer == layer.layer) {
-            Some(artifact::KEPT_F32_FOR_BUDGET.into())
-        } else if layer.kind == "depthwise" && !base.depthwise {
-            Some(artifact::KEPT_F32_NO_INT8_DEPTHWISE.into())
-        } else if timing.is_some_and(|t| t.int8_ms > t.f32_ms) {
-            Some(artifact::KEPT_F32_SLOWER_IN_INT8.into())
-        } else {
-            None
-        };
-    }
+    let layers = layer_precisions(&folded.model, &config, &result, &timings)?;
     let quantized = quantize(&folded.model, &ranges, &config)?;
     let int8 = layers.iter().filter(|l| l.precision == "int8").count();
     reporter.message(&format!(
@@ -950,49 +916,127 @@ fn quantize_graph(
         layers.len(),
         result.method.name()
     ));
-    let total_macs = total_product_macs(&folded.model)?;
+    let product_macs = Some(total_product_macs(&folded.model)?);
     let graph = FoldedModel {
         model: quantized,
         classes: folded.classes,
     }
     .to_nnef()?;
-    Ok((
-        graph,
-        QuantizationInfo {
-            method: format!(
-                "{} activation ranges (asymmetric per tensor), int8 weights symmetric per {}",
-                result.method.name(),
-                if config.per_channel {
-                    format!(
-                        "output channel (per tensor for convolutions of more than {} outputs)",
-                        crate::quantize::MAX_PER_CHANNEL_CONV_OUTPUTS
-                    )
-                } else {
-                    "tensor".into()
-                }
-            ),
-            calibration_images,
-            layers,
-            f32_val_accuracy: None,
-            val_accuracy: None,
-            calibration_trials: result
-                .trials
-                .iter()
-                .map(|t| CalibrationTrial {
-                    method: t.method.name().into(),
-                    simulated_accuracy: None,
-                    agreement: Some(t.measurement.agreement as f32),
-                    divergence: Some(t.measurement.divergence as f32),
-                })
-                .collect(),
-            accuracy_budget: Some(options.accuracy_budget as f32),
+    let info = QuantizationInfo {
+        method: describe_quantization(result.method, &config),
+        calibration_images,
+        layers,
+        f32_val_accuracy: None,
+        val_accuracy: None,
+        calibration_trials: calibration_trials(&result),
+        accuracy_budget: Some(options.accuracy_budget as f32),
+        simulated_accuracy: None,
+        probe: Some(probe_words),
+        agreement: Some(result.simulated.agreement as f32),
+        speed: None,
+        product_macs,
+    };
+    Ok((graph, info))
+}
+
+/// Activation ranges of `model` measured on `options.calibration_images` seeded images of `fit`,
+/// and how many images that was (undecodable ones are skipped).
+fn calibrate_on(
+    model: &TypedModel,
+    fit: &[Sample],
+    preprocessing: &Preprocessing,
+    options: &CompileOptions,
+) -> Result<(Calibration, usize)> {
+    let (pixels, _) = input_pixels(
+        fit,
+        options.calibration_images,
+        (options.train.seed, "calibration"),
+        preprocessing,
+        options.threads,
+    );
+    let inputs = pixels
+        .iter()
+        .map(|pixels| input_tensor(preprocessing, pixels))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((calibrate(model, &inputs, |_| {})?, pixels.len()))
+}
+
+/// `--int8-layers faster`: times every int8 layer of `config` alone on this machine and keeps in
+/// f32 those slower in int8; returns the timings.
+fn keep_slower_layers_f32(
+    model: &TypedModel,
+    ranges: &ActivationRanges,
+    config: &mut QuantizeConfig,
+    reporter: &dyn Reporter,
+) -> Result<Vec<LayerTiming>> {
+    let timings = time_layers(model, ranges, config, 15)?;
+    let slower: Vec<&LayerTiming> = timings.iter().filter(|t| t.int8_ms > t.f32_ms).collect();
+    config
+        .keep_f32
+        .extend(slower.iter().map(|t| t.layer.clone()));
+    reporter.message(&format!(
+        "quantize  timed alone here: {} of {} int8 layers are slower than in f32 and stay f32 (int8 {:.2} ms vs f32 {:.2} ms in all)",
+        slower.len(),
+        timings.len(),
+        timings.iter().map(|t| t.int8_ms).sum::<f64>(),
+        timings.iter().map(|t| t.f32_ms).sum::<f64>(),
+    ));
+    Ok(timings)
+}
+
+/// Every quantizable layer's precision under `config`, with its timings when measured and why it
+/// stayed f32 when it did.
+fn layer_precisions(
+    model: &TypedModel,
+    config: &QuantizeConfig,
+    result: &SearchResult,
+    timings: &[LayerTiming],
+) -> Result<Vec<LayerPrecision>> {
+    let mut layers = plan(model, config)?;
+    for layer in &mut layers {
+        let timing = timings.iter().find(|t| t.layer == layer.layer);
+        layer.timed_ms = timing.map(|t| [t.f32_ms as f32, t.int8_ms as f32]);
+        layer.reason = if result.fallbacks.iter().any(|f| f.layer == layer.layer) {
+            Some(artifact::KEPT_F32_FOR_BUDGET.into())
+        } else if layer.kind == "depthwise" && !config.depthwise {
+            Some(artifact::KEPT_F32_NO_INT8_DEPTHWISE.into())
+        } else if timing.is_some_and(|t| t.int8_ms > t.f32_ms) {
+            Some(artifact::KEPT_F32_SLOWER_IN_INT8.into())
+        } else {
+            None
+        };
+    }
+    Ok(layers)
+}
+
+/// The quantization scheme in words, as the artifact records it.
+fn describe_quantization(method: CalibrationMethod, config: &QuantizeConfig) -> String {
+    format!(
+        "{} activation ranges (asymmetric per tensor), int8 weights symmetric per {}",
+        method.name(),
+        if config.per_channel {
+            format!(
+                "output channel (per tensor for convolutions of more than {} outputs)",
+                crate::quantize::MAX_PER_CHANNEL_CONV_OUTPUTS
+            )
+        } else {
+            "tensor".into()
+        }
+    )
+}
+
+/// Every calibration method the search tried, as the artifact records it.
+fn calibration_trials(result: &SearchResult) -> Vec<CalibrationTrial> {
+    result
+        .trials
+        .iter()
+        .map(|t| CalibrationTrial {
+            method: t.method.name().into(),
             simulated_accuracy: None,
-            probe: Some(probe_words),
-            agreement: Some(result.simulated.agreement as f32),
-            speed: None,
-            product_macs: Some(total_macs),
-        },
-    ))
+            agreement: Some(t.measurement.agreement as f32),
+            divergence: Some(t.measurement.divergence as f32),
+        })
+        .collect()
 }
 
 /// Prints what the int8 search measured and chose.

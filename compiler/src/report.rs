@@ -236,7 +236,19 @@ figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128p
 "#,
         title = escape(&input.title)
     );
-    html.push_str("<h2>Summary</h2>\n<table>\n");
+    html.push_str(&summary(input, m));
+    html.push_str(&training(input, m));
+    html.push_str(&per_class(m));
+    html.push_str(&mistakes(m));
+    html.push_str(
+        "<p>The numbers are also in metrics.json beside this page.</p>\n</body></html>\n",
+    );
+    html
+}
+
+/// The summary table: what the artifact is and how it did.
+fn summary(input: &ReportInput, m: &ReportMetrics) -> String {
+    let mut html = String::from("<h2>Summary</h2>\n<table>\n");
     let mut row = |k: &str, v: String| {
         let _ = writeln!(
             html,
@@ -302,7 +314,13 @@ figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128p
     );
     row("head", input.manifest.head.kind.clone());
     html.push_str("</table>\n");
+    html
+}
 
+/// Loss and accuracy curves of the head's training and of fine-tuning, the kept epochs marked;
+/// empty without a training history.
+fn training(input: &ReportInput, m: &ReportMetrics) -> String {
+    let mut html = String::new();
     let head = &input.manifest.head.kind;
     let head_steps = if head == "logreg" || head == "svm" {
         "step on the L2 path (5-fold cross-validation)"
@@ -339,8 +357,13 @@ figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128p
         }
         html.push_str("</div>\n");
     }
+    html
+}
 
-    html.push_str("<h2>Confusion matrix and per-class metrics</h2>\n<div class=\"charts\">\n");
+/// The confusion matrix and precision / recall per class.
+fn per_class(m: &ReportMetrics) -> String {
+    let mut html =
+        String::from("<h2>Confusion matrix and per-class metrics</h2>\n<div class=\"charts\">\n");
     html.push_str(&heat_map(
         "Confusion matrix (rows: true class)",
         &m.labels,
@@ -365,7 +388,12 @@ figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128p
         (0.0, 1.0),
     ));
     html.push_str("</div>\n");
+    html
+}
 
+/// The most confident mistakes, with their images.
+fn mistakes(m: &ReportMetrics) -> String {
+    let mut html = String::new();
     let _ = writeln!(
         html,
         "<h2>Misclassified images ({} of {})</h2>\n<div class=\"grid\">",
@@ -385,9 +413,7 @@ figure {{ margin: 0; width: 132px; font-size: 12px; }} figure img {{ width: 128p
             mistake.probability
         );
     }
-    html.push_str(
-        "</div>\n<p>The numbers are also in metrics.json beside this page.</p>\n</body></html>\n",
-    );
+    html.push_str("</div>\n");
     html
 }
 
