@@ -770,22 +770,11 @@ impl Rebuild<'_> {
             let op = Conv::new(pool_spec.clone(), conv.kernel_fmt, 1, Some(y_dt));
             outputs.push(self.new.wire_node(format!("{part}.int8"), op, &inputs)?[0]);
         }
-        let axis = channel_axis(&conv.pool_spec);
+        let axis = graft_runtime::kernels::channel_axis(&conv.pool_spec);
         let y = self
             .new
             .wire_node(format!("{name}.int8"), TypedConcat::new(axis), &outputs)?[0];
         self.dequantized(candidate, y)
-    }
-}
-
-/// The channel axis of a convolution's input and output (the decluttered graph drops the batch
-/// axis: CHW as often as NCHW).
-fn channel_axis(pool_spec: &tract_onnx::tract_core::ops::cnn::PoolSpec) -> usize {
-    let format = pool_spec.data_format;
-    if format.c_is_last() {
-        pool_spec.rank() + format.has_n() as usize
-    } else {
-        format.has_n() as usize
     }
 }
 

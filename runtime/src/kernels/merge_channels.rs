@@ -13,9 +13,21 @@
 
 use tract_core::internal::*;
 use tract_core::ops::array::TypedConcat;
-use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::cnn::{Conv, KernelFormat, PoolSpec};
 
 use super::graph::{konst, only_successor};
+
+/// The channel axis of a convolution's input and output: the axis the compiler concatenates the
+/// single-channel convolutions on, and the one this pass merges (a decluttered graph drops the
+/// batch axis, so CHW as often as NCHW).
+pub fn channel_axis(pool_spec: &PoolSpec) -> usize {
+    let format = pool_spec.data_format;
+    if format.c_is_last() {
+        pool_spec.rank() + format.has_n() as usize
+    } else {
+        format.has_n() as usize
+    }
+}
 
 /// One single-channel convolution of a group to merge.
 struct Part {
@@ -107,13 +119,7 @@ fn parts<'m>(
     let Some(conv) = first.op_as::<Conv>() else {
         return Ok(None);
     };
-    let format = conv.pool_spec.data_format;
-    let channel_axis = if format.c_is_last() {
-        conv.pool_spec.rank() + format.has_n() as usize
-    } else {
-        format.has_n() as usize
-    };
-    if concat.axis != channel_axis {
+    if concat.axis != channel_axis(&conv.pool_spec) {
         return Ok(None);
     }
     let mut found = Vec::with_capacity(node.inputs.len());
@@ -184,7 +190,7 @@ pub(crate) fn merge_channel_convolutions(model: &mut TypedModel) -> TractResult<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+    use tract_core::ops::cnn::PaddingSpec;
     use tract_core::ops::nn::DataFormat;
 
     fn qi8(zero_point: i32, scale: f32) -> DatumType {

@@ -56,6 +56,7 @@ pub use cast::QuantizedCast;
 pub use conv::Convolution;
 pub use depthwise::{DepthwiseConv, QuantizedDepthwise};
 pub use dispatch::{Layout, Level};
+pub use merge_channels::channel_axis;
 pub use qconv::QuantizedConvolution;
 
 use tract_core::internal::*;
