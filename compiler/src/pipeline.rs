@@ -507,8 +507,8 @@ pub(crate) fn preprocessing_for(
     Ok(preprocessing)
 }
 
-/// Runs one stage of the pipeline inside a tracing span named after it (`graft -v` logs each
-/// span's duration when it closes).
+/// Runs one stage of the pipeline inside a tracing span named after it, then logs its duration
+/// as a [`STAGE_LOG`] event (`graft -v` prints it).
 pub(crate) fn stage<T>(name: &'static str, run: impl FnOnce() -> Result<T>) -> Result<T> {
     let started = Instant::now();
     let result = tracing::info_span!("stage", name).in_scope(run);

@@ -322,34 +322,30 @@ fn summary(input: &ReportInput, m: &ReportMetrics) -> String {
 fn training(input: &ReportInput, m: &ReportMetrics) -> String {
     let mut html = String::new();
     let head = &input.manifest.head.kind;
-    let head_steps = if head == "logreg" || head == "svm" {
-        "step on the L2 path (5-fold cross-validation)"
+    let (head_unit, head_axis) = if head == "logreg" || head == "svm" {
+        ("step", "step on the L2 path (5-fold cross-validation)")
     } else {
-        "epoch"
+        ("epoch", "epoch")
     };
-    let curves = [
-        (
-            "Head training",
-            &m.head_history[..],
-            m.head_kept,
-            head_steps,
-        ),
-        (
-            "Fine-tuning",
-            &m.finetune_history[..],
-            m.finetune_kept,
-            "epoch",
-        ),
+    let charts = [
+        HistoryChart {
+            stage: "Head training",
+            unit: head_unit,
+            x_label: head_axis,
+            history: &m.head_history,
+            kept: m.head_kept,
+        },
+        HistoryChart {
+            stage: "Fine-tuning",
+            unit: "epoch",
+            x_label: "epoch",
+            history: &m.finetune_history,
+            kept: m.finetune_kept,
+        },
     ];
-    if curves.iter().any(|(_, h, _, _)| !h.is_empty()) {
+    if charts.iter().any(|c| !c.history.is_empty()) {
         html.push_str("<h2>Training</h2>\n<div class=\"charts\">\n");
-        for (name, history, kept, steps) in curves.into_iter().filter(|c| !c.1.is_empty()) {
-            let chart = HistoryChart {
-                stage: name,
-                steps,
-                history,
-                kept,
-            };
+        for chart in charts.iter().filter(|c| !c.history.is_empty()) {
             html.push_str(&chart.to_svg("loss", |r| (r.train_loss as f64, r.val_loss as f64)));
             html.push_str(&chart.to_svg("accuracy", |r| {
                 (r.train_accuracy as f64, r.val_accuracy as f64)
@@ -421,8 +417,10 @@ fn mistakes(m: &ReportMetrics) -> String {
 struct HistoryChart<'a> {
     /// `Head training` or `Fine-tuning`.
     stage: &'a str,
-    /// What the x axis counts (epochs, or steps on the L2 path).
-    steps: &'a str,
+    /// What one point is (`epoch`, or `step` on the L2 path).
+    unit: &'a str,
+    /// The x axis label.
+    x_label: &'a str,
     history: &'a [EpochRecord],
     /// The epoch (step) kept, marked on the validation curve.
     kept: Option<usize>,
@@ -448,31 +446,21 @@ impl HistoryChart<'_> {
         let kept = self
             .kept
             .and_then(|k| history.iter().position(|r| r.epoch == k));
-        let kept_tooltips = |values: &dyn Fn(&(f64, f64)) -> f64| {
-            (0..history.len())
-                .map(|i| match kept {
-                    Some(k) if k == i => {
-                        format!(
-                            "kept: {} {} ({:.4})",
-                            self.steps,
-                            epochs[i],
-                            values(&pairs[i])
-                        )
-                    }
-                    _ => String::new(),
-                })
-                .collect::<Vec<_>>()
-        };
+        let unit = self.unit;
+        let tooltips = (0..history.len())
+            .map(|i| match kept {
+                Some(k) if k == i => format!("kept: {unit} {} ({:.4})", epochs[i], pairs[i].1),
+                _ => String::new(),
+            })
+            .collect();
         LineChart {
             title: format!(
                 "{}: {quantity}{}",
                 self.stage,
-                self.kept.map_or(String::new(), |k| format!(
-                    " (kept: {} {k}, in red)",
-                    self.steps.split(' ').next().unwrap_or("epoch")
-                ))
+                self.kept
+                    .map_or(String::new(), |k| format!(" (kept: {unit} {k}, in red)"))
             ),
-            x_label: self.steps.into(),
+            x_label: self.x_label.into(),
             y_label: quantity.into(),
             x_range: (first, last),
             y_range,
@@ -492,7 +480,7 @@ impl HistoryChart<'_> {
                     color: "#ff7f0e",
                     points: epochs.iter().zip(&pairs).map(|(&e, p)| (e, p.1)).collect(),
                     highlight: kept,
-                    tooltips: kept_tooltips(&|p| p.1),
+                    tooltips,
                     ..Series::default()
                 },
             ],

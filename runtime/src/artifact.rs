@@ -109,7 +109,8 @@ pub struct QuantizationInfo {
     /// [`QuantizationInfo::probe`] existed; newer ones record [`QuantizationInfo::agreement`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulated_accuracy: Option<f32>,
-    /// The images the choices were simulated on, in words (`1000 training images`).
+    /// The images the choices were simulated on, in words (`1000 images (train holdout and
+    /// fitted training images)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<String>,
     /// Share of the probe images whose top-1 class the chosen (simulated) int8 graph keeps.

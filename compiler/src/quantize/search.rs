@@ -10,8 +10,8 @@
 //! and it bounds the accuracy int8 can lose on those images.
 //!
 //! [`search`] first tries each calibration method and keeps the one closest to f32 (lowest
-//! divergence), then per-channel weight scales for the 1x1 products (kept when closer: graft's
-//! kernels fuse them, so they cost no time); if more images change than the budget allows, it
+//! divergence), then per-channel weight scales (kept when closer: graft's kernels fuse them, so
+//! they cost no time); if more images change than the budget allows, it
 //! measures how much each int8 layer alone disturbs the output (its sensitivity) and returns
 //! layers to f32, most sensitive first, until the disagreement fits the budget.
 
@@ -277,21 +277,14 @@ pub struct SearchResult {
     pub trials: Vec<Trial>,
     /// Layers returned to f32, in the order they were.
     pub fallbacks: Vec<Fallback>,
-    /// The kept method with one weight scale per output channel for the 1x1 products, when the
-    /// base configuration is per tensor; chosen when closer to f32 (graft's kernels fuse the
+    /// The kept method with one weight scale per output channel, when the base configuration is
+    /// per tensor; chosen when closer to f32 (graft's kernels fuse the
     /// per-channel requantization, so it costs no time).
     pub per_channel: Option<Measurement>,
     /// The simulated outcome of the final choice.
     pub simulated: Measurement,
     /// Probe images measured.
     pub images: usize,
-}
-
-impl SearchResult {
-    /// Loss of accuracy against f32 on the probe images, when they have labels (positive: worse).
-    pub fn accuracy_loss(&self) -> Option<f64> {
-        Some(self.reference.accuracy? - self.simulated.accuracy?)
-    }
 }
 
 /// Chooses the calibration method and the layers kept in f32 (see the module documentation).

@@ -29,6 +29,14 @@ fn konst_within(model: &TypedModel, outlet: OutletId, depth: usize) -> Option<Ar
     Some(outputs.get(outlet.slot)?.clone().into_arc_tensor())
 }
 
+/// The int8 values of a constant (plain or quantized int8).
+pub(crate) fn int8_values(tensor: &Tensor) -> TractResult<Option<Vec<i8>>> {
+    if tensor.datum_type().unquantized() != i8::datum_type() {
+        return Ok(None);
+    }
+    Ok(Some(tensor.view().as_slice::<i8>()?.to_vec()))
+}
+
 /// The node fed by node `id`'s output when it is the only one, and that output is not one of the
 /// model's.
 pub(crate) fn only_successor(model: &TypedModel, id: usize) -> TractResult<Option<&TypedNode>> {

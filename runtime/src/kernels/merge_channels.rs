@@ -15,7 +15,7 @@ use tract_core::internal::*;
 use tract_core::ops::array::TypedConcat;
 use tract_core::ops::cnn::{Conv, KernelFormat, PoolSpec};
 
-use super::graph::{konst, only_successor};
+use super::graph::{int8_values, konst, only_successor};
 
 /// The channel axis of a convolution's input and output: the axis the compiler concatenates the
 /// single-channel convolutions on, and the one this pass merges (a decluttered graph drops the
@@ -93,11 +93,11 @@ fn part(
     ) else {
         return Ok(None);
     };
-    if weights.datum_type().unquantized() != i8::datum_type() || bias.len() != 1 {
+    let Some(weights) = int8_values(&weights)?.filter(|_| bias.len() == 1) else {
         return Ok(None);
-    }
+    };
     Ok(Some(Part {
-        weights: weights.view().as_slice::<i8>()?.to_vec(),
+        weights,
         bias: bias.cast_to_scalar::<i32>()?,
         k_scale: k_scale as f32,
     }))
@@ -142,7 +142,10 @@ pub(crate) fn merge_channel_convolutions(model: &mut TypedModel) -> TractResult<
             continue;
         };
         let conv = first.op_as::<Conv>().context("checked by parts")?;
-        let weights: Vec<i8> = found.iter().flat_map(|p| p.weights.clone()).collect();
+        let weights: Vec<i8> = found
+            .iter()
+            .flat_map(|p| p.weights.iter().copied())
+            .collect();
         let mut shape: TVec<usize> = model
             .outlet_fact(first.inputs[1])?
             .shape

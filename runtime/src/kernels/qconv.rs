@@ -21,7 +21,7 @@ use super::conv::{PatchGeometry, Patches};
 use super::dispatch::Level;
 use super::gemm_f32::Panels;
 use super::gemm_int8::{group, matmul, tile, PackedInt8, Requantization, RowsInt8};
-use super::graph::{konst, only_successor, per_channel};
+use super::graph::{int8_values, konst, only_successor, per_channel};
 
 /// A quantized convolution's int8 input as the product's operand: [`Patches`] rows interleaved
 /// into groups of four (see [`gemm_int8`](super::gemm_int8)).
@@ -132,14 +132,6 @@ fn requantization(
         y0,
         y_scale: y_scale[0],
     }))
-}
-
-/// The int8 values of a constant (plain or quantized int8).
-fn int8_values(tensor: &Tensor) -> TractResult<Option<Vec<i8>>> {
-    if tensor.datum_type().unquantized() != i8::datum_type() {
-        return Ok(None);
-    }
-    Ok(Some(tensor.view().as_slice::<i8>()?.to_vec()))
 }
 
 fn is_int8(dt: DatumType) -> bool {
