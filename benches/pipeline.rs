@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
-use graft_compiler::extract::{FeatureExtractor, Features};
-use graft_compiler::import::Backbone;
+use graft_compiler::backbone::import::Backbone;
+use graft_compiler::features::{FeatureExtractor, Features};
+use graft_compiler::head::train::{train_head, TrainConfig};
 use graft_compiler::pipeline::{compile, CompileOptions};
 use graft_compiler::quantize::Precision;
-use graft_compiler::train::{train_head, TrainConfig};
 use graft_runtime::dataset::ImageFolder;
 use graft_runtime::preprocess::{load_image, Normalization};
 use graft_runtime::progress::NoProgress;
@@ -60,7 +60,7 @@ fn benches(c: &mut Criterion) {
     });
     // Guards batch throughput: eight images through the shared plan on all cores
     // (`Model::classify_batch`, what `predict` does with each batch).
-    let threads = graft_runtime::eval::default_threads();
+    let threads = graft_runtime::parallel::default_threads();
     let batch: Vec<&[f32]> = vec![chw.as_slice(); 8];
     c.bench_function("runtime/classify_tensor/f32/batch8", |b| {
         b.iter(|| model.classify_batch(black_box(&batch), threads).unwrap())

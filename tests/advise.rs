@@ -10,9 +10,9 @@ use std::ffi::OsStr;
 use std::path::Path;
 
 use common::*;
-use graft_compiler::cut::MultiCut;
-use graft_compiler::extract::FeatureExtractor;
-use graft_compiler::import::Backbone;
+use graft_compiler::backbone::cut::MultiCut;
+use graft_compiler::backbone::import::Backbone;
+use graft_compiler::features::FeatureExtractor;
 use graft_runtime::dataset::ImageFolder;
 use graft_runtime::preprocess::{Normalization, Preprocessing};
 use graft_runtime::progress::NoProgress;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::*;
+use graft_compiler::backbone::import::Backbone;
 use graft_compiler::finetune::{TrainablePart, Unfreeze};
-use graft_compiler::import::Backbone;
 use graft_compiler::pipeline::{compile, CompileOptions};
 use graft_runtime::preprocess::{Normalization, Pipeline, Preprocessing};
 use graft_runtime::progress::NoProgress;

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use graft_compiler::cut::CutBackbone;
-use graft_compiler::extract::FeatureExtractor;
+use graft_compiler::backbone::cut::CutBackbone;
+use graft_compiler::backbone::import::Backbone;
+use graft_compiler::features::FeatureExtractor;
 use graft_compiler::finetune::{TrainablePart, Unfreeze};
-use graft_compiler::import::Backbone;
 use graft_runtime::preprocess::{Normalization, Preprocessing};
 
 fn graft() -> &'static Path {

@@ -94,7 +94,7 @@ fn artifact_agrees_with_the_onnx_model_on_imagenet_sample() {
         .collect();
     assert_eq!(rows.len(), 1000);
     let preprocessing = model.manifest().preprocessing.clone();
-    let results = graft_runtime::eval::par_map(
+    let results = graft_runtime::parallel::par_map(
         &rows,
         2,
         |(path, label)| {

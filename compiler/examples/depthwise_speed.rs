@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use graft_compiler::translate::{depthwise_conv, depthwise_conv_cpu};
+use graft_compiler::finetune::translate::{depthwise_conv, depthwise_conv_cpu};
 
 fn time(f: impl Fn() -> candle_core::Result<()>) -> f64 {
     f().unwrap();

@@ -18,7 +18,7 @@ use std::time::Instant;
 use graft_compiler::quantize::search::{input_tensor, search, Probe, SearchOptions};
 use graft_compiler::quantize::{calibrate, quantize, simulate, CalibrationMethod, QuantizeConfig};
 use graft_runtime::bench::profile_plan;
-use graft_runtime::eval::{default_threads, par_map};
+use graft_runtime::parallel::{default_threads, par_map};
 use graft_runtime::preprocess::{load_image, Normalization, Preprocessing};
 use graft_runtime::progress::NoProgress;
 use tract_onnx::prelude::*;

@@ -1,62 +1,43 @@
 //! graft-compiler: turn an ImageNet-pretrained ONNX backbone and a folder of labelled images into
 //! one deployable graft artifact.
 //!
-//! The stages, one module each, listed below in pipeline order, data flowing one way:
-//! [`check`] and [`splits`] (the data folder, and which images make which choice) -> [`import`]
-//! (read and check the ONNX) -> [`cut`] (frozen graph up to the feature tensor) -> [`probe`]
-//! (input normalisation) -> [`extract`] (features of every image, cached) -> [`advise`] (what to
-//! transfer) -> [`train`] / [`finetune`] (new head, upper blocks, with candle) -> [`fold`] (head
-//! appended to the graph, one NNEF graph) -> [`quantize`] (optional int8 rewrite) ->
-//! [`artifact`] (manifest + graph in one file, read by `graft_runtime`). [`pipeline`] wires them
-//! together.
+//! One folder per pipeline stage, listed below in pipeline order, data flowing one way (a stage
+//! uses the ones above it, never one below):
+//! [`data`] (the folder's images, checked, and which images make which choice) -> [`backbone`]
+//! (read and check the ONNX, cut it before its classifier, find its input normalisation) ->
+//! [`features`] (features of every image through the frozen cut, cached) -> [`head`] (new head
+//! on the features) -> [`finetune`] (upper blocks and head together, with candle) -> [`fold`]
+//! (head appended to the graph: one NNEF graph, and its manifest) -> [`quantize`] (optional int8
+//! rewrite). [`pipeline`] runs the stages in order (`compile`) and decides what to transfer
+//! (`advise`); [`report`] renders what a compile or an evaluation measured. The artifact file
+//! itself is `graft_runtime::artifact`, the runtime's reader.
 
 // Data: what a folder holds, and which images make which choice.
-pub mod check;
-pub mod splits;
+pub mod data;
 
-// Backbone: read and check the ONNX, then cut it before its classifier.
-pub mod import;
-
-pub mod cut;
-
-// Input normalisation, asked of the backbone's own classifier.
-pub mod probe;
+// Backbone: read and check the ONNX, cut it, ask it for its input normalisation.
+pub mod backbone;
 
 // Features of every image through the frozen backbone, cached.
-pub mod extract;
+pub mod features;
 
-// What to transfer, decided from the data.
-pub mod advise;
+// Training: heads on cached features; fine-tuning with candle.
+pub mod head;
 
-// Training: heads on cached features; fine-tuning with candle (tract ops translated, images
-// augmented).
-pub mod linear;
-pub mod train;
-
-pub mod augment;
 pub mod finetune;
-pub mod translate;
 
-// The artifact: head folded into the graph, optional int8 rewrite, one file.
+// The artifact: head folded into the graph, optional int8 rewrite.
 pub mod fold;
 
 pub mod quantize;
 
-pub mod artifact;
-
 // Orchestration and reporting.
 pub mod pipeline;
 pub mod report;
-pub mod svg;
 
-// Shared: errors, seeded random numbers, Ctrl-C, terminal output.
+// Shared: errors, seeded random numbers, test helpers.
 pub mod error;
-pub mod interrupt;
-pub mod rng;
-pub mod ui;
-
-#[cfg(test)]
-mod testing;
+pub mod util;
 
 pub use error::{CompileError, Result};
 pub use pipeline::{compile, CompileOptions, CompileReport};

@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use crate::commands::Outcome;
 use crate::error::{Error, Result};
-use crate::eval::default_threads;
 use crate::model::{LoadOptions, LoadTimings, Model};
+use crate::parallel::default_threads;
 use crate::preprocess::Preprocessing;
 
 /// Arguments of `bench`.

@@ -13,8 +13,9 @@ use serde::Serialize;
 use crate::artifact::{self, Manifest};
 use crate::dataset::{has_image_extension, ImageFolder, Sample};
 use crate::error::{Error, Result};
-use crate::eval::{default_threads, evaluate, par_map, ClassStats, Evaluation};
+use crate::eval::{evaluate, ClassStats, Evaluation};
 use crate::model::{LabelScore, Model};
+use crate::parallel::{default_threads, par_map};
 use crate::progress::count;
 pub use crate::progress::{NoProgress, Progress};
 

@@ -3,12 +3,12 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
 use crate::dataset::Sample;
 use crate::model::Model;
+use crate::parallel::par_map;
 use crate::progress::Progress;
 
 /// Confusion matrix, `counts[true][predicted]`.
@@ -179,45 +179,6 @@ impl Evaluation {
     }
 }
 
-/// Applies `f` to every item on `threads` worker threads, keeping the input order, and calls
-/// `on_done` after each item.
-pub fn par_map<T: Sync, R: Send>(
-    items: &[T],
-    threads: usize,
-    f: impl Fn(&T) -> R + Sync,
-    on_done: impl Fn() + Sync,
-) -> Vec<R> {
-    let threads = threads.clamp(1, items.len().max(1));
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut local = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break };
-                        local.push((i, f(item)));
-                        on_done();
-                    }
-                    local
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("worker thread panicked"))
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
-}
-
-/// Number of worker threads to use by default: the available parallelism.
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// Classifies every sample (labels already in the model's label order) and tallies the results.
 /// Images that fail to decode are recorded in [`Evaluation::failures`] and left out; once
 /// `progress` reports cancellation, the remaining images are left out silently.
@@ -289,22 +250,5 @@ mod tests {
         let text = m.display(&labels).to_string();
         assert!(text.contains("true \\ predicted"), "{text}");
         assert_eq!(ConfusionMatrix::new(3).accuracy(), 0.0);
-    }
-
-    #[test]
-    fn par_map_keeps_order_and_counts_progress() {
-        let done = AtomicUsize::new(0);
-        let items: Vec<u32> = (0..100).collect();
-        let out = par_map(
-            &items,
-            3,
-            |x| x * 2,
-            || {
-                done.fetch_add(1, Ordering::Relaxed);
-            },
-        );
-        assert_eq!(out, (0..100).map(|x| x * 2).collect::<Vec<_>>());
-        assert_eq!(done.load(Ordering::Relaxed), 100);
-        assert!(par_map(&[] as &[u32], 4, |x| *x, || {}).is_empty());
     }
 }

@@ -42,6 +42,7 @@ pub mod capi;
 
 // Shared: errors, progress, paths in output.
 pub mod error;
+pub mod parallel;
 pub mod paths;
 pub mod progress;
 

@@ -245,7 +245,7 @@ impl Model {
     /// results in input order. The graph stays batch-1: in tract 0.23 one batch-8 run costs more
     /// per image than eight batch-1 runs, so a batch is spread across cores instead.
     pub fn classify_batch(&self, chws: &[&[f32]], threads: usize) -> Result<Vec<Classification>> {
-        crate::eval::par_map(chws, threads, |chw| self.classify_tensor(chw), || ())
+        crate::parallel::par_map(chws, threads, |chw| self.classify_tensor(chw), || ())
             .into_iter()
             .collect()
     }

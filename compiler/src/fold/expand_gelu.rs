@@ -63,7 +63,7 @@ pub(crate) fn expand_gelu(model: &TypedModel) -> TractResult<Cow<'_, TypedModel>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::run_once;
+    use crate::util::testing::run_once;
     use tract_onnx::tract_core::internal::Approximation;
     use tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact;
 

@@ -6,6 +6,8 @@
 //! probabilities, then logits. tract's declutter pass then folds constants and simplifies the
 //! whole graph, and a consistency check runs after every rewrite.
 
+pub mod manifest;
+
 mod expand_gelu;
 
 use tract_onnx::prelude::*;
@@ -14,9 +16,9 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use crate::cut::CutBackbone;
+use crate::backbone::cut::CutBackbone;
 use crate::error::{CompileError, Result};
-use crate::train::Dense;
+use crate::head::train::Dense;
 
 /// Names of the head's nodes start with this (the int8 rewrite leaves the head in f32).
 pub(crate) const HEAD_NODE_PREFIX: &str = "graft.head.";

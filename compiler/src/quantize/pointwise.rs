@@ -185,7 +185,7 @@ pub(crate) fn weights_oi(weights: &Tensor, layout: &Layout) -> TractResult<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::run_once;
+    use crate::util::testing::run_once;
     use tract_onnx::tract_core::internal::Approximation;
 
     fn layout(expr: &str, x: &[usize], y: &[usize]) -> Option<Layout> {

@@ -15,7 +15,7 @@
 //! measures how much each int8 layer alone disturbs the output (its sensitivity) and returns
 //! layers to f32, most sensitive first, until the disagreement fits the budget.
 
-use graft_runtime::eval::par_map;
+use graft_runtime::parallel::par_map;
 use graft_runtime::preprocess::Preprocessing;
 use graft_runtime::progress::Progress;
 use tract_onnx::prelude::*;

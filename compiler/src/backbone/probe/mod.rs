@@ -15,13 +15,13 @@
 use std::path::Path;
 
 use graft_runtime::dataset::Sample;
-use graft_runtime::eval::par_map;
+use graft_runtime::parallel::par_map;
 use graft_runtime::preprocess::{decode_image, load_image, Preprocessing};
 use image::DynamicImage;
 use tract_onnx::prelude::*;
 
+use crate::backbone::import::Backbone;
 use crate::error::{CompileError, Result};
-use crate::import::Backbone;
 
 mod result;
 
@@ -33,67 +33,67 @@ pub const PROBE_IMAGES: usize = 16;
 /// The ImageNet photos (224x224 centre crops) and their class indices, from `fixtures/golden`.
 const REFERENCE_IMAGES: [(&[u8], usize); 16] = [
     (
-        include_bytes!("../../../fixtures/golden/0000_n01440764.png"),
+        include_bytes!("../../../../fixtures/golden/0000_n01440764.png"),
         0,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0001_n01748264.png"),
+        include_bytes!("../../../../fixtures/golden/0001_n01748264.png"),
         63,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0002_n01990800.png"),
+        include_bytes!("../../../../fixtures/golden/0002_n01990800.png"),
         126,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0003_n02095570.png"),
+        include_bytes!("../../../../fixtures/golden/0003_n02095570.png"),
         189,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0004_n02110627.png"),
+        include_bytes!("../../../../fixtures/golden/0004_n02110627.png"),
         252,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0005_n02236044.png"),
+        include_bytes!("../../../../fixtures/golden/0005_n02236044.png"),
         315,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0006_n02492035.png"),
+        include_bytes!("../../../../fixtures/golden/0006_n02492035.png"),
         378,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0007_n02823750.png"),
+        include_bytes!("../../../../fixtures/golden/0007_n02823750.png"),
         441,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0008_n03063599.png"),
+        include_bytes!("../../../../fixtures/golden/0008_n03063599.png"),
         504,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0009_n03400231.png"),
+        include_bytes!("../../../../fixtures/golden/0009_n03400231.png"),
         567,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0010_n03680355.png"),
+        include_bytes!("../../../../fixtures/golden/0010_n03680355.png"),
         630,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0011_n03873416.png"),
+        include_bytes!("../../../../fixtures/golden/0011_n03873416.png"),
         693,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0012_n04049303.png"),
+        include_bytes!("../../../../fixtures/golden/0012_n04049303.png"),
         756,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0013_n04296562.png"),
+        include_bytes!("../../../../fixtures/golden/0013_n04296562.png"),
         819,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0014_n04517823.png"),
+        include_bytes!("../../../../fixtures/golden/0014_n04517823.png"),
         882,
     ),
     (
-        include_bytes!("../../../fixtures/golden/0015_n07720875.png"),
+        include_bytes!("../../../../fixtures/golden/0015_n07720875.png"),
         945,
     ),
 ];

@@ -25,7 +25,7 @@ use std::path::Path;
 use graft_runtime::dataset::{ImageFolder, Sample};
 
 use crate::error::{CompileError, Result};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// The images of one compile, by role.
 #[derive(Debug, Clone)]

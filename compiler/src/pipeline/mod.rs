@@ -2,6 +2,8 @@
 //! what happened. Stages communicate through values only; this module wires them together and
 //! tells a [`Reporter`] what is going on.
 
+pub mod advise;
+
 use graft_runtime::progress::count;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -12,10 +14,11 @@ use std::time::Instant;
 use candle_core::Device;
 use graft_runtime::artifact::{
     self, CalibrationTrial, EpochRecord, LayerPrecision, Manifest, Metrics, QuantizationInfo,
-    SpeedCheck,
+    SpeedCheck, TransferInfo,
 };
 use graft_runtime::dataset::{ImageFolder, Sample};
-use graft_runtime::eval::{evaluate, par_map, ConfusionMatrix};
+use graft_runtime::eval::{evaluate, ConfusionMatrix, Evaluation};
+use graft_runtime::parallel::par_map;
 use graft_runtime::preprocess::{
     ChannelOrder, Normalization, Pipeline, Preprocessing, ResizeFilter,
 };
@@ -23,13 +26,16 @@ use graft_runtime::progress::Progress;
 use graft_runtime::weights::WeightStorage;
 use graft_runtime::{Artifact, Model};
 
-use crate::artifact::{manifest_for, HeadSummary};
+use crate::backbone::cut::CutBackbone;
+use crate::backbone::import::Backbone;
+use crate::backbone::probe::probe_normalization;
+use crate::data::splits::Splits;
 use crate::error::{CompileError, Result};
-use crate::extract::{Extraction, FeatureCache, FeatureExtractor, Features};
+use crate::features::{Extraction, FeatureCache, FeatureExtractor, Features};
 use crate::finetune::{finetune, FinetuneConfig, Strategy, Unfreeze};
+use crate::fold::manifest::{manifest_for, HeadSummary};
 use crate::fold::FoldedModel;
-use crate::import::Backbone;
-use crate::probe::probe_normalization;
+use crate::head::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
 use crate::quantize::search::{
     input_tensor, search, Measurement, Probe, SearchOptions, SearchResult,
 };
@@ -37,9 +43,7 @@ use crate::quantize::{
     calibrate, plan, quantize, time_layers, total_product_macs, ActivationRanges, Calibration,
     CalibrationMethod, LayerTiming, Precision, QuantizeConfig,
 };
-use crate::rng::Rng;
-use crate::splits::Splits;
-use crate::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
+use crate::util::rng::Rng;
 use tract_onnx::prelude::TypedModel;
 
 /// Receives what the pipeline has to say: progress of long loops, messages, epochs.
@@ -74,7 +78,7 @@ pub struct CompileOptions {
     pub labels_file: Option<PathBuf>,
     /// Input size for backbones with dynamic spatial dimensions.
     pub input_size: Option<[usize; 2]>,
-    /// Per-channel normalisation; `None` probes the backbone for it (see [`crate::probe`]).
+    /// Per-channel normalisation; `None` probes the backbone for it (see [`crate::backbone::probe`]).
     pub normalization: Option<Normalization>,
     /// Shorter side after resizing (default: crop / 0.875).
     pub resize_shorter: Option<u32>,
@@ -132,7 +136,7 @@ impl CompileOptions {
             train: TrainConfig::default(),
             val_fraction: 0.2,
             cache_dir: None,
-            threads: graft_runtime::eval::default_threads(),
+            threads: graft_runtime::parallel::default_threads(),
             verify: true,
             precision: Precision::F32,
             calibration_images: 32,
@@ -170,7 +174,8 @@ pub struct CompileReport {
     pub evaluation: Option<graft_runtime::eval::Evaluation>,
 }
 
-/// Runs the whole pipeline and writes the artifact.
+/// Runs the whole pipeline and writes the artifact: the list of its stages, each a function
+/// below with a typed input and output.
 pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<CompileReport> {
     let started = Instant::now();
     check_output_path(&options.out)?;
@@ -180,6 +185,64 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         (Some(data), false) => Some(ImageFolder::scan(data)?),
         _ => None,
     };
+    let backbone = import_backbone(options, reporter)?;
+    let mut preprocessing = preprocessing_for(&backbone, options)?;
+    if options.keep_imagenet_head {
+        if options.normalization.is_none() {
+            reporter.message(
+                "normalize imagenet (no images to probe with; pass --normalize to choose)",
+            );
+        }
+        return compile_with_own_head(options, backbone, preprocessing, reporter, started);
+    }
+    let (Some(data), Some(folder)) = (options.data.as_deref(), folder) else {
+        return Err(CompileError::InvalidOption(
+            "--data is required (unless --keep-imagenet-head)".into(),
+        ));
+    };
+    let (cut_name, cut) = cut_backbone(&backbone, options, reporter)?;
+    let images = folder.samples().map(|s| ("a data image", s.path.as_path()));
+    check_out_is_not_an_input(&options.out, images)?;
+    let splits = Splits::of(&folder, options.val_fraction, options.train.seed)?;
+    reporter.message(&splits.describe(data, &folder.classes));
+    if options.normalization.is_none() {
+        preprocessing.normalization = stage("normalize", || {
+            choose_normalization(&backbone, &preprocessing, &splits.fit, options, reporter)
+        })?;
+    }
+    let extracted = extract_features(&cut, &preprocessing, (&splits, &folder), options, reporter)?;
+    let trained = train(
+        Frozen {
+            backbone: &backbone,
+            cut,
+            cut_name: &cut_name,
+            preprocessing: &preprocessing,
+        },
+        (&splits, &folder, &extracted),
+        options,
+        reporter,
+    )?;
+    let built = build_graph(
+        &trained,
+        &preprocessing,
+        &splits,
+        &folder.classes,
+        options,
+        reporter,
+    )?;
+    let verified = verify(&built, &trained, &splits, options, (&extracted, reporter))?;
+    write_artifact(
+        built,
+        &trained,
+        &splits,
+        verified,
+        (&extracted, options, reporter),
+        started,
+    )
+}
+
+/// Imports the backbone and says which file it is.
+fn import_backbone(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Backbone> {
     let backbone = stage("import", || {
         Backbone::load(&options.backbone, options.input_size)
     })?;
@@ -198,19 +261,15 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         width,
         &backbone.sha256()[..12]
     ));
-    let mut preprocessing = preprocessing_for(&backbone, options)?;
+    Ok(backbone)
+}
 
-    if options.keep_imagenet_head {
-        if options.normalization.is_none() {
-            reporter.message(
-                "normalize imagenet (no images to probe with; pass --normalize to choose)",
-            );
-        }
-        return compile_with_own_head(options, backbone, preprocessing, reporter, started);
-    }
-    let data = options.data.as_deref().ok_or_else(|| {
-        CompileError::InvalidOption("--data is required (unless --keep-imagenet-head)".into())
-    })?;
+/// Cuts the backbone at `--cut` (default: its pooled features).
+fn cut_backbone(
+    backbone: &Backbone,
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<(String, CutBackbone)> {
     let cut_name = match &options.cut {
         Some(c) => c.clone(),
         None => backbone.default_cut()?,
@@ -226,26 +285,52 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
             ""
         }
     ));
+    Ok((cut_name, cut))
+}
 
-    let folder = folder.expect("scanned above when there is --data");
-    let images = folder.samples().map(|s| ("a data image", s.path.as_path()));
-    check_out_is_not_an_input(&options.out, images)?;
-    let splits = Splits::of(&folder, options.val_fraction, options.train.seed)?;
-    reporter.message(&splits.describe(data, &folder.classes));
-    let (train_samples, val_samples) = (&splits.fit, &splits.select);
+/// The features of every image of the folder through the frozen cut (through the cache).
+struct Extracted {
+    extraction: Extraction,
+    cache: Option<FeatureCache>,
+    seconds: f64,
+}
 
-    if options.normalization.is_none() {
-        preprocessing.normalization = stage("normalize", || {
-            choose_normalization(&backbone, &preprocessing, train_samples, options, reporter)
-        })?;
+/// Features of the images that fit the weights, make the choices and are reported.
+struct ByRole {
+    train: Features,
+    val: Features,
+    report: Features,
+}
+
+impl ByRole {
+    /// The features of the fit, choice and reported images, each class present in each.
+    fn of(all: &Features, splits: &Splits, classes: &[String]) -> Result<ByRole> {
+        let roles = ByRole {
+            train: rows_of(all, &splits.fit),
+            val: rows_of(all, &splits.select),
+            report: rows_of(all, &splits.report),
+        };
+        check_every_class_present(&roles.train, classes, "training")?;
+        check_every_class_present(&roles.val, classes, splits.select_source)?;
+        check_every_class_present(&roles.report, classes, splits.report_source)?;
+        Ok(roles)
     }
+}
 
-    let extract_started = Instant::now();
-    let extractor = FeatureExtractor::new(&cut, &preprocessing)?;
+/// Extracts (or reads from the cache) the features of every image of the splits.
+fn extract_features(
+    cut: &CutBackbone,
+    preprocessing: &Preprocessing,
+    (splits, folder): (&Splits, &ImageFolder),
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<Extracted> {
+    let started = Instant::now();
+    let extractor = FeatureExtractor::new(cut, preprocessing)?;
     let cache = options
         .cache_dir
         .as_deref()
-        .and_then(|root| FeatureCache::new(root, &cut, &preprocessing));
+        .and_then(|root| FeatureCache::new(root, cut, preprocessing));
     let all = splits.all();
     let extraction = stage("extract", || {
         extractor.extract(&all, cache.as_ref(), options.threads, reporter)
@@ -257,104 +342,167 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         skipped = extraction.failures.len(),
         "features extracted"
     );
-    let extract_seconds = extract_started.elapsed().as_secs_f64();
-    report_extraction(&extraction, cache.as_ref(), extract_seconds, reporter);
+    let seconds = started.elapsed().as_secs_f64();
+    report_extraction(&extraction, cache.as_ref(), seconds, reporter);
     warn_about_duplicates(
         &all,
-        train_samples.len() + val_samples.len(),
+        splits.fit.len() + splits.select.len(),
         &extraction,
         &folder.classes,
         reporter,
     );
-    let (train, val, report) = by_role(&extraction.features, &splits);
-    check_every_class_present(&train, &folder.classes, "training")?;
-    check_every_class_present(&val, &folder.classes, splits.select_source)?;
-    check_every_class_present(&report, &folder.classes, splits.report_source)?;
+    Ok(Extracted {
+        extraction,
+        cache,
+        seconds,
+    })
+}
 
+/// The frozen backbone the head is trained on.
+struct Frozen<'a> {
+    backbone: &'a Backbone,
+    cut: CutBackbone,
+    cut_name: &'a str,
+    preprocessing: &'a Preprocessing,
+}
+
+/// The trained model: the (possibly fine-tuned) cut, its head, and the features it was judged on.
+struct Trained {
+    cut: CutBackbone,
+    head: TrainedHead,
+    /// The head trained on frozen features (none from scratch).
+    probe_head: Option<TrainedHead>,
+    features: ByRole,
+    transfer: Option<TransferInfo>,
+    classes: Vec<String>,
+}
+
+/// Trains the head on the frozen features, then fine-tunes (or trains from scratch) when asked;
+/// a fine-tuned backbone's features are extracted again, by tract, for everything after.
+fn train(
+    frozen: Frozen,
+    (splits, folder, extracted): (&Splits, &ImageFolder, &Extracted),
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<Trained> {
+    let features = ByRole::of(&extracted.extraction.features, splits, &folder.classes)?;
     let scratch = options
         .finetune
         .as_ref()
         .is_some_and(|f| f.strategy == Strategy::Scratch);
-    let probe_head = if scratch {
-        None
-    } else {
-        Some(stage("train", || {
+    let probe_head = match scratch {
+        true => None,
+        false => Some(stage("train", || {
             train_probe_head(
                 options,
-                (&train, &val),
+                (&features.train, &features.val),
                 folder.classes.len(),
                 splits.select_source,
                 reporter,
             )
-        })?)
+        })?),
     };
-    let (cut, head, train, val, report, transfer) = match &options.finetune {
-        None => (
-            cut,
-            probe_head.clone().expect("trained unless from scratch"),
-            train,
-            val,
-            report,
-            None,
-        ),
-        Some(config) => {
-            let probe_accuracy = probe_head.as_ref().map(|h| h.best().val_accuracy);
-            let tuned = stage("finetune", || {
-                finetune_backbone(
-                    &backbone,
-                    &cut_name,
-                    &preprocessing,
-                    (train_samples, val_samples),
-                    folder.classes.len(),
-                    probe_head.as_ref(),
-                    config,
-                    options.threads,
-                    reporter,
-                )
-            })?;
-            let cut = tuned.backbone.clone().cut(&cut_name)?;
-            let extractor = FeatureExtractor::new(&cut, &preprocessing)?;
-            let tuned_features = extractor.extract(&all, None, options.threads, reporter)?;
-            let (train, val, report) = by_role(&tuned_features.features, &splits);
-            let tract_accuracy = ConfusionMatrix::from_pairs(
-                folder.classes.len(),
-                val.labels.iter().copied().zip(tuned.head.predict(&val)),
-            )
-            .accuracy();
-            reporter.message(&format!(
-                "check     fine-tuned backbone in tract: {} accuracy {tract_accuracy:.4} (candle: {:.4}{})",
-                splits.select_source,
-                tuned.head.best().val_accuracy,
-                probe_accuracy.map_or(String::new(), |a| format!(", head alone before fine-tuning: {a:.4}"))
-            ));
-            (cut, tuned.head, train, val, report, Some(tuned.info))
-        }
+    let classes = folder.classes.clone();
+    let Some(config) = &options.finetune else {
+        let head = probe_head.clone().expect("trained unless from scratch");
+        return Ok(Trained {
+            cut: frozen.cut,
+            head,
+            probe_head,
+            features,
+            transfer: None,
+            classes,
+        });
     };
+    let tuned = stage("finetune", || {
+        finetune_backbone(
+            &frozen,
+            (&splits.fit, &splits.select),
+            folder.classes.len(),
+            probe_head.as_ref(),
+            config,
+            options.threads,
+            reporter,
+        )
+    })?;
+    let cut = tuned.backbone.clone().cut(frozen.cut_name)?;
+    let extractor = FeatureExtractor::new(&cut, frozen.preprocessing)?;
+    let tuned_features = extractor.extract(&splits.all(), None, options.threads, reporter)?;
+    let features = ByRole::of(&tuned_features.features, splits, &folder.classes)?;
+    let tract_accuracy = ConfusionMatrix::from_pairs(
+        folder.classes.len(),
+        features
+            .val
+            .labels
+            .iter()
+            .copied()
+            .zip(tuned.head.predict(&features.val)),
+    )
+    .accuracy();
+    reporter.message(&format!(
+        "check     fine-tuned backbone in tract: {} accuracy {tract_accuracy:.4} (candle: {:.4}{})",
+        splits.select_source,
+        tuned.head.best().val_accuracy,
+        probe_head.as_ref().map_or(String::new(), |h| format!(
+            ", head alone before fine-tuning: {:.4}",
+            h.best().val_accuracy
+        ))
+    ));
+    Ok(Trained {
+        cut,
+        head: tuned.head,
+        probe_head,
+        features,
+        transfer: Some(tuned.info),
+        classes,
+    })
+}
 
+/// The graph to write (f32, or int8, weights narrowed when asked), the all-f32 graph, and the
+/// manifest so far.
+struct Built {
+    manifest: Manifest,
+    f32_graph: Vec<u8>,
+    /// The computed graph (int8 or f32) with its weights stored as `--weights` asks.
+    graph: Vec<u8>,
+}
+
+/// Folds the head into the graph, quantizes and narrows it when asked, and times int8 against
+/// f32.
+fn build_graph(
+    trained: &Trained,
+    preprocessing: &Preprocessing,
+    splits: &Splits,
+    classes: &[String],
+    options: &CompileOptions,
+    reporter: &dyn Reporter,
+) -> Result<Built> {
     // The training record is the head's own training on frozen features (from scratch, there
     // is none: the joint training is recorded); joint training is recorded as the transfer.
-    let summary = HeadSummary::trained(probe_head.as_ref().unwrap_or(&head), &options.train)
-        .with_transfer(transfer);
-    let mut manifest = manifest_for(&cut, &preprocessing, &folder.classes, &summary);
+    let summary = HeadSummary::trained(
+        trained.probe_head.as_ref().unwrap_or(&trained.head),
+        &options.train,
+    )
+    .with_transfer(trained.transfer.clone());
+    let mut manifest = manifest_for(&trained.cut, preprocessing, classes, &summary);
     let (folded, f32_graph) = stage("fold", || {
-        let folded = cut.into_folded(&head.layers)?;
+        let folded = trained.cut.clone().into_folded(&trained.head.layers)?;
         let graph = folded.to_nnef()?;
         Ok((folded, graph))
     })?;
-    let val_usable = usable(val_samples, &val);
-    let report_usable = usable(&splits.report, &report);
     let int8_graph = match options.precision {
         Precision::F32 => None,
         Precision::Int8 => {
+            let val_usable = usable(&splits.select, &trained.features.val);
             let (graph, info) = stage("quantize", || {
                 quantize_graph(
                     folded,
                     &ProbeSamples {
-                        fit: train_samples,
+                        fit: &splits.fit,
                         select: &val_usable,
                         select_source: splits.select_source,
                     },
-                    &preprocessing,
+                    preprocessing,
                     options,
                     reporter,
                 )
@@ -364,81 +512,144 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         }
     };
     manifest.precision = options.precision.name().into();
-    let computed_graph = int8_graph.as_deref().unwrap_or(&f32_graph);
-    let narrowed = narrow_weights(computed_graph, options.weights, &mut manifest, reporter)?;
-    let graph = narrowed.as_deref().unwrap_or(computed_graph);
+    let computed_graph = int8_graph.unwrap_or_else(|| f32_graph.clone());
+    let graph = narrow_weights(&computed_graph, options.weights, &mut manifest, reporter)?
+        .unwrap_or(computed_graph);
     if manifest.quantization.is_some() {
         let speed = stage("speed", || {
-            speed_check(&manifest, graph, &f32_graph, options, reporter)
+            speed_check(&manifest, &graph, &f32_graph, options, reporter)
         })?;
         if let Some(info) = manifest.quantization.as_mut() {
             info.speed = Some(speed);
         }
     }
+    Ok(Built {
+        manifest,
+        f32_graph,
+        graph,
+    })
+}
+
+/// What the reported images measured: the head on cached features, and the written graph run
+/// end to end (with `verify`).
+struct Verified {
+    head_confusion: ConfusionMatrix,
+    evaluation: Option<Evaluation>,
+    /// The all-f32 graph's accuracy, when the written one is quantized or narrowed.
+    f32_accuracy: Option<f32>,
+}
+
+/// Runs the written graph end to end on the reported images, checks that its all-f32 form
+/// measures what the head measured, and records int8 (or narrowed) against f32.
+fn verify(
+    built: &Built,
+    trained: &Trained,
+    splits: &Splits,
+    options: &CompileOptions,
+    (extracted, reporter): (&Extracted, &dyn Reporter),
+) -> Result<Verified> {
+    let report = &trained.features.report;
     let head_confusion = ConfusionMatrix::from_pairs(
-        folder.classes.len(),
-        report.labels.iter().copied().zip(head.predict(&report)),
+        trained.classes.len(),
+        report
+            .labels
+            .iter()
+            .copied()
+            .zip(trained.head.predict(report)),
     );
-    let head_val_accuracy = head_confusion.accuracy();
-    let verified = if options.verify {
-        let evaluation = stage("verify", || {
-            run_graph(&manifest, graph, &report_usable, options, reporter)
-        })?;
-        let accuracy = evaluation.accuracy();
-        reporter.message(&format!(
-            "verify    artifact run end to end on {}: accuracy {:.4} (head on cached features: {:.4})",
-            count(
-                evaluation.confusion.total(),
-                &format!("{} image", splits.report_source)
-            ),
-            accuracy,
-            head_val_accuracy
-        ));
-        let narrowed = manifest.quantization.is_some() || manifest.weights != WeightStorage::F32;
-        // The all-f32 graph's own run: the artifact's, unless it was quantized or narrowed.
-        let f32_evaluation = if narrowed {
-            Cow::Owned(run_graph(
-                &all_f32(&manifest),
-                &f32_graph,
-                &report_usable,
-                options,
-                reporter,
-            )?)
-        } else {
-            Cow::Borrowed(&evaluation)
-        };
-        check_graph_agrees_with_head(
-            head_val_accuracy,
-            &f32_evaluation,
-            splits.report_source,
-            cache.as_ref(),
-        )?;
-        if narrowed {
-            let f32_accuracy = f32_evaluation.accuracy();
-            reporter.message(&format!(
-                "verify    {} compute, {} weights: accuracy {accuracy:.4} vs {f32_accuracy:.4} all f32 ({:+.2} points)",
-                manifest.precision,
-                manifest.weights.name(),
-                (accuracy - f32_accuracy) * 100.0
-            ));
-            if let Some(info) = manifest.quantization.as_mut() {
-                info.val_accuracy = Some(accuracy);
-                info.f32_val_accuracy = Some(f32_accuracy);
-            }
-        }
-        Some(evaluation)
+    if !options.verify {
+        return Ok(Verified {
+            head_confusion,
+            evaluation: None,
+            f32_accuracy: None,
+        });
+    }
+    let head_accuracy = head_confusion.accuracy();
+    let report_usable = usable(&splits.report, report);
+    let manifest = &built.manifest;
+    let evaluation = stage("verify", || {
+        run_graph(manifest, &built.graph, &report_usable, options, reporter)
+    })?;
+    reporter.message(&format!(
+        "verify    artifact run end to end on {}: accuracy {:.4} (head on cached features: {:.4})",
+        count(
+            evaluation.confusion.total(),
+            &format!("{} image", splits.report_source)
+        ),
+        evaluation.accuracy(),
+        head_accuracy
+    ));
+    let narrowed = manifest.quantization.is_some() || manifest.weights != WeightStorage::F32;
+    // The all-f32 graph's own run: the artifact's, unless it was quantized or narrowed.
+    let f32_evaluation = if narrowed {
+        Cow::Owned(run_graph(
+            &all_f32(manifest),
+            &built.f32_graph,
+            &report_usable,
+            options,
+            reporter,
+        )?)
     } else {
-        None
+        Cow::Borrowed(&evaluation)
     };
-    let artifact_val_accuracy = verified.as_ref().map(|e| e.accuracy());
+    check_graph_agrees_with_head(
+        head_accuracy,
+        &f32_evaluation,
+        splits.report_source,
+        extracted.cache.as_ref(),
+    )?;
+    if narrowed {
+        reporter.message(&format!(
+            "verify    {} compute, {} weights: accuracy {:.4} vs {:.4} all f32 ({:+.2} points)",
+            manifest.precision,
+            manifest.weights.name(),
+            evaluation.accuracy(),
+            f32_evaluation.accuracy(),
+            (evaluation.accuracy() - f32_evaluation.accuracy()) * 100.0
+        ));
+    }
+    let f32_accuracy = narrowed.then(|| f32_evaluation.accuracy());
+    drop(f32_evaluation);
+    Ok(Verified {
+        head_confusion,
+        evaluation: Some(evaluation),
+        f32_accuracy,
+    })
+}
+
+/// Measures the test split (when there is one), records the metrics in the manifest and writes
+/// the artifact atomically.
+fn write_artifact(
+    built: Built,
+    trained: &Trained,
+    splits: &Splits,
+    verified: Verified,
+    (extracted, options, reporter): (&Extracted, &CompileOptions, &dyn Reporter),
+    started: Instant,
+) -> Result<CompileReport> {
+    let Built {
+        mut manifest,
+        graph,
+        ..
+    } = built;
+    let artifact_val_accuracy = verified.evaluation.as_ref().map(|e| e.accuracy());
+    if let (Some(info), Some(f32_accuracy)) =
+        (manifest.quantization.as_mut(), verified.f32_accuracy)
+    {
+        info.val_accuracy = artifact_val_accuracy;
+        info.f32_val_accuracy = Some(f32_accuracy);
+    }
+    let head_val_accuracy = verified.head_confusion.accuracy();
     let confusion = verified
+        .evaluation
         .as_ref()
-        .map_or(head_confusion, |e| e.confusion.clone());
+        .map_or(&verified.head_confusion, |e| &e.confusion);
+    let extraction = &extracted.extraction;
     let test_accuracy = match &splits.test {
         Some(test) => Some(stage("test", || {
             test_accuracy(
                 &manifest,
-                graph,
+                &graph,
                 (test, &extraction.features),
                 options,
                 reporter,
@@ -446,19 +657,20 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         })?),
         None => None,
     };
+    let features = &trained.features;
     manifest.metrics = Some(Metrics {
         validation_source: splits.report_source.to_string(),
-        train_images: train.rows(),
-        val_images: report.rows(),
-        train_accuracy: head_train_accuracy(&head, &train),
+        train_images: features.train.rows(),
+        val_images: features.report.rows(),
+        train_accuracy: head_train_accuracy(&trained.head, &features.train),
         val_accuracy: artifact_val_accuracy.unwrap_or(head_val_accuracy),
         confusion: confusion.counts.clone(),
         selection_source: Some(splits.select_source.to_string()),
-        selection_images: Some(val.rows()),
+        selection_images: Some(features.val.rows()),
         test_accuracy: test_accuracy.map(|t| t.0),
         test_images: test_accuracy.map(|t| t.1),
     });
-    let bytes = artifact::encode(&manifest, graph);
+    let bytes = artifact::encode(&manifest, &graph);
     if reporter.cancelled() {
         return Err(CompileError::Interrupted);
     }
@@ -476,9 +688,9 @@ pub fn compile(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Comp
         skipped,
         head_val_accuracy: Some(head_val_accuracy),
         artifact_val_accuracy,
-        extract_seconds,
+        extract_seconds: extracted.seconds,
         total_seconds: started.elapsed().as_secs_f64(),
-        evaluation: verified,
+        evaluation: verified.evaluation,
     })
 }
 
@@ -621,11 +833,8 @@ fn test_accuracy(
 }
 
 /// Fine-tunes (or trains from scratch) the backbone and the head, reporting what it does.
-#[allow(clippy::too_many_arguments)]
 fn finetune_backbone(
-    backbone: &Backbone,
-    cut: &str,
-    preprocessing: &Preprocessing,
+    frozen: &Frozen,
     (train, val): (&[Sample], &[Sample]),
     classes: usize,
     probe_head: Option<&TrainedHead>,
@@ -653,9 +862,9 @@ fn finetune_backbone(
         if config.augmentation.is_some() { ", augmented" } else { ", no augmentation" }
     ));
     let tuned = finetune(
-        backbone,
-        cut,
-        preprocessing,
+        frozen.backbone,
+        frozen.cut_name,
+        frozen.preprocessing,
         train,
         val,
         classes,
@@ -1140,7 +1349,7 @@ fn warn_about_duplicates(
     }
 }
 
-/// `--normalize auto`: ask the backbone's own classifier (see [`crate::probe`]).
+/// `--normalize auto`: ask the backbone's own classifier (see [`crate::backbone::probe`]).
 pub(crate) fn choose_normalization(
     backbone: &Backbone,
     preprocessing: &Preprocessing,
@@ -1380,15 +1589,6 @@ fn rows_of(all: &Features, samples: &[Sample]) -> Features {
         .filter(|&i| paths.contains(all.paths[i].as_path()))
         .collect();
     all.select(&rows)
-}
-
-/// The features of the fit, choice and reported images.
-fn by_role(all: &Features, splits: &Splits) -> (Features, Features, Features) {
-    (
-        rows_of(all, &splits.fit),
-        rows_of(all, &splits.select),
-        rows_of(all, &splits.report),
-    )
 }
 
 /// The samples of `samples` whose features were extracted (undecodable images are skipped).

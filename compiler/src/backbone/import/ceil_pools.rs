@@ -77,7 +77,7 @@ pub(crate) fn explicit_ceil_pools(model: &mut TypedModel) -> TractResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::run_once;
+    use crate::util::testing::run_once;
     use tract_onnx::tract_core::internal::Approximation;
     use tract_onnx::tract_core::ops::nn::DataFormat;
 

@@ -11,7 +11,7 @@ use graft_runtime::preprocess::{Preprocessing, ResizeFilter};
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// Ranges of the random changes.
 #[derive(Debug, Clone, Copy, PartialEq)]

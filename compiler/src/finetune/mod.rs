@@ -4,11 +4,14 @@
 //! The backbone is split at a boundary tensor. The frozen part below it runs in tract, once per
 //! image when images are not augmented (its outputs are kept in memory) or once per image and
 //! epoch when they are. The trainable part above it is translated to candle
-//! ([`crate::translate`]) with its ONNX weights as variables, and trained with the head by
+//! ([`crate::finetune::translate`]) with its ONNX weights as variables, and trained with the head by
 //! AdamW or SGD with momentum, the backbone at a smaller learning rate than the head, on a
 //! cosine or step schedule, early-stopping on the validation loss. The weights of the best epoch
 //! are written back into the ONNX initializers, so cutting, folding, quantizing and the runtime
 //! handle a fine-tuned backbone exactly like the original.
+
+pub mod augment;
+pub mod translate;
 
 use std::fmt;
 use std::ops::ControlFlow;
@@ -20,20 +23,20 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use graft_runtime::artifact::{EpochRecord, TransferInfo};
 use graft_runtime::dataset::Sample;
-use graft_runtime::eval::par_map;
+use graft_runtime::parallel::par_map;
 use graft_runtime::preprocess::Preprocessing;
 use graft_runtime::progress::Progress;
 use image::DynamicImage;
 use tract_onnx::prelude::{tvec, IntoRunnable, IntoTValue, TypedSimplePlan};
 
-use crate::augment::Augmentation;
+use crate::backbone::import::Backbone;
 use crate::error::{CompileError, Result};
-use crate::import::Backbone;
-use crate::rng::Rng;
-use crate::train::{
+use crate::finetune::augment::Augmentation;
+use crate::finetune::translate::Subgraph;
+use crate::head::train::{
     class_weights, correct_predictions, weighted_cross_entropy, Dense, HeadKind, TrainedHead,
 };
-use crate::translate::Subgraph;
+use crate::util::rng::Rng;
 
 /// What to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

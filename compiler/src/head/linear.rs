@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// Stratified, seeded k-fold split: `k` disjoint sets of row indices covering every row, each
 /// class spread over the folds as evenly as its size allows.

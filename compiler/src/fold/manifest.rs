@@ -9,8 +9,8 @@ use graft_runtime::artifact::{
 };
 use graft_runtime::Preprocessing;
 
-use crate::cut::CutBackbone;
-use crate::train::{HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
+use crate::backbone::cut::CutBackbone;
+use crate::head::train::{HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
 
 /// tract version the compiler is built against (checked against Cargo.lock by a test).
 pub const TRACT_VERSION: &str = "0.23.9";

@@ -7,6 +7,8 @@
 //! misclassified images with true and predicted labels, f32 vs quantized accuracy, latency and
 //! size.
 
+pub mod svg;
+
 use graft_runtime::progress::count;
 use std::fmt::Write as _;
 use std::io::Cursor;
@@ -18,7 +20,7 @@ use graft_runtime::preprocess::decode_at_least;
 use serde::Serialize;
 
 use crate::error::{CompileError, Result};
-use crate::svg::{accuracy_range, bar_chart, escape, heat_map, LineChart, Series};
+use crate::report::svg::{accuracy_range, bar_chart, escape, heat_map, LineChart, Series};
 
 /// Misclassified images shown on the page (all are listed in `metrics.json`).
 pub const SHOWN_MISTAKES: usize = 24;

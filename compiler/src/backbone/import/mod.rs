@@ -17,7 +17,6 @@ mod external_data;
 mod fold_batchnorm;
 pub(crate) mod proto;
 
-use crate::cut::CutBackbone;
 use crate::error::{CompileError, Result};
 
 /// Largest ONNX file read: protobuf cannot encode a message of 2 GiB or more (larger models
@@ -452,13 +451,6 @@ impl Backbone {
 
     fn graph(&self) -> &pb::GraphProto {
         self.proto.graph.as_ref().expect("checked at load")
-    }
-
-    /// Cuts the graph at tensor `cut`: the result computes that tensor from the image input
-    /// (globally average-pooled to `[1, C]` when it is a `[1, C, H, W]` feature map).
-    pub fn cut(self, cut: &str) -> Result<CutBackbone> {
-        let typed = self.typed_with_outputs(&[cut.to_string()])?;
-        CutBackbone::new(self, cut.to_string(), typed)
     }
 }
 

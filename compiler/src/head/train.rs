@@ -16,8 +16,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use graft_runtime::artifact::EpochRecord;
 
 use crate::error::{CompileError, Result};
-use crate::extract::Features;
-use crate::rng::Rng;
+use crate::features::Features;
+use crate::util::rng::Rng;
 
 /// Architecture of the new head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub enum HeadKind {
         hidden: usize,
     },
     /// Multinomial logistic regression solved to convergence, L2 strength chosen by 5-fold
-    /// cross-validation ([`crate::linear`]).
+    /// cross-validation ([`crate::head::linear`]).
     LogReg,
     /// One-vs-rest linear SVM (hinge loss), L2 strength chosen by 5-fold cross-validation.
     Svm,
@@ -562,7 +562,7 @@ fn cross_validation_path(
     folds: usize,
     seed: u64,
 ) -> Result<Vec<CvScore>> {
-    let folds = crate::linear::stratified_folds(labels, folds, seed);
+    let folds = crate::head::linear::stratified_folds(labels, folds, seed);
     // correct[k][f]: rows of fold f predicted right at LAMBDA_PATH[k]. Each fold walks the path
     // from the strongest regularisation down, warm-starting from the previous solution.
     let mut correct = vec![vec![0usize; folds.len()]; LAMBDA_PATH.len()];
@@ -632,13 +632,13 @@ fn fit_linear(
     (labels, classes): (&[usize], usize),
     rows: &[usize],
     (lambda, iterations): (f64, usize),
-    start: Option<&crate::linear::LinearModel>,
-) -> candle_core::Result<crate::linear::LinearModel> {
+    start: Option<&crate::head::linear::LinearModel>,
+) -> candle_core::Result<crate::head::linear::LinearModel> {
     let xs = gather_rows(x, dim, rows);
     let ys: Vec<usize> = rows.iter().map(|&i| labels[i]).collect();
     match kind {
-        HeadKind::Svm => crate::linear::fit_svm(&xs, dim, &ys, classes, lambda, iterations),
-        _ => crate::linear::fit_logistic_from(
+        HeadKind::Svm => crate::head::linear::fit_svm(&xs, dim, &ys, classes, lambda, iterations),
+        _ => crate::head::linear::fit_logistic_from(
             &xs,
             dim,
             (&ys, classes),
@@ -663,7 +663,7 @@ fn fit_convex_head(
     classes: usize,
     on_epoch: &mut dyn FnMut(&EpochRecord) -> ControlFlow<()>,
 ) -> Result<TrainedHead> {
-    use crate::linear::LinearModel;
+    use crate::head::linear::LinearModel;
     let dim = train.dim;
     let x: Vec<f32> = train_x.flatten_all()?.to_vec1()?;
     let to_network = |model: &LinearModel| -> candle_core::Result<Network> {

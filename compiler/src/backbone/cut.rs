@@ -9,8 +9,17 @@ use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::math;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 
+use crate::backbone::import::Backbone;
 use crate::error::{CompileError, Result};
-use crate::import::Backbone;
+
+impl Backbone {
+    /// Cuts the graph at tensor `cut`: the result computes that tensor from the image input
+    /// (globally average-pooled to `[1, C]` when it is a `[1, C, H, W]` feature map).
+    pub fn cut(self, cut: &str) -> Result<CutBackbone> {
+        let typed = self.typed_with_outputs(&[cut.to_string()])?;
+        CutBackbone::new(self, cut.to_string(), typed)
+    }
+}
 
 /// A backbone cut at a tensor; its single output is the `[1, D]` feature vector.
 #[derive(Debug, Clone)]
@@ -22,11 +31,7 @@ pub struct CutBackbone {
 }
 
 impl CutBackbone {
-    pub(crate) fn new(
-        backbone: Backbone,
-        cut: String,
-        mut model: TypedModel,
-    ) -> Result<CutBackbone> {
+    fn new(backbone: Backbone, cut: String, mut model: TypedModel) -> Result<CutBackbone> {
         let invalid = |reason: String| CompileError::InvalidCut {
             path: backbone.path().to_path_buf(),
             cut: cut.clone(),

@@ -18,16 +18,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use graft_runtime::dataset::Sample;
-use graft_runtime::eval::par_map;
+use graft_runtime::parallel::par_map;
 use graft_runtime::preprocess::Preprocessing;
 use graft_runtime::progress::Progress;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
-use crate::cut::{CutBackbone, MultiCut};
+use crate::backbone::cut::{CutBackbone, MultiCut};
+use crate::backbone::import::Backbone;
 use crate::error::{CompileError, Result};
-use crate::import::Backbone;
 
 mod cache_file;
 

@@ -8,7 +8,7 @@ use graft_runtime::artifact::EpochRecord;
 use graft_runtime::progress::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::pipeline::Reporter;
+use graft_compiler::pipeline::Reporter;
 
 /// How much the binary prints on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -119,7 +119,7 @@ impl Reporter for TerminalUi {
 }
 
 /// The `-v` log's line format: `stage     import 0.33 s` for a finished pipeline stage
-/// ([`crate::pipeline::STAGE_LOG`]), `log       features extracted images=72 ...` for other
+/// ([`graft_compiler::pipeline::STAGE_LOG`]), `log       features extracted images=72 ...` for other
 /// events; no timestamps, levels or module paths.
 pub struct LogLines;
 
@@ -134,7 +134,7 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let label = if event.metadata().target() == crate::pipeline::STAGE_LOG {
+        let label = if event.metadata().target() == graft_compiler::pipeline::STAGE_LOG {
             "stage"
         } else {
             "log"

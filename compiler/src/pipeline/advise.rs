@@ -16,15 +16,15 @@
 use graft_runtime::dataset::ImageFolder;
 use serde::Serialize;
 
-use crate::cut::MultiCut;
+use crate::backbone::cut::MultiCut;
+use crate::backbone::import::{Backbone, CutPoint};
+use crate::data::splits::Splits;
 use crate::error::{CompileError, Result};
-use crate::extract::{FeatureCache, FeatureExtractor, Features};
+use crate::features::{FeatureCache, FeatureExtractor, Features};
 use crate::finetune::{FinetuneConfig, Strategy, Unfreeze};
-use crate::import::{Backbone, CutPoint};
+use crate::head::train::{cross_validate, CvScore, HeadKind, CV_FOLDS};
 use crate::pipeline::{choose_normalization, preprocessing_for, stage, CompileOptions, Reporter};
-use crate::splits::Splits;
-use crate::svg::{accuracy_range, LineChart, Series};
-use crate::train::{cross_validate, CvScore, HeadKind, CV_FOLDS};
+use crate::report::svg::{accuracy_range, LineChart, Series};
 
 /// Cuts shallower than this (fraction of the graph) are not probed: their few generic channels,
 /// pooled, are no match for later ones.

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use graft_runtime::dataset::{ImageFolder, Sample};
-use graft_runtime::eval::par_map;
+use graft_runtime::parallel::par_map;
 use graft_runtime::preprocess::decode_image;
 use graft_runtime::progress::Progress;
 use image::imageops::FilterType;

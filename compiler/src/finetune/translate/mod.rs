@@ -19,11 +19,11 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var, D};
 use tract_onnx::pb;
 
-use crate::error::{CompileError, Result};
-use crate::import::proto::{
+use crate::backbone::import::proto::{
     attribute, float, float_values, int, int64_values, ints, node_name, ONNX_FLOAT, ONNX_INT64,
 };
-use crate::rng::Rng;
+use crate::error::{CompileError, Result};
+use crate::util::rng::Rng;
 
 mod depthwise;
 pub use depthwise::depthwise_conv_cpu;

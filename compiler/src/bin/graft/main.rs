@@ -16,24 +16,27 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(purge_delay, -1) };
 }
 
+mod interrupt;
+mod ui;
+
 use graft_runtime::progress::count;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use graft_compiler::advise::advise;
 use graft_compiler::finetune::{FinetuneConfig, OptimizerKind, Schedule, Strategy, Unfreeze};
+use graft_compiler::head::train::{HeadKind, TrainConfig};
+use graft_compiler::pipeline::advise::advise;
 use graft_compiler::pipeline::{compile, CompileOptions, CompileReport, Reporter};
 use graft_compiler::quantize::Precision;
-use graft_compiler::train::{HeadKind, TrainConfig};
-use graft_compiler::ui::{TerminalUi, Verbosity};
 use graft_compiler::CompileError;
 use graft_runtime::bench::BenchArgs;
 use graft_runtime::commands::{self, EvalArgs, InspectArgs, Outcome, PredictArgs};
-use graft_runtime::eval::default_threads;
+use graft_runtime::parallel::default_threads;
 use graft_runtime::preprocess::{ChannelOrder, Normalization, Pipeline, ResizeFilter};
 use graft_runtime::weights::WeightStorage;
+use ui::{TerminalUi, Verbosity};
 
 /// graft turns an ImageNet-pretrained ONNX backbone and a folder of labelled images into one
 /// deployable classifier artifact, and runs it.
@@ -244,7 +247,8 @@ fn run_inspect_backbone(
     args: &InspectBackboneArgs,
     out: &mut dyn std::io::Write,
 ) -> Result<Outcome, Failure> {
-    let backbone = graft_compiler::import::Backbone::load(&args.backbone, args.input_size)?;
+    let backbone =
+        graft_compiler::backbone::import::Backbone::load(&args.backbone, args.input_size)?;
     let points = backbone.cut_points()?;
     let default = backbone.default_cut().ok();
     let blocks = default
@@ -309,7 +313,7 @@ fn run_inspect_backbone(
 /// The blocks `--strategy finetune --unfreeze N` counts, from the top.
 fn write_blocks(
     out: &mut dyn std::io::Write,
-    blocks: &[graft_compiler::import::Block],
+    blocks: &[graft_compiler::backbone::import::Block],
 ) -> Result<Outcome, Failure> {
     if blocks.is_empty() {
         return Ok(Outcome::Complete);
@@ -353,10 +357,10 @@ fn run_check_data(
     out: &mut dyn std::io::Write,
     ui: &TerminalUi,
 ) -> Result<Outcome, Failure> {
-    use graft_compiler::check::{check_data, Severity};
+    use graft_compiler::data::check::{check_data, Severity};
     let threads = args
         .threads
-        .unwrap_or_else(graft_runtime::eval::default_threads);
+        .unwrap_or_else(graft_runtime::parallel::default_threads);
     let report = check_data(&args.data, threads, ui)?;
     let errors = report.count(Severity::Error);
     if args.json {
@@ -958,7 +962,7 @@ struct Failure {
 impl From<CompileError> for Failure {
     fn from(e: CompileError) -> Self {
         let code = match &e {
-            CompileError::Interrupted => graft_compiler::interrupt::EXIT_CODE,
+            CompileError::Interrupted => interrupt::EXIT_CODE,
             e if e.is_user_error() => 1,
             _ => 2,
         };
@@ -1200,14 +1204,14 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
-    graft_compiler::interrupt::install_handler();
+    interrupt::install_handler();
     let verbosity = Verbosity::from_flags(cli.quiet, cli.verbose);
     if verbosity >= Verbosity::Stages {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
-            .event_format(graft_compiler::ui::LogLines)
+            .event_format(ui::LogLines)
             .init();
     }
     let ui = TerminalUi::new(verbosity);
