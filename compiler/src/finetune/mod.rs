@@ -369,12 +369,6 @@ pub struct FineTuned {
     pub info: TransferInfo,
 }
 
-/// A dense head layer as candle variables.
-struct HeadLayer {
-    weight: Var,
-    bias: Var,
-}
-
 /// SGD with heavy-ball momentum: `v = m v + g + wd w`, `w -= lr v`.
 struct SgdMomentum {
     vars: Vec<Var>,
@@ -483,214 +477,332 @@ fn decode_all(
     out
 }
 
-/// Trains the part of `backbone` above the boundary chosen by `config`, and a head on its
-/// features at tensor `cut`, on `train` images, early-stopping on `val` images. `initial_head`
-/// (the head trained on frozen features) starts the head; without one (from scratch) the head
-/// starts at zero. `on_epoch` is called after every epoch; `ControlFlow::Break` stops with
-/// [`CompileError::Interrupted`].
-#[allow(clippy::too_many_arguments)]
+/// What to fine-tune on: the backbone cut at tensor `cut`, its preprocessing, the training
+/// images, the images the epoch is chosen on, and the head trained on frozen features that
+/// starts the joint training (`None` from scratch: the head then starts at zero).
+pub struct FinetuneData<'a> {
+    /// The backbone.
+    pub backbone: &'a Backbone,
+    /// The tensor the head reads.
+    pub cut: &'a str,
+    /// How images become input tensors.
+    pub preprocessing: &'a Preprocessing,
+    /// Images the weights are trained on.
+    pub train: &'a [Sample],
+    /// Images the epoch is chosen on (by loss).
+    pub val: &'a [Sample],
+    /// Number of classes.
+    pub classes: usize,
+    /// The head trained on frozen features.
+    pub initial_head: Option<&'a TrainedHead>,
+}
+
+/// Trains the part of the backbone above the boundary chosen by `config`, and a head on its
+/// features at the cut, on the training images, early-stopping on the images for choices: set
+/// up, then one epoch at a time, each evaluated, the best kept. `on_epoch` is called after every
+/// epoch; `ControlFlow::Break` stops with [`CompileError::Interrupted`].
 pub fn finetune(
-    backbone: &Backbone,
-    cut: &str,
-    preprocessing: &Preprocessing,
-    train: &[Sample],
-    val: &[Sample],
-    classes: usize,
-    initial_head: Option<&TrainedHead>,
+    data: &FinetuneData,
     config: &FinetuneConfig,
     threads: usize,
     progress: &dyn Progress,
     on_epoch: &mut dyn FnMut(&EpochRecord) -> ControlFlow<()>,
 ) -> Result<FineTuned> {
-    let device = &config.device;
-    let unfreeze = match config.strategy {
-        Strategy::Scratch => Unfreeze::All,
-        _ => config.unfreeze.clone(),
+    let mut run = JointTraining::new(data, config, threads, progress)?;
+    // Epoch 0 is the starting point, the head trained on frozen features: joint training is
+    // kept only if it lowers the validation loss below it. Random weights are never kept.
+    let start_loss = match data.initial_head {
+        Some(_) => run.evaluate()?.0,
+        None => f32::INFINITY,
     };
-    let part = TrainablePart::new(backbone, cut, &unfreeze, device)?;
-    if config.strategy == Strategy::Scratch {
-        part.subgraph.reinitialize(config.seed)?;
-    }
-    let feature_dim = {
-        let probe = Tensor::zeros(part.boundary_len(), DType::F32, device)?;
-        part.features(&probe, false)?.dim(1)?
-    };
-    let head_layers: Vec<HeadLayer> = match initial_head {
-        Some(head) => head
-            .layers
-            .iter()
-            .map(|l| -> Result<HeadLayer> {
-                Ok(HeadLayer {
-                    weight: Var::from_vec(l.weight.clone(), (l.outputs, l.inputs), device)?,
-                    bias: Var::from_vec(l.bias.clone(), l.outputs, device)?,
-                })
-            })
-            .collect::<Result<_>>()?,
-        None => vec![HeadLayer {
-            weight: Var::zeros((classes, feature_dim), DType::F32, device)?,
-            bias: Var::zeros(classes, DType::F32, device)?,
-        }],
-    };
-    let head_kind = initial_head.map_or(HeadKind::Linear, |h| h.kind);
-    let head_forward = |x: &Tensor| -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        for (i, layer) in head_layers.iter().enumerate() {
-            x = x
-                .matmul(&layer.weight.as_tensor().t()?)?
-                .broadcast_add(layer.bias.as_tensor())?;
-            if i + 1 < head_layers.len() {
-                x = x.relu()?;
-            }
+    let mut best = run.snapshot(start_loss, 0)?;
+    let started = Instant::now();
+    let mut history: Vec<EpochRecord> = Vec::new();
+    for epoch in 0..config.epochs {
+        let record = run.epoch(epoch)?;
+        history.push(record);
+        if record.val_loss < best.loss {
+            best = run.snapshot(record.val_loss, epoch + 1)?;
         }
-        Ok(x)
-    };
-
-    let train_images = decode_all(
-        train,
-        preprocessing,
-        threads,
-        progress,
-        "decoding training images",
-    );
-    let val_images = decode_all(
-        val,
-        preprocessing,
-        threads,
-        progress,
-        "decoding validation images",
-    );
-    if train_images.images.is_empty() || val_images.images.is_empty() {
-        return Err(CompileError::NotEnoughData(
-            "fine-tuning needs decodable training and validation images".into(),
-        ));
+        if on_epoch(&record).is_break() {
+            return Err(CompileError::Interrupted);
+        }
+        if epoch + 1 - best.epoch >= config.patience.max(1) {
+            break;
+        }
     }
-    let frozen_outputs = |images: &Images, what: &str, augment: Option<(&Augmentation, u64)>| {
-        progress.start(what, images.images.len());
+    run.restore(&best)?;
+    run.result(data, history, best.epoch, started.elapsed().as_secs_f64())
+}
+
+/// A dense head layer as candle variables.
+struct HeadLayer {
+    weight: Var,
+    bias: Var,
+}
+
+impl HeadLayer {
+    /// The initial head's layers as variables, or one zero layer (from scratch).
+    fn start(
+        initial_head: Option<&TrainedHead>,
+        (classes, feature_dim): (usize, usize),
+        device: &Device,
+    ) -> Result<Vec<HeadLayer>> {
+        Ok(match initial_head {
+            Some(head) => head
+                .layers
+                .iter()
+                .map(|l| -> Result<HeadLayer> {
+                    Ok(HeadLayer {
+                        weight: Var::from_vec(l.weight.clone(), (l.outputs, l.inputs), device)?,
+                        bias: Var::from_vec(l.bias.clone(), l.outputs, device)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            None => vec![HeadLayer {
+                weight: Var::zeros((classes, feature_dim), DType::F32, device)?,
+                bias: Var::zeros(classes, DType::F32, device)?,
+            }],
+        })
+    }
+
+    /// The layer as plain weights.
+    fn dense(&self) -> Result<Dense> {
+        let (outputs, inputs) = self.weight.dims2()?;
+        Ok(Dense {
+            weight: self.weight.flatten_all()?.to_vec1()?,
+            bias: self.bias.to_vec1()?,
+            inputs,
+            outputs,
+        })
+    }
+}
+
+/// The weights of the best epoch so far.
+struct Snapshot {
+    loss: f32,
+    epoch: usize,
+    backbone: Vec<Tensor>,
+    head: Vec<Tensor>,
+}
+
+/// The state of a joint training run: the trainable part of the backbone, the head, the
+/// optimizers, and the decoded images with their frozen-prefix outputs.
+struct JointTraining<'a> {
+    config: &'a FinetuneConfig,
+    preprocessing: &'a Preprocessing,
+    threads: usize,
+    progress: &'a dyn Progress,
+    part: TrainablePart,
+    head: Vec<HeadLayer>,
+    backbone_optimizer: GroupOptimizer,
+    head_optimizer: GroupOptimizer,
+    train_images: Images,
+    /// The frozen prefix's outputs on the training images when they are not augmented (then
+    /// they are the same every epoch).
+    fixed_train_rows: Option<Vec<Vec<f32>>>,
+    val_rows: Vec<Vec<f32>>,
+    val_labels: Vec<usize>,
+    class_weights: Tensor,
+    shuffle: Rng,
+    images_trained: usize,
+    training_seconds: f64,
+}
+
+impl<'a> JointTraining<'a> {
+    /// Splits the backbone at the boundary, starts the head, decodes the images and runs the
+    /// frozen prefix on the validation (and, without augmentation, the training) images.
+    fn new(
+        data: &FinetuneData<'a>,
+        config: &'a FinetuneConfig,
+        threads: usize,
+        progress: &'a dyn Progress,
+    ) -> Result<JointTraining<'a>> {
+        let device = &config.device;
+        let unfreeze = match config.strategy {
+            Strategy::Scratch => Unfreeze::All,
+            _ => config.unfreeze.clone(),
+        };
+        let part = TrainablePart::new(data.backbone, data.cut, &unfreeze, device)?;
+        if config.strategy == Strategy::Scratch {
+            part.subgraph.reinitialize(config.seed)?;
+        }
+        let feature_dim = {
+            let probe = Tensor::zeros(part.boundary_len(), DType::F32, device)?;
+            part.features(&probe, false)?.dim(1)?
+        };
+        let head = HeadLayer::start(data.initial_head, (data.classes, feature_dim), device)?;
+        let decode = |samples, what| decode_all(samples, data.preprocessing, threads, progress, what);
+        let train_images = decode(data.train, "decoding training images");
+        let val_images = decode(data.val, "decoding validation images");
+        if train_images.images.is_empty() || val_images.images.is_empty() {
+            return Err(CompileError::NotEnoughData(
+                "fine-tuning needs decodable training and validation images".into(),
+            ));
+        }
+        let class_weights = class_weights(
+            &train_images.labels,
+            data.classes,
+            config.balance_classes,
+            device,
+        )?;
+        let head_vars = head
+            .iter()
+            .flat_map(|l| [l.weight.clone(), l.bias.clone()])
+            .collect();
+        let mut run = JointTraining {
+            backbone_optimizer: GroupOptimizer::new(
+                config.optimizer,
+                part.subgraph.trainable_vars(),
+                config.backbone_learning_rate,
+                config,
+            )?,
+            head_optimizer: GroupOptimizer::new(
+                config.optimizer,
+                head_vars,
+                config.head_learning_rate,
+                config,
+            )?,
+            config,
+            preprocessing: data.preprocessing,
+            threads,
+            progress,
+            part,
+            head,
+            train_images,
+            fixed_train_rows: None,
+            val_rows: Vec::new(),
+            val_labels: val_images.labels.clone(),
+            class_weights,
+            shuffle: Rng::new(config.seed, "finetune-shuffle"),
+            images_trained: 0,
+            training_seconds: 0.0,
+        };
+        run.val_rows = run.frozen_outputs(&val_images, "frozen layers (validation)", None)?;
+        if config.augmentation.is_none() {
+            let rows = run.frozen_outputs(&run.train_images, "frozen layers (training)", None)?;
+            run.fixed_train_rows = Some(rows);
+        }
+        Ok(run)
+    }
+
+    /// The frozen prefix's outputs on `images`, augmented first when `augment` is given.
+    fn frozen_outputs(
+        &self,
+        images: &Images,
+        what: &str,
+        augment: Option<(&Augmentation, u64)>,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.progress.start(what, images.images.len());
         let indices: Vec<usize> = (0..images.images.len()).collect();
         let rows = par_map(
             &indices,
-            threads,
+            self.threads,
             |&i| {
-                if progress.cancelled() {
+                if self.progress.cancelled() {
                     return Err(CompileError::Interrupted);
                 }
                 let chw = match augment {
                     Some((aug, epoch)) => aug.apply(
                         &images.images[i],
-                        preprocessing,
-                        config.seed,
+                        self.preprocessing,
+                        self.config.seed,
                         (epoch << 32) | i as u64,
                     ),
-                    None => preprocessing.apply(&images.images[i]),
+                    None => self.preprocessing.apply(&images.images[i]),
                 };
-                part.boundary_of(chw)
+                self.part.boundary_of(chw)
             },
-            || progress.advance(),
+            || self.progress.advance(),
         );
-        progress.finish();
+        self.progress.finish();
         rows.into_iter().collect::<Result<Vec<Vec<f32>>>>()
-    };
-    let val_rows = frozen_outputs(&val_images, "frozen layers (validation)", None)?;
-    let fixed_train_rows = match config.augmentation {
-        None => Some(frozen_outputs(
-            &train_images,
-            "frozen layers (training)",
-            None,
-        )?),
-        Some(_) => None,
-    };
+    }
 
-    let class_weights = class_weights(
-        &train_images.labels,
-        classes,
-        config.balance_classes,
-        device,
-    )?;
-    let backbone_vars = part.subgraph.trainable_vars();
-    let head_vars: Vec<Var> = head_layers
-        .iter()
-        .flat_map(|l| [l.weight.clone(), l.bias.clone()])
-        .collect();
-    let mut backbone_optimizer = GroupOptimizer::new(
-        config.optimizer,
-        backbone_vars,
-        config.backbone_learning_rate,
-        config,
-    )?;
-    let mut head_optimizer = GroupOptimizer::new(
-        config.optimizer,
-        head_vars.clone(),
-        config.head_learning_rate,
-        config,
-    )?;
+    /// The head's logits on the trainable part's features.
+    fn head_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for (i, layer) in self.head.iter().enumerate() {
+            x = x
+                .matmul(&layer.weight.as_tensor().t()?)?
+                .broadcast_add(layer.bias.as_tensor())?;
+            if i + 1 < self.head.len() {
+                x = x.relu()?;
+            }
+        }
+        Ok(x)
+    }
 
-    let batch_tensor = |rows: &[&Vec<f32>]| -> candle_core::Result<Tensor> {
+    fn batch_tensor(&self, rows: &[&Vec<f32>]) -> candle_core::Result<Tensor> {
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        Tensor::from_vec(flat, rows.len() * part.boundary_len(), device)
-    };
-    let evaluate = || -> Result<(f32, f32)> {
+        Tensor::from_vec(
+            flat,
+            rows.len() * self.part.boundary_len(),
+            &self.config.device,
+        )
+    }
+
+    /// Loss and accuracy on the images for choices.
+    fn evaluate(&self) -> Result<(f32, f32)> {
+        let device = &self.config.device;
         let mut loss_sum = 0.0f64;
         let mut correct = 0usize;
-        for (chunk, labels) in val_rows.chunks(32).zip(val_images.labels.chunks(32)) {
+        for (chunk, labels) in self.val_rows.chunks(32).zip(self.val_labels.chunks(32)) {
             let rows: Vec<&Vec<f32>> = chunk.iter().collect();
-            let logits = head_forward(&part.features(&batch_tensor(&rows)?, false)?)?;
-            let y = Tensor::from_vec(
-                labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
-                labels.len(),
-                device,
-            )?;
+            let features = self.part.features(&self.batch_tensor(&rows)?, false)?;
+            let logits = self.head_forward(&features)?;
+            let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+            let y = Tensor::from_vec(labels, chunk.len(), device)?;
             loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64
-                * labels.len() as f64;
+                * chunk.len() as f64;
             correct += correct_predictions(&logits, &y)?;
         }
-        let n = val_rows.len() as f64;
+        let n = self.val_rows.len() as f64;
         Ok(((loss_sum / n) as f32, (correct as f64 / n) as f32))
-    };
+    }
 
-    let mut shuffle = Rng::new(config.seed, "finetune-shuffle");
-    let mut history: Vec<EpochRecord> = Vec::new();
-    let snapshot_head = || {
-        head_vars
-            .iter()
-            .map(|v| v.as_tensor().copy())
-            .collect::<candle_core::Result<Vec<_>>>()
-    };
-    // Epoch 0 is the starting point, the head trained on frozen features: joint training is
-    // kept only if it lowers the validation loss below it. Random weights are never kept.
-    let start_loss = match initial_head {
-        Some(_) => evaluate()?.0,
-        None => f32::INFINITY,
-    };
-    let mut best = (
-        start_loss,
-        0usize,
-        part.subgraph.snapshot()?,
-        snapshot_head()?,
-    );
-    let started = Instant::now();
-    let mut images_trained = 0usize;
-    let mut training_seconds = 0.0f64;
-    for epoch in 0..config.epochs {
+    /// One epoch: the learning rates of the schedule, the (augmented) frozen-prefix outputs,
+    /// shuffled mini-batches, then the evaluation.
+    fn epoch(&mut self, epoch: usize) -> Result<EpochRecord> {
+        let config = self.config;
         let factor = config.schedule.factor(epoch, config.epochs);
-        backbone_optimizer.set_learning_rate(config.backbone_learning_rate * factor);
-        head_optimizer.set_learning_rate(config.head_learning_rate * factor);
-        let augmented;
-        let train_rows = match (&fixed_train_rows, &config.augmentation) {
-            (Some(rows), _) => rows,
-            (None, Some(aug)) => {
-                augmented = frozen_outputs(
-                    &train_images,
-                    &format!("epoch {}: augmenting + frozen layers", epoch + 1),
-                    Some((aug, epoch as u64)),
-                )?;
-                &augmented
-            }
+        self.backbone_optimizer
+            .set_learning_rate(config.backbone_learning_rate * factor);
+        self.head_optimizer
+            .set_learning_rate(config.head_learning_rate * factor);
+        let augmented = match (&self.fixed_train_rows, &config.augmentation) {
+            (Some(_), _) => None,
+            (None, Some(aug)) => Some(self.frozen_outputs(
+                &self.train_images,
+                &format!("epoch {}: augmenting + frozen layers", epoch + 1),
+                Some((aug, epoch as u64)),
+            )?),
             (None, None) => unreachable!("rows are fixed when there is no augmentation"),
         };
+        let fixed = self.fixed_train_rows.take();
+        let rows = augmented.as_ref().or(fixed.as_ref()).expect("one of the two");
+        let trained = self.train_on(rows, epoch);
+        self.fixed_train_rows = fixed;
+        let (loss_sum, correct, n) = trained?;
+        let (val_loss, val_accuracy) = self.evaluate()?;
+        Ok(EpochRecord {
+            epoch: epoch + 1,
+            train_loss: (loss_sum / n as f64) as f32,
+            train_accuracy: correct as f32 / n as f32,
+            val_loss,
+            val_accuracy,
+        })
+    }
+
+    /// One pass over `train_rows` in shuffled mini-batches: loss sum, correct predictions and
+    /// rows seen.
+    fn train_on(&mut self, train_rows: &[Vec<f32>], epoch: usize) -> Result<(f64, usize, usize)> {
+        let config = self.config;
         let mut order: Vec<usize> = (0..train_rows.len()).collect();
-        shuffle.shuffle(&mut order);
+        self.shuffle.shuffle(&mut order);
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-        let step_started = Instant::now();
+        let started = Instant::now();
+        let progress = self.progress;
         progress.start(&format!("epoch {}: training", epoch + 1), order.len());
         for batch in order.chunks(config.batch_size.max(1)) {
             if progress.cancelled() {
@@ -700,14 +812,20 @@ pub fn finetune(
             let rows: Vec<&Vec<f32>> = batch.iter().map(|&i| &train_rows[i]).collect();
             let labels: Vec<u32> = batch
                 .iter()
-                .map(|&i| train_images.labels[i] as u32)
+                .map(|&i| self.train_images.labels[i] as u32)
                 .collect();
-            let y = Tensor::from_vec(labels, batch.len(), device)?;
-            let logits = head_forward(&part.features(&batch_tensor(&rows)?, true)?)?;
-            let loss = weighted_cross_entropy(&logits, &y, &class_weights, config.label_smoothing)?;
+            let y = Tensor::from_vec(labels, batch.len(), &config.device)?;
+            let features = self.part.features(&self.batch_tensor(&rows)?, true)?;
+            let logits = self.head_forward(&features)?;
+            let loss = weighted_cross_entropy(
+                &logits,
+                &y,
+                &self.class_weights,
+                config.label_smoothing,
+            )?;
             let grads = loss.backward()?;
-            backbone_optimizer.step(&grads)?;
-            head_optimizer.step(&grads)?;
+            self.backbone_optimizer.step(&grads)?;
+            self.head_optimizer.step(&grads)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
             correct += correct_predictions(&logits, &y)?;
             for _ in 0..batch.len() {
@@ -715,81 +833,87 @@ pub fn finetune(
             }
         }
         progress.finish();
-        training_seconds += step_started.elapsed().as_secs_f64();
-        images_trained += order.len();
-        let (val_loss, val_accuracy) = evaluate()?;
-        let record = EpochRecord {
-            epoch: epoch + 1,
-            train_loss: (loss_sum / order.len() as f64) as f32,
-            train_accuracy: correct as f32 / order.len() as f32,
-            val_loss,
-            val_accuracy,
-        };
-        history.push(record);
-        if val_loss < best.0 {
-            best = (
-                val_loss,
-                epoch + 1,
-                part.subgraph.snapshot()?,
-                snapshot_head()?,
-            );
-        }
-        if on_epoch(&record).is_break() {
-            return Err(CompileError::Interrupted);
-        }
-        if epoch + 1 - best.1 >= config.patience.max(1) {
-            break;
-        }
+        self.training_seconds += started.elapsed().as_secs_f64();
+        self.images_trained += order.len();
+        Ok((loss_sum, correct, order.len()))
     }
-    let (_, best_epoch, backbone_snapshot, head_snapshot) = best;
-    part.subgraph.restore(&backbone_snapshot)?;
-    for (var, value) in head_vars.iter().zip(&head_snapshot) {
-        var.set(value)?;
-    }
-    let layers = head_layers
-        .iter()
-        .map(|l| -> Result<Dense> {
-            let (outputs, inputs) = l.weight.dims2()?;
-            Ok(Dense {
-                weight: l.weight.flatten_all()?.to_vec1()?,
-                bias: l.bias.to_vec1()?,
-                inputs,
-                outputs,
-            })
+
+    fn snapshot(&self, loss: f32, epoch: usize) -> Result<Snapshot> {
+        Ok(Snapshot {
+            loss,
+            epoch,
+            backbone: self.part.subgraph.snapshot()?,
+            head: self
+                .head
+                .iter()
+                .flat_map(|l| [&l.weight, &l.bias])
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<Vec<_>>>()?,
         })
-        .collect::<Result<Vec<_>>>()?;
-    let tuned = backbone.with_graph_edit(|graph| part.subgraph.write_back(graph))?;
-    let info = TransferInfo {
-        strategy: config.strategy.to_string(),
-        boundary: part.boundary.clone(),
-        unfrozen_blocks: part.blocks.clone(),
-        trainable_weights: part.subgraph.trainable_weights(),
-        optimizer: config.optimizer.to_string(),
-        backbone_learning_rate: config.backbone_learning_rate,
-        head_learning_rate: config.head_learning_rate,
-        weight_decay: config.weight_decay,
-        schedule: config.schedule.to_string(),
-        batch_size: config.batch_size,
-        augmented: config.augmentation.is_some(),
-        epochs_run: history.len(),
-        best_epoch,
-        history: history.clone(),
-        seconds: started.elapsed().as_secs_f64(),
-        train_images_per_second: images_trained as f64 / training_seconds.max(1e-9),
-    };
-    Ok(FineTuned {
-        backbone: tuned,
-        head: match initial_head {
+    }
+
+    fn restore(&self, snapshot: &Snapshot) -> Result<()> {
+        self.part.subgraph.restore(&snapshot.backbone)?;
+        let vars = self.head.iter().flat_map(|l| [&l.weight, &l.bias]);
+        for (var, value) in vars.zip(&snapshot.head) {
+            var.set(value)?;
+        }
+        Ok(())
+    }
+
+    /// The trained backbone and head (the initial head itself when no epoch beat it), and the
+    /// record of the run.
+    fn result(
+        &self,
+        data: &FinetuneData,
+        history: Vec<EpochRecord>,
+        best_epoch: usize,
+        seconds: f64,
+    ) -> Result<FineTuned> {
+        let config = self.config;
+        let part = &self.part;
+        let layers = self
+            .head
+            .iter()
+            .map(HeadLayer::dense)
+            .collect::<Result<Vec<_>>>()?;
+        let tuned = data
+            .backbone
+            .with_graph_edit(|graph| part.subgraph.write_back(graph))?;
+        let info = TransferInfo {
+            strategy: config.strategy.to_string(),
+            boundary: part.boundary.clone(),
+            unfrozen_blocks: part.blocks.clone(),
+            trainable_weights: part.subgraph.trainable_weights(),
+            optimizer: config.optimizer.to_string(),
+            backbone_learning_rate: config.backbone_learning_rate,
+            head_learning_rate: config.head_learning_rate,
+            weight_decay: config.weight_decay,
+            schedule: config.schedule.to_string(),
+            batch_size: config.batch_size,
+            augmented: config.augmentation.is_some(),
+            epochs_run: history.len(),
+            best_epoch,
+            history: history.clone(),
+            seconds,
+            train_images_per_second: self.images_trained as f64
+                / self.training_seconds.max(1e-9),
+        };
+        let head = match data.initial_head {
             Some(head) if best_epoch == 0 => head.clone(),
-            _ => TrainedHead {
-                kind: head_kind,
+            initial => TrainedHead {
+                kind: initial.map_or(HeadKind::Linear, |h| h.kind),
                 layers,
                 history,
                 best_epoch,
             },
-        },
-        info,
-    })
+        };
+        Ok(FineTuned {
+            backbone: tuned,
+            head,
+            info,
+        })
+    }
 }
 
 #[cfg(test)]

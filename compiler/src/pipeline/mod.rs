@@ -32,7 +32,7 @@ use crate::backbone::probe::probe_normalization;
 use crate::data::splits::Splits;
 use crate::error::{CompileError, Result};
 use crate::features::{Extraction, FeatureCache, FeatureExtractor, Features};
-use crate::finetune::{finetune, FinetuneConfig, Strategy, Unfreeze};
+use crate::finetune::{finetune, FinetuneConfig, FinetuneData, Strategy, Unfreeze};
 use crate::fold::manifest::{manifest_for, HeadSummary};
 use crate::fold::FoldedModel;
 use crate::head::train::{train_head, HeadKind, TrainConfig, TrainedHead, CV_FOLDS, LAMBDA_PATH};
@@ -861,19 +861,18 @@ fn finetune_backbone(
         config.patience,
         if config.augmentation.is_some() { ", augmented" } else { ", no augmentation" }
     ));
-    let tuned = finetune(
-        frozen.backbone,
-        frozen.cut_name,
-        frozen.preprocessing,
+    let data = FinetuneData {
+        backbone: frozen.backbone,
+        cut: frozen.cut_name,
+        preprocessing: frozen.preprocessing,
         train,
         val,
         classes,
-        probe_head,
-        config,
-        threads,
-        reporter,
-        &mut |r| report_epoch(reporter, r),
-    )?;
+        initial_head: probe_head,
+    };
+    let tuned = finetune(&data, config, threads, reporter, &mut |r| {
+        report_epoch(reporter, r)
+    })?;
     let info = &tuned.info;
     reporter.message(&format!(
         "trained   {} weights in {} blocks after {:?} ({}): kept epoch {} of {} (by loss on the images for choices, accuracy {:.4}); {:.1} s, {:.1} images/s forward+backward",
