@@ -1,5 +1,5 @@
 //! Any bytes given to the feature-cache reader (the very file the compiler reads with,
-//! `compiler/src/extract/cache_file.rs`): a reason to ignore them or an index whose every row
+//! `compiler/src/features/cache_file.rs`): a reason to ignore them or an index whose every row
 //! lies inside the file, never a panic or an allocation beyond the input. Each input is tried as
 //! it is and with its trailing checksum recomputed (so mutations reach the checks after it), for
 //! the dimension and key its header claims.
@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 
-#[path = "../../compiler/src/extract/cache_file.rs"]
+#[path = "../../compiler/src/features/cache_file.rs"]
 #[allow(dead_code)]
 mod cache_file;
 

@@ -1,11 +1,11 @@
 //! Any bytes given to the normalisation-probe cache reader (the very file the compiler reads
-//! with, `compiler/src/probe/result.rs`): `None`, or a result whose chosen normalisation can be
+//! with, `compiler/src/backbone/probe/result.rs`): `None`, or a result whose chosen normalisation can be
 //! built, never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../compiler/src/probe/result.rs"]
+#[path = "../../compiler/src/backbone/probe/result.rs"]
 #[allow(dead_code)]
 mod result;
 

@@ -568,6 +568,29 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
             ),
         ),
     ];
+    lines.extend(describe_training(m));
+    if let Some(x) = &m.metrics {
+        lines.push(("metrics", describe_metrics(x)));
+    }
+    if !m.versions.is_empty() {
+        lines.push((
+            "versions",
+            m.versions
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    lines
+        .into_iter()
+        .map(|(k, v)| format!("{k:<11} {v}\n"))
+        .collect()
+}
+
+/// The `training` and `transfer` lines of [`describe`], when the artifact records them.
+fn describe_training(m: &Manifest) -> Vec<(&'static str, String)> {
+    let mut lines = Vec::new();
     if let Some(t) = &m.training {
         lines.push((
             "training",
@@ -603,46 +626,32 @@ fn describe(m: &Manifest, path: &Path, size: u64, checksum: &str) -> String {
             ));
         }
     }
-    if let Some(x) = &m.metrics {
-        let choices = match (x.selection_source.as_deref(), x.selection_images) {
-            (Some("val"), _) => ", used for choices".to_string(),
-            (Some(source), Some(n)) => {
-                format!(", held out; choices made on {n} {source} images")
-            }
-            _ => ", also used for choices (made before graft held images out)".to_string(),
-        };
-        let test = match (x.test_accuracy, x.test_images) {
-            (Some(a), Some(n)) => {
-                format!(", test accuracy {a:.4} on {} (held out)", count(n, "image"))
-            }
-            _ => String::new(),
-        };
-        lines.push((
-            "metrics",
-            format!(
-                "val accuracy {:.4} on {} ({}{choices}){test}, train accuracy {:.4} on {}",
-                x.val_accuracy,
-                count(x.val_images, "image"),
-                x.validation_source,
-                x.train_accuracy,
-                count(x.train_images, "image")
-            ),
-        ));
-    }
-    if !m.versions.is_empty() {
-        lines.push((
-            "versions",
-            m.versions
-                .iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ));
-    }
     lines
-        .into_iter()
-        .map(|(k, v)| format!("{k:<11} {v}\n"))
-        .collect()
+}
+
+/// The `metrics` line of [`describe`]: which images each accuracy comes from.
+fn describe_metrics(x: &crate::artifact::Metrics) -> String {
+    let choices = match (x.selection_source.as_deref(), x.selection_images) {
+        (Some("val"), _) => ", used for choices".to_string(),
+        (Some(source), Some(n)) => {
+            format!(", held out; choices made on {n} {source} images")
+        }
+        _ => ", also used for choices (made before graft held images out)".to_string(),
+    };
+    let test = match (x.test_accuracy, x.test_images) {
+        (Some(a), Some(n)) => {
+            format!(", test accuracy {a:.4} on {} (held out)", count(n, "image"))
+        }
+        _ => String::new(),
+    };
+    format!(
+        "val accuracy {:.4} on {} ({}{choices}){test}, train accuracy {:.4} on {}",
+        x.val_accuracy,
+        count(x.val_images, "image"),
+        x.validation_source,
+        x.train_accuracy,
+        count(x.train_images, "image")
+    )
 }
 
 fn abbreviate(labels: &[String], max: usize) -> String {

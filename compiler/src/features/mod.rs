@@ -215,32 +215,11 @@ impl FeatureExtractor {
             .iter()
             .map(|c| c.load())
             .collect::<Result<Vec<CachedFeatures>>>()?;
-        let mut rows: Vec<Option<Result<Vec<Vec<f32>>>>> = Vec::with_capacity(samples.len());
-        let mut todo = Vec::new();
-        let mut hashes_ok = Vec::with_capacity(samples.len());
-        for (i, hash) in hashes.into_iter().enumerate() {
-            match hash {
-                Ok(h) => {
-                    let hits: Option<Vec<Vec<f32>>> = if caching {
-                        cached.iter().map(|c| c.get(&h)).collect()
-                    } else {
-                        None
-                    };
-                    match hits {
-                        Some(f) => rows.push(Some(Ok(f))),
-                        None => {
-                            rows.push(None);
-                            todo.push(i);
-                        }
-                    }
-                    hashes_ok.push(Some(h));
-                }
-                Err(e) => {
-                    rows.push(Some(Err(e)));
-                    hashes_ok.push(None);
-                }
-            }
-        }
+        let Lookup {
+            mut rows,
+            todo,
+            hashes: hashes_ok,
+        } = Lookup::of(hashes, &cached);
         let cache_hits = rows.iter().filter(|r| matches!(r, Some(Ok(_)))).count();
         progress.start("extracting features", todo.len());
         let computed = par_map(
@@ -278,7 +257,7 @@ impl FeatureExtractor {
         if progress.cancelled() {
             return Err(CompileError::Interrupted);
         }
-        let mut extractions: Vec<Extraction> = self
+        let extractions: Vec<Extraction> = self
             .dims
             .iter()
             .zip(&fresh)
@@ -293,30 +272,87 @@ impl FeatureExtractor {
                 ..Extraction::default()
             })
             .collect();
-        for (sample, row) in samples.iter().zip(rows) {
-            match row.expect("every row is filled") {
-                Ok(per_output) => {
-                    for (extraction, f) in extractions.iter_mut().zip(per_output) {
-                        extraction.features.data.extend_from_slice(&f);
-                        extraction.features.labels.push(sample.label);
-                        extraction.features.paths.push(sample.path.clone());
-                    }
+        assemble(extractions, samples, rows)
+    }
+}
+
+/// The features of one image at every output, or why it has none.
+type Row = Option<Result<Vec<Vec<f32>>>>;
+
+/// Appends each sample's row to every output's extraction, or records why it failed (a user
+/// error: an undecodable or unreadable image; anything else stops the extraction).
+fn assemble(
+    mut extractions: Vec<Extraction>,
+    samples: &[Sample],
+    rows: Vec<Row>,
+) -> Result<Vec<Extraction>> {
+    for (sample, row) in samples.iter().zip(rows) {
+        match row.expect("every row is filled") {
+            Ok(per_output) => {
+                for (extraction, f) in extractions.iter_mut().zip(per_output) {
+                    extraction.features.data.extend_from_slice(&f);
+                    extraction.features.labels.push(sample.label);
+                    extraction.features.paths.push(sample.path.clone());
                 }
-                Err(e) => {
-                    let message = match e {
-                        CompileError::Runtime(e) if e.is_user_error() => e.to_string(),
-                        e @ CompileError::Io { .. } => e.to_string(),
-                        e => return Err(e),
-                    };
-                    for extraction in &mut extractions {
-                        extraction
-                            .failures
-                            .push((sample.path.clone(), message.clone()));
-                    }
+            }
+            Err(e) => {
+                let message = match e {
+                    CompileError::Runtime(e) if e.is_user_error() => e.to_string(),
+                    e @ CompileError::Io { .. } => e.to_string(),
+                    e => return Err(e),
+                };
+                for extraction in &mut extractions {
+                    extraction
+                        .failures
+                        .push((sample.path.clone(), message.clone()));
                 }
             }
         }
-        Ok(extractions)
+    }
+    Ok(extractions)
+}
+
+/// What the cache already holds for a list of images.
+struct Lookup {
+    /// Per image: the cached rows (a hit), the hashing error, or `None` (to compute).
+    rows: Vec<Row>,
+    /// The images to compute.
+    todo: Vec<usize>,
+    /// Per image, its content hash (`None` when it could not be read).
+    hashes: Vec<Option<ImageHash>>,
+}
+
+impl Lookup {
+    /// Looks each image up in every cache; a hit needs all of them (no cache: no hit).
+    fn of(hashes: Vec<Result<ImageHash>>, cached: &[CachedFeatures]) -> Lookup {
+        let mut lookup = Lookup {
+            rows: Vec::with_capacity(hashes.len()),
+            todo: Vec::new(),
+            hashes: Vec::with_capacity(hashes.len()),
+        };
+        for (i, hash) in hashes.into_iter().enumerate() {
+            match hash {
+                Ok(h) => {
+                    let hits: Option<Vec<Vec<f32>>> = match cached.is_empty() {
+                        true => None,
+                        false => cached.iter().map(|c| c.get(&h)).collect(),
+                    };
+                    match hits {
+                        Some(f) => lookup.rows.push(Some(Ok(f))),
+                        None => {
+                            lookup.rows.push(None);
+                            lookup.todo.push(i);
+                        }
+                    }
+                    lookup.hashes.push(Some(h));
+                }
+                Err(e) => {
+                    lookup.rows.push(Some(Err(e)));
+                    lookup.hashes.push(None);
+                }
+            }
+        }
+        lookup
     }
 }
 

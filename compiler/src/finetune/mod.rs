@@ -632,7 +632,8 @@ impl<'a> JointTraining<'a> {
             part.features(&probe, false)?.dim(1)?
         };
         let head = HeadLayer::start(data.initial_head, (data.classes, feature_dim), device)?;
-        let decode = |samples, what| decode_all(samples, data.preprocessing, threads, progress, what);
+        let decode =
+            |samples, what| decode_all(samples, data.preprocessing, threads, progress, what);
         let train_images = decode(data.train, "decoding training images");
         let val_images = decode(data.val, "decoding validation images");
         if train_images.images.is_empty() || val_images.images.is_empty() {
@@ -780,7 +781,10 @@ impl<'a> JointTraining<'a> {
             (None, None) => unreachable!("rows are fixed when there is no augmentation"),
         };
         let fixed = self.fixed_train_rows.take();
-        let rows = augmented.as_ref().or(fixed.as_ref()).expect("one of the two");
+        let rows = augmented
+            .as_ref()
+            .or(fixed.as_ref())
+            .expect("one of the two");
         let trained = self.train_on(rows, epoch);
         self.fixed_train_rows = fixed;
         let (loss_sum, correct, n) = trained?;
@@ -817,12 +821,8 @@ impl<'a> JointTraining<'a> {
             let y = Tensor::from_vec(labels, batch.len(), &config.device)?;
             let features = self.part.features(&self.batch_tensor(&rows)?, true)?;
             let logits = self.head_forward(&features)?;
-            let loss = weighted_cross_entropy(
-                &logits,
-                &y,
-                &self.class_weights,
-                config.label_smoothing,
-            )?;
+            let loss =
+                weighted_cross_entropy(&logits, &y, &self.class_weights, config.label_smoothing)?;
             let grads = loss.backward()?;
             self.backbone_optimizer.step(&grads)?;
             self.head_optimizer.step(&grads)?;
@@ -896,8 +896,7 @@ impl<'a> JointTraining<'a> {
             best_epoch,
             history: history.clone(),
             seconds,
-            train_images_per_second: self.images_trained as f64
-                / self.training_seconds.max(1e-9),
+            train_images_per_second: self.images_trained as f64 / self.training_seconds.max(1e-9),
         };
         let head = match data.initial_head {
             Some(head) if best_epoch == 0 => head.clone(),

@@ -13,7 +13,7 @@ use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::nn::{Reduce, Reducer, Softmax, SoftmaxKind};
 
-#[path = "../../../compiler/src/extract/cache_file.rs"]
+#[path = "../../../compiler/src/features/cache_file.rs"]
 #[allow(dead_code)]
 mod cache_file;
 

@@ -186,166 +186,11 @@ impl Subgraph {
         device: &Device,
         dtype: DType,
     ) -> Result<Subgraph> {
-        let initializers: HashMap<&str, &pb::TensorProto> = graph
-            .initializer
-            .iter()
-            .map(|t| (t.name.as_str(), t))
-            .collect();
-        let mut producer: HashMap<&str, usize> = HashMap::new();
-        for (i, node) in graph.node.iter().enumerate() {
-            for out in &node.output {
-                producer.insert(out.as_str(), i);
-            }
-        }
-        let unsupported = |node: &pb::NodeProto, why: String| CompileError::Untrainable {
-            node: node_name(node),
-            reason: why,
-        };
-
-        let mut downstream: HashSet<&str> = HashSet::from([from]);
-        for node in &graph.node {
-            if node.input.iter().any(|i| downstream.contains(i.as_str())) {
-                downstream.extend(node.output.iter().map(|o| o.as_str()));
-            }
-        }
-        let mut needed_nodes = HashSet::new();
-        let mut constant_names = Vec::new();
-        let mut stack = vec![to.to_string()];
-        let mut seen = HashSet::new();
-        let mut reaches_from = false;
-        while let Some(tensor) = stack.pop() {
-            if !seen.insert(tensor.clone()) {
-                continue;
-            }
-            if tensor == from {
-                reaches_from = true;
-                continue;
-            }
-            if initializers.contains_key(tensor.as_str()) {
-                constant_names.push(tensor);
-                continue;
-            }
-            let Some(&index) = producer.get(tensor.as_str()) else {
-                return Err(CompileError::Untrainable {
-                    node: tensor.clone(),
-                    reason: format!(
-                        "the trainable part computing {to:?} reads {tensor:?}, which does not \
-                         come from {from:?}: choose a boundary that every path crosses"
-                    ),
-                });
-            };
-            let node = &graph.node[index];
-            if node.op_type == "Constant" {
-                constant_names.push(tensor);
-                continue;
-            }
-            if !downstream.contains(tensor.as_str()) {
-                return Err(CompileError::Untrainable {
-                    node: node_name(node),
-                    reason: format!(
-                        "the trainable part computing {to:?} reads {tensor:?}, which does not \
-                         come from {from:?} (a connection that skips the boundary): choose a \
-                         boundary that every path crosses"
-                    ),
-                });
-            }
-            needed_nodes.insert(index);
-            stack.extend(node.input.iter().filter(|i| !i.is_empty()).cloned());
-        }
-        if !reaches_from {
-            return Err(CompileError::Untrainable {
-                node: to.to_string(),
-                reason: format!("{to:?} does not depend on {from:?}"),
-            });
-        }
-
-        let mut steps = Vec::new();
-        for (index, node) in graph.node.iter().enumerate() {
-            if !needed_nodes.contains(&index) {
-                continue;
-            }
-            let op = translate_op(node).map_err(|why| unsupported(node, why))?;
-            let inputs: Vec<String> = node.input.clone();
-            let [output] = &node.output[..] else {
-                return Err(unsupported(
-                    node,
-                    "only single-output nodes can be trained".into(),
-                ));
-            };
-            steps.push(Step {
-                node: node_name(node),
-                op,
-                inputs,
-                output: output.clone(),
-            });
-        }
-
-        let mut trainable = HashSet::new();
-        let mut statistics = HashSet::new();
-        for step in &steps {
-            let weights: &[usize] = match step.op {
-                Op::Conv { .. } | Op::Gemm { .. } => &[1, 2],
-                Op::MatMul => &[1],
-                Op::BatchNorm { .. } | Op::LayerNorm { .. } => &[1, 2],
-                _ => &[],
-            };
-            for &i in weights {
-                if let Some(name) = step.inputs.get(i).filter(|n| !n.is_empty()) {
-                    trainable.insert(name.clone());
-                }
-            }
-            if let Op::BatchNorm { .. } = step.op {
-                statistics.extend(step.inputs.iter().skip(3).take(2).cloned());
-            }
-        }
-
-        let mut parameters = Vec::new();
-        let mut constants = HashMap::new();
-        let mut integer_constants = HashMap::new();
-        for name in constant_names {
-            let proto =
-                match initializers.get(name.as_str()) {
-                    Some(t) => (*t).clone(),
-                    None => constant_node_value(&graph.node[producer[name.as_str()]]).ok_or_else(
-                        || CompileError::Untrainable {
-                            node: name.clone(),
-                            reason: "a Constant node without a tensor value".into(),
-                        },
-                    )?,
-                };
-            let dims: Vec<usize> = proto.dims.iter().map(|&d| d as usize).collect();
-            match proto.data_type {
-                ONNX_FLOAT => {
-                    let values =
-                        float_values(&proto).map_err(|reason| CompileError::Untrainable {
-                            node: name.clone(),
-                            reason,
-                        })?;
-                    let tensor = Tensor::from_vec(values, dims, device)?.to_dtype(dtype)?;
-                    if trainable.contains(&name) || statistics.contains(&name) {
-                        parameters.push(Parameter {
-                            trainable: trainable.contains(&name),
-                            name,
-                            var: Var::from_tensor(&tensor)?,
-                        });
-                    } else {
-                        constants.insert(name, tensor);
-                    }
-                }
-                ONNX_INT64 => {
-                    let values = int64_values(&proto);
-                    integer_constants.insert(name, values);
-                }
-                other => {
-                    return Err(CompileError::Untrainable {
-                        node: name,
-                        reason: format!(
-                            "constant of ONNX data type {other} (only float and int64)"
-                        ),
-                    })
-                }
-            }
-        }
+        let index = GraphIndex::of(graph);
+        let (needed_nodes, constant_names) = index.needed(from, to)?;
+        let steps = steps_of(graph, &needed_nodes)?;
+        let (parameters, constants, integer_constants) =
+            index.load_constants(constant_names, &weight_names(&steps), (device, dtype))?;
         Ok(Subgraph {
             input: from.to_string(),
             output: to.to_string(),
@@ -1327,6 +1172,218 @@ fn average_pool(
     }
     let ones = Tensor::ones((1, 1, x.dim(2)?, x.dim(3)?), x.dtype(), x.device())?;
     sum(x)?.broadcast_div(&sum(&ones)?)
+}
+
+/// Where each tensor of an ONNX graph comes from: its initializers and each output's node.
+struct GraphIndex<'a> {
+    graph: &'a pb::GraphProto,
+    initializers: HashMap<&'a str, &'a pb::TensorProto>,
+    producer: HashMap<&'a str, usize>,
+}
+
+/// The float constants of a subgraph: parameters (trainable weights and BatchNorm statistics),
+/// the other float constants, and the int64 ones (shapes, axes).
+type Constants = (
+    Vec<Parameter>,
+    HashMap<String, Tensor>,
+    HashMap<String, Vec<i64>>,
+);
+
+impl<'a> GraphIndex<'a> {
+    fn of(graph: &'a pb::GraphProto) -> GraphIndex<'a> {
+        let initializers = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let mut producer = HashMap::new();
+        for (i, node) in graph.node.iter().enumerate() {
+            for out in &node.output {
+                producer.insert(out.as_str(), i);
+            }
+        }
+        GraphIndex {
+            graph,
+            initializers,
+            producer,
+        }
+    }
+
+    /// The nodes that compute `to` from `from` and the constants they read; an error when a
+    /// path reaches `to` without crossing `from`.
+    fn needed(&self, from: &str, to: &str) -> Result<(HashSet<usize>, Vec<String>)> {
+        let graph = self.graph;
+        let mut downstream: HashSet<&str> = HashSet::from([from]);
+        for node in &graph.node {
+            if node.input.iter().any(|i| downstream.contains(i.as_str())) {
+                downstream.extend(node.output.iter().map(|o| o.as_str()));
+            }
+        }
+        let mut needed_nodes = HashSet::new();
+        let mut constant_names = Vec::new();
+        let mut stack = vec![to.to_string()];
+        let mut seen = HashSet::new();
+        let mut reaches_from = false;
+        while let Some(tensor) = stack.pop() {
+            if !seen.insert(tensor.clone()) {
+                continue;
+            }
+            if tensor == from {
+                reaches_from = true;
+                continue;
+            }
+            if self.initializers.contains_key(tensor.as_str()) {
+                constant_names.push(tensor);
+                continue;
+            }
+            let Some(&index) = self.producer.get(tensor.as_str()) else {
+                return Err(CompileError::Untrainable {
+                    node: tensor.clone(),
+                    reason: format!(
+                        "the trainable part computing {to:?} reads {tensor:?}, which does not \
+                         come from {from:?}: choose a boundary that every path crosses"
+                    ),
+                });
+            };
+            let node = &graph.node[index];
+            if node.op_type == "Constant" {
+                constant_names.push(tensor);
+                continue;
+            }
+            if !downstream.contains(tensor.as_str()) {
+                return Err(CompileError::Untrainable {
+                    node: node_name(node),
+                    reason: format!(
+                        "the trainable part computing {to:?} reads {tensor:?}, which does not \
+                         come from {from:?} (a connection that skips the boundary): choose a \
+                         boundary that every path crosses"
+                    ),
+                });
+            }
+            needed_nodes.insert(index);
+            stack.extend(node.input.iter().filter(|i| !i.is_empty()).cloned());
+        }
+        if !reaches_from {
+            return Err(CompileError::Untrainable {
+                node: to.to_string(),
+                reason: format!("{to:?} does not depend on {from:?}"),
+            });
+        }
+        Ok((needed_nodes, constant_names))
+    }
+
+    /// The constants as candle tensors: the weights in `weights.0` (trainable) and `weights.1`
+    /// (BatchNorm statistics) become variables.
+    fn load_constants(
+        &self,
+        names: Vec<String>,
+        (trainable, statistics): &(HashSet<String>, HashSet<String>),
+        (device, dtype): (&Device, DType),
+    ) -> Result<Constants> {
+        let mut parameters = Vec::new();
+        let mut constants = HashMap::new();
+        let mut integer_constants = HashMap::new();
+        for name in names {
+            let proto = self.constant(&name)?;
+            let dims: Vec<usize> = proto.dims.iter().map(|&d| d as usize).collect();
+            match proto.data_type {
+                ONNX_FLOAT => {
+                    let values =
+                        float_values(&proto).map_err(|reason| CompileError::Untrainable {
+                            node: name.clone(),
+                            reason,
+                        })?;
+                    let tensor = Tensor::from_vec(values, dims, device)?.to_dtype(dtype)?;
+                    if trainable.contains(&name) || statistics.contains(&name) {
+                        parameters.push(Parameter {
+                            trainable: trainable.contains(&name),
+                            name,
+                            var: Var::from_tensor(&tensor)?,
+                        });
+                    } else {
+                        constants.insert(name, tensor);
+                    }
+                }
+                ONNX_INT64 => {
+                    integer_constants.insert(name, int64_values(&proto));
+                }
+                other => {
+                    return Err(CompileError::Untrainable {
+                        node: name,
+                        reason: format!(
+                            "constant of ONNX data type {other} (only float and int64)"
+                        ),
+                    })
+                }
+            }
+        }
+        Ok((parameters, constants, integer_constants))
+    }
+
+    /// The value of an initializer or of a Constant node's output.
+    fn constant(&self, name: &str) -> Result<pb::TensorProto> {
+        match self.initializers.get(name) {
+            Some(t) => Ok((*t).clone()),
+            None => constant_node_value(&self.graph.node[self.producer[name]]).ok_or_else(|| {
+                CompileError::Untrainable {
+                    node: name.to_string(),
+                    reason: "a Constant node without a tensor value".into(),
+                }
+            }),
+        }
+    }
+}
+
+/// The needed nodes, in graph order, translated to candle steps.
+fn steps_of(graph: &pb::GraphProto, needed_nodes: &HashSet<usize>) -> Result<Vec<Step>> {
+    let unsupported = |node: &pb::NodeProto, why: String| CompileError::Untrainable {
+        node: node_name(node),
+        reason: why,
+    };
+    let mut steps = Vec::new();
+    for (index, node) in graph.node.iter().enumerate() {
+        if !needed_nodes.contains(&index) {
+            continue;
+        }
+        let op = translate_op(node).map_err(|why| unsupported(node, why))?;
+        let [output] = &node.output[..] else {
+            return Err(unsupported(
+                node,
+                "only single-output nodes can be trained".into(),
+            ));
+        };
+        steps.push(Step {
+            node: node_name(node),
+            op,
+            inputs: node.input.clone(),
+            output: output.clone(),
+        });
+    }
+    Ok(steps)
+}
+
+/// The weights the steps train (conv, dense and normalisation weights and biases) and the
+/// BatchNorm running statistics they update.
+fn weight_names(steps: &[Step]) -> (HashSet<String>, HashSet<String>) {
+    let mut trainable = HashSet::new();
+    let mut statistics = HashSet::new();
+    for step in steps {
+        let weights: &[usize] = match step.op {
+            Op::Conv { .. } | Op::Gemm { .. } => &[1, 2],
+            Op::MatMul => &[1],
+            Op::BatchNorm { .. } | Op::LayerNorm { .. } => &[1, 2],
+            _ => &[],
+        };
+        for &i in weights {
+            if let Some(name) = step.inputs.get(i).filter(|n| !n.is_empty()) {
+                trainable.insert(name.clone());
+            }
+        }
+        if let Op::BatchNorm { .. } = step.op {
+            statistics.extend(step.inputs.iter().skip(3).take(2).cloned());
+        }
+    }
+    (trainable, statistics)
 }
 
 #[cfg(test)]
