@@ -269,6 +269,31 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
     })
 }
 
+/// `--strategy auto`, for library callers as for `graft compile`: advises on the options' data
+/// (their preprocessing, split and seed), reports each reason, and applies the advice (cut,
+/// head, fine-tuning) to the options, which [`compile`](crate::compile) then follows.
+pub fn follow_advice(options: &mut CompileOptions, reporter: &dyn Reporter) -> Result<Advice> {
+    let unfreeze_from = options
+        .finetune
+        .as_ref()
+        .is_some_and(|f| matches!(f.unfreeze, Unfreeze::From(_)));
+    if options.cut.is_some() || unfreeze_from {
+        return Err(CompileError::InvalidOption(
+            "--strategy auto chooses the cut and the blocks to retrain: leave out --cut and --unfreeze-from".into(),
+        ));
+    }
+    let advice = advise(options, reporter)?;
+    for reason in &advice.recommendation.reasons {
+        reporter.message(&format!("advice    {reason}"));
+    }
+    reporter.message(&format!(
+        "advice    compiling with {}",
+        advice.recommendation.flags()
+    ));
+    advice.recommendation.apply(options)?;
+    Ok(advice)
+}
+
 /// The backbone's classifier output, when it has exactly one `[1, N]` (N >= 2) output beyond
 /// the default cut.
 fn classifier_output(

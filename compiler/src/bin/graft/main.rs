@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use graft_compiler::finetune::{FinetuneConfig, OptimizerKind, Schedule, Strategy, Unfreeze};
 use graft_compiler::head::train::{HeadKind, TrainConfig};
-use graft_compiler::pipeline::advise::advise;
+use graft_compiler::pipeline::advise::{advise, follow_advice};
 use graft_compiler::pipeline::{compile, CompileOptions, CompileReport, Reporter};
 use graft_compiler::quantize::Precision;
 use graft_compiler::CompileError;
@@ -128,36 +128,26 @@ struct AdviseArgs {
     /// Labelled images: DIR/<class>/*, DIR/train/<class>/* or DIR/{train,val}/<class>/*.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    /// Input normalisation, as for compile.
-    #[arg(long, default_value = "auto", value_parser = parse_normalization)]
-    normalize: NormalizeChoice,
-    /// Input size HxW, for backbones whose input height and width are dynamic.
-    #[arg(long, value_name = "HxW", value_parser = parse_size)]
-    input_size: Option<[usize; 2]>,
-    /// Seed of the validation hold-out and the cross-validation folds (as for compile).
-    #[arg(long, default_value_t = TrainConfig::default().seed)]
-    seed: u64,
-    /// Fraction held out for validation when DIR has no val/ split (as for compile).
-    #[arg(long, default_value_t = 0.2)]
-    val_fraction: f32,
-    #[command(flatten)]
-    work: WorkArgs,
     /// Also write the plot of probe accuracy vs cut depth to this SVG file.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    preprocess: PreprocessArgs,
+    #[command(flatten, next_help_heading = "Data split")]
+    split: SplitArgs,
+    #[command(flatten, next_help_heading = None)]
+    work: WorkArgs,
 }
 
 fn run_advise(args: &AdviseArgs, verbosity: Verbosity) -> Result<Outcome, Failure> {
     let ui = TerminalUi::new(verbosity);
     let mut options = CompileOptions::new(&args.backbone, PathBuf::new());
     options.data = Some(args.data.clone());
-    options.input_size = args.input_size;
-    options.normalization = args.normalize.normalization();
-    options.train.seed = args.seed;
-    options.val_fraction = args.val_fraction;
+    args.preprocess.apply(&mut options);
+    args.split.apply(&mut options);
     options.cache_dir = args.work.cache_dir();
     options.threads = args.work.threads();
     let advice = advise(&options, &ui)?;
@@ -449,30 +439,8 @@ struct CompileArgs {
     /// Artifact to write (replaced atomically).
     #[arg(long, short, value_name = "FILE")]
     out: PathBuf,
-    /// Input normalisation: auto (ask the backbone's own classifier which of imagenet, tf, unit
-    /// it was trained with), imagenet, tf ((x-127)/128), unit (x/255), none, or custom
-    /// M,S / M1,M2,M3,S1,S2,S3 on the 0..1 scale.
-    #[arg(long, default_value = "auto", value_parser = parse_normalization, help_heading = "Preprocessing")]
-    normalize: NormalizeChoice,
-    /// Resize the shorter image side to this before the centre crop [default: crop / 0.875].
-    #[arg(long, value_name = "PIXELS", help_heading = "Preprocessing")]
-    resize: Option<u32>,
-    /// Resize filter: bilinear, bicubic or nearest.
-    #[arg(long, default_value = "bilinear", value_parser = parse_filter, help_heading = "Preprocessing")]
-    filter: ResizeFilter,
-    /// How images are decoded and resized: fast (large JPEGs decoded at 1/2, 1/4 or 1/8 scale by
-    /// libjpeg-turbo, never below the resize, other images as reference does; SIMD resize of the
-    /// crop only), reference (full-size decode and the `image` crate's resize, which artifacts
-    /// made before this option record) or fast-v1 (fast, with libjpeg-turbo for full-scale JPEGs
-    /// too: the first fast pipeline). Recorded in the artifact; the runtime follows it.
-    #[arg(long, default_value = "fast", value_parser = parse_pipeline, help_heading = "Preprocessing")]
-    pipeline: Pipeline,
-    /// Feed channels as BGR instead of RGB.
-    #[arg(long, help_heading = "Preprocessing")]
-    bgr: bool,
-    /// Input size HxW, for backbones whose input height and width are dynamic.
-    #[arg(long, value_name = "HxW", value_parser = parse_size, help_heading = "Preprocessing")]
-    input_size: Option<[usize; 2]>,
+    #[command(flatten)]
+    preprocess: PreprocessArgs,
     /// Tensor to cut the backbone at [default: the input of its last Gemm/MatMul, i.e. the pooled
     /// features]. A [1,C,H,W] feature map is global-average-pooled.
     #[arg(long, value_name = "TENSOR", help_heading = "Head training")]
@@ -505,14 +473,9 @@ struct CompileArgs {
     /// with few images counts as much as a large one; see `graft check-data` for imbalance).
     #[arg(long, default_value = "none", value_parser = ["none", "auto"], help_heading = "Head training")]
     class_weights: String,
-    /// Seed for the validation split, initialisation, shuffling and dropout.
-    #[arg(long, default_value_t = TrainConfig::default().seed, help_heading = "Head training")]
-    seed: u64,
-    /// Fraction of each class held out for validation when DIR has no val split, and of the
-    /// training images held out to make choices on.
-    #[arg(long, default_value_t = 0.2, help_heading = "Head training")]
-    val_fraction: f32,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Head training")]
+    split: SplitArgs,
+    #[command(flatten, next_help_heading = None)]
     work: WorkArgs,
     /// What to train: head (frozen backbone, new head), finetune (the head first, then the top
     /// --unfreeze blocks and the head together at small learning rates), scratch (every layer
@@ -769,6 +732,77 @@ fn parse_weights(s: &str) -> Result<WeightStorage, String> {
     s.parse()
 }
 
+/// How images become input tensors, shared by compile and advise (advise probes with the
+/// preprocessing the compile will use).
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Preprocessing")]
+struct PreprocessArgs {
+    /// Input normalisation: auto (ask the backbone's own classifier which of imagenet, tf, unit
+    /// it was trained with), imagenet, tf ((x-127)/128), unit (x/255), none, or custom
+    /// M,S / M1,M2,M3,S1,S2,S3 on the 0..1 scale.
+    #[arg(long, default_value = "auto", value_parser = parse_normalization)]
+    normalize: NormalizeChoice,
+    /// Resize the shorter image side to this before the centre crop [default: crop / 0.875].
+    #[arg(long, value_name = "PIXELS")]
+    resize: Option<u32>,
+    /// Resize filter: bilinear, bicubic or nearest.
+    #[arg(long, default_value = "bilinear", value_parser = parse_filter)]
+    filter: ResizeFilter,
+    /// How images are decoded and resized: fast (large JPEGs decoded at 1/2, 1/4 or 1/8 scale by
+    /// libjpeg-turbo, never below the resize, other images as reference does; SIMD resize of the
+    /// crop only), reference (full-size decode and the `image` crate's resize, which artifacts
+    /// made before this option record) or fast-v1 (fast, with libjpeg-turbo for full-scale JPEGs
+    /// too: the first fast pipeline). Recorded in the artifact; the runtime follows it.
+    #[arg(long, default_value = "fast", value_parser = parse_pipeline)]
+    pipeline: Pipeline,
+    /// Feed channels as BGR instead of RGB.
+    #[arg(long)]
+    bgr: bool,
+    /// Input size HxW, for backbones whose input height and width are dynamic.
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    input_size: Option<[usize; 2]>,
+}
+
+impl PreprocessArgs {
+    fn channel_order(&self) -> ChannelOrder {
+        if self.bgr {
+            ChannelOrder::Bgr
+        } else {
+            ChannelOrder::Rgb
+        }
+    }
+
+    fn apply(&self, options: &mut CompileOptions) {
+        options.input_size = self.input_size;
+        options.normalization = self.normalize.normalization();
+        options.resize_shorter = self.resize;
+        options.filter = self.filter;
+        options.pipeline = self.pipeline;
+        options.channel_order = self.channel_order();
+    }
+}
+
+/// Which images make the choices, shared by compile and advise (advise looks only at the images
+/// the compile trains and chooses on).
+#[derive(Args, Debug)]
+struct SplitArgs {
+    /// Seed for the holdouts, the cross-validation folds, initialisation, shuffling and
+    /// dropout.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    seed: u64,
+    /// Fraction of each class held out for validation when DIR has no val split, and of the
+    /// training images held out to make choices on.
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f32,
+}
+
+impl SplitArgs {
+    fn apply(&self, options: &mut CompileOptions) {
+        options.train.seed = self.seed;
+        options.val_fraction = self.val_fraction;
+    }
+}
+
 /// Feature cache and worker threads, shared by compile and advise.
 #[derive(Args, Debug)]
 struct WorkArgs {
@@ -894,7 +928,7 @@ impl CompileArgs {
         if self.no_augment {
             config.augmentation = None;
         }
-        config.seed = self.seed;
+        config.seed = self.split.seed;
         config.balance_classes = self.class_weights == "auto";
         config.device = training_device(&self.device)?;
         if config.epochs == 0 || config.batch_size == 0 {
@@ -914,16 +948,12 @@ impl CompileArgs {
             cut: self.cut.clone(),
             keep_imagenet_head: self.keep_imagenet_head,
             labels_file: self.labels.clone(),
-            input_size: self.input_size,
-            normalization: self.normalize.normalization(),
-            resize_shorter: self.resize,
-            filter: self.filter,
-            pipeline: self.pipeline,
-            channel_order: if self.bgr {
-                ChannelOrder::Bgr
-            } else {
-                ChannelOrder::Rgb
-            },
+            input_size: self.preprocess.input_size,
+            normalization: self.preprocess.normalize.normalization(),
+            resize_shorter: self.preprocess.resize,
+            filter: self.preprocess.filter,
+            pipeline: self.preprocess.pipeline,
+            channel_order: self.preprocess.channel_order(),
             train: TrainConfig {
                 head: self.head,
                 epochs: self.epochs,
@@ -932,10 +962,10 @@ impl CompileArgs {
                 weight_decay: self.weight_decay,
                 patience: self.patience,
                 dropout: self.dropout,
-                seed: self.seed,
+                seed: self.split.seed,
                 balance_classes: self.class_weights == "auto",
             },
-            val_fraction: self.val_fraction,
+            val_fraction: self.split.val_fraction,
             cache_dir: self.work.cache_dir(),
             threads: self.work.threads(),
             verify: !self.no_verify,
@@ -1075,21 +1105,13 @@ fn run_compile(args: &CompileArgs, verbosity: Verbosity) -> Result<Outcome, Fail
         graft_compiler::report::check_report_dir(dir)?;
     }
     if args.strategy == StrategyChoice::Auto {
-        if args.cut.is_some() || args.unfreeze_from.is_some() {
-            return Err(Failure {
-                message: "--strategy auto chooses the cut and the blocks to retrain: leave out --cut and --unfreeze-from".into(),
-                code: 1,
-            });
+        // --unfreeze-from only reaches the options with --strategy finetune: checked here.
+        if args.unfreeze_from.is_some() {
+            return Err(CompileError::InvalidOption(
+                "--strategy auto chooses the cut and the blocks to retrain: leave out --cut and --unfreeze-from".into(),
+            ).into());
         }
-        let advice = advise(&options, &ui)?;
-        for reason in &advice.recommendation.reasons {
-            ui.message(&format!("advice    {reason}"));
-        }
-        ui.message(&format!(
-            "advice    compiling with {}",
-            advice.recommendation.flags()
-        ));
-        advice.recommendation.apply(&mut options)?;
+        follow_advice(&mut options, &ui)?;
     }
     let report = compile(&options, &ui)?;
     if let (Some(dir), Some(evaluation)) = (&args.report, &report.evaluation) {
