@@ -85,19 +85,11 @@ fn advise_probes_each_stage_and_compile_auto_follows_it_from_the_cache() {
     let cache = dir.path().join("cache");
     let plot = dir.path().join("probes.svg");
     let advise = |extra: &[&OsStr]| {
-        let backbone = lite0();
-        let data = hymenoptera_mini();
-        let mut args = vec![
-            OsStr::new("advise"),
-            OsStr::new("--backbone"),
-            backbone.as_os_str(),
-            OsStr::new("--data"),
-            data.as_os_str(),
-            OsStr::new("--cache-dir"),
-            cache.as_os_str(),
-        ];
-        args.extend_from_slice(extra);
-        run(graft(), &args)
+        TestCommand::advise(graft(), &lite0(), &hymenoptera_mini())
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra)
+            .run()
     };
     let out =
         advise(&[OsStr::new("--plot"), plot.as_os_str(), OsStr::new("--json")]).expect_code(0);
@@ -159,21 +151,11 @@ fn advise_probes_each_stage_and_compile_auto_follows_it_from_the_cache() {
 
     let artifact = dir.path().join("auto.graft");
     let compile = |extra: &[&OsStr]| {
-        let backbone = lite0();
-        let data = hymenoptera_mini();
-        let mut args = vec![
-            OsStr::new("compile"),
-            OsStr::new("--backbone"),
-            backbone.as_os_str(),
-            OsStr::new("--data"),
-            data.as_os_str(),
-            OsStr::new("--out"),
-            artifact.as_os_str(),
-            OsStr::new("--cache-dir"),
-            cache.as_os_str(),
-        ];
-        args.extend_from_slice(extra);
-        run(graft(), &args)
+        TestCommand::compile(graft(), &lite0(), &hymenoptera_mini(), &artifact)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra)
+            .run()
     };
     let auto = compile(&[
         OsStr::new("--strategy"),

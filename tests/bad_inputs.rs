@@ -86,22 +86,31 @@ fn small_dataset(root: &Path, n: usize) -> PathBuf {
 
 /// `graft compile` on `data` into `dir/out.graft` with fast, deterministic options.
 fn compile(dir: &Path, backbone: &Path, data: &Path, extra: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
-    let mut args = os(&[
-        &"compile",
-        &"--backbone",
-        &backbone,
-        &"--data",
-        &data,
-        &"--out",
-        &dir.join("out.graft"),
-        &"--normalize",
-        &"tf",
-        &"--no-verify",
-        &"--cache-dir",
-        &shared_cache(),
-    ]);
-    args.extend(os(extra));
-    args
+    TestCommand::compile(&graft(), backbone, data, &dir.join("out.graft"))
+        .args(["--normalize", "tf", "--no-verify", "--cache-dir"])
+        .arg(shared_cache())
+        .args(os(extra))
+        .argv()
+        .to_vec()
+}
+
+/// `graft compile --keep-imagenet-head` with `labels`, into `dir/out.graft`.
+fn own_head(dir: &Path, labels: &Path) -> Vec<OsString> {
+    TestCommand::new(graft())
+        .args([
+            "compile",
+            "--keep-imagenet-head",
+            "--normalize",
+            "tf",
+            "--backbone",
+        ])
+        .arg(lite0())
+        .arg("--labels")
+        .arg(labels)
+        .arg("--out")
+        .arg(dir.join("out.graft"))
+        .argv()
+        .to_vec()
 }
 
 fn shared_cache() -> PathBuf {
@@ -685,18 +694,7 @@ const CASES: &[Case] = &[
         build: |dir| {
             let labels = dir.join("labels.txt");
             std::fs::write(&labels, "cat\ndog\nfish\n").unwrap();
-            let args = os(&[
-                &"compile",
-                &"--backbone",
-                &lite0(),
-                &"--keep-imagenet-head",
-                &"--labels",
-                &labels,
-                &"--out",
-                &dir.join("out.graft"),
-                &"--normalize",
-                &"tf",
-            ]);
+            let args = own_head(dir, &labels);
             fail(
                 graft(),
                 args,
@@ -734,17 +732,15 @@ const CASES: &[Case] = &[
     Case {
         name: "unknown normalization",
         build: |dir| {
-            let args = os(&[
-                &"compile",
-                &"--backbone",
+            let args = TestCommand::compile(
+                &graft(),
                 &lite0(),
-                &"--data",
                 &hymenoptera_mini(),
-                &"--out",
                 &dir.join("out.graft"),
-                &"--normalize",
-                &"fancy",
-            ]);
+            )
+            .args(["--normalize", "fancy"])
+            .argv()
+            .to_vec();
             fail(graft(), args, Expect::ErrorPrefix("error: invalid value 'fancy' for '--normalize <NORMALIZE>': unknown normalization \"fancy\"".into()))
         },
     },
@@ -753,15 +749,9 @@ const CASES: &[Case] = &[
         name: "output folder does not exist",
         build: |dir| {
             let out = dir.join("no/such/folder/m.graft");
-            let args = os(&[
-                &"compile",
-                &"--backbone",
-                &lite0(),
-                &"--data",
-                &hymenoptera_mini(),
-                &"--out",
-                &out,
-            ]);
+            let args = TestCommand::compile(&graft(), &lite0(), &hymenoptera_mini(), &out)
+                .argv()
+                .to_vec();
             fail(
                 graft(),
                 args,
@@ -778,15 +768,9 @@ const CASES: &[Case] = &[
         build: |dir| {
             let out = dir.join("out.graft");
             std::fs::create_dir(&out).unwrap();
-            let args = os(&[
-                &"compile",
-                &"--backbone",
-                &lite0(),
-                &"--data",
-                &hymenoptera_mini(),
-                &"--out",
-                &out,
-            ]);
+            let args = TestCommand::compile(&graft(), &lite0(), &hymenoptera_mini(), &out)
+                .argv()
+                .to_vec();
             fail(
                 graft(),
                 args,
@@ -1389,18 +1373,7 @@ const CASES: &[Case] = &[
             let mut text: Vec<String> = (0..1000).map(|i| format!("class {i}")).collect();
             text[4] = "a\tb".into();
             std::fs::write(&labels, text.join("\n")).unwrap();
-            let args = os(&[
-                &"compile",
-                &"--backbone",
-                &lite0(),
-                &"--keep-imagenet-head",
-                &"--labels",
-                &labels,
-                &"--out",
-                &dir.join("out.graft"),
-                &"--normalize",
-                &"tf",
-            ]);
+            let args = own_head(dir, &labels);
             fail(graft(), args, Expect::Error(format!("error: {}: line 5: label \"a\\tb\" contains a control character (such as a newline)", labels.display())))
         },
     },

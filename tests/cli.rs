@@ -68,20 +68,13 @@ fn verbosity_levels_add_stage_lines_then_epoch_lines() {
     let cache = dir.path().join("cache");
     let (backbone, data) = (lite0(), hymenoptera_mini());
     let compile = |flags: &[&str]| {
-        let mut args: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_ref()).collect();
-        args.extend([
-            "compile".as_ref(),
-            "--backbone".as_ref(),
-            backbone.as_os_str(),
-            "--data".as_ref(),
-            data.as_os_str(),
-            "--out".as_ref(),
-            artifact.as_os_str(),
-            "--cache-dir".as_ref(),
-            cache.as_os_str(),
-            "--no-verify".as_ref(),
-        ]);
-        run(graft(), &args).expect_code(0).stderr
+        TestCommand::compile(graft(), &backbone, &data, &artifact)
+            .args(["--cache-dir".as_ref(), cache.as_os_str()])
+            .arg("--no-verify")
+            .args(flags)
+            .run()
+            .expect_code(0)
+            .stderr
     };
     let epoch_line = "epoch    1  train loss ";
     let default = compile(&[]);

@@ -820,20 +820,13 @@ fn ctrl_c_leaves_no_artifact_and_keeps_a_usable_cache() {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("m.graft");
     let cache = dir.path().join("cache");
-    let mut child = Command::new(graft())
-        .args(["compile", "--threads", "1", "--backbone"])
-        .args([
-            lite0(),
-            "--data".into(),
-            hymenoptera_mini(),
-            "--out".into(),
-            out_path.clone(),
-        ])
-        .arg("--cache-dir")
+    let mut child = TestCommand::compile(graft(), &lite0(), &hymenoptera_mini(), &out_path)
+        .args(["--threads", "1", "--cache-dir"])
         .arg(&cache)
         // graft's portable kernels (several times slower than the CPU's best) keep extraction
         // running for seconds, so the interrupt below lands in it on any machine.
         .env("GRAFT_KERNELS", "portable")
+        .command()
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -909,22 +902,19 @@ fn artifacts_and_reports_follow_the_umask() {
     for (umask, expected) in [("022", 0o644), ("077", 0o600)] {
         let out = dir.path().join(format!("m{umask}.graft"));
         let report = dir.path().join(format!("report{umask}"));
-        let status = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(format!("umask {umask}; exec \"$@\""))
-            .arg("bash")
-            .arg(graft())
-            .args(["compile", "--backbone"])
-            .arg(lite0())
-            .arg("--data")
-            .arg(hymenoptera_mini())
-            .arg("--out")
-            .arg(&out)
+        let compile = TestCommand::compile(graft(), &lite0(), &hymenoptera_mini(), &out)
             .arg("--cache-dir")
             .arg(&cache)
             .arg("--report")
             .arg(&report)
-            .arg("--quiet")
+            .arg("--quiet");
+        let status = TestCommand::new("bash")
+            .arg("-c")
+            .arg(format!("umask {umask}; exec \"$@\""))
+            .arg("bash")
+            .arg(graft())
+            .args(compile.argv())
+            .command()
             .stdout(std::process::Stdio::null())
             .status()
             .unwrap();

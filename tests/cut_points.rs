@@ -63,24 +63,10 @@ fn lite0_cut_points_are_listed_and_an_earlier_cut_compiles() {
 
     let dir = tempfile::tempdir().unwrap();
     let artifact = dir.path().join("early.graft");
-    let compile = run(
-        graft(),
-        &[
-            OsStr::new("compile"),
-            OsStr::new("--backbone"),
-            lite0().as_os_str(),
-            OsStr::new("--data"),
-            hymenoptera_mini().as_os_str(),
-            OsStr::new("--out"),
-            artifact.as_os_str(),
-            OsStr::new("--cut"),
-            OsStr::new(block),
-            OsStr::new("--normalize"),
-            OsStr::new("tf"),
-            OsStr::new("--no-cache"),
-        ],
-    )
-    .expect_code(0);
+    let compile = TestCommand::compile(graft(), &lite0(), &hymenoptera_mini(), &artifact)
+        .args(["--cut", block, "--normalize", "tf", "--no-cache"])
+        .run()
+        .expect_code(0);
     let said = format!("{}{}", compile.stdout, compile.stderr);
     assert!(
         said.contains("features [1, 192, 7, 7] (global average pooled)"),

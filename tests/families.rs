@@ -298,20 +298,10 @@ family!(convnext, "/classifier/classifier.1/Flatten_output_0");
 fn advise_and_auto_strategy_work_beyond_lite0() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["squeezenet", "resnet"] {
-        let advice = run(
-            graft(),
-            args![
-                "advise",
-                "--backbone",
-                family(name),
-                "--data",
-                hymenoptera_mini(),
-                "--normalize",
-                "tf",
-                "--no-cache"
-            ],
-        )
-        .expect_code(0);
+        let advice = TestCommand::advise(graft(), &family(name), &hymenoptera_mini())
+            .args(["--normalize", "tf", "--no-cache"])
+            .run()
+            .expect_code(0);
         assert!(
             advice
                 .stdout

@@ -90,16 +90,8 @@ struct Report {
 fn finetune_top_blocks_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ft.graft");
-    let run = run(
-        graft(),
-        args![
-            "compile",
-            "--backbone",
-            lite0(),
-            "--data",
-            hymenoptera_mini(),
-            "--out",
-            out,
+    let run = TestCommand::compile(graft(), &lite0(), &hymenoptera_mini(), &out)
+        .args(args![
             "--no-cache",
             "--strategy",
             "finetune",
@@ -112,9 +104,9 @@ fn finetune_top_blocks_end_to_end() {
             "--backbone-lr",
             "0.001",
             "--json"
-        ],
-    )
-    .expect_code(0);
+        ])
+        .run()
+        .expect_code(0);
     let report: Report = serde_json::from_str(&run.stdout).unwrap();
     assert!(
         report.artifact_val_accuracy >= 0.9,
@@ -154,20 +146,10 @@ fn bad_finetune_options_are_user_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.graft");
     let compile = |extra: &[&str]| {
-        let mut a = vec![
-            "compile".to_string(),
-            "--backbone".into(),
-            lite0().display().to_string(),
-            "--data".into(),
-            hymenoptera_mini().display().to_string(),
-            "--out".into(),
-            out.display().to_string(),
-            "--no-cache".into(),
-            "--epochs".into(),
-            "1".into(),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        run(graft(), &a)
+        TestCommand::compile(graft(), &lite0(), &hymenoptera_mini(), &out)
+            .args(["--no-cache", "--epochs", "1"])
+            .args(extra)
+            .run()
     };
     let r = compile(&["--strategy", "finetune", "--unfreeze", "19"]).expect_code(1);
     assert_eq!(

@@ -161,30 +161,22 @@ fn accuracy_budget_returns_the_most_sensitive_layers_to_f32() {
     let graft = std::path::Path::new(env!("CARGO_BIN_EXE_graft"));
     let fixtures = hymenoptera_mini();
     let lite0 = lite0();
-    let args: Vec<&std::ffi::OsStr> = [
-        "compile".as_ref(),
-        "--backbone".as_ref(),
-        lite0.as_os_str(),
-        "--data".as_ref(),
-        fixtures.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--normalize".as_ref(),
-        "tf".as_ref(),
-        "--precision".as_ref(),
-        "int8".as_ref(),
-        "--calibration".as_ref(),
-        "entropy".as_ref(),
-        "--accuracy-budget".as_ref(),
-        "0.5".as_ref(),
-        "--no-verify".as_ref(),
+    let int8 = |out: &std::path::Path| {
+        TestCommand::compile(graft, &lite0, &fixtures, out).args([
+            "--normalize",
+            "tf",
+            "--precision",
+            "int8",
+        ])
+    };
+    let compiled = int8(&out)
+        .args(["--calibration", "entropy"])
+        .args(["--accuracy-budget", "0.5", "--no-verify"])
         // Entropy ranges from one image: narrow enough to change a prediction of the fixture's
         // 48 probe images (from 32 images they change none since fast-v2's decoding).
-        "--calibration-images".as_ref(),
-        "1".as_ref(),
-    ]
-    .to_vec();
-    let compiled = run(graft, &args).expect_code(0);
+        .args(["--calibration-images", "1"])
+        .run()
+        .expect_code(0);
     let model = Model::load(&out).unwrap();
     let q = model.manifest().quantization.clone().unwrap();
     assert_eq!(q.calibration_trials.len(), 1);
@@ -232,21 +224,10 @@ fn accuracy_budget_returns_the_most_sensitive_layers_to_f32() {
     // `--int8-layers faster`: every int8-eligible layer is timed alone; the slower-in-int8 ones
     // stay f32 and say why (which ones depends on the machine; the bookkeeping does not).
     let timed_out = dir.path().join("bees-faster.graft");
-    let timed = run(
-        graft,
-        &[
-            &args[..5],
-            &["--out".as_ref(), timed_out.as_os_str()],
-            &args[7..11],
-            &[
-                "--int8-layers".as_ref(),
-                "faster".as_ref(),
-                "--no-verify".as_ref(),
-            ],
-        ]
-        .concat(),
-    )
-    .expect_code(0);
+    let timed = int8(&timed_out)
+        .args(["--int8-layers", "faster", "--no-verify"])
+        .run()
+        .expect_code(0);
     let q = Model::load(&timed_out)
         .unwrap()
         .manifest()
@@ -287,11 +268,10 @@ fn accuracy_budget_returns_the_most_sensitive_layers_to_f32() {
         timed.stderr
     );
 
-    let bad = run(
-        graft,
-        &[&args[..11], &["--accuracy-budget".as_ref(), "150".as_ref()]].concat(),
-    )
-    .expect_code(1);
+    let bad = int8(&out)
+        .args(["--accuracy-budget", "150"])
+        .run()
+        .expect_code(1);
     assert!(
         bad.stderr
             .contains("\"150\" is not a percentage from 0 to 100"),

@@ -51,20 +51,11 @@ fn compile_and_eval_reports_show_the_printed_numbers() {
     let artifact = dir.path().join("bees.graft");
     let report = dir.path().join("report");
     let compile = |extra: &[&OsStr]| {
-        let backbone = lite0();
-        let data = hymenoptera_mini();
-        let mut args = vec![
-            OsStr::new("compile"),
-            OsStr::new("--backbone"),
-            backbone.as_os_str(),
-            OsStr::new("--data"),
-            data.as_os_str(),
-            OsStr::new("--out"),
-            artifact.as_os_str(),
-        ];
-        args.extend_from_slice(extra);
-        args.extend([OsStr::new("--report"), report.as_os_str()]);
-        run(graft(), &args)
+        TestCommand::compile(graft(), &lite0(), &hymenoptera_mini(), &artifact)
+            .args(extra)
+            .arg("--report")
+            .arg(&report)
+            .run()
     };
     let compiled = compile(&[OsStr::new("--no-cache")]).expect_code(0);
     let printed = compiled

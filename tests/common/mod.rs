@@ -54,8 +54,107 @@ impl Output {
     }
 }
 
-/// `graft compile --backbone B --data D --out O` and `extra`, run by the `graft` binary at
-/// `graft`: the one command builder the compile tests share.
+/// The one command builder of the end-to-end tests: a program (`graft`, `graft-run`), its
+/// arguments, extra environment variables, and a private feature cache unless the arguments name
+/// one. `TestCommand::compile(graft, backbone, data, out)` starts `graft compile --backbone B
+/// --data D --out O`; `.arg`/`.args` add to it; `.run()` waits for it, `.command()` gives the
+/// `std::process::Command` for tests that spawn, signal or wrap it.
+#[derive(Debug, Clone)]
+pub struct TestCommand {
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
+}
+
+impl TestCommand {
+    /// `program` with no arguments.
+    pub fn new(program: impl AsRef<Path>) -> TestCommand {
+        TestCommand {
+            program: program.as_ref().to_path_buf(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// `graft compile --backbone B --data D --out O`.
+    pub fn compile(graft: &Path, backbone: &Path, data: &Path, out: &Path) -> TestCommand {
+        TestCommand::new(graft)
+            .arg("compile")
+            .arg("--backbone")
+            .arg(backbone)
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(out)
+    }
+
+    /// `graft advise --backbone B --data D`.
+    pub fn advise(graft: &Path, backbone: &Path, data: &Path) -> TestCommand {
+        TestCommand::new(graft)
+            .arg("advise")
+            .arg("--backbone")
+            .arg(backbone)
+            .arg("--data")
+            .arg(data)
+    }
+
+    /// One more argument.
+    pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> TestCommand {
+        self.args.push(arg.as_ref().to_os_string());
+        self
+    }
+
+    /// More arguments.
+    pub fn args<A: AsRef<std::ffi::OsStr>>(
+        mut self,
+        args: impl IntoIterator<Item = A>,
+    ) -> TestCommand {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// One more environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> TestCommand {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The arguments after the program.
+    pub fn argv(&self) -> &[std::ffi::OsString] {
+        &self.args
+    }
+
+    /// The process to spawn: the program, its arguments, a private (unused) feature cache
+    /// directory in `GRAFT_CACHE_DIR`, and the extra environment.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env(
+                "GRAFT_CACHE_DIR",
+                std::env::temp_dir().join("graft-test-cache-unused"),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// Runs the command to its end.
+    pub fn run(&self) -> Output {
+        let out = self
+            .command()
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", self.program.display()));
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// `graft compile --backbone B --data D --out O` and `extra`, run: [`TestCommand::compile`] in
+/// one call, for the many compile tests.
 pub fn compile_cmd(
     graft: &Path,
     backbone: &Path,
@@ -63,17 +162,9 @@ pub fn compile_cmd(
     out: &Path,
     extra: &[&std::ffi::OsStr],
 ) -> Output {
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "compile".as_ref(),
-        "--backbone".as_ref(),
-        backbone.as_os_str(),
-        "--data".as_ref(),
-        data.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ];
-    args.extend_from_slice(extra);
-    run(graft, &args)
+    TestCommand::compile(graft, backbone, data, out)
+        .args(extra)
+        .run()
 }
 
 /// Runs `program` with `args` and a private feature cache.
@@ -87,20 +178,11 @@ pub fn run_with_env<A: AsRef<std::ffi::OsStr>>(
     args: &[A],
     env: &[(&str, &str)],
 ) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .env(
-            "GRAFT_CACHE_DIR",
-            std::env::temp_dir().join("graft-test-cache-unused"),
-        )
-        .envs(env.iter().copied())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
-    Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    env.iter()
+        .fold(TestCommand::new(program).args(args), |c, (k, v)| {
+            c.env(k, v)
+        })
+        .run()
 }
 
 /// Converts a list of string-likes into `OsStr` arguments.

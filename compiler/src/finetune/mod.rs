@@ -34,7 +34,8 @@ use crate::error::{CompileError, Result};
 use crate::finetune::augment::Augmentation;
 use crate::finetune::translate::Subgraph;
 use crate::head::train::{
-    class_weights, correct_predictions, weighted_cross_entropy, Dense, HeadKind, TrainedHead,
+    class_weights, correct_predictions, weighted_cross_entropy, EarlyStopping, HeadKind, Layer,
+    Network, TrainedHead,
 };
 use crate::util::rng::Rng;
 
@@ -515,73 +516,47 @@ pub fn finetune(
         Some(_) => run.evaluate()?.0,
         None => f32::INFINITY,
     };
-    let mut best = run.snapshot(start_loss, 0)?;
+    let mut stopping = EarlyStopping::new(config.patience);
+    stopping.keep(start_loss, 0, run.snapshot()?);
     let started = Instant::now();
     let mut history: Vec<EpochRecord> = Vec::new();
-    for epoch in 0..config.epochs {
-        let record = run.epoch(epoch)?;
+    for epoch in 1..=config.epochs {
+        let record = run.epoch(epoch - 1)?;
         history.push(record);
-        if record.val_loss < best.loss {
-            best = run.snapshot(record.val_loss, epoch + 1)?;
+        if stopping.improves(record.val_loss) {
+            stopping.keep(record.val_loss, epoch, run.snapshot()?);
         }
         if on_epoch(&record).is_break() {
             return Err(CompileError::Interrupted);
         }
-        if epoch + 1 - best.epoch >= config.patience.max(1) {
+        if stopping.should_stop(epoch) {
             break;
         }
     }
+    let (_, best_epoch, best) = stopping.best().expect("the start is kept");
     run.restore(&best)?;
-    run.result(data, history, best.epoch, started.elapsed().as_secs_f64())
+    run.result(data, history, best_epoch, started.elapsed().as_secs_f64())
 }
 
-/// A dense head layer as candle variables.
-struct HeadLayer {
-    weight: Var,
-    bias: Var,
+/// The initial head's layers as variables, or one zero layer (from scratch).
+fn start_head(
+    initial_head: Option<&TrainedHead>,
+    (classes, feature_dim): (usize, usize),
+    device: &Device,
+) -> Result<Network> {
+    let layers = match initial_head {
+        Some(head) => head
+            .layers
+            .iter()
+            .map(|l| Layer::from_dense(l, device))
+            .collect::<Result<_>>()?,
+        None => vec![Layer::zeros(feature_dim, classes, device)?],
+    };
+    Ok(Network::of(layers))
 }
 
-impl HeadLayer {
-    /// The initial head's layers as variables, or one zero layer (from scratch).
-    fn start(
-        initial_head: Option<&TrainedHead>,
-        (classes, feature_dim): (usize, usize),
-        device: &Device,
-    ) -> Result<Vec<HeadLayer>> {
-        Ok(match initial_head {
-            Some(head) => head
-                .layers
-                .iter()
-                .map(|l| -> Result<HeadLayer> {
-                    Ok(HeadLayer {
-                        weight: Var::from_vec(l.weight.clone(), (l.outputs, l.inputs), device)?,
-                        bias: Var::from_vec(l.bias.clone(), l.outputs, device)?,
-                    })
-                })
-                .collect::<Result<_>>()?,
-            None => vec![HeadLayer {
-                weight: Var::zeros((classes, feature_dim), DType::F32, device)?,
-                bias: Var::zeros(classes, DType::F32, device)?,
-            }],
-        })
-    }
-
-    /// The layer as plain weights.
-    fn dense(&self) -> Result<Dense> {
-        let (outputs, inputs) = self.weight.dims2()?;
-        Ok(Dense {
-            weight: self.weight.flatten_all()?.to_vec1()?,
-            bias: self.bias.to_vec1()?,
-            inputs,
-            outputs,
-        })
-    }
-}
-
-/// The weights of the best epoch so far.
+/// The weights of an epoch, kept while it is the best.
 struct Snapshot {
-    loss: f32,
-    epoch: usize,
     backbone: Vec<Tensor>,
     head: Vec<Tensor>,
 }
@@ -594,7 +569,7 @@ struct JointTraining<'a> {
     threads: usize,
     progress: &'a dyn Progress,
     part: TrainablePart,
-    head: Vec<HeadLayer>,
+    head: Network,
     backbone_optimizer: GroupOptimizer,
     head_optimizer: GroupOptimizer,
     train_images: Images,
@@ -631,7 +606,7 @@ impl<'a> JointTraining<'a> {
             let probe = Tensor::zeros(part.boundary_len(), DType::F32, device)?;
             part.features(&probe, false)?.dim(1)?
         };
-        let head = HeadLayer::start(data.initial_head, (data.classes, feature_dim), device)?;
+        let head = start_head(data.initial_head, (data.classes, feature_dim), device)?;
         let decode =
             |samples, what| decode_all(samples, data.preprocessing, threads, progress, what);
         let train_images = decode(data.train, "decoding training images");
@@ -647,10 +622,7 @@ impl<'a> JointTraining<'a> {
             config.balance_classes,
             device,
         )?;
-        let head_vars = head
-            .iter()
-            .flat_map(|l| [l.weight.clone(), l.bias.clone()])
-            .collect();
+        let head_vars = head.vars();
         let mut run = JointTraining {
             backbone_optimizer: GroupOptimizer::new(
                 config.optimizer,
@@ -722,16 +694,7 @@ impl<'a> JointTraining<'a> {
 
     /// The head's logits on the trainable part's features.
     fn head_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        for (i, layer) in self.head.iter().enumerate() {
-            x = x
-                .matmul(&layer.weight.as_tensor().t()?)?
-                .broadcast_add(layer.bias.as_tensor())?;
-            if i + 1 < self.head.len() {
-                x = x.relu()?;
-            }
-        }
-        Ok(x)
+        self.head.forward(x, None)
     }
 
     fn batch_tensor(&self, rows: &[&Vec<f32>]) -> candle_core::Result<Tensor> {
@@ -838,15 +801,13 @@ impl<'a> JointTraining<'a> {
         Ok((loss_sum, correct, order.len()))
     }
 
-    fn snapshot(&self, loss: f32, epoch: usize) -> Result<Snapshot> {
+    fn snapshot(&self) -> Result<Snapshot> {
         Ok(Snapshot {
-            loss,
-            epoch,
             backbone: self.part.subgraph.snapshot()?,
             head: self
                 .head
+                .vars()
                 .iter()
-                .flat_map(|l| [&l.weight, &l.bias])
                 .map(|v| v.as_tensor().copy())
                 .collect::<candle_core::Result<Vec<_>>>()?,
         })
@@ -854,8 +815,7 @@ impl<'a> JointTraining<'a> {
 
     fn restore(&self, snapshot: &Snapshot) -> Result<()> {
         self.part.subgraph.restore(&snapshot.backbone)?;
-        let vars = self.head.iter().flat_map(|l| [&l.weight, &l.bias]);
-        for (var, value) in vars.zip(&snapshot.head) {
+        for (var, value) in self.head.vars().iter().zip(&snapshot.head) {
             var.set(value)?;
         }
         Ok(())
@@ -872,11 +832,7 @@ impl<'a> JointTraining<'a> {
     ) -> Result<FineTuned> {
         let config = self.config;
         let part = &self.part;
-        let layers = self
-            .head
-            .iter()
-            .map(HeadLayer::dense)
-            .collect::<Result<Vec<_>>>()?;
+        let layers = self.head.snapshot()?;
         let tuned = data
             .backbone
             .with_graph_edit(|graph| part.subgraph.write_back(graph))?;

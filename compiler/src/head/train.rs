@@ -244,12 +244,29 @@ impl Standardizer {
     }
 }
 
-struct Layer {
+/// A dense layer as candle variables: `x W^T + b`.
+pub(crate) struct Layer {
     weight: Var,
     bias: Var,
 }
 
 impl Layer {
+    /// The variables of trained weights.
+    pub(crate) fn from_dense(dense: &Dense, device: &Device) -> Result<Layer> {
+        Ok(Layer {
+            weight: Var::from_vec(dense.weight.clone(), (dense.outputs, dense.inputs), device)?,
+            bias: Var::from_vec(dense.bias.clone(), dense.outputs, device)?,
+        })
+    }
+
+    /// A layer of zeros.
+    pub(crate) fn zeros(inputs: usize, outputs: usize, device: &Device) -> Result<Layer> {
+        Ok(Layer {
+            weight: Var::zeros((outputs, inputs), DType::F32, device)?,
+            bias: Var::zeros(outputs, DType::F32, device)?,
+        })
+    }
+
     fn new(inputs: usize, outputs: usize, rng: &mut Rng, device: &Device) -> Result<Layer> {
         let bound = 1.0 / (inputs as f32).sqrt();
         let init: Vec<f32> = (0..inputs * outputs)
@@ -276,13 +293,33 @@ impl Layer {
     }
 }
 
-struct Network {
+/// The head network, one for head training and fine-tuning: dense layers with ReLU (and, while
+/// training an mlp head, dropout) between them.
+pub(crate) struct Network {
     layers: Vec<Layer>,
     dropout: f32,
 }
 
 impl Network {
-    fn forward(&self, x: &Tensor, dropout_rng: Option<&mut Rng>) -> candle_core::Result<Tensor> {
+    /// A network of `layers`, without dropout.
+    pub(crate) fn of(layers: Vec<Layer>) -> Network {
+        Network {
+            layers,
+            dropout: 0.0,
+        }
+    }
+
+    /// The trained weights.
+    pub(crate) fn snapshot(&self) -> Result<Vec<Dense>> {
+        self.layers.iter().map(Layer::snapshot).collect()
+    }
+
+    /// Logits of `x`; dropout between layers only when given a generator.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        dropout_rng: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         let mut dropout_rng = dropout_rng;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -297,7 +334,8 @@ impl Network {
         Ok(x)
     }
 
-    fn vars(&self) -> Vec<Var> {
+    /// Weights and biases, layer by layer.
+    pub(crate) fn vars(&self) -> Vec<Var> {
         self.layers
             .iter()
             .flat_map(|l| [l.weight.clone(), l.bias.clone()])
@@ -450,7 +488,7 @@ pub fn train_head(
     let mut dropout_rng = Rng::new(config.seed, "head-dropout");
     let mut order: Vec<u32> = (0..train.rows() as u32).collect();
     let mut history = Vec::new();
-    let mut best: Option<(f32, usize, Vec<Dense>)> = None;
+    let mut stopping = EarlyStopping::new(config.patience);
     for epoch in 1..=config.epochs {
         shuffle_rng.shuffle(&mut order);
         let mut loss_sum = 0f64;
@@ -476,19 +514,13 @@ pub fn train_head(
             return Err(CompileError::Interrupted);
         }
         history.push(record);
-        let improved = best.as_ref().is_none_or(|(l, _, _)| val_loss < *l);
-        if improved {
-            let weights = network
-                .layers
-                .iter()
-                .map(Layer::snapshot)
-                .collect::<Result<_>>()?;
-            best = Some((val_loss, epoch, weights));
-        } else if epoch - best.as_ref().map_or(0, |b| b.1) >= config.patience {
+        if stopping.improves(val_loss) {
+            stopping.keep(val_loss, epoch, network.snapshot()?);
+        } else if stopping.should_stop(epoch) {
             break;
         }
     }
-    let (_, best_epoch, mut layers) = best.expect("at least one epoch ran");
+    let (_, best_epoch, mut layers) = stopping.best().expect("at least one epoch ran");
     standardizer.fold_into(&mut layers[0]);
     Ok(TrainedHead {
         kind: config.head,
@@ -496,6 +528,44 @@ pub fn train_head(
         history,
         best_epoch,
     })
+}
+
+/// Early stopping on the loss of the images for choices, shared by head training and
+/// fine-tuning: the best epoch so far with its state, and whether `patience` epochs have passed
+/// without a lower loss.
+pub(crate) struct EarlyStopping<T> {
+    best: Option<(f32, usize, T)>,
+    patience: usize,
+}
+
+impl<T> EarlyStopping<T> {
+    /// Nothing kept yet; stop after `patience` (at least 1) epochs without a lower loss.
+    pub(crate) fn new(patience: usize) -> EarlyStopping<T> {
+        EarlyStopping {
+            best: None,
+            patience: patience.max(1),
+        }
+    }
+
+    /// Whether `loss` is lower than the best so far (or nothing is kept yet).
+    pub(crate) fn improves(&self, loss: f32) -> bool {
+        self.best.as_ref().is_none_or(|(best, _, _)| loss < *best)
+    }
+
+    /// Keeps `state` of `epoch` as the best.
+    pub(crate) fn keep(&mut self, loss: f32, epoch: usize, state: T) {
+        self.best = Some((loss, epoch, state));
+    }
+
+    /// Whether `epoch` is `patience` epochs past the best one.
+    pub(crate) fn should_stop(&self, epoch: usize) -> bool {
+        epoch - self.best.as_ref().map_or(0, |b| b.1) >= self.patience
+    }
+
+    /// The best epoch: its loss, number and state.
+    pub(crate) fn best(self) -> Option<(f32, usize, T)> {
+        self.best
+    }
 }
 
 /// L2 strengths tried by cross-validation for `logreg` and `svm`.
