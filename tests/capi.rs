@@ -1,5 +1,6 @@
 //! The C ABI: `runtime/examples/c/classify.c` is compiled against `runtime/include/graft.h` and
-//! `libgraft_runtime.so`, run on the fixture artifact, and must print what `graft-run` prints.
+//! linked both with `libgraft_runtime.so` and with `libgraft_runtime.a`, run on the fixture
+//! artifact (loaded from a memory buffer), and must print what `graft-run` and the Rust API give.
 
 mod common;
 
@@ -18,10 +19,9 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// `cargo build` puts the shared library beside the binaries; `cargo test` leaves it in `deps/`.
-fn library() -> PathBuf {
-    let candidates =
-        [target_dir(), target_dir().join("deps")].map(|d| d.join("libgraft_runtime.so"));
+/// `cargo build` puts the libraries beside the binaries; `cargo test` leaves them in `deps/`.
+fn built(name: &str) -> PathBuf {
+    let candidates = [target_dir(), target_dir().join("deps")].map(|d| d.join(name));
     candidates
         .iter()
         .find(|lib| lib.is_file())
@@ -32,6 +32,14 @@ fn library() -> PathBuf {
             )
         })
         .clone()
+}
+
+fn library() -> PathBuf {
+    built("libgraft_runtime.so")
+}
+
+fn static_library() -> PathBuf {
+    built("libgraft_runtime.a")
 }
 
 fn header() -> PathBuf {
@@ -70,7 +78,7 @@ fn header_declares_exactly_the_exported_functions() {
         declared, exported,
         "regenerate the header with scripts/gen_header.sh"
     );
-    assert_eq!(declared.len(), 7);
+    assert_eq!(declared.len(), 14);
 }
 
 #[test]
@@ -85,24 +93,41 @@ fn c_example_prints_what_graft_run_prints() {
     };
     compile(&options, &NoProgress).unwrap();
 
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/examples/c/classify.c");
+    let build = |exe: &Path, link: &[std::ffi::OsString]| {
+        let cc = Command::new("cc")
+            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+            .arg(header().parent().unwrap())
+            .arg(&source)
+            .args(link)
+            .arg("-o")
+            .arg(exe)
+            .output()
+            .expect("a C compiler (cc) is needed for this test");
+        assert!(
+            cc.status.success(),
+            "{}",
+            String::from_utf8_lossy(&cc.stderr)
+        );
+    };
     let exe = dir.path().join("classify");
-    let cc = Command::new("cc")
-        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(header().parent().unwrap())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/examples/c/classify.c"))
-        .arg(library())
-        .arg(format!(
-            "-Wl,-rpath,{}",
-            library().parent().unwrap().display()
-        ))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .expect("a C compiler (cc) is needed for this test");
+    build(
+        &exe,
+        &[
+            library().into(),
+            format!("-Wl,-rpath,{}", library().parent().unwrap().display()).into(),
+        ],
+    );
+    // Statically linked: no libgraft_runtime.so needed at run time.
+    let static_exe = dir.path().join("classify-static");
+    let mut link: Vec<std::ffi::OsString> = vec![static_library().into()];
+    link.extend(["-lpthread", "-ldl", "-lm", "-lrt", "-lgcc_s"].map(Into::into));
+    build(&static_exe, &link);
+    let ldd = Command::new("ldd").arg(&static_exe).output().unwrap();
     assert!(
-        cc.status.success(),
+        !String::from_utf8_lossy(&ldd.stdout).contains("graft_runtime"),
         "{}",
-        String::from_utf8_lossy(&cc.stderr)
+        String::from_utf8_lossy(&ldd.stdout)
     );
 
     let images = [
@@ -117,6 +142,12 @@ fn c_example_prints_what_graft_run_prints() {
         .unwrap();
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let c_out = String::from_utf8_lossy(&c.stdout).into_owned();
+    let c_static = Command::new(&static_exe)
+        .arg(&artifact)
+        .args(&images)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&c_static.stdout), c_out);
     let graft_run = target_dir().join("graft-run");
     let rust = Command::new(graft_run)
         .arg(&artifact)
@@ -124,10 +155,11 @@ fn c_example_prints_what_graft_run_prints() {
         .output()
         .unwrap();
     let rust_out = String::from_utf8_lossy(&rust.stdout).into_owned();
-    let (file_lines, gradient) = c_out.rsplit_once("gradient: ").unwrap();
+    let (file_lines, raw_lines) = c_out.split_once("gradient: ").unwrap();
     assert_eq!(file_lines, rust_out);
 
-    // The raw-buffer path gives what the Rust API gives for the same picture.
+    // The raw-buffer path (BGRA, padded rows) gives what the Rust API gives for the same RGB
+    // picture: top class, logits, and the input size.
     let picture = image::RgbImage::from_fn(64, 48, |x, y| {
         image::Rgb([(4 * x) as u8, (5 * y) as u8, (2 * (x + y)) as u8])
     });
@@ -136,9 +168,16 @@ fn c_example_prints_what_graft_run_prints() {
         .classify(&image::DynamicImage::ImageRgb8(picture))
         .unwrap();
     let top = &result.top_k(1, model.labels())[0];
+    let logits: Vec<String> = result.logits.iter().map(|l| format!(" {l:.4}")).collect();
+    let [height, width] = model.manifest().preprocessing.crop;
     assert_eq!(
-        gradient.trim_end(),
-        format!("{} {:.3}", top.label, top.probability)
+        raw_lines,
+        format!(
+            "{} {:.3}\nlogits:{}\ninput: {width}x{height}\n",
+            top.label,
+            top.probability,
+            logits.concat()
+        )
     );
 
     let missing = Command::new(&exe)
@@ -158,9 +197,6 @@ fn c_example_prints_what_graft_run_prints() {
     assert_eq!(bad_model.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&bad_model.stderr).trim_end(),
-        format!(
-            "error: {}: not a graft artifact (missing the GRAFTART magic bytes)",
-            images[0].display()
-        )
+        "error: (memory buffer): not a graft artifact (missing the GRAFTART magic bytes)"
     );
 }

@@ -9,6 +9,36 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+// Version of this C interface: raised when a function changes or goes away (not when one is
+// added). Compare with graft_abi_version() to detect a library built from another header.
+#define GRAFT_ABI_VERSION 2
+
+// Pixel layouts of the buffers passed to [`graft_classify_pixels`] and [`graft_logits_pixels`]
+// (their `format` argument).
+enum GraftPixelFormat
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // 3 bytes a pixel: red, green, blue.
+  GRAFT_PIXEL_FORMAT_RGB8 = 0,
+  // 3 bytes a pixel: blue, green, red (OpenCV's order).
+  GRAFT_PIXEL_FORMAT_BGR8 = 1,
+  // 4 bytes a pixel: red, green, blue, alpha (ignored).
+  GRAFT_PIXEL_FORMAT_RGBA8 = 2,
+  // 4 bytes a pixel: blue, green, red, alpha (ignored).
+  GRAFT_PIXEL_FORMAT_BGRA8 = 3,
+  // 1 byte a pixel: gray.
+  GRAFT_PIXEL_FORMAT_GRAY8 = 4,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum GraftPixelFormat GraftPixelFormat;
+#else
+typedef uint32_t GraftPixelFormat;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // A loaded artifact. Opaque to C; safe to share between threads.
 typedef struct GraftModel GraftModel;
 
@@ -28,12 +58,27 @@ extern "C" {
 // call on the same thread.
 const char *graft_last_error(void);
 
-// Loads and prepares the artifact at `path` (a NUL-terminated UTF-8 path). Returns `NULL` on
-// failure.
+// The version of this C interface the library implements ([`GRAFT_ABI_VERSION`] of the
+// `graft.h` it was built with).
+uint32_t graft_abi_version(void);
+
+// The library's version ("0.1.0"), a static string.
+const char *graft_version(void);
+
+// Loads and prepares the artifact at `path` (a NUL-terminated UTF-8 path), memory-mapped.
+// Returns `NULL` on failure.
 //
 // # Safety
 // `path` must be a valid NUL-terminated string.
 struct GraftModel *graft_model_load(const char *path);
+
+// Loads and prepares an artifact held in memory (`len` bytes at `data`: read from flash, or
+// embedded in the program), with the same checks as [`graft_model_load`]. The bytes are
+// copied: the buffer may be freed once this returns. Returns `NULL` on failure.
+//
+// # Safety
+// `data` must point to `len` readable bytes.
+struct GraftModel *graft_model_load_buffer(const uint8_t *data, size_t len);
 
 // Frees a model returned by [`graft_model_load`]. `NULL` is ignored.
 //
@@ -53,9 +98,17 @@ size_t graft_model_num_labels(const struct GraftModel *model);
 // `model` must be `NULL` or a live model.
 const char *graft_model_label(const struct GraftModel *model, size_t index);
 
+// Writes the model's input size (the centre crop every image is resized to) to `width` and
+// `height`. Returns 0, or -1 when an argument is `NULL`.
+//
+// # Safety
+// `model` must be `NULL` or a live model; `width` and `height` `NULL` or writable.
+int graft_model_input_size(const struct GraftModel *model, uint32_t *width, uint32_t *height);
+
 // Classifies an 8-bit RGB image (`height` rows of `stride` bytes, the first `3 * width` of each
 // holding R, G, B), writing the `k` most probable classes to `out` (most probable first).
-// Returns how many entries were written (at most `k`), or -1 on failure.
+// Returns how many entries were written (at most `k`), or -1 on failure. The same as
+// [`graft_classify_pixels`] with `GRAFT_PIXEL_FORMAT_RGB8`.
 //
 // # Safety
 // `model` must be a live model, `rgb` must point to `stride * height` readable bytes and `out`
@@ -67,6 +120,45 @@ int graft_classify_rgb(const struct GraftModel *model,
                        size_t stride,
                        struct GraftLabelScore *out,
                        size_t k);
+
+// Classifies an 8-bit image in any [`GraftPixelFormat`] (`height` rows of `stride` bytes, the
+// first `width * channels` of each holding the pixels; alpha is ignored, gray is used for all
+// three channels), writing the `k` most probable classes to `out` (most probable first).
+// Returns how many entries were written (at most `k`), or -1 on failure.
+//
+// # Safety
+// `model` must be a live model, `pixels` must point to the image's bytes and `out` to `k`
+// writable entries.
+int graft_classify_pixels(const struct GraftModel *model,
+                          const uint8_t *pixels,
+                          uint32_t width,
+                          uint32_t height,
+                          size_t stride,
+                          uint32_t format,
+                          struct GraftLabelScore *out,
+                          size_t k);
+
+// The logits (raw scores before the softmax, in label order) of an image in a caller's
+// buffer, as [`graft_classify_pixels`] takes it, written to `out` (room for `len` floats, at
+// least [`graft_model_num_labels`]). Returns the number of classes, or -1 on failure.
+//
+// # Safety
+// `model` must be a live model, `pixels` must point to the image's bytes and `out` to `len`
+// writable floats.
+int graft_logits_pixels(const struct GraftModel *model,
+                        const uint8_t *pixels,
+                        uint32_t width,
+                        uint32_t height,
+                        size_t stride,
+                        uint32_t format,
+                        float *out,
+                        size_t len);
+
+// The logits of the image file at `path`, like [`graft_logits_pixels`].
+//
+// # Safety
+// `model` must be a live model, `path` a NUL-terminated string, `out` `len` writable floats.
+int graft_logits_file(const struct GraftModel *model, const char *path, float *out, size_t len);
 
 // Reads, decodes and classifies the image file at `path` (JPEG, PNG, GIF, WebP), like
 // [`graft_classify_rgb`].

@@ -13,6 +13,7 @@
 //! that artifacts written before it still record, and still get.
 
 mod decode;
+pub mod raw;
 mod resize;
 
 use std::path::Path;
