@@ -180,6 +180,52 @@ fn c_example_prints_what_graft_run_prints() {
         )
     );
 
+    // The README's "From C" example, as printed there, linked statically.
+    let readme = std::fs::read_to_string(fixtures().join("../README.md")).unwrap();
+    let block = readme
+        .split("<!-- c-example -->")
+        .nth(1)
+        .and_then(|b| b.split("<!-- /c-example -->").next())
+        .expect("README has the c-example block");
+    let code = block
+        .split("```c\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    let readme_source = dir.path().join("classify_one.c");
+    std::fs::write(&readme_source, code).unwrap();
+    let readme_exe = dir.path().join("classify_one");
+    let cc = Command::new("cc")
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(header().parent().unwrap())
+        .arg(&readme_source)
+        .args(&link)
+        .arg("-o")
+        .arg(&readme_exe)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let one = Command::new(&readme_exe)
+        .arg(&artifact)
+        .arg(&images[1])
+        .output()
+        .unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let bee = model.classify_path(&images[1]).unwrap();
+    let top = &bee.top_k(1, model.labels())[0];
+    assert_eq!(
+        String::from_utf8_lossy(&one.stdout),
+        format!("{} {:.3}\n", top.label, top.probability)
+    );
+
     let missing = Command::new(&exe)
         .arg(&artifact)
         .arg(dir.path().join("missing.jpg"))
