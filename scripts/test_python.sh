@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The module wraps the runtime alone: no candle, no ONNX importer, no clap.
+tree=$(cargo tree --locked --manifest-path bindings/python/Cargo.toml -e normal)
+if grep -E " (candle-core|tract-onnx|clap) " <<<"$tree"; then
+  echo "bindings/python depends on the compiler's crates or clap" >&2
+  exit 1
+fi
+
 python3 -m venv target/py-build
 target/py-build/bin/pip install -q "maturin>=1.7,<2"
 rm -f target/wheels/graft_runtime-*.whl

@@ -246,3 +246,143 @@ fn c_example_prints_what_graft_run_prints() {
         "error: (memory buffer): not a graft artifact (missing the GRAFTART magic bytes)"
     );
 }
+
+/// Every new C function on a real model, called as C calls it: buffer loading, the input size,
+/// logits of a file and of a gray buffer, and their NULL and wrong-size arguments.
+#[test]
+fn c_functions_on_a_real_model() {
+    use graft_runtime::capi::*;
+    use std::ffi::{CStr, CString};
+
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("bees.graft");
+    let options = CompileOptions {
+        data: Some(hymenoptera_mini()),
+        normalization: Some(Normalization::tf()),
+        verify: false,
+        ..CompileOptions::new(lite0(), &artifact)
+    };
+    compile(&options, &NoProgress).unwrap();
+    let rust = graft_runtime::Model::load(&artifact).unwrap();
+    let photo = hymenoptera_mini().join("val/bees/1181173278_23c36fac71.jpg");
+    let expected = rust.classify_path(&photo).unwrap();
+    let error = || {
+        // SAFETY: graft_last_error returns a valid C string.
+        unsafe { CStr::from_ptr(graft_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let bytes = std::fs::read(&artifact).unwrap();
+    // SAFETY: the pointers below are valid for the sizes passed, or NULL where the test says so.
+    unsafe {
+        let model = graft_model_load_buffer(bytes.as_ptr(), bytes.len());
+        assert!(!model.is_null(), "{}", error());
+        let truncated = graft_model_load_buffer(bytes.as_ptr(), bytes.len() - 1);
+        assert!(truncated.is_null());
+        assert!(
+            error().starts_with("(memory buffer): artifact is"),
+            "{}",
+            error()
+        );
+
+        let (mut width, mut height) = (0u32, 0u32);
+        assert_eq!(graft_model_input_size(model, &mut width, &mut height), 0);
+        assert_eq!([height, width], rust.manifest().preprocessing.crop);
+        assert_eq!(
+            graft_model_input_size(model, std::ptr::null_mut(), &mut height),
+            -1
+        );
+        assert_eq!(error(), "graft_model_input_size: width or height is NULL");
+
+        let path = CString::new(photo.to_str().unwrap()).unwrap();
+        let mut logits = [0f32; 2];
+        assert_eq!(
+            graft_logits_file(model, path.as_ptr(), logits.as_mut_ptr(), 2),
+            2
+        );
+        assert_eq!(logits.to_vec(), expected.logits);
+        assert_eq!(
+            graft_logits_file(model, path.as_ptr(), logits.as_mut_ptr(), 1),
+            -1
+        );
+        assert_eq!(
+            error(),
+            "graft_logits_file: out holds 1 floats, the model has 2 classes"
+        );
+        assert_eq!(
+            graft_logits_file(model, std::ptr::null(), logits.as_mut_ptr(), 2),
+            -1
+        );
+        assert_eq!(error(), "graft_logits_file: path is NULL");
+
+        // A gray buffer answers as the RGB image with the gray value in every channel.
+        let gray: Vec<u8> = (0..40 * 30).map(|i| (i % 251) as u8).collect();
+        let rgb =
+            image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([gray[(y * 40 + x) as usize]; 3]));
+        let from_rgb = rust.classify(&image::DynamicImage::ImageRgb8(rgb)).unwrap();
+        let format = GraftPixelFormat::Gray8 as u32;
+        let n = graft_logits_pixels(
+            model,
+            gray.as_ptr(),
+            40,
+            30,
+            40,
+            format,
+            logits.as_mut_ptr(),
+            2,
+        );
+        assert_eq!((n, logits.to_vec()), (2, from_rgb.logits.clone()));
+        let mut top = [GraftLabelScore::default(); 2];
+        let n = graft_classify_pixels(
+            model,
+            gray.as_ptr(),
+            40,
+            30,
+            40,
+            format,
+            top.as_mut_ptr(),
+            2,
+        );
+        assert_eq!(n, 2);
+        assert_eq!(top[0].index as usize, from_rgb.top1());
+        // Wrong sizes: a stride shorter than a row, an unknown format, k = 0.
+        let n = graft_classify_pixels(
+            model,
+            gray.as_ptr(),
+            40,
+            30,
+            39,
+            format,
+            top.as_mut_ptr(),
+            2,
+        );
+        assert_eq!(n, -1);
+        assert_eq!(
+            error(),
+            "graft_classify_pixels: stride 39 is less than a row of 40 Gray8 pixels (40 bytes)"
+        );
+        let n = graft_classify_pixels(model, gray.as_ptr(), 40, 30, 40, 7, top.as_mut_ptr(), 2);
+        assert_eq!(
+            (n, error().as_str()),
+            (-1, "graft_classify_pixels: unknown pixel format 7")
+        );
+        let n = graft_classify_pixels(
+            model,
+            gray.as_ptr(),
+            40,
+            30,
+            40,
+            format,
+            top.as_mut_ptr(),
+            0,
+        );
+        assert_eq!(
+            (n, error().as_str()),
+            (
+                -1,
+                "graft_classify_pixels: the output array is NULL or k is 0"
+            )
+        );
+        graft_model_free(model);
+    }
+}

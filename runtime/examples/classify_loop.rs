@@ -23,7 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut times: Vec<f64> = (0..iterations)
         .map(|_| {
             let started = Instant::now();
-            model.classify(&image).map(|_| started.elapsed().as_secs_f64() * 1e3)
+            model
+                .classify(&image)
+                .map(|_| started.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_, _>>()?;
     times.sort_by(f64::total_cmp);

@@ -214,13 +214,14 @@ pub unsafe extern "C" fn graft_model_input_size(
 }
 
 fn write_top_k(
+    function: &str,
     model: &GraftModel,
     image: &DynamicImage,
     out: *mut GraftLabelScore,
     k: usize,
 ) -> Result<c_int, String> {
     if out.is_null() || k == 0 {
-        return Err("the output array is NULL or k is 0".into());
+        return Err(format!("{function}: the output array is NULL or k is 0"));
     }
     let result = model.model.classify(image).map_err(|e| e.to_string())?;
     let top = result.top_k(k, model.model.labels());
@@ -295,7 +296,7 @@ pub unsafe extern "C" fn graft_classify_rgb(
                 GraftPixelFormat::Rgb8 as u32,
             )
         }?;
-        write_top_k(model, &image, out, k)
+        write_top_k("graft_classify_rgb", model, &image, out, k)
     })
 }
 
@@ -330,7 +331,7 @@ pub unsafe extern "C" fn graft_classify_pixels(
                 format,
             )
         }?;
-        write_top_k(model, &image, out, k)
+        write_top_k("graft_classify_pixels", model, &image, out, k)
     })
 }
 
@@ -453,7 +454,7 @@ pub unsafe extern "C" fn graft_classify_file(
             .preprocessing
             .load(Path::new(path))
             .map_err(|e| e.to_string())?;
-        write_top_k(model, &image, out, k)
+        write_top_k("graft_classify_file", model, &image, out, k)
     })
 }
 
