@@ -17,7 +17,8 @@ use graft_runtime::dataset::ImageFolder;
 use serde::Serialize;
 
 use crate::backbone::cut::MultiCut;
-use crate::backbone::import::{Backbone, CutPoint};
+use crate::backbone::import::Backbone;
+use crate::backbone::points::CutPoint;
 use crate::data::splits::Splits;
 use crate::error::{CompileError, Result};
 use crate::features::{FeatureCache, FeatureExtractor, Features};

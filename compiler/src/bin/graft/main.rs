@@ -303,7 +303,7 @@ fn run_inspect_backbone(
 /// The blocks `--strategy finetune --unfreeze N` counts, from the top.
 fn write_blocks(
     out: &mut dyn std::io::Write,
-    blocks: &[graft_compiler::backbone::import::Block],
+    blocks: &[graft_compiler::backbone::points::Block],
 ) -> Result<Outcome, Failure> {
     if blocks.is_empty() {
         return Ok(Outcome::Complete);
