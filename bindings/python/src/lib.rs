@@ -76,9 +76,11 @@ fn array_image(array: &PyReadonlyArrayDyn<'_, u8>, bgr: bool) -> PyResult<Dynami
         ([_, _, 4], false) => PixelFormat::Rgba8,
         ([_, _, 4], true) => PixelFormat::Bgra8,
         ([_, _], _) => PixelFormat::Gray8,
-        _ => return Err(PyValueError::new_err(format!(
+        _ => {
+            return Err(PyValueError::new_err(format!(
             "expected an HxWx3 (RGB), HxWx4 (RGBA) or HxW (gray) uint8 array, got shape {shape:?}"
-        ))),
+        )))
+        }
     };
     let (height, width) = (shape[0], shape[1]);
     let too_large =
