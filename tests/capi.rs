@@ -42,6 +42,19 @@ fn static_library() -> PathBuf {
     built("libgraft_runtime.a")
 }
 
+/// The fixture photos compiled into `dir/bees.graft` (Lite0, linear head, f32).
+fn fixture_artifact(dir: &Path) -> PathBuf {
+    let artifact = dir.join("bees.graft");
+    let options = CompileOptions {
+        data: Some(hymenoptera_mini()),
+        normalization: Some(Normalization::tf()),
+        verify: false,
+        ..CompileOptions::new(lite0(), &artifact)
+    };
+    compile(&options, &NoProgress).unwrap();
+    artifact
+}
+
 fn header() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/include/graft.h")
 }
@@ -84,14 +97,7 @@ fn header_declares_exactly_the_exported_functions() {
 #[test]
 fn c_example_prints_what_graft_run_prints() {
     let dir = tempfile::tempdir().unwrap();
-    let artifact = dir.path().join("bees.graft");
-    let options = CompileOptions {
-        data: Some(hymenoptera_mini()),
-        normalization: Some(Normalization::tf()),
-        verify: false,
-        ..CompileOptions::new(lite0(), &artifact)
-    };
-    compile(&options, &NoProgress).unwrap();
+    let artifact = fixture_artifact(dir.path());
 
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/examples/c/classify.c");
     let build = |exe: &Path, link: &[std::ffi::OsString]| {
@@ -255,14 +261,7 @@ fn c_functions_on_a_real_model() {
     use std::ffi::{CStr, CString};
 
     let dir = tempfile::tempdir().unwrap();
-    let artifact = dir.path().join("bees.graft");
-    let options = CompileOptions {
-        data: Some(hymenoptera_mini()),
-        normalization: Some(Normalization::tf()),
-        verify: false,
-        ..CompileOptions::new(lite0(), &artifact)
-    };
-    compile(&options, &NoProgress).unwrap();
+    let artifact = fixture_artifact(dir.path());
     let rust = graft_runtime::Model::load(&artifact).unwrap();
     let photo = hymenoptera_mini().join("val/bees/1181173278_23c36fac71.jpg");
     let expected = rust.classify_path(&photo).unwrap();

@@ -13,8 +13,8 @@
 // added). Compare with graft_abi_version() to detect a library built from another header.
 #define GRAFT_ABI_VERSION 2
 
-// Pixel layouts of the buffers passed to [`graft_classify_pixels`] and [`graft_logits_pixels`]
-// (their `format` argument).
+// How the bytes of one pixel are laid out (`GraftPixelFormat` in the C API, whose `format`
+// arguments take these values).
 enum GraftPixelFormat
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
   : uint32_t
@@ -28,7 +28,7 @@ enum GraftPixelFormat
   GRAFT_PIXEL_FORMAT_RGBA8 = 2,
   // 4 bytes a pixel: blue, green, red, alpha (ignored).
   GRAFT_PIXEL_FORMAT_BGRA8 = 3,
-  // 1 byte a pixel: gray.
+  // 1 byte a pixel: gray, used for all three channels.
   GRAFT_PIXEL_FORMAT_GRAY8 = 4,
 };
 #ifndef __cplusplus

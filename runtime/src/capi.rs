@@ -38,22 +38,9 @@ impl GraftModel {
 /// added). A program built against `graft.h` can compare it with [`graft_abi_version`].
 pub const GRAFT_ABI_VERSION: u32 = 2;
 
-/// Pixel layouts of the buffers passed to [`graft_classify_pixels`] and [`graft_logits_pixels`]
-/// (their `format` argument).
-#[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GraftPixelFormat {
-    /// 3 bytes a pixel: red, green, blue.
-    Rgb8 = 0,
-    /// 3 bytes a pixel: blue, green, red (OpenCV's order).
-    Bgr8 = 1,
-    /// 4 bytes a pixel: red, green, blue, alpha (ignored).
-    Rgba8 = 2,
-    /// 4 bytes a pixel: blue, green, red, alpha (ignored).
-    Bgra8 = 3,
-    /// 1 byte a pixel: gray.
-    Gray8 = 4,
-}
+/// The pixel layouts of [`graft_classify_pixels`] and [`graft_logits_pixels`] (their `format`
+/// argument): `GraftPixelFormat` in `graft.h`.
+pub use crate::preprocess::raw::PixelFormat as GraftPixelFormat;
 
 /// One entry of a top-k answer.
 #[repr(C)]
@@ -284,20 +271,19 @@ pub unsafe extern "C" fn graft_classify_rgb(
     out: *mut GraftLabelScore,
     k: usize,
 ) -> c_int {
-    guarded(-1, || {
-        // SAFETY: NULL or a live model, per the contract.
-        let model = unsafe { model.as_ref() }.ok_or("graft_classify_rgb: model is NULL")?;
-        // SAFETY: the caller's buffer, per the contract.
-        let image = unsafe {
-            raw_image(
-                "graft_classify_rgb",
-                rgb,
-                (width, height, stride),
-                GraftPixelFormat::Rgb8 as u32,
-            )
-        }?;
-        write_top_k("graft_classify_rgb", model, &image, out, k)
-    })
+    // SAFETY: the same contract, with the RGB layout.
+    unsafe {
+        graft_classify_pixels(
+            model,
+            rgb,
+            width,
+            height,
+            stride,
+            PixelFormat::Rgb8 as u32,
+            out,
+            k,
+        )
+    }
 }
 
 /// Classifies an 8-bit image in any [`GraftPixelFormat`] (`height` rows of `stride` bytes, the

@@ -7,19 +7,20 @@ use image::{DynamicImage, RgbImage};
 
 use crate::error::{Error, Result};
 
-/// How the bytes of one pixel are laid out.
-#[repr(C)]
+/// How the bytes of one pixel are laid out (`GraftPixelFormat` in the C API, whose `format`
+/// arguments take these values).
+#[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PixelFormat {
-    /// Red, green, blue.
+    /// 3 bytes a pixel: red, green, blue.
     Rgb8 = 0,
-    /// Blue, green, red (OpenCV's order).
+    /// 3 bytes a pixel: blue, green, red (OpenCV's order).
     Bgr8 = 1,
-    /// Red, green, blue, alpha.
+    /// 4 bytes a pixel: red, green, blue, alpha (ignored).
     Rgba8 = 2,
-    /// Blue, green, red, alpha.
+    /// 4 bytes a pixel: blue, green, red, alpha (ignored).
     Bgra8 = 3,
-    /// One gray value.
+    /// 1 byte a pixel: gray, used for all three channels.
     Gray8 = 4,
 }
 
