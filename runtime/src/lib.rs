@@ -7,6 +7,13 @@
 //! derives on the command argument structs ([`commands`], [`mod@bench`]); without it
 //! (`--no-default-features`) the library has no command-line dependency.
 //!
+//! The modules, in the order an image flows: [`artifact`] and [`weights`] (the file) ->
+//! [`model`] (the loaded graph, [`kernels`] swapped in) <- [`preprocess`] (image to tensor;
+//! [`preprocess::raw`] for pixel buffers) <- [`read`] and [`dataset`] (files and labelled
+//! folders); then [`eval`], [`mod@bench`], [`commands`] (graft-run's commands) and [`capi`] (the
+//! C interface, `include/graft.h`; Python's module is `bindings/python`), over [`parallel`]
+//! (worker threads), [`progress`], [`paths`] and [`error`].
+//!
 //! ```no_run
 //! let model = graft_runtime::Model::load("model.graft")?;
 //! let result = model.classify_path(std::path::Path::new("bee.jpg"))?;
