@@ -104,13 +104,8 @@ pub extern "C" fn graft_version() -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn graft_model_load(path: *const c_char) -> *mut GraftModel {
     guarded(std::ptr::null_mut(), || {
-        if path.is_null() {
-            return Err("graft_model_load: path is NULL".into());
-        }
-        // SAFETY: the caller promises a NUL-terminated string.
-        let path = unsafe { CStr::from_ptr(path) }
-            .to_str()
-            .map_err(|_| "graft_model_load: path is not UTF-8".to_string())?;
+        // SAFETY: NULL or a NUL-terminated string, per the contract.
+        let path = unsafe { path_argument("graft_model_load", path) }?;
         let model = Model::load(path).map_err(|e| e.to_string())?;
         Ok(GraftModel::new(model))
     })
@@ -427,13 +422,8 @@ pub unsafe extern "C" fn graft_classify_file(
     guarded(-1, || {
         // SAFETY: NULL or a live model, per the contract.
         let model = unsafe { model.as_ref() }.ok_or("graft_classify_file: model is NULL")?;
-        if path.is_null() {
-            return Err("graft_classify_file: path is NULL".into());
-        }
-        // SAFETY: the caller promises a NUL-terminated string.
-        let path = unsafe { CStr::from_ptr(path) }
-            .to_str()
-            .map_err(|_| "graft_classify_file: path is not UTF-8".to_string())?;
+        // SAFETY: NULL or a NUL-terminated string, per the contract.
+        let path = unsafe { path_argument("graft_classify_file", path) }?;
         let image = model
             .model
             .manifest()

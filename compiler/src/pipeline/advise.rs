@@ -270,6 +270,10 @@ pub fn advise(options: &CompileOptions, reporter: &dyn Reporter) -> Result<Advic
     })
 }
 
+/// Why `--strategy auto` refuses `--cut` and `--unfreeze-from`.
+pub const AUTO_CHOOSES_CUT: &str =
+    "--strategy auto chooses the cut and the blocks to retrain: leave out --cut and --unfreeze-from";
+
 /// `--strategy auto`, for library callers as for `graft compile`: advises on the options' data
 /// (their preprocessing, split and seed), reports each reason, and applies the advice (cut,
 /// head, fine-tuning) to the options, which [`compile`](crate::compile) then follows.
@@ -279,9 +283,7 @@ pub fn follow_advice(options: &mut CompileOptions, reporter: &dyn Reporter) -> R
         .as_ref()
         .is_some_and(|f| matches!(f.unfreeze, Unfreeze::From(_)));
     if options.cut.is_some() || unfreeze_from {
-        return Err(CompileError::InvalidOption(
-            "--strategy auto chooses the cut and the blocks to retrain: leave out --cut and --unfreeze-from".into(),
-        ));
+        return Err(CompileError::InvalidOption(AUTO_CHOOSES_CUT.into()));
     }
     let advice = advise(options, reporter)?;
     for reason in &advice.recommendation.reasons {

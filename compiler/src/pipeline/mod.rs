@@ -405,9 +405,10 @@ fn train(
         .finetune
         .as_ref()
         .is_some_and(|f| f.strategy == Strategy::Scratch);
-    let probe_head = match scratch {
-        true => None,
-        false => Some(stage("train", || {
+    let probe_head = if scratch {
+        None
+    } else {
+        Some(stage("train", || {
             train_probe_head(
                 options,
                 (&features.train, &features.val),
@@ -415,7 +416,7 @@ fn train(
                 splits.select_source,
                 reporter,
             )
-        })?),
+        })?)
     };
     let classes = folder.classes.clone();
     let Some(config) = &options.finetune else {
@@ -595,36 +596,35 @@ fn verify(
         head_accuracy
     ));
     let narrowed = manifest.quantization.is_some() || manifest.weights != WeightStorage::F32;
-    // The all-f32 graph's own run: the artifact's, unless it was quantized or narrowed.
-    let f32_evaluation = if narrowed {
-        Cow::Owned(run_graph(
-            &all_f32(manifest),
-            &built.f32_graph,
-            &report_usable,
-            options,
-            reporter,
-        )?)
-    } else {
-        Cow::Borrowed(&evaluation)
-    };
+    // The all-f32 graph's own run, when the artifact's is not it (quantized or narrowed).
+    let f32_evaluation = narrowed
+        .then(|| {
+            run_graph(
+                &all_f32(manifest),
+                &built.f32_graph,
+                &report_usable,
+                options,
+                reporter,
+            )
+        })
+        .transpose()?;
     check_graph_agrees_with_head(
         head_accuracy,
-        &f32_evaluation,
+        f32_evaluation.as_ref().unwrap_or(&evaluation),
         splits.report_source,
         extracted.cache.as_ref(),
     )?;
-    if narrowed {
+    let f32_accuracy = f32_evaluation.map(|e| e.accuracy());
+    if let Some(f32_accuracy) = f32_accuracy {
         reporter.message(&format!(
             "verify    {} compute, {} weights: accuracy {:.4} vs {:.4} all f32 ({:+.2} points)",
             manifest.precision,
             manifest.weights.name(),
             evaluation.accuracy(),
-            f32_evaluation.accuracy(),
-            (evaluation.accuracy() - f32_evaluation.accuracy()) * 100.0
+            f32_accuracy,
+            (evaluation.accuracy() - f32_accuracy) * 100.0
         ));
     }
-    let f32_accuracy = narrowed.then(|| f32_evaluation.accuracy());
-    drop(f32_evaluation);
     Ok(Verified {
         head_confusion,
         evaluation: Some(evaluation),

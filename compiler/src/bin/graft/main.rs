@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use graft_compiler::finetune::{FinetuneConfig, OptimizerKind, Schedule, Strategy, Unfreeze};
 use graft_compiler::head::train::{HeadKind, TrainConfig};
-use graft_compiler::pipeline::advise::{advise, follow_advice};
+use graft_compiler::pipeline::advise::{advise, follow_advice, AUTO_CHOOSES_CUT};
 use graft_compiler::pipeline::{compile, CompileOptions, CompileReport, Reporter};
 use graft_compiler::quantize::Precision;
 use graft_compiler::CompileError;
@@ -941,19 +941,13 @@ impl CompileArgs {
     }
 
     fn options(&self) -> Result<CompileOptions, Failure> {
-        Ok(CompileOptions {
+        let mut options = CompileOptions {
             backbone: self.backbone.clone(),
             data: self.data.clone(),
             out: self.out.clone(),
             cut: self.cut.clone(),
             keep_imagenet_head: self.keep_imagenet_head,
             labels_file: self.labels.clone(),
-            input_size: self.preprocess.input_size,
-            normalization: self.preprocess.normalize.normalization(),
-            resize_shorter: self.preprocess.resize,
-            filter: self.preprocess.filter,
-            pipeline: self.preprocess.pipeline,
-            channel_order: self.preprocess.channel_order(),
             train: TrainConfig {
                 head: self.head,
                 epochs: self.epochs,
@@ -962,10 +956,9 @@ impl CompileArgs {
                 weight_decay: self.weight_decay,
                 patience: self.patience,
                 dropout: self.dropout,
-                seed: self.split.seed,
                 balance_classes: self.class_weights == "auto",
+                ..TrainConfig::default()
             },
-            val_fraction: self.split.val_fraction,
             cache_dir: self.work.cache_dir(),
             threads: self.work.threads(),
             verify: !self.no_verify,
@@ -979,7 +972,11 @@ impl CompileArgs {
             int8_only_where_faster: self.int8_layers == "faster",
             weights: self.weights,
             finetune: self.finetune()?,
-        })
+            ..CompileOptions::new(&self.backbone, &self.out)
+        };
+        self.preprocess.apply(&mut options);
+        self.split.apply(&mut options);
+        Ok(options)
     }
 }
 
@@ -1107,9 +1104,7 @@ fn run_compile(args: &CompileArgs, verbosity: Verbosity) -> Result<Outcome, Fail
     if args.strategy == StrategyChoice::Auto {
         // --unfreeze-from only reaches the options with --strategy finetune: checked here.
         if args.unfreeze_from.is_some() {
-            return Err(CompileError::InvalidOption(
-                "--strategy auto chooses the cut and the blocks to retrain: leave out --cut and --unfreeze-from".into(),
-            ).into());
+            return Err(CompileError::InvalidOption(AUTO_CHOOSES_CUT.into()).into());
         }
         follow_advice(&mut options, &ui)?;
     }
