@@ -8,7 +8,9 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use graft_compiler::finetune::translate::{depthwise_conv, depthwise_conv_cpu};
+use graft_compiler::finetune::translate::{
+    depthwise_conv, depthwise_conv_cpu, Activation, ConvAttrs,
+};
 
 fn time(f: impl Fn() -> candle_core::Result<()>) -> f64 {
     f().unwrap();
@@ -47,8 +49,28 @@ fn main() -> candle_core::Result<()> {
         };
         let grouped = time(|| backward(x.conv2d(&w, 0, stride, 1, channels)?));
         let slices = time(|| backward(depthwise_conv(&x, &w, [stride; 2], [1, 1])?));
-        let custom = time(|| backward(depthwise_conv_cpu(&x, &w, [stride; 2], [1, 1])?));
-        println!("{name:<29} {grouped:>14.1} {slices:>15.1} {custom:>16.1}");
+        // The fused op pads inside: it takes the unpadded input and the padding.
+        let centre =
+            Var::from_tensor(&x.narrow(2, pad, size)?.narrow(3, pad, size)?.contiguous()?)?;
+        let attrs = ConvAttrs {
+            strides: [stride; 2],
+            pads: [pad; 4],
+            dilations: [1, 1],
+        };
+        let custom = time(|| {
+            backward(depthwise_conv_cpu(
+                &centre,
+                &w,
+                None,
+                attrs,
+                Activation::Identity,
+            )?)
+        });
+        let forward =
+            time(|| depthwise_conv_cpu(&centre, &w, None, attrs, Activation::Identity).map(|_| ()));
+        println!(
+            "{name:<29} {grouped:>14.1} {slices:>15.1} {custom:>16.1}   (forward {forward:.1})"
+        );
     }
     Ok(())
 }

@@ -10,7 +10,9 @@
 //! are written back into the ONNX initializers, so cutting, folding, quantizing and the runtime
 //! handle a fine-tuned backbone exactly like the original.
 
+pub mod adamw;
 pub mod augment;
+pub mod profile;
 pub mod translate;
 
 use std::fmt;
@@ -31,6 +33,7 @@ use tract_onnx::prelude::{tvec, IntoRunnable, IntoTValue, TypedSimplePlan};
 
 use crate::backbone::import::Backbone;
 use crate::error::{CompileError, Result};
+use crate::finetune::adamw::FusedAdamW;
 use crate::finetune::augment::Augmentation;
 use crate::finetune::translate::Subgraph;
 use crate::head::train::{
@@ -400,6 +403,8 @@ impl SgdMomentum {
 /// One optimizer per parameter group (backbone, head), so each has its own learning rate.
 enum GroupOptimizer {
     AdamW(AdamW),
+    /// AdamW in place, for f32 weights on the CPU.
+    FusedAdamW(FusedAdamW),
     Sgd(SgdMomentum),
 }
 
@@ -410,15 +415,19 @@ impl GroupOptimizer {
         learning_rate: f64,
         config: &FinetuneConfig,
     ) -> candle_core::Result<GroupOptimizer> {
+        let params = ParamsAdamW {
+            lr: learning_rate,
+            weight_decay: config.weight_decay,
+            ..ParamsAdamW::default()
+        };
+        let cpu_f32 = vars
+            .iter()
+            .all(|v| v.device().is_cpu() && v.dtype() == DType::F32);
         Ok(match kind {
-            OptimizerKind::AdamW => GroupOptimizer::AdamW(AdamW::new(
-                vars,
-                ParamsAdamW {
-                    lr: learning_rate,
-                    weight_decay: config.weight_decay,
-                    ..ParamsAdamW::default()
-                },
-            )?),
+            OptimizerKind::AdamW if cpu_f32 => {
+                GroupOptimizer::FusedAdamW(FusedAdamW::new(vars, params))
+            }
+            OptimizerKind::AdamW => GroupOptimizer::AdamW(AdamW::new(vars, params)?),
             OptimizerKind::Sgd => GroupOptimizer::Sgd(SgdMomentum {
                 velocity: vec![None; vars.len()],
                 vars,
@@ -432,6 +441,7 @@ impl GroupOptimizer {
     fn set_learning_rate(&mut self, lr: f64) {
         match self {
             GroupOptimizer::AdamW(o) => o.set_learning_rate(lr),
+            GroupOptimizer::FusedAdamW(o) => o.set_learning_rate(lr),
             GroupOptimizer::Sgd(o) => o.learning_rate = lr,
         }
     }
@@ -439,6 +449,7 @@ impl GroupOptimizer {
     fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
         match self {
             GroupOptimizer::AdamW(o) => o.step(grads),
+            GroupOptimizer::FusedAdamW(o) => o.step(grads),
             GroupOptimizer::Sgd(o) => o.step(grads),
         }
     }
@@ -532,6 +543,9 @@ pub fn finetune(
         if stopping.should_stop(epoch) {
             break;
         }
+    }
+    if let Some(table) = profile::report() {
+        eprint!("{table}");
     }
     let (_, best_epoch, best) = stopping.best().expect("the start is kept");
     run.restore(&best)?;
@@ -771,8 +785,10 @@ impl<'a> JointTraining<'a> {
         let started = Instant::now();
         let progress = self.progress;
         progress.start(&format!("epoch {}: training", epoch + 1), order.len());
+        profile::start();
         for batch in order.chunks(config.batch_size.max(1)) {
             if progress.cancelled() {
+                profile::stop();
                 progress.finish();
                 return Err(CompileError::Interrupted);
             }
@@ -782,19 +798,34 @@ impl<'a> JointTraining<'a> {
                 .map(|&i| self.train_images.labels[i] as u32)
                 .collect();
             let y = Tensor::from_vec(labels, batch.len(), &config.device)?;
-            let features = self.part.features(&self.batch_tensor(&rows)?, true)?;
-            let logits = self.head_forward(&features)?;
-            let loss =
-                weighted_cross_entropy(&logits, &y, &self.class_weights, config.label_smoothing)?;
-            let grads = loss.backward()?;
-            self.backbone_optimizer.step(&grads)?;
-            self.head_optimizer.step(&grads)?;
+            let (logits, loss) = profile::timed("forward", || -> Result<_> {
+                let features = self.part.features(&self.batch_tensor(&rows)?, true)?;
+                let logits = self.head_forward(&features)?;
+                let loss = weighted_cross_entropy(
+                    &logits,
+                    &y,
+                    &self.class_weights,
+                    config.label_smoothing,
+                )?;
+                Ok((logits, loss))
+            })?;
+            let grads = profile::timed("backward", || loss.backward())?;
+            profile::timed("optimizer", || -> Result<()> {
+                self.backbone_optimizer.step(&grads)?;
+                self.head_optimizer.step(&grads)?;
+                Ok(())
+            })?;
+            profile::timed("free", || drop(grads));
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
             correct += correct_predictions(&logits, &y)?;
-            for _ in 0..batch.len() {
-                progress.advance();
-            }
+            profile::timed("free", || drop((logits, loss)));
+            profile::timed("progress", || {
+                for _ in 0..batch.len() {
+                    progress.advance();
+                }
+            });
         }
+        profile::stop();
         progress.finish();
         self.training_seconds += started.elapsed().as_secs_f64();
         self.images_trained += order.len();

@@ -25,18 +25,21 @@ use crate::backbone::import::proto::{
 use crate::error::{CompileError, Result};
 use crate::util::rng::Rng;
 
+mod activation;
+mod conv;
 mod depthwise;
+pub use activation::Activation;
+pub use conv::{conv_cpu, ConvAttrs};
 pub use depthwise::depthwise_conv_cpu;
 
 /// A translated operator with its attributes.
 #[derive(Debug, Clone, PartialEq)]
 enum Op {
     Conv {
-        strides: [usize; 2],
-        /// Top, left, bottom, right.
-        pads: [usize; 4],
-        dilations: [usize; 2],
+        attrs: ConvAttrs,
         group: usize,
+        /// The Relu or Clip that followed the node, fused into it by [`fuse_activations`].
+        activation: Activation,
     },
     BatchNorm {
         epsilon: f64,
@@ -170,6 +173,8 @@ pub struct Subgraph {
     parameters: Vec<Parameter>,
     constants: HashMap<String, Tensor>,
     integer_constants: HashMap<String, Vec<i64>>,
+    /// Relu and Clip nodes folded into the convolution before them.
+    fused_activations: usize,
     /// Dropout masks' generator.
     dropout_rng: Mutex<Rng>,
 }
@@ -191,6 +196,9 @@ impl Subgraph {
         let steps = steps_of(graph, &needed_nodes)?;
         let (parameters, constants, integer_constants) =
             index.load_constants(constant_names, &weight_names(&steps), (device, dtype))?;
+        let onnx_nodes = steps.len();
+        let steps = fuse_activations(steps, &constants, to)?;
+        let fused_activations = onnx_nodes - steps.len();
         Ok(Subgraph {
             input: from.to_string(),
             output: to.to_string(),
@@ -198,6 +206,7 @@ impl Subgraph {
             parameters,
             constants,
             integer_constants,
+            fused_activations,
             dropout_rng: Mutex::new(Rng::new(0, "dropout")),
         })
     }
@@ -207,9 +216,9 @@ impl Subgraph {
         &self.input
     }
 
-    /// Number of ONNX nodes translated.
+    /// Number of ONNX nodes translated (a fused activation counts as its own node).
     pub fn node_count(&self) -> usize {
-        self.steps.len()
+        self.steps.len() + self.fused_activations
     }
 
     /// The variables the optimizer trains.
@@ -340,18 +349,16 @@ impl Subgraph {
         let optional = |i: usize| input(i).ok();
         let out = match &step.op {
             Op::Conv {
-                strides,
-                pads,
-                dilations,
+                attrs,
                 group,
+                activation,
             } => conv(
                 &input(0)?,
                 &input(1)?,
                 optional(2).as_ref(),
-                *strides,
-                *pads,
-                *dilations,
+                *attrs,
                 *group,
+                *activation,
             )?,
             Op::BatchNorm { epsilon, momentum } => {
                 self.batch_norm(step, env, (*epsilon, *momentum), train)?
@@ -827,14 +834,22 @@ fn window(node: &pb::NodeProto) -> std::result::Result<Window, String> {
     })
 }
 
-fn translate_op(node: &pb::NodeProto) -> std::result::Result<Op, String> {
-    Ok(match node.op_type.as_str() {
-        "Conv" => Op::Conv {
+/// An ONNX Conv, not yet fused with the activation after it.
+fn conv_op(node: &pb::NodeProto) -> std::result::Result<Op, String> {
+    Ok(Op::Conv {
+        attrs: ConvAttrs {
             strides: pair(ints(node, "strides"), 1, "strides")?,
             pads: pads(node)?,
             dilations: pair(ints(node, "dilations"), 1, "dilations")?,
-            group: int(node, "group", 1).max(1) as usize,
         },
+        group: int(node, "group", 1).max(1) as usize,
+        activation: Activation::Identity,
+    })
+}
+
+fn translate_op(node: &pb::NodeProto) -> std::result::Result<Op, String> {
+    Ok(match node.op_type.as_str() {
+        "Conv" => conv_op(node)?,
         "BatchNormalization" => {
             if int(node, "training_mode", 0) != 0 {
                 return Err("training_mode 1 in the exported graph is not supported".into());
@@ -1056,25 +1071,50 @@ fn windows(
     Ok(views)
 }
 
-/// ONNX Conv. Depthwise convolutions (one input channel per group) use [`depthwise_conv`].
+/// ONNX Conv followed by `activation`: graft's fused kernels ([`conv_cpu`],
+/// [`depthwise_conv_cpu`]) for f32 on the CPU, else candle ops ([`conv_portable`]).
 fn conv(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    strides: [usize; 2],
-    pads: [usize; 4],
-    dilations: [usize; 2],
+    attrs: ConvAttrs,
+    group: usize,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if is_depthwise(x, weight, group)? {
+            return depthwise_conv_cpu(x, weight, bias, attrs, activation);
+        }
+        if group == 1 {
+            return conv_cpu(x, weight, bias, attrs, activation);
+        }
+    }
+    activation.apply_tensor(conv_portable(x, weight, bias, attrs, group)?)
+}
+
+/// One input channel per group and one output channel per input channel.
+fn is_depthwise(x: &Tensor, weight: &Tensor, group: usize) -> candle_core::Result<bool> {
+    let channels = x.dim(1)?;
+    Ok(group > 1 && group == channels && weight.dim(0)? == channels)
+}
+
+/// ONNX Conv from candle ops, which candle differentiates on any device: depthwise
+/// convolutions as [`depthwise_conv`], 1x1 ones as a matrix product, the rest by `conv2d`.
+pub fn conv_portable(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    attrs: ConvAttrs,
     group: usize,
 ) -> candle_core::Result<Tensor> {
-    let channels = x.dim(1)?;
+    let ConvAttrs {
+        strides,
+        pads,
+        dilations,
+    } = attrs;
     let (out_channels, _, kh, kw) = weight.dims4()?;
-    let y = if group > 1 && group == channels && out_channels == channels {
-        let padded = pad_spatial(x, pads)?;
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            depthwise::depthwise_conv_cpu(&padded, weight, strides, dilations)?
-        } else {
-            depthwise_conv(&padded, weight, strides, dilations)?
-        }
+    let y = if is_depthwise(x, weight, group)? {
+        depthwise_conv(&pad_spatial(x, pads)?, weight, strides, dilations)?
     } else if (kh, kw) == (1, 1) && strides == [1, 1] && pads == [0; 4] && group == 1 {
         let (n, c, h, w) = x.dims4()?;
         weight
@@ -1362,6 +1402,68 @@ fn steps_of(graph: &pb::GraphProto, needed_nodes: &HashSet<usize>) -> Result<Vec
     Ok(steps)
 }
 
+/// Folds each Relu, and each Clip with constant bounds, that is the only reader of a Conv's
+/// output into that Conv, so that the pair runs as one fused kernel and keeps one activation
+/// for the backward pass instead of three.
+fn fuse_activations(
+    mut steps: Vec<Step>,
+    constants: &HashMap<String, Tensor>,
+    output: &str,
+) -> Result<Vec<Step>> {
+    let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, step) in steps.iter().enumerate() {
+        for input in &step.inputs {
+            readers.entry(input.clone()).or_default().push(i);
+        }
+    }
+    let bound = |name: Option<&String>, default: f32| -> Result<Option<f32>> {
+        match name.filter(|n| !n.is_empty()) {
+            None => Ok(Some(default)),
+            Some(n) => match constants.get(n) {
+                None => Ok(None),
+                Some(t) => Ok(Some(
+                    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as f32,
+                )),
+            },
+        }
+    };
+    let mut removed = HashSet::new();
+    for i in 0..steps.len() {
+        if !matches!(steps[i].op, Op::Conv { .. }) || steps[i].output == output {
+            continue;
+        }
+        let Some(&[j]) = readers.get(&steps[i].output).map(Vec::as_slice) else {
+            continue;
+        };
+        let reader = &steps[j];
+        if reader.inputs.first() != Some(&steps[i].output) {
+            continue;
+        }
+        let fused = match reader.op {
+            Op::Relu => Some(Activation::RELU),
+            Op::Clip => match (
+                bound(reader.inputs.get(1), f32::NEG_INFINITY)?,
+                bound(reader.inputs.get(2), f32::INFINITY)?,
+            ) {
+                (Some(lo), Some(hi)) => Some(Activation::Clip { lo, hi }),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let (Some(fused), Op::Conv { activation, .. }) = (fused, &mut steps[i].op) {
+            *activation = fused;
+            steps[i].output = steps[j].output.clone();
+            removed.insert(j);
+        }
+    }
+    Ok(steps
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !removed.contains(i))
+        .map(|(_, step)| step)
+        .collect())
+}
+
 /// The weights the steps train (conv, dense and normalisation weights and biases) and the
 /// BatchNorm running statistics they update.
 fn weight_names(steps: &[Step]) -> (HashSet<String>, HashSet<String>) {
@@ -1606,31 +1708,63 @@ mod tests {
         assert!(checked > 20, "checked {checked} gradients");
     }
 
+    /// The fused CPU kernels (convolution, depthwise; padding, bias and activation inside)
+    /// against candle ops differentiated by candle, forward and all three gradients.
     #[test]
-    fn depthwise_kernel_matches_shifted_slices_forward_and_backward() {
-        let mut rng = Rng::new(5, "dwk");
-        for (strides, dilations, size) in [
-            ([1, 1], [1, 1], 9),
-            ([2, 2], [1, 1], 10),
-            ([2, 1], [2, 2], 11),
-        ] {
-            let (n, c) = (2, 3);
-            let xs: Vec<f32> = (0..n * c * size * size).map(|_| rng.normal()).collect();
-            let ws: Vec<f32> = (0..c * 9).map(|_| rng.normal()).collect();
-            let x = Var::from_vec(xs, (n, c, size, size), &Device::Cpu).unwrap();
-            let w = Var::from_vec(ws, (c, 1, 3, 3), &Device::Cpu).unwrap();
-            let fast = depthwise::depthwise_conv_cpu(&x, &w, strides, dilations).unwrap();
-            let slow = depthwise_conv(&x, &w, strides, dilations).unwrap();
+    fn fused_conv_kernels_match_candle_ops_forward_and_backward() {
+        let mut rng = Rng::new(5, "fused");
+        let relu6ish = Activation::Clip { lo: 0.0, hi: 1.0 };
+        let (relu, identity) = (Activation::RELU, Activation::Identity);
+        // [input channels, output channels, group, size, kernel], strides, pads, dilations, act
+        type Case = ([usize; 5], [usize; 2], [usize; 4], [usize; 2], Activation);
+        let cases: [Case; 11] = [
+            ([3, 4, 1, 9, 3], [2, 2], [0, 0, 1, 1], [1, 1], relu6ish),
+            ([3, 5, 1, 8, 3], [1, 1], [1, 1, 1, 1], [1, 1], relu),
+            ([4, 6, 1, 7, 1], [1, 1], [0; 4], [1, 1], identity),
+            // Planes over 28x28: one product per image instead of one for the batch.
+            ([3, 4, 1, 30, 1], [1, 1], [0; 4], [1, 1], relu6ish),
+            ([4, 6, 1, 7, 1], [2, 2], [0; 4], [1, 1], relu6ish),
+            // Square once padded: candle's conv2d backward takes both axes' output padding
+            // from H.
+            ([2, 3, 1, 11, 3], [2, 2], [2, 1, 0, 1], [2, 2], identity),
+            ([3, 3, 3, 9, 3], [1, 1], [1, 1, 1, 1], [1, 1], relu6ish),
+            ([3, 3, 3, 10, 3], [2, 2], [0, 0, 1, 1], [1, 1], relu),
+            ([3, 3, 3, 11, 5], [2, 2], [2, 2, 2, 2], [1, 1], identity),
+            ([2, 2, 2, 12, 3], [2, 1], [1, 2, 0, 1], [2, 2], relu6ish),
+            ([2, 2, 2, 12, 3], [2, 2], [1, 2, 0, 1], [1, 1], relu),
+        ];
+        for ([ci, co, group, size, k], strides, pads, dilations, act) in cases {
+            let n = 2;
+            let mut normal = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
+            let x = Var::from_vec(
+                normal(n * ci * size * size),
+                (n, ci, size, size),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let w = Var::from_vec(
+                normal(co * ci / group * k * k),
+                (co, ci / group, k, k),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let b = Var::from_vec(normal(co), co, &Device::Cpu).unwrap();
+            let attrs = ConvAttrs {
+                strides,
+                pads,
+                dilations,
+            };
+            let fast = conv(&x, &w, Some(&b), attrs, group, act).unwrap();
+            let slow = act
+                .apply_tensor(conv_portable(&x, &w, Some(&b), attrs, group).unwrap())
+                .unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let weights = Tensor::rand(0f32, 1f32, fast.shape(), &Device::Cpu).unwrap();
+            let case = format!("{ci}->{co} group {group} k{k} strides {strides:?} pads {pads:?}");
             let grads = |y: &Tensor| {
-                let g = (y * &weights)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                [g.get(&x).unwrap().clone(), g.get(&w).unwrap().clone()]
+                let g = (y * &weights).unwrap().sum_all().unwrap().backward();
+                let g = g.unwrap_or_else(|e| panic!("backward failed for {case}: {e}"));
+                [&x, &w, &b].map(|v| g.get(v).unwrap().clone())
             };
             let max_diff = |a: &Tensor, b: &Tensor| {
                 (a - b)
@@ -1642,14 +1776,72 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap()
             };
-            assert!(max_diff(&fast, &slow) < 1e-5);
-            for (a, b) in grads(&fast).iter().zip(grads(&slow).iter()) {
-                assert!(
-                    max_diff(a, b) < 1e-4,
-                    "gradients differ for strides {strides:?}"
-                );
+            assert!(max_diff(&fast, &slow) < 1e-4, "outputs differ: {case}");
+            for (what, (a, b)) in ["x", "w", "b"]
+                .iter()
+                .zip(grads(&fast).iter().zip(&grads(&slow)))
+            {
+                assert!(max_diff(a, b) < 1e-3, "d{what} differs: {case}");
             }
         }
+    }
+
+    /// conv -> Clip(0, 6) and depthwise -> Relu fuse; a conv read twice does not; the fused
+    /// subgraph computes what the unfused one does.
+    #[test]
+    fn relu_and_constant_clips_after_a_conv_are_fused_into_it() {
+        let mut rng = Rng::new(9, "fuse");
+        let graph = pb::GraphProto {
+            node: vec![
+                node("Conv", &["x", "w1", "b1"], "c1", vec![]),
+                node("Clip", &["c1", "zero", "six"], "r1", vec![]),
+                node("Conv", &["r1", "wd"], "dw", vec![attr_int("group", 4)]),
+                node("Relu", &["dw"], "r2", vec![]),
+                node("Conv", &["r2", "w3"], "c3", vec![]),
+                node("Relu", &["c3"], "r3", vec![]),
+                node("Add", &["r3", "c3"], "sum", vec![]),
+                node("Conv", &["sum", "w3"], "out", vec![]),
+            ],
+            initializer: vec![
+                init("w1", &[4, 3, 1, 1], &mut rng),
+                init("b1", &[4], &mut rng),
+                init("wd", &[4, 1, 3, 3], &mut rng),
+                init("w3", &[4, 4, 1, 1], &mut rng),
+                scalar_init("zero", 0.0),
+                scalar_init("six", 6.0),
+            ],
+            ..Default::default()
+        };
+        let sub = Subgraph::extract(&graph, "x", "out", &Device::Cpu, DType::F32).unwrap();
+        let convs: Vec<(&str, Activation)> = sub
+            .steps
+            .iter()
+            .filter_map(|s| match s.op {
+                Op::Conv { activation, .. } => Some((s.output.as_str(), activation)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            convs,
+            [
+                ("r1", Activation::Clip { lo: 0.0, hi: 6.0 }),
+                ("r2", Activation::RELU),
+                ("c3", Activation::Identity),
+                ("out", Activation::Identity),
+            ]
+        );
+        assert_eq!(sub.node_count(), 8, "counts the ONNX nodes, fused or not");
+        let unfused = Subgraph {
+            steps: steps_of(&graph, &(0..graph.node.len()).collect()).unwrap(),
+            ..Subgraph::extract(&graph, "x", "out", &Device::Cpu, DType::F32).unwrap()
+        };
+        let x = input(DType::F32).narrow(2, 0, 5).unwrap();
+        let (a, b) = (
+            sub.forward(&x, false).unwrap(),
+            unfused.forward(&x, false).unwrap(),
+        );
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
     }
 
     #[test]
@@ -1660,21 +1852,30 @@ mod tests {
         let ws: Vec<f32> = (0..c * 9).map(|_| rng.normal()).collect();
         let x = Tensor::from_vec(xs.clone(), (1, c, h, w), &Device::Cpu).unwrap();
         let wt = Tensor::from_vec(ws.clone(), (c, 1, 3, 3), &Device::Cpu).unwrap();
-        let got = conv(&x, &wt, None, [2, 2], [1, 1, 1, 1], [1, 1], c).unwrap();
+        let attrs = ConvAttrs {
+            strides: [2, 2],
+            pads: [1, 1, 1, 1],
+            dilations: [1, 1],
+        };
         let reference = x.conv2d(&wt, 1, 2, 1, c).unwrap();
-        assert_eq!(got.dims(), reference.dims());
-        let diff = (got - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff < 1e-5,
-            "depthwise differs from candle's grouped conv by {diff}"
-        );
+        for got in [
+            conv(&x, &wt, None, attrs, c, Activation::Identity).unwrap(),
+            conv_portable(&x, &wt, None, attrs, c).unwrap(),
+        ] {
+            assert_eq!(got.dims(), reference.dims());
+            let diff = (got - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff < 1e-5,
+                "depthwise differs from candle's grouped conv by {diff}"
+            );
+        }
 
         let pooled = max_pool(
             &x,

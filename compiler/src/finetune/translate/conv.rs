@@ -1,0 +1,558 @@
+//! Convolution (one group) as one candle custom op on f32 CPU tensors: padding, bias and the
+//! following activation fused, forward and backward each one parallel pass over the images.
+//!
+//! candle's own `conv2d` pads into a copy, builds the im2col matrix of the whole batch, and
+//! differentiates through `conv_transpose2d`; with the bias add and a `Clip` as separate ops,
+//! one Lite0 convolution kept four full-size activations for the backward pass. Here each image's
+//! im2col matrix is built in a buffer the size of one image (and not at all for 1x1 stride-1
+//! convolutions, which are plain matrix products), multiplied by the weights with the `gemm`
+//! crate (the kernels candle's matmul uses), and only the activated output is kept: the backward
+//! pass recomputes the im2col matrix instead of storing it.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+use super::activation::Activation;
+use crate::finetune::profile;
+
+/// A convolution's attributes (ONNX `strides`, `pads`, `dilations`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConvAttrs {
+    pub strides: [usize; 2],
+    /// Top, left, bottom, right.
+    pub pads: [usize; 4],
+    pub dilations: [usize; 2],
+}
+
+/// The sizes of one convolution on one batch.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geometry {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub attrs: ConvAttrs,
+    pub out: [usize; 2],
+}
+
+impl Geometry {
+    /// From the input dims `[N, C, H, W]` and weight dims `[O, C/groups, KH, KW]`.
+    pub fn new(input: &[usize], weight: &[usize], attrs: ConvAttrs) -> Result<Geometry> {
+        let (&[batch, channels, height, width], &[out_channels, _, kh, kw]) = (input, weight)
+        else {
+            candle_core::bail!(
+                "convolution needs 4-d input and weight, got {input:?} and {weight:?}"
+            );
+        };
+        let out = |size: usize, before: usize, after: usize, k: usize, axis: usize| {
+            let span = attrs.dilations[axis] * (k.max(1) - 1) + 1;
+            let padded = size + before + after;
+            if padded < span {
+                candle_core::bail!("a {k}-wide kernel does not fit a padded size of {padded}");
+            }
+            Ok((padded - span) / attrs.strides[axis].max(1) + 1)
+        };
+        let [top, left, bottom, right] = attrs.pads;
+        Ok(Geometry {
+            batch,
+            channels,
+            height,
+            width,
+            out_channels,
+            kernel: [kh, kw],
+            attrs,
+            out: [
+                out(height, top, bottom, kh, 0)?,
+                out(width, left, right, kw, 1)?,
+            ],
+        })
+    }
+
+    pub fn plane_in(&self) -> usize {
+        self.height * self.width
+    }
+
+    pub fn plane_out(&self) -> usize {
+        self.out[0] * self.out[1]
+    }
+
+    pub fn taps(&self) -> usize {
+        self.kernel[0] * self.kernel[1]
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding: the input plane is its own im2col.
+    fn pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.attrs.strides == [1, 1] && self.attrs.pads == [0; 4]
+    }
+
+    /// A 1x1 convolution on planes small enough (Lite0's 28x28 and below) that one matrix
+    /// product per image is mostly overhead: the batch goes through one product instead, with
+    /// its planes side by side (channel-major).
+    fn batched(&self) -> bool {
+        self.pointwise() && self.plane_out() <= 28 * 28 && self.batch > 1
+    }
+
+    /// The input row that output row `oy` reads at kernel row `ky`, if inside the image.
+    #[inline]
+    pub fn input_row(&self, ky: usize, oy: usize) -> Option<usize> {
+        let y = oy * self.attrs.strides[0] + ky * self.attrs.dilations[0];
+        y.checked_sub(self.attrs.pads[0])
+            .filter(|&y| y < self.height)
+    }
+
+    /// For kernel column `kx`: the output columns `lo..hi` that read inside the image, and the
+    /// input column read by output column `lo`.
+    #[inline]
+    pub fn columns(&self, kx: usize) -> (usize, usize, usize) {
+        let (s, left) = (self.attrs.strides[1], self.attrs.pads[1]);
+        let offset = kx * self.attrs.dilations[1];
+        let lo = left.saturating_sub(offset).div_ceil(s);
+        let hi = (self.width + left)
+            .saturating_sub(offset)
+            .div_ceil(s)
+            .min(self.out[1]);
+        let hi = hi.max(lo);
+        (lo, hi, (lo * s + offset).saturating_sub(left))
+    }
+
+    /// The im2col matrix of one image: row `(c * KH + ky) * KW + kx`, column `oy * OW + ox`.
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let (plane_out, [kh, kw], ow) = (self.plane_out(), self.kernel, self.out[1]);
+        let s = self.attrs.strides[1];
+        for (row, dst) in cols.chunks_exact_mut(plane_out).enumerate() {
+            let (c, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+            let plane = &x[c * self.plane_in()..(c + 1) * self.plane_in()];
+            let (lo, hi, first) = self.columns(kx);
+            for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
+                let Some(y) = self.input_row(ky, oy) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                let src = &plane[y * self.width..(y + 1) * self.width];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                for (i, o) in out[lo..hi].iter_mut().enumerate() {
+                    *o = src[first + i * s];
+                }
+            }
+        }
+    }
+
+    /// Adds an im2col-shaped gradient back onto one image's input gradient.
+    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+        let (plane_out, [kh, kw], ow) = (self.plane_out(), self.kernel, self.out[1]);
+        let (plane_in, s) = (self.plane_in(), self.attrs.strides[1]);
+        for (row, src) in cols.chunks_exact(plane_out).enumerate() {
+            let (c, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+            let plane = &mut dx[c * plane_in..(c + 1) * plane_in];
+            let (lo, hi, first) = self.columns(kx);
+            for (oy, grad) in src.chunks_exact(ow).enumerate() {
+                let Some(y) = self.input_row(ky, oy) else {
+                    continue;
+                };
+                let dst = &mut plane[y * self.width..(y + 1) * self.width];
+                for (i, g) in grad[lo..hi].iter().enumerate() {
+                    dst[first + i * s] += g;
+                }
+            }
+        }
+    }
+}
+
+/// A row-major view of a matrix inside a slice, with explicit strides (for transposes).
+#[derive(Clone, Copy)]
+pub(super) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Mat<'a> {
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, without moving data.
+    pub fn t(self) -> Mat<'a> {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst = a * b` (or `dst += a * b` with `accumulate`), `dst` row-major `a.rows x b.cols`, on
+/// the calling thread (callers parallelise over images).
+pub(super) fn matmul(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
+    matmul_on(dst, accumulate, a, b, gemm::Parallelism::None)
+}
+
+/// [`matmul`] on all of rayon's threads: one product for the whole batch.
+fn matmul_parallel(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    matmul_on(dst, accumulate, a, b, parallelism)
+}
+
+fn matmul_on(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, parallelism: gemm::Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && dst.len() >= m * n && a.fits() && b.fits(),
+        "matmul shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the assertion above keeps every element gemm reads or writes inside the slices:
+    // dst is m x n row-major, a and b are checked by `fits` for their strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// A tensor's f32 values on the CPU, borrowed for as long as the view lives.
+pub(super) struct CpuView<'a> {
+    storage: StorageRef<'a>,
+    range: (usize, usize),
+}
+
+impl<'a> CpuView<'a> {
+    pub fn of(tensor: &'a Tensor) -> Result<CpuView<'a>> {
+        let (storage, layout) = tensor.storage_and_layout();
+        let Some(range) = layout.contiguous_offsets() else {
+            candle_core::bail!("graft's CPU kernels need contiguous tensors");
+        };
+        if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+            candle_core::bail!("graft's CPU kernels need f32 tensors on the CPU");
+        }
+        Ok(CpuView { storage, range })
+    }
+
+    pub fn data(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.0..self.range.1],
+            _ => unreachable!("checked in CpuView::of"),
+        }
+    }
+}
+
+/// The slice of a custom op's contiguous f32 input.
+pub(super) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("graft's CPU kernels need contiguous tensors"),
+    }
+}
+
+/// `y = activation(conv(x, w) + b)`: x `[N, C, H, W]`, w `[O, C, KH, KW]`, b `[O]`.
+struct Conv {
+    attrs: ConvAttrs,
+    activation: Activation,
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "graft-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let g = Geometry::new(l1.dims(), l2.dims(), self.attrs)?;
+        if g.batched() {
+            return profile::timed("conv 1x1 forward", || self.forward_batched(&g, x, w, b));
+        }
+        let kind = if g.pointwise() {
+            "conv 1x1 forward"
+        } else {
+            "conv forward"
+        };
+        profile::timed(kind, || self.forward(&g, x, w, b))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let g = Geometry::new(x.dims(), w.dims(), self.attrs)?;
+        let kind = if g.pointwise() {
+            "conv 1x1 backward"
+        } else {
+            "conv backward"
+        };
+        let (gx, gw, gb) = profile::timed(kind, || -> Result<_> {
+            let (xv, wv, yv, gv) = (
+                CpuView::of(x)?,
+                CpuView::of(w)?,
+                CpuView::of(y)?,
+                CpuView::of(&grad)?,
+            );
+            let x_grad = x.track_op();
+            let data = [xv.data(), wv.data(), yv.data(), gv.data()];
+            if g.batched() {
+                return Ok(self.backward_batched(&g, data, x_grad));
+            }
+            Ok(self.backward(&g, xv.data(), wv.data(), yv.data(), gv.data(), x_grad))
+        })?;
+        let device = x.device();
+        Ok((
+            gx.map(|gx| Tensor::from_vec(gx, x.shape(), device))
+                .transpose()?,
+            Some(Tensor::from_vec(gw, w.shape(), device)?),
+            Some(Tensor::from_vec(gb, g.out_channels, device)?),
+        ))
+    }
+}
+
+impl Conv {
+    /// One image at a time: its im2col matrix (none for 1x1), times the weights, plus the bias,
+    /// through the activation.
+    fn forward(
+        &self,
+        g: &Geometry,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+    ) -> Result<(CpuStorage, Shape)> {
+        let (o, k) = (g.out_channels, g.channels * g.taps());
+        let (image_in, image_out) = (g.channels * g.plane_in(), o * g.plane_out());
+        let mut y = vec![0f32; g.batch * image_out];
+        y.par_chunks_mut(image_out.max(1))
+            .enumerate()
+            .for_each_init(Vec::new, |cols, (n, out)| {
+                let x = &x[n * image_in..(n + 1) * image_in];
+                let x = if g.pointwise() {
+                    x
+                } else {
+                    cols.resize(k * g.plane_out(), 0.0);
+                    g.im2col(x, cols);
+                    cols
+                };
+                matmul(out, false, Mat::new(w, o, k), Mat::new(x, k, g.plane_out()));
+                for (row, &bias) in out.chunks_exact_mut(g.plane_out()).zip(b) {
+                    row.iter_mut().for_each(|v| *v += bias);
+                    self.activation.apply(row);
+                }
+            });
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((g.batch, o, g.out[0], g.out[1])),
+        ))
+    }
+
+    /// Input, weight and bias gradients, one pass over the images: each image's output
+    /// gradient through the activation, its im2col matrix rebuilt, `dw += g * cols^T`,
+    /// `dcols = w^T * g` put back onto the input gradient.
+    fn backward(
+        &self,
+        g: &Geometry,
+        x: &[f32],
+        w: &[f32],
+        y: &[f32],
+        grad: &[f32],
+        x_grad: bool,
+    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        let (o, k, plane_out) = (g.out_channels, g.channels * g.taps(), g.plane_out());
+        let (image_in, image_out) = (g.channels * g.plane_in(), o * plane_out);
+        let mut gx = vec![0f32; if x_grad { g.batch * image_in } else { 0 }];
+        let slots: Vec<Option<&mut [f32]>> = if x_grad {
+            gx.chunks_mut(image_in.max(1)).map(Some).collect()
+        } else {
+            (0..g.batch).map(|_| None).collect()
+        };
+        let zero = || (vec![0f32; o * k], vec![0f32; o], Vec::new(), Vec::new());
+        let (gw, gb, _, _) = slots
+            .into_par_iter()
+            .enumerate()
+            .fold(zero, |(mut gw, mut gb, mut gy, mut cols), (n, gx)| {
+                let out = n * image_out..(n + 1) * image_out;
+                gy.resize(image_out, 0.0);
+                self.activation
+                    .backward(&y[out.clone()], &grad[out], &mut gy);
+                for (sum, row) in gb.iter_mut().zip(gy.chunks_exact(plane_out)) {
+                    *sum += row.iter().sum::<f32>();
+                }
+                let x = &x[n * image_in..(n + 1) * image_in];
+                let gy_mat = Mat::new(&gy, o, plane_out);
+                let w_t = Mat::new(w, o, k).t();
+                if g.pointwise() {
+                    matmul(&mut gw, true, gy_mat, Mat::new(x, k, plane_out).t());
+                    if let Some(gx) = gx {
+                        matmul(gx, false, w_t, gy_mat);
+                    }
+                } else {
+                    cols.resize(k * plane_out, 0.0);
+                    g.im2col(x, &mut cols);
+                    matmul(&mut gw, true, gy_mat, Mat::new(&cols, k, plane_out).t());
+                    if let Some(gx) = gx {
+                        matmul(&mut cols, false, w_t, gy_mat);
+                        g.col2im(&cols, gx);
+                    }
+                }
+                (gw, gb, gy, cols)
+            })
+            .reduce(zero, |(mut gw, mut gb, a, b), (gw2, gb2, _, _)| {
+                gw.iter_mut().zip(gw2).for_each(|(s, v)| *s += v);
+                gb.iter_mut().zip(gb2).for_each(|(s, v)| *s += v);
+                (gw, gb, a, b)
+            });
+        (x_grad.then_some(gx), gw, gb)
+    }
+}
+
+/// `[N, C, P]` -> `[C, N * P]`.
+fn to_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
+    for (i, image) in x.chunks_exact(c * p).enumerate().take(n) {
+        for (ch, plane) in image.chunks_exact(p).enumerate() {
+            out[(ch * n + i) * p..(ch * n + i + 1) * p].copy_from_slice(plane);
+        }
+    }
+}
+
+/// `[C, N * P]` -> `[N, C, P]`.
+fn from_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
+    for (i, image) in out.chunks_exact_mut(c * p).enumerate().take(n) {
+        for (ch, plane) in image.chunks_exact_mut(p).enumerate() {
+            plane.copy_from_slice(&x[(ch * n + i) * p..(ch * n + i + 1) * p]);
+        }
+    }
+}
+
+impl Conv {
+    /// A 1x1 convolution of the whole batch as one product, channel-major.
+    fn forward_batched(
+        &self,
+        g: &Geometry,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, o, p) = (g.batch, g.channels, g.out_channels, g.plane_out());
+        let mut xt = vec![0f32; c * n * p];
+        to_channel_major(x, [n, c, p], &mut xt);
+        let mut yt = vec![0f32; o * n * p];
+        matmul_parallel(&mut yt, false, Mat::new(w, o, c), Mat::new(&xt, c, n * p));
+        let mut y = vec![0f32; n * o * p];
+        from_channel_major(&yt, [n, o, p], &mut y);
+        y.par_chunks_mut(p).enumerate().for_each(|(row, out)| {
+            out.iter_mut().for_each(|v| *v += b[row % o]);
+            self.activation.apply(out);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((n, o, g.out[0], g.out[1]))))
+    }
+
+    /// The gradients of [`Self::forward_batched`], each one product over the batch.
+    fn backward_batched(
+        &self,
+        g: &Geometry,
+        [x, w, y, grad]: [&[f32]; 4],
+        x_grad: bool,
+    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        let (n, c, o, p) = (g.batch, g.channels, g.out_channels, g.plane_out());
+        let mut gy = vec![0f32; n * o * p];
+        gy.par_chunks_mut(p).enumerate().for_each(|(row, out)| {
+            let plane = row * p..(row + 1) * p;
+            self.activation
+                .backward(&y[plane.clone()], &grad[plane], out);
+        });
+        let mut gyt = vec![0f32; o * n * p];
+        to_channel_major(&gy, [n, o, p], &mut gyt);
+        drop(gy);
+        let gb: Vec<f32> = gyt
+            .chunks_exact(n * p)
+            .map(|row| row.iter().sum())
+            .collect();
+        let mut xt = vec![0f32; c * n * p];
+        to_channel_major(x, [n, c, p], &mut xt);
+        let mut gw = vec![0f32; o * c];
+        let gyt_mat = Mat::new(&gyt, o, n * p);
+        matmul_parallel(&mut gw, false, gyt_mat, Mat::new(&xt, c, n * p).t());
+        let gx = x_grad.then(|| {
+            matmul_parallel(&mut xt, false, Mat::new(w, o, c).t(), gyt_mat);
+            let mut gx = vec![0f32; n * c * p];
+            from_channel_major(&xt, [n, c, p], &mut gx);
+            gx
+        });
+        (gx, gw, gb)
+    }
+}
+
+/// `activation(conv(x, w) + b)` for f32 CPU tensors and one group; `b` is zeros when absent.
+pub fn conv_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    attrs: ConvAttrs,
+    activation: Activation,
+) -> Result<Tensor> {
+    let bias = match bias {
+        Some(b) => b.flatten_all()?.contiguous()?,
+        None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias, Conv { attrs, activation })
+}
