@@ -3,16 +3,17 @@
 # new head only, fine-tuning the top 2 / top 4 blocks, fine-tuning every layer, and training
 # every layer from random weights. Prints each run's summary lines and wall time.
 #
-# usage: scripts/strategy_results.sh DATASET [EPOCHS_FULL] [SHARED_DIR]
+# usage: scripts/strategy_results.sh DATASET [EPOCHS_FULL] [SHARED_DIR] [ROWS]
 #   DATASET      hymenoptera, flowers5 or cifar10-mini
-#   EPOCHS_FULL  epochs for "all layers" and "scratch" (default 3: ~5 min an epoch on 2 cores
-#                for hymenoptera)
+#   EPOCHS_FULL  epochs for "all layers" and "scratch" (default 3)
 #   SHARED_DIR   default ../shared
+#   ROWS         which rows, default "head top2 top4 all scratch"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?dataset name}
 full_epochs=${2:-3}
 shared=${3:-../shared}
+rows=${4:-head top2 top4 all scratch}
 out=target/strategies/$data
 mkdir -p "$out"
 cargo build --release --quiet -p graft-compiler
@@ -26,8 +27,13 @@ run() {
     --out "$out/$name.graft" --cache-dir target/strategies/cache "$@" 2>&1 |
     grep -E "^(kept|finetune|scratch|trained|check|verify|validation accuracy|wall)"
 }
-run head
-run top2 --strategy finetune --unfreeze 2
-run top4 --strategy finetune --unfreeze 4
-run all --strategy finetune --unfreeze all --finetune-epochs "$full_epochs"
-run scratch --strategy scratch --finetune-epochs "$full_epochs"
+for row in $rows; do
+  case $row in
+    head) run head ;;
+    top2) run top2 --strategy finetune --unfreeze 2 ;;
+    top4) run top4 --strategy finetune --unfreeze 4 ;;
+    all) run all --strategy finetune --unfreeze all --finetune-epochs "$full_epochs" ;;
+    scratch) run scratch --strategy scratch --finetune-epochs "$full_epochs" ;;
+    *) echo "unknown row $row: expected head, top2, top4, all or scratch" >&2; exit 1 ;;
+  esac
+done
