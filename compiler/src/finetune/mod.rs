@@ -455,6 +455,14 @@ impl GroupOptimizer {
     }
 }
 
+/// Where an epoch's training rows (the frozen prefix's outputs) come from.
+enum TrainRows<'r> {
+    /// Computed once: no augmentation, and a frozen prefix to run.
+    Fixed(&'r [Vec<f32>]),
+    /// Made per batch from the decoded images, with this augmentation if any.
+    PerBatch(Option<&'r Augmentation>),
+}
+
 /// Decoded images with their labels; undecodable ones are left out (extraction reports them).
 struct Images {
     images: Vec<DynamicImage>,
@@ -649,8 +657,11 @@ struct JointTraining<'a> {
     /// The frozen prefix's outputs on the training images when they are not augmented (then
     /// they are the same every epoch).
     fixed_train_rows: Option<Vec<Vec<f32>>>,
-    val_rows: Vec<Vec<f32>>,
-    val_labels: Vec<usize>,
+    /// The images for choices, and their frozen-prefix outputs when there is a frozen prefix
+    /// (without one they are preprocessed at each evaluation: whole-network rows are the
+    /// 224x224 inputs, 0.6 MB an image).
+    val_images: Images,
+    val_rows: Option<Vec<Vec<f32>>>,
     class_weights: Tensor,
     shuffle: Rng,
     images_trained: usize,
@@ -717,17 +728,21 @@ impl<'a> JointTraining<'a> {
             head,
             train_images,
             fixed_train_rows: None,
-            val_rows: Vec::new(),
-            val_labels: val_images.labels.clone(),
+            val_images,
+            val_rows: None,
             class_weights,
             shuffle: Rng::new(config.seed, "finetune-shuffle"),
             images_trained: 0,
             training_seconds: 0.0,
         };
-        run.val_rows = run.frozen_outputs(&val_images, "frozen layers (validation)", None)?;
-        if config.augmentation.is_none() {
-            let rows = run.frozen_outputs(&run.train_images, "frozen layers (training)", None)?;
-            run.fixed_train_rows = Some(rows);
+        if run.part.prefix.is_some() {
+            let rows = run.frozen_outputs(&run.val_images, "frozen layers (validation)", None)?;
+            run.val_rows = Some(rows);
+            if config.augmentation.is_none() {
+                let rows =
+                    run.frozen_outputs(&run.train_images, "frozen layers (training)", None)?;
+                run.fixed_train_rows = Some(rows);
+            }
         }
         Ok(run)
     }
@@ -741,8 +756,22 @@ impl<'a> JointTraining<'a> {
     ) -> Result<Vec<Vec<f32>>> {
         self.progress.start(what, images.images.len());
         let indices: Vec<usize> = (0..images.images.len()).collect();
+        let rows = self.boundary_rows(images, &indices, augment, || self.progress.advance());
+        self.progress.finish();
+        rows
+    }
+
+    /// The frozen prefix's outputs on `images[indices]`, augmented first when `augment` is
+    /// given, on the worker threads.
+    fn boundary_rows(
+        &self,
+        images: &Images,
+        indices: &[usize],
+        augment: Option<(&Augmentation, u64)>,
+        advance: impl Fn() + Sync,
+    ) -> Result<Vec<Vec<f32>>> {
         let rows = par_map(
-            &indices,
+            indices,
             self.threads,
             |&i| {
                 if self.progress.cancelled() {
@@ -759,10 +788,9 @@ impl<'a> JointTraining<'a> {
                 };
                 self.part.boundary_of(chw)
             },
-            || self.progress.advance(),
+            advance,
         );
-        self.progress.finish();
-        rows.into_iter().collect::<Result<Vec<Vec<f32>>>>()
+        rows.into_iter().collect()
     }
 
     /// The head's logits on the trainable part's features.
@@ -784,18 +812,32 @@ impl<'a> JointTraining<'a> {
         let device = &self.config.device;
         let mut loss_sum = 0.0f64;
         let mut correct = 0usize;
-        for (chunk, labels) in self.val_rows.chunks(32).zip(self.val_labels.chunks(32)) {
-            let rows: Vec<&Vec<f32>> = chunk.iter().collect();
+        let n = self.val_images.images.len();
+        let indices: Vec<usize> = (0..n).collect();
+        for chunk in indices.chunks(32) {
+            let computed = match &self.val_rows {
+                Some(_) => Vec::new(),
+                None => self.boundary_rows(&self.val_images, chunk, None, || {})?,
+            };
+            let rows: Vec<&Vec<f32>> = match &self.val_rows {
+                Some(all) => chunk.iter().map(|&i| &all[i]).collect(),
+                None => computed.iter().collect(),
+            };
             let features = self.part.features(&self.batch_tensor(&rows)?, false)?;
             let logits = self.head_forward(&features)?;
-            let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+            let labels: Vec<u32> = chunk
+                .iter()
+                .map(|&i| self.val_images.labels[i] as u32)
+                .collect();
             let y = Tensor::from_vec(labels, chunk.len(), device)?;
             loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64
                 * chunk.len() as f64;
             correct += correct_predictions(&logits, &y)?;
         }
-        let n = self.val_rows.len() as f64;
-        Ok(((loss_sum / n) as f32, (correct as f64 / n) as f32))
+        Ok((
+            (loss_sum / n as f64) as f32,
+            (correct as f64 / n as f64) as f32,
+        ))
     }
 
     /// One epoch: the learning rates of the schedule, the (augmented) frozen-prefix outputs,
@@ -807,22 +849,16 @@ impl<'a> JointTraining<'a> {
             .set_learning_rate(config.backbone_learning_rate * factor);
         self.head_optimizer
             .set_learning_rate(config.head_learning_rate * factor);
-        let augmented = match (&self.fixed_train_rows, &config.augmentation) {
-            (Some(_), _) => None,
-            (None, Some(aug)) => Some(self.frozen_outputs(
-                &self.train_images,
-                &format!("epoch {}: augmenting + frozen layers", epoch + 1),
-                Some((aug, epoch as u64)),
-            )?),
-            (None, None) => unreachable!("rows are fixed when there is no augmentation"),
+        // Rows the frozen prefix does not make are made one batch at a time: a whole epoch of
+        // them at 224x224 is 0.6 MB an image (1.6 GB for flowers5's training split).
+        let trained = match self.fixed_train_rows.take() {
+            Some(rows) => {
+                let trained = self.train_on(&TrainRows::Fixed(&rows), epoch);
+                self.fixed_train_rows = Some(rows);
+                trained
+            }
+            None => self.train_on(&TrainRows::PerBatch(config.augmentation.as_ref()), epoch),
         };
-        let fixed = self.fixed_train_rows.take();
-        let rows = augmented
-            .as_ref()
-            .or(fixed.as_ref())
-            .expect("one of the two");
-        let trained = self.train_on(rows, epoch);
-        self.fixed_train_rows = fixed;
         let (loss_sum, correct, n) = trained?;
         let (val_loss, val_accuracy) = self.evaluate()?;
         Ok(EpochRecord {
@@ -834,14 +870,15 @@ impl<'a> JointTraining<'a> {
         })
     }
 
-    /// One pass over `train_rows` in shuffled mini-batches: loss sum, correct predictions and
-    /// rows seen.
-    fn train_on(&mut self, train_rows: &[Vec<f32>], epoch: usize) -> Result<(f64, usize, usize)> {
+    /// One pass over the training images in shuffled mini-batches: loss sum, correct
+    /// predictions and rows seen. Only the training steps count toward the throughput, not
+    /// making the augmented rows.
+    fn train_on(&mut self, rows: &TrainRows, epoch: usize) -> Result<(f64, usize, usize)> {
         let config = self.config;
-        let mut order: Vec<usize> = (0..train_rows.len()).collect();
+        let mut order: Vec<usize> = (0..self.train_images.images.len()).collect();
         self.shuffle.shuffle(&mut order);
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-        let started = Instant::now();
+        let mut steps_seconds = 0.0;
         let progress = self.progress;
         progress.start(&format!("epoch {}: training", epoch + 1), order.len());
         profile::start();
@@ -851,7 +888,18 @@ impl<'a> JointTraining<'a> {
                 progress.finish();
                 return Err(CompileError::Interrupted);
             }
-            let rows: Vec<&Vec<f32>> = batch.iter().map(|&i| &train_rows[i]).collect();
+            let made = match rows {
+                TrainRows::Fixed(_) => Vec::new(),
+                TrainRows::PerBatch(aug) => profile::timed("augment + frozen layers", || {
+                    let augment = aug.map(|aug| (aug, epoch as u64));
+                    self.boundary_rows(&self.train_images, batch, augment, || {})
+                })?,
+            };
+            let rows: Vec<&Vec<f32>> = match rows {
+                TrainRows::Fixed(all) => batch.iter().map(|&i| &all[i]).collect(),
+                TrainRows::PerBatch(_) => made.iter().collect(),
+            };
+            let started = Instant::now();
             let labels: Vec<u32> = batch
                 .iter()
                 .map(|&i| self.train_images.labels[i] as u32)
@@ -874,19 +922,17 @@ impl<'a> JointTraining<'a> {
                 self.head_optimizer.step(&grads)?;
                 Ok(())
             })?;
-            profile::timed("free", || drop(grads));
+            drop(grads);
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
             correct += correct_predictions(&logits, &y)?;
-            profile::timed("free", || drop((logits, loss)));
-            profile::timed("progress", || {
-                for _ in 0..batch.len() {
-                    progress.advance();
-                }
-            });
+            steps_seconds += started.elapsed().as_secs_f64();
+            for _ in 0..batch.len() {
+                progress.advance();
+            }
         }
         profile::stop();
         progress.finish();
-        self.training_seconds += started.elapsed().as_secs_f64();
+        self.training_seconds += steps_seconds;
         self.images_trained += order.len();
         Ok((loss_sum, correct, order.len()))
     }
@@ -964,6 +1010,7 @@ impl<'a> JointTraining<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::testing::max_abs_diff;
 
     /// One training step of Lite0's top 2 blocks on `device` in `dtype` (graft's fused kernels
     /// for f32 on the CPU, candle ops otherwise): the features of a fixed batch and every trained
@@ -1010,15 +1057,8 @@ mod tests {
 
     /// Largest difference relative to the largest value of `b`.
     fn relative_difference(a: &Tensor, b: &Tensor) -> f32 {
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        max((a - b).unwrap()) / max(b.clone()).max(1e-12)
+        let zero = b.zeros_like().unwrap();
+        max_abs_diff(a, b) / max_abs_diff(b, &zero).max(1e-12)
     }
 
     /// The same step through graft's f32 CPU kernels and through candle's own ops in f64 (what

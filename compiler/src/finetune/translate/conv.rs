@@ -262,7 +262,7 @@ fn matmul_on(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, parallelism: gem
 }
 
 /// A tensor's f32 values on the CPU, borrowed for as long as the view lives.
-pub(super) struct CpuView<'a> {
+struct CpuView<'a> {
     storage: StorageRef<'a>,
     range: (usize, usize),
 }
@@ -337,35 +337,48 @@ impl CustomOp3 for Conv {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
         let g = Geometry::new(x.dims(), w.dims(), self.attrs)?;
         let kind = if g.pointwise() {
             "conv 1x1 backward"
         } else {
             "conv backward"
         };
-        let (gx, gw, gb) = profile::timed(kind, || -> Result<_> {
-            let (xv, wv, yv, gv) = (
-                CpuView::of(x)?,
-                CpuView::of(w)?,
-                CpuView::of(y)?,
-                CpuView::of(&grad)?,
-            );
-            let x_grad = x.track_op();
-            let data = [xv.data(), wv.data(), yv.data(), gv.data()];
+        fused_backward([x, w, y, grad], kind, |data, x_grad| {
             if g.batched() {
-                return Ok(self.backward_batched(&g, data, x_grad));
+                self.backward_batched(&g, data, x_grad)
+            } else {
+                self.backward(&g, data, x_grad)
             }
-            Ok(self.backward(&g, xv.data(), wv.data(), yv.data(), gv.data(), x_grad))
-        })?;
-        let device = x.device();
-        Ok((
-            gx.map(|gx| Tensor::from_vec(gx, x.shape(), device))
-                .transpose()?,
-            Some(Tensor::from_vec(gw, w.shape(), device)?),
-            Some(Tensor::from_vec(gb, g.out_channels, device)?),
-        ))
+        })
     }
+}
+
+/// Gradients `(input if it needs one, weight, bias)` as computed on the CPU slices of `[x, w,
+/// y, grad]` by `backward(data, whether x needs a gradient)`, timed as `kind`, as tensors.
+pub(super) fn fused_backward(
+    [x, w, y, grad]: [&Tensor; 4],
+    kind: &'static str,
+    backward: impl FnOnce([&[f32]; 4], bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (gx, gw, gb) = {
+        let _timer = profile::Timer::start(kind);
+        let views = [
+            CpuView::of(x)?,
+            CpuView::of(w)?,
+            CpuView::of(y)?,
+            CpuView::of(&grad)?,
+        ];
+        backward(views.each_ref().map(CpuView::data), x.track_op())
+    };
+    let device = x.device();
+    let bias = gb.len();
+    Ok((
+        gx.map(|gx| Tensor::from_vec(gx, x.shape(), device))
+            .transpose()?,
+        Some(Tensor::from_vec(gw, w.shape(), device)?),
+        Some(Tensor::from_vec(gb, bias, device)?),
+    ))
 }
 
 impl Conv {
@@ -410,10 +423,7 @@ impl Conv {
     fn backward(
         &self,
         g: &Geometry,
-        x: &[f32],
-        w: &[f32],
-        y: &[f32],
-        grad: &[f32],
+        [x, w, y, grad]: [&[f32]; 4],
         x_grad: bool,
     ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
         let (o, k, plane_out) = (g.out_channels, g.channels * g.taps(), g.plane_out());

@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activation::Activation;
-use super::conv::{slice, ConvAttrs, CpuView, Geometry};
+use super::conv::{fused_backward, slice, ConvAttrs, Geometry};
 use crate::finetune::profile;
 
 /// `y = activation(depthwise(x, w) + b)`: x `[N, C, H, W]`, w `[C, 1, KH, KW]`, b `[C]`.
@@ -355,26 +355,10 @@ impl CustomOp3 for Depthwise {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
         let plan = Plan::new(Geometry::new(x.dims(), w.dims(), self.attrs)?);
-        let (gx, gw, gb) = {
-            let _timer = profile::Timer::start("depthwise backward");
-            let (xv, wv, yv, gv) = (
-                CpuView::of(x)?,
-                CpuView::of(w)?,
-                CpuView::of(y)?,
-                CpuView::of(&grad)?,
-            );
-            let x_grad = x.track_op();
-            self.backward(&plan, [xv.data(), wv.data(), yv.data(), gv.data()], x_grad)
-        };
-        let device = x.device();
-        Ok((
-            gx.map(|gx| Tensor::from_vec(gx, x.shape(), device))
-                .transpose()?,
-            Some(Tensor::from_vec(gw, w.shape(), device)?),
-            Some(Tensor::from_vec(gb, plan.g.channels, device)?),
-        ))
+        fused_backward([x, w, y, grad], "depthwise backward", |data, x_grad| {
+            self.backward(&plan, data, x_grad)
+        })
     }
 }
 

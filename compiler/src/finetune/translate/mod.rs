@@ -1491,6 +1491,7 @@ fn weight_names(steps: &[Step]) -> (HashSet<String>, HashSet<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::testing::max_abs_diff;
 
     fn attr_ints(name: &str, v: &[i64]) -> pb::AttributeProto {
         pb::AttributeProto {
@@ -1766,22 +1767,12 @@ mod tests {
                 let g = g.unwrap_or_else(|e| panic!("backward failed for {case}: {e}"));
                 [&x, &w, &b].map(|v| g.get(v).unwrap().clone())
             };
-            let max_diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            assert!(max_diff(&fast, &slow) < 1e-4, "outputs differ: {case}");
+            assert!(max_abs_diff(&fast, &slow) < 1e-4, "outputs differ: {case}");
             for (what, (a, b)) in ["x", "w", "b"]
                 .iter()
                 .zip(grads(&fast).iter().zip(&grads(&slow)))
             {
-                assert!(max_diff(a, b) < 1e-3, "d{what} differs: {case}");
+                assert!(max_abs_diff(a, b) < 1e-3, "d{what} differs: {case}");
             }
         }
     }
@@ -1840,8 +1831,7 @@ mod tests {
             sub.forward(&x, false).unwrap(),
             unfused.forward(&x, false).unwrap(),
         );
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_abs_diff(&a, &b) < 1e-5);
     }
 
     #[test]
@@ -1863,14 +1853,7 @@ mod tests {
             conv_portable(&x, &wt, None, attrs, c).unwrap(),
         ] {
             assert_eq!(got.dims(), reference.dims());
-            let diff = (got - &reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&got, &reference);
             assert!(
                 diff < 1e-5,
                 "depthwise differs from candle's grouped conv by {diff}"
@@ -1928,17 +1911,7 @@ mod tests {
         let before = sub.forward(&input(DType::F32), false).unwrap();
         sub.reinitialize(1).unwrap();
         let changed = sub.forward(&input(DType::F32), false).unwrap();
-        assert!(
-            (&before - &changed)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 1e-3
-        );
+        assert!(max_abs_diff(&before, &changed) > 1e-3);
         sub.write_back(&mut graph).unwrap();
         let reread = Subgraph::extract(&graph, "x", "y", &Device::Cpu, DType::F32).unwrap();
         let again = reread.forward(&input(DType::F32), false).unwrap();
