@@ -8,10 +8,14 @@
 //! puts the trained values back into the ONNX initializers, so the rest of the compiler (cut,
 //! fold, quantize) treats a fine-tuned backbone exactly like the original.
 //!
-//! Depthwise convolutions (`group == channels`) are computed as a sum of shifted, strided slices
-//! times per-channel weights rather than by candle's grouped conv, which runs one convolution per
-//! channel; pooling is computed the same way so that its backward pass works for any kernel and
-//! stride (candle's own pooling backward needs kernel == stride).
+//! On the CPU in f32 (what training runs on), every Conv is one of graft's fused custom ops
+//! ([`conv_cpu`], [`depthwise_conv_cpu`]) with the Relu or constant Clip after it folded in by
+//! `fuse_activations`, so a convolution keeps one activation for the backward pass instead of
+//! five. On other devices, [`conv_portable`] builds it from candle ops: depthwise convolutions
+//! (`group == channels`) as a sum of shifted, strided slices times per-channel weights rather
+//! than candle's grouped conv, which runs one convolution per channel. Pooling is computed from
+//! the same slices so that its backward pass works for any kernel and stride (candle's own
+//! pooling backward needs kernel == stride).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
