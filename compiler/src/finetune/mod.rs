@@ -15,6 +15,7 @@ pub mod augment;
 pub mod profile;
 pub mod translate;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::ControlFlow;
 use std::str::FromStr;
@@ -455,14 +456,6 @@ impl GroupOptimizer {
     }
 }
 
-/// Where an epoch's training rows (the frozen prefix's outputs) come from.
-enum TrainRows<'r> {
-    /// Computed once: no augmentation, and a frozen prefix to run.
-    Fixed(&'r [Vec<f32>]),
-    /// Made per batch from the decoded images, with this augmentation if any.
-    PerBatch(Option<&'r Augmentation>),
-}
-
 /// Decoded images with their labels; undecodable ones are left out (extraction reports them).
 struct Images {
     images: Vec<DynamicImage>,
@@ -579,7 +572,7 @@ fn mxcsr(set: Option<u32>) -> Option<u32> {
     }
 }
 
-/// [`finetune`] on the calling thread pool.
+/// [`finetune`]'s epochs, early stopping and result.
 fn train_jointly(
     data: &FinetuneData,
     config: &FinetuneConfig,
@@ -654,8 +647,8 @@ struct JointTraining<'a> {
     backbone_optimizer: GroupOptimizer,
     head_optimizer: GroupOptimizer,
     train_images: Images,
-    /// The frozen prefix's outputs on the training images when they are not augmented (then
-    /// they are the same every epoch).
+    /// The frozen prefix's outputs on the training images when there is a frozen prefix and
+    /// no augmentation (then they are the same every epoch); otherwise rows are made per batch.
     fixed_train_rows: Option<Vec<Vec<f32>>>,
     /// The images for choices, and their frozen-prefix outputs when there is a frozen prefix
     /// (without one they are preprocessed at each evaluation: whole-network rows are the
@@ -793,12 +786,35 @@ impl<'a> JointTraining<'a> {
         rows.into_iter().collect()
     }
 
+    /// The rows of `images[indices]`: looked up in `fixed` when they were computed once, else
+    /// made now by [`Self::boundary_rows`] (timed as "augment + frozen layers").
+    fn rows_of<'r>(
+        &self,
+        images: &Images,
+        fixed: Option<&'r [Vec<f32>]>,
+        indices: &[usize],
+        augment: Option<(&Augmentation, u64)>,
+    ) -> Result<Vec<Cow<'r, [f32]>>> {
+        Ok(match fixed {
+            Some(all) => indices
+                .iter()
+                .map(|&i| Cow::Borrowed(&all[i][..]))
+                .collect(),
+            None => profile::timed("augment + frozen layers", || {
+                self.boundary_rows(images, indices, augment, || {})
+            })?
+            .into_iter()
+            .map(Cow::Owned)
+            .collect(),
+        })
+    }
+
     /// The head's logits on the trainable part's features.
     fn head_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.head.forward(x, None)
     }
 
-    fn batch_tensor(&self, rows: &[&Vec<f32>]) -> candle_core::Result<Tensor> {
+    fn batch_tensor(&self, rows: &[Cow<[f32]>]) -> candle_core::Result<Tensor> {
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_vec(
             flat,
@@ -815,14 +831,7 @@ impl<'a> JointTraining<'a> {
         let n = self.val_images.images.len();
         let indices: Vec<usize> = (0..n).collect();
         for chunk in indices.chunks(32) {
-            let computed = match &self.val_rows {
-                Some(_) => Vec::new(),
-                None => self.boundary_rows(&self.val_images, chunk, None, || {})?,
-            };
-            let rows: Vec<&Vec<f32>> = match &self.val_rows {
-                Some(all) => chunk.iter().map(|&i| &all[i]).collect(),
-                None => computed.iter().collect(),
-            };
+            let rows = self.rows_of(&self.val_images, self.val_rows.as_deref(), chunk, None)?;
             let features = self.part.features(&self.batch_tensor(&rows)?, false)?;
             let logits = self.head_forward(&features)?;
             let labels: Vec<u32> = chunk
@@ -849,16 +858,11 @@ impl<'a> JointTraining<'a> {
             .set_learning_rate(config.backbone_learning_rate * factor);
         self.head_optimizer
             .set_learning_rate(config.head_learning_rate * factor);
-        // Rows the frozen prefix does not make are made one batch at a time: a whole epoch of
-        // them at 224x224 is 0.6 MB an image (1.6 GB for flowers5's training split).
-        let trained = match self.fixed_train_rows.take() {
-            Some(rows) => {
-                let trained = self.train_on(&TrainRows::Fixed(&rows), epoch);
-                self.fixed_train_rows = Some(rows);
-                trained
-            }
-            None => self.train_on(&TrainRows::PerBatch(config.augmentation.as_ref()), epoch),
-        };
+        // Rows not computed once are made one batch at a time: a whole epoch of them at
+        // 224x224 is 0.6 MB an image (1.6 GB for flowers5's training split).
+        let fixed = self.fixed_train_rows.take();
+        let trained = self.train_on(fixed.as_deref(), epoch);
+        self.fixed_train_rows = fixed;
         let (loss_sum, correct, n) = trained?;
         let (val_loss, val_accuracy) = self.evaluate()?;
         Ok(EpochRecord {
@@ -870,11 +874,16 @@ impl<'a> JointTraining<'a> {
         })
     }
 
-    /// One pass over the training images in shuffled mini-batches: loss sum, correct
-    /// predictions and rows seen. Only the training steps count toward the throughput, not
-    /// making the augmented rows.
-    fn train_on(&mut self, rows: &TrainRows, epoch: usize) -> Result<(f64, usize, usize)> {
+    /// One pass over the training images in shuffled mini-batches, their rows from `fixed` or
+    /// made per batch (augmented when configured): loss sum, correct predictions and rows seen.
+    /// Only the training steps count toward the throughput, not making the rows.
+    fn train_on(
+        &mut self,
+        fixed: Option<&[Vec<f32>]>,
+        epoch: usize,
+    ) -> Result<(f64, usize, usize)> {
         let config = self.config;
+        let augment = config.augmentation.as_ref().map(|a| (a, epoch as u64));
         let mut order: Vec<usize> = (0..self.train_images.images.len()).collect();
         self.shuffle.shuffle(&mut order);
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
@@ -888,17 +897,7 @@ impl<'a> JointTraining<'a> {
                 progress.finish();
                 return Err(CompileError::Interrupted);
             }
-            let made = match rows {
-                TrainRows::Fixed(_) => Vec::new(),
-                TrainRows::PerBatch(aug) => profile::timed("augment + frozen layers", || {
-                    let augment = aug.map(|aug| (aug, epoch as u64));
-                    self.boundary_rows(&self.train_images, batch, augment, || {})
-                })?,
-            };
-            let rows: Vec<&Vec<f32>> = match rows {
-                TrainRows::Fixed(all) => batch.iter().map(|&i| &all[i]).collect(),
-                TrainRows::PerBatch(_) => made.iter().collect(),
-            };
+            let rows = self.rows_of(&self.train_images, fixed, batch, augment)?;
             let started = Instant::now();
             let labels: Vec<u32> = batch
                 .iter()
@@ -922,7 +921,6 @@ impl<'a> JointTraining<'a> {
                 self.head_optimizer.step(&grads)?;
                 Ok(())
             })?;
-            drop(grads);
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
             correct += correct_predictions(&logits, &y)?;
             steps_seconds += started.elapsed().as_secs_f64();

@@ -7,26 +7,21 @@
 //! (between [`start`] and [`stop`]), not the evaluation passes between epochs.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
-/// 0: not read yet, 1: off, 2: on.
-static STATE: AtomicU8 = AtomicU8::new(0);
-/// Whether training steps are running now (evaluation passes are not counted).
+/// Whether `GRAFT_TRAINING_PROFILE` asks for the profile, read once.
+static ENABLED: LazyLock<bool> =
+    LazyLock::new(|| std::env::var_os("GRAFT_TRAINING_PROFILE").is_some_and(|v| v != "0"));
+/// Whether training steps are being counted now: only while profiling, between [`start`] and
+/// [`stop`].
 static RECORDING: AtomicBool = AtomicBool::new(false);
 static TOTALS: Mutex<BTreeMap<&'static str, (u64, f64)>> = Mutex::new(BTreeMap::new());
 
 /// Whether `GRAFT_TRAINING_PROFILE` asks for the profile.
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var_os("GRAFT_TRAINING_PROFILE").is_some_and(|v| v != "0");
-            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-        state => state == 2,
-    }
+    *ENABLED
 }
 
 /// Counts what runs from now until [`stop`]: the training steps, not the evaluation passes.
@@ -50,7 +45,7 @@ pub struct Timer(Option<(&'static str, Instant)>);
 
 impl Timer {
     pub fn start(what: &'static str) -> Timer {
-        let on = enabled() && RECORDING.load(Ordering::Relaxed);
+        let on = RECORDING.load(Ordering::Relaxed);
         Timer(on.then(|| (what, Instant::now())))
     }
 }

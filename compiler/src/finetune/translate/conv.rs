@@ -7,7 +7,9 @@
 //! im2col matrix is built in a buffer the size of one image (and not at all for 1x1 stride-1
 //! convolutions, which are plain matrix products), multiplied by the weights with the `gemm`
 //! crate (the kernels candle's matmul uses), and only the activated output is kept: the backward
-//! pass recomputes the im2col matrix instead of storing it.
+//! pass recomputes the im2col matrix instead of storing it. 1x1 convolutions on planes of 28x28
+//! and below go through one product for the whole batch instead (channel-major copies in and
+//! out), where one small product per image was mostly overhead.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
@@ -96,7 +98,7 @@ impl Geometry {
 
     /// The input row that output row `oy` reads at kernel row `ky`, if inside the image.
     #[inline]
-    pub fn input_row(&self, ky: usize, oy: usize) -> Option<usize> {
+    fn input_row(&self, ky: usize, oy: usize) -> Option<usize> {
         let y = oy * self.attrs.strides[0] + ky * self.attrs.dilations[0];
         y.checked_sub(self.attrs.pads[0])
             .filter(|&y| y < self.height)
@@ -105,7 +107,7 @@ impl Geometry {
     /// For kernel column `kx`: the output columns `lo..hi` that read inside the image, and the
     /// input column read by output column `lo`.
     #[inline]
-    pub fn columns(&self, kx: usize) -> (usize, usize, usize) {
+    fn columns(&self, kx: usize) -> (usize, usize, usize) {
         let (s, left) = (self.attrs.strides[1], self.attrs.pads[1]);
         let offset = kx * self.attrs.dilations[1];
         let lo = left.saturating_sub(offset).div_ceil(s);
@@ -163,17 +165,17 @@ impl Geometry {
 
 /// A row-major view of a matrix inside a slice, with explicit strides (for transposes).
 #[derive(Clone, Copy)]
-pub(super) struct Mat<'a> {
-    pub data: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
-    pub row_stride: usize,
-    pub col_stride: usize,
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
 }
 
 impl<'a> Mat<'a> {
     /// A contiguous row-major `rows x cols` matrix.
-    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Mat<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Mat<'a> {
         Mat {
             data,
             rows,
@@ -184,7 +186,7 @@ impl<'a> Mat<'a> {
     }
 
     /// The transpose, without moving data.
-    pub fn t(self) -> Mat<'a> {
+    fn t(self) -> Mat<'a> {
         Mat {
             rows: self.cols,
             cols: self.rows,
@@ -204,7 +206,7 @@ impl<'a> Mat<'a> {
 
 /// `dst = a * b` (or `dst += a * b` with `accumulate`), `dst` row-major `a.rows x b.cols`, on
 /// the calling thread (callers parallelise over images).
-pub(super) fn matmul(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
+fn matmul(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
     matmul_on(dst, accumulate, a, b, gemm::Parallelism::None)
 }
 
@@ -268,7 +270,7 @@ struct CpuView<'a> {
 }
 
 impl<'a> CpuView<'a> {
-    pub fn of(tensor: &'a Tensor) -> Result<CpuView<'a>> {
+    fn of(tensor: &'a Tensor) -> Result<CpuView<'a>> {
         let (storage, layout) = tensor.storage_and_layout();
         let Some(range) = layout.contiguous_offsets() else {
             candle_core::bail!("graft's CPU kernels need contiguous tensors");
@@ -279,7 +281,7 @@ impl<'a> CpuView<'a> {
         Ok(CpuView { storage, range })
     }
 
-    pub fn data(&self) -> &[f32] {
+    fn data(&self) -> &[f32] {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.0..self.range.1],
             _ => unreachable!("checked in CpuView::of"),
@@ -318,15 +320,18 @@ impl CustomOp3 for Conv {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let g = Geometry::new(l1.dims(), l2.dims(), self.attrs)?;
-        if g.batched() {
-            return profile::timed("conv 1x1 forward", || self.forward_batched(&g, x, w, b));
-        }
         let kind = if g.pointwise() {
             "conv 1x1 forward"
         } else {
             "conv forward"
         };
-        profile::timed(kind, || self.forward(&g, x, w, b))
+        profile::timed(kind, || {
+            if g.batched() {
+                self.forward_batched(&g, x, w, b)
+            } else {
+                self.forward(&g, x, w, b)
+            }
+        })
     }
 
     fn bwd(
@@ -381,6 +386,24 @@ pub(super) fn fused_backward(
     ))
 }
 
+/// `[N, C, P]` -> `[C, N * P]`.
+fn to_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
+    for (i, image) in x.chunks_exact(c * p).enumerate().take(n) {
+        for (ch, plane) in image.chunks_exact(p).enumerate() {
+            out[(ch * n + i) * p..(ch * n + i + 1) * p].copy_from_slice(plane);
+        }
+    }
+}
+
+/// `[C, N * P]` -> `[N, C, P]`.
+fn from_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
+    for (i, image) in out.chunks_exact_mut(c * p).enumerate().take(n) {
+        for (ch, plane) in image.chunks_exact_mut(p).enumerate() {
+            plane.copy_from_slice(&x[(ch * n + i) * p..(ch * n + i + 1) * p]);
+        }
+    }
+}
+
 impl Conv {
     /// One image at a time: its im2col matrix (none for 1x1), times the weights, plus the bias,
     /// through the activation.
@@ -429,11 +452,7 @@ impl Conv {
         let (o, k, plane_out) = (g.out_channels, g.channels * g.taps(), g.plane_out());
         let (image_in, image_out) = (g.channels * g.plane_in(), o * plane_out);
         let mut gx = vec![0f32; if x_grad { g.batch * image_in } else { 0 }];
-        let slots: Vec<Option<&mut [f32]>> = if x_grad {
-            gx.chunks_mut(image_in.max(1)).map(Some).collect()
-        } else {
-            (0..g.batch).map(|_| None).collect()
-        };
+        let slots = input_gradient_slots(&mut gx, g.batch, image_in);
         let zero = || (vec![0f32; o * k], vec![0f32; o], Vec::new(), Vec::new());
         let (gw, gb, _, _) = slots
             .into_par_iter()
@@ -472,27 +491,7 @@ impl Conv {
             });
         (x_grad.then_some(gx), gw, gb)
     }
-}
 
-/// `[N, C, P]` -> `[C, N * P]`.
-fn to_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
-    for (i, image) in x.chunks_exact(c * p).enumerate().take(n) {
-        for (ch, plane) in image.chunks_exact(p).enumerate() {
-            out[(ch * n + i) * p..(ch * n + i + 1) * p].copy_from_slice(plane);
-        }
-    }
-}
-
-/// `[C, N * P]` -> `[N, C, P]`.
-fn from_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
-    for (i, image) in out.chunks_exact_mut(c * p).enumerate().take(n) {
-        for (ch, plane) in image.chunks_exact_mut(p).enumerate() {
-            plane.copy_from_slice(&x[(ch * n + i) * p..(ch * n + i + 1) * p]);
-        }
-    }
-}
-
-impl Conv {
     /// A 1x1 convolution of the whole batch as one product, channel-major.
     fn forward_batched(
         &self,
@@ -551,6 +550,29 @@ impl Conv {
     }
 }
 
+/// One `Option<&mut chunk>` per image or plane for a parallel backward pass: the chunks of
+/// `gx` (`count` of `len` values) when the input needs a gradient (`gx` not empty), else None.
+pub(super) fn input_gradient_slots(
+    gx: &mut [f32],
+    count: usize,
+    len: usize,
+) -> Vec<Option<&mut [f32]>> {
+    if gx.is_empty() {
+        (0..count).map(|_| None).collect()
+    } else {
+        gx.chunks_mut(len.max(1)).map(Some).collect()
+    }
+}
+
+/// `x`, `weight` and the bias (`[O]`, zeros when absent) of a fused op, contiguous.
+pub(super) fn operands(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<[Tensor; 3]> {
+    let bias = match bias {
+        Some(b) => b.flatten_all()?.contiguous()?,
+        None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
+    };
+    Ok([x.contiguous()?, weight.contiguous()?, bias])
+}
+
 /// `activation(conv(x, w) + b)` for f32 CPU tensors and one group; `b` is zeros when absent.
 pub fn conv_cpu(
     x: &Tensor,
@@ -559,10 +581,6 @@ pub fn conv_cpu(
     attrs: ConvAttrs,
     activation: Activation,
 ) -> Result<Tensor> {
-    let bias = match bias {
-        Some(b) => b.flatten_all()?.contiguous()?,
-        None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
-    };
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias, Conv { attrs, activation })
+    let [x, weight, bias] = operands(x, weight, bias)?;
+    x.apply_op3(&weight, &bias, Conv { attrs, activation })
 }

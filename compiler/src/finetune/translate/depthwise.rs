@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activation::Activation;
-use super::conv::{fused_backward, slice, ConvAttrs, Geometry};
+use super::conv::{fused_backward, input_gradient_slots, operands, slice, ConvAttrs, Geometry};
 use crate::finetune::profile;
 
 /// `y = activation(depthwise(x, w) + b)`: x `[N, C, H, W]`, w `[C, 1, KH, KW]`, b `[C]`.
@@ -379,11 +379,7 @@ impl Depthwise {
             activation: self.activation,
         };
         let mut gx = vec![0f32; if x_grad { planes * plane_in } else { 0 }];
-        let slots: Vec<Option<&mut [f32]>> = if x_grad {
-            gx.chunks_mut(plane_in.max(1)).map(Some).collect()
-        } else {
-            (0..planes).map(|_| None).collect()
-        };
+        let slots = input_gradient_slots(&mut gx, planes, plane_in);
         let mut plane_gw = vec![0f32; planes * taps];
         let mut plane_gb = vec![0f32; planes];
         slots
@@ -432,13 +428,6 @@ pub fn depthwise_conv_cpu(
     attrs: ConvAttrs,
     activation: Activation,
 ) -> Result<Tensor> {
-    let bias = match bias {
-        Some(b) => b.flatten_all()?.contiguous()?,
-        None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
-    };
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias,
-        Depthwise { attrs, activation },
-    )
+    let [x, weight, bias] = operands(x, weight, bias)?;
+    x.apply_op3(&weight, &bias, Depthwise { attrs, activation })
 }

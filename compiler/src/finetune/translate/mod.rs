@@ -515,9 +515,7 @@ impl Subgraph {
                 node: name.clone(),
                 reason: "Clip bounds must be constants".into(),
             })?;
-        Ok(Some(
-            t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0],
-        ))
+        Ok(Some(scalar_value(t)?))
     }
 
     /// Writes every parameter's current value into the initializer of the same name.
@@ -1406,6 +1404,11 @@ fn steps_of(graph: &pb::GraphProto, needed_nodes: &HashSet<usize>) -> Result<Vec
     Ok(steps)
 }
 
+/// The first value of a constant (a Clip bound), as f64.
+fn scalar_value(t: &Tensor) -> candle_core::Result<f64> {
+    Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
+}
+
 /// Folds each Relu, and each Clip with constant bounds, that is the only reader of a Conv's
 /// output into that Conv, so that the pair runs as one fused kernel and keeps one activation
 /// for the backward pass instead of three.
@@ -1425,9 +1428,7 @@ fn fuse_activations(
             None => Ok(Some(default)),
             Some(n) => match constants.get(n) {
                 None => Ok(None),
-                Some(t) => Ok(Some(
-                    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as f32,
-                )),
+                Some(t) => Ok(Some(scalar_value(t)? as f32)),
             },
         }
     };
