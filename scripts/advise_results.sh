@@ -7,14 +7,18 @@
 #   DATASET     hymenoptera, flowers5 or cifar10-mini
 #   SHARED_DIR  default ../shared
 # Writes target/advise/DATASET/{advice.txt,advice.json,probes.svg,default.graft,auto.graft}.
+# GRAFT=path/to/graft runs that binary instead of building target/release/graft (a long run is not
+# disturbed by rebuilds in the meantime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?dataset name}
 shared=${2:-../shared}
 out=target/advise/$data
 mkdir -p "$out"
-cargo build --release --quiet -p graft-compiler
-graft=./target/release/graft
+if [ -z "${GRAFT:-}" ]; then
+  cargo build --release --quiet -p graft-compiler
+fi
+graft=${GRAFT:-./target/release/graft}
 common=(--backbone "$shared/backbones/efficientnet_lite0.onnx" --data "$shared/datasets/$data"
   --cache-dir target/strategies/cache)
 echo "== $data: graft advise"

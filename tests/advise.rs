@@ -53,7 +53,7 @@ struct Recommendation {
     strategy: String,
     cut: String,
     head: String,
-    unfreeze: Option<usize>,
+    unfreeze: Option<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -134,7 +134,7 @@ fn advise_probes_each_stage_and_compile_auto_follows_it_from_the_cache() {
             r.strategy.as_str(),
             r.cut.as_str(),
             r.head.as_str(),
-            r.unfreeze
+            r.unfreeze.clone()
         ),
         ("head", "features", "logreg", None)
     );

@@ -105,6 +105,31 @@ impl FromStr for Unfreeze {
     }
 }
 
+/// As the `--unfreeze` value (a number of blocks, or `"all"`) in `graft advise --json`; an
+/// `--unfreeze-from` tensor as its name.
+impl serde::Serialize for Unfreeze {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Unfreeze::Blocks(n) => serializer.serialize_u64(*n as u64),
+            Unfreeze::All => serializer.serialize_str("all"),
+            Unfreeze::From(tensor) => serializer.serialize_str(tensor),
+        }
+    }
+}
+
+impl fmt::Display for Unfreeze {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unfreeze::Blocks(n) => write!(f, "{n}"),
+            Unfreeze::All => f.write_str("all"),
+            Unfreeze::From(tensor) => f.write_str(tensor),
+        }
+    }
+}
+
 /// Optimizer of the joint training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
