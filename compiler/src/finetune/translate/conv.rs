@@ -196,6 +196,16 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Columns `first .. first + count` of a row-major matrix.
+    fn columns(self, first: usize, count: usize) -> Mat<'a> {
+        assert!(first + count <= self.cols, "columns inside the matrix");
+        Mat {
+            data: &self.data[first * self.col_stride..],
+            cols: count,
+            ..self
+        }
+    }
+
     fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -210,42 +220,73 @@ fn matmul(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
     matmul_on(dst, accumulate, a, b, gemm::Parallelism::None)
 }
 
-/// [`matmul`] on all of rayon's threads: one product for the whole batch.
-fn matmul_parallel(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    matmul_on(dst, accumulate, a, b, parallelism)
+/// Rayon's threads, as gemm's parallelism.
+fn all_threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
+/// `a * b` as a new row-major `a.rows x b.cols` matrix, written once by gemm (never zeroed
+/// first: at 7x7 the buffers' zeroing and copies were a fifth of a 1x1 convolution's time).
+fn product(a: Mat, b: Mat, parallelism: gemm::Parallelism) -> Vec<f32> {
+    let (m, n) = (a.rows, b.cols);
+    let mut dst = Vec::with_capacity(m * n);
+    profile::timed("  of which batched products", || {
+        // SAFETY: `dst` has room for m x n values; gemm, not reading the destination
+        // (`accumulate` false), writes every one of them, so all are initialised by `set_len`.
+        unsafe {
+            gemm_into(dst.as_mut_ptr(), n, false, a, b, parallelism);
+            dst.set_len(m * n);
+        }
+    });
+    dst
 }
 
 fn matmul_on(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, parallelism: gemm::Parallelism) {
+    assert!(dst.len() >= a.rows * b.cols, "matmul shapes");
+    // SAFETY: dst holds a.rows x b.cols values (asserted above), initialised.
+    unsafe { gemm_into(dst.as_mut_ptr(), b.cols, accumulate, a, b, parallelism) }
+}
+
+/// `dst = a * b` (or `+=`), `dst` row-major `a.rows x b.cols`, its rows `ldd` values apart.
+///
+/// # Safety
+/// `dst` points to `a.rows` writable rows of `b.cols` values, `ldd` apart, initialised when
+/// `accumulate`.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    ldd: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    parallelism: gemm::Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && dst.len() >= m * n && a.fits() && b.fits(),
-        "matmul shapes"
-    );
+    assert!(b.rows == k && a.fits() && b.fits(), "matmul shapes");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for row in 0..m {
+                // SAFETY: row `row` of dst, `n` values (the caller's guarantee).
+                unsafe { std::ptr::write_bytes(dst.add(row * ldd), 0, n) };
+            }
         }
         return;
     }
-    // SAFETY: the assertion above keeps every element gemm reads or writes inside the slices:
-    // dst is m x n row-major, a and b are checked by `fits` for their strides.
+    // SAFETY: `fits` keeps every element gemm reads inside a's and b's slices; the caller
+    // guarantees dst.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            ldd as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -386,27 +427,44 @@ pub(super) fn fused_backward(
     ))
 }
 
-/// `[N, C, P]` -> `[C, N * P]`.
-fn to_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
-    for (i, image) in x.chunks_exact(c * p).enumerate().take(n) {
-        for (ch, plane) in image.chunks_exact(p).enumerate() {
-            out[(ch * n + i) * p..(ch * n + i + 1) * p].copy_from_slice(plane);
+/// `[N, C, P]` -> `[C, N * P]`, as a new buffer.
+fn to_channel_major(x: &[f32], [n, c, p]: [usize; 3]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(c * n * p);
+    for ch in 0..c {
+        for i in 0..n {
+            out.extend_from_slice(&x[(i * c + ch) * p..(i * c + ch + 1) * p]);
         }
     }
+    out
 }
 
-/// `[C, N * P]` -> `[N, C, P]`.
-fn from_channel_major(x: &[f32], [n, c, p]: [usize; 3], out: &mut [f32]) {
-    for (i, image) in out.chunks_exact_mut(c * p).enumerate().take(n) {
-        for (ch, plane) in image.chunks_exact_mut(p).enumerate() {
-            plane.copy_from_slice(&x[(ch * n + i) * p..(ch * n + i + 1) * p]);
+/// `[C, N * P]` -> `[N, C, P]`, as a new buffer, each plane passed through `finish(channel,
+/// plane)` while it is in cache.
+fn from_channel_major(
+    x: &[f32],
+    [n, c, p]: [usize; 3],
+    finish: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * c * p);
+    for i in 0..n {
+        for ch in 0..c {
+            let start = out.len();
+            out.extend_from_slice(&x[(ch * n + i) * p..(ch * n + i + 1) * p]);
+            finish(ch, &mut out[start..]);
         }
     }
+    out
 }
+
+/// Output values of one block of columns in [`Conv::forward`] (256 KB): its bias and
+/// activation are applied while it is still in the core's cache, not in a second sweep over the
+/// whole output.
+const FORWARD_BLOCK: usize = 64 * 1024;
 
 impl Conv {
     /// One image at a time: its im2col matrix (none for 1x1), times the weights, plus the bias,
-    /// through the activation.
+    /// through the activation, a block of columns at a time (see [`FORWARD_BLOCK`]); the
+    /// output is written once, never zeroed first.
     fn forward(
         &self,
         g: &Geometry,
@@ -414,26 +472,47 @@ impl Conv {
         w: &[f32],
         b: &[f32],
     ) -> Result<(CpuStorage, Shape)> {
-        let (o, k) = (g.out_channels, g.channels * g.taps());
-        let (image_in, image_out) = (g.channels * g.plane_in(), o * g.plane_out());
-        let mut y = vec![0f32; g.batch * image_out];
-        y.par_chunks_mut(image_out.max(1))
+        let (o, k, p) = (g.out_channels, g.channels * g.taps(), g.plane_out());
+        let (image_in, image_out) = (g.channels * g.plane_in(), o * p);
+        let columns = (FORWARD_BLOCK / o.max(1)).max(16);
+        let mut y = Vec::with_capacity(g.batch * image_out);
+        y.spare_capacity_mut()
+            .par_chunks_mut(image_out.max(1))
             .enumerate()
             .for_each_init(Vec::new, |cols, (n, out)| {
                 let x = &x[n * image_in..(n + 1) * image_in];
                 let x = if g.pointwise() {
                     x
                 } else {
-                    cols.resize(k * g.plane_out(), 0.0);
+                    cols.resize(k * p, 0.0);
                     g.im2col(x, cols);
                     cols
                 };
-                matmul(out, false, Mat::new(w, o, k), Mat::new(x, k, g.plane_out()));
-                for (row, &bias) in out.chunks_exact_mut(g.plane_out()).zip(b) {
-                    row.iter_mut().for_each(|v| *v += bias);
-                    self.activation.apply(row);
+                let out = out.as_mut_ptr().cast::<f32>();
+                for n0 in (0..p).step_by(columns) {
+                    let width = columns.min(p - n0);
+                    let x = Mat::new(x, k, p).columns(n0, width);
+                    // SAFETY: `out` is this image's `o x p` output; the block is its `o` rows
+                    // of `width` columns from `n0`, written by gemm before they are read.
+                    unsafe {
+                        gemm_into(
+                            out.add(n0),
+                            p,
+                            false,
+                            Mat::new(w, o, k),
+                            x,
+                            gemm::Parallelism::None,
+                        );
+                        for (row, &bias) in b.iter().enumerate() {
+                            let row = std::slice::from_raw_parts_mut(out.add(row * p + n0), width);
+                            row.iter_mut().for_each(|v| *v += bias);
+                            self.activation.apply(row);
+                        }
+                    }
                 }
             });
+        // SAFETY: every image's `o x p` outputs were written above.
+        unsafe { y.set_len(g.batch * image_out) };
         Ok((
             CpuStorage::F32(y),
             Shape::from((g.batch, o, g.out[0], g.out[1])),
@@ -492,7 +571,8 @@ impl Conv {
         (x_grad.then_some(gx), gw, gb)
     }
 
-    /// A 1x1 convolution of the whole batch as one product, channel-major.
+    /// A 1x1 convolution of the whole batch as one product, channel-major; bias and activation
+    /// applied as the result is copied back to `[N, O, P]`.
     fn forward_batched(
         &self,
         g: &Geometry,
@@ -501,20 +581,18 @@ impl Conv {
         b: &[f32],
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, o, p) = (g.batch, g.channels, g.out_channels, g.plane_out());
-        let mut xt = vec![0f32; c * n * p];
-        to_channel_major(x, [n, c, p], &mut xt);
-        let mut yt = vec![0f32; o * n * p];
-        matmul_parallel(&mut yt, false, Mat::new(w, o, c), Mat::new(&xt, c, n * p));
-        let mut y = vec![0f32; n * o * p];
-        from_channel_major(&yt, [n, o, p], &mut y);
-        y.par_chunks_mut(p).enumerate().for_each(|(row, out)| {
-            out.iter_mut().for_each(|v| *v += b[row % o]);
-            self.activation.apply(out);
+        let xt = to_channel_major(x, [n, c, p]);
+        let yt = product(Mat::new(w, o, c), Mat::new(&xt, c, n * p), all_threads());
+        drop(xt);
+        let y = from_channel_major(&yt, [n, o, p], |ch, plane| {
+            plane.iter_mut().for_each(|v| *v += b[ch]);
+            self.activation.apply(plane);
         });
         Ok((CpuStorage::F32(y), Shape::from((n, o, g.out[0], g.out[1]))))
     }
 
-    /// The gradients of [`Self::forward_batched`], each one product over the batch.
+    /// The gradients of [`Self::forward_batched`], each one product over the batch; the weight
+    /// and input gradients, equal in size, computed side by side, one thread each.
     fn backward_batched(
         &self,
         g: &Geometry,
@@ -522,30 +600,42 @@ impl Conv {
         x_grad: bool,
     ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
         let (n, c, o, p) = (g.batch, g.channels, g.out_channels, g.plane_out());
-        let mut gy = vec![0f32; n * o * p];
-        gy.par_chunks_mut(p).enumerate().for_each(|(row, out)| {
-            let plane = row * p..(row + 1) * p;
-            self.activation
-                .backward(&y[plane.clone()], &grad[plane], out);
-        });
+        // The output gradient through the activation, written channel-major.
         let mut gyt = vec![0f32; o * n * p];
-        to_channel_major(&gy, [n, o, p], &mut gyt);
-        drop(gy);
+        gyt.par_chunks_mut(n * p).enumerate().for_each(|(ch, row)| {
+            for (i, out) in row.chunks_exact_mut(p).enumerate() {
+                let plane = (i * o + ch) * p..(i * o + ch + 1) * p;
+                self.activation
+                    .backward(&y[plane.clone()], &grad[plane], out);
+            }
+        });
         let gb: Vec<f32> = gyt
             .chunks_exact(n * p)
             .map(|row| row.iter().sum())
             .collect();
-        let mut xt = vec![0f32; c * n * p];
-        to_channel_major(x, [n, c, p], &mut xt);
-        let mut gw = vec![0f32; o * c];
+        let xt = to_channel_major(x, [n, c, p]);
         let gyt_mat = Mat::new(&gyt, o, n * p);
-        matmul_parallel(&mut gw, false, gyt_mat, Mat::new(&xt, c, n * p).t());
-        let gx = x_grad.then(|| {
-            matmul_parallel(&mut xt, false, Mat::new(w, o, c).t(), gyt_mat);
-            let mut gx = vec![0f32; n * c * p];
-            from_channel_major(&xt, [n, c, p], &mut gx);
-            gx
-        });
+        let weight_gradient =
+            |parallelism| product(gyt_mat, Mat::new(&xt, c, n * p).t(), parallelism);
+        let input_gradient = |parallelism| {
+            let gxt = product(Mat::new(w, o, c).t(), gyt_mat, parallelism);
+            from_channel_major(&gxt, [n, c, p], |_, _| ())
+        };
+        let (gw, gx) = if !x_grad {
+            (weight_gradient(all_threads()), None)
+        } else if rayon::current_num_threads() > 1 {
+            let half = match rayon::current_num_threads() / 2 {
+                1 => gemm::Parallelism::None,
+                threads => gemm::Parallelism::Rayon(threads),
+            };
+            let (gw, gx) = rayon::join(|| weight_gradient(half), || input_gradient(half));
+            (gw, Some(gx))
+        } else {
+            (
+                weight_gradient(all_threads()),
+                Some(input_gradient(all_threads())),
+            )
+        };
         (gx, gw, gb)
     }
 }

@@ -1723,12 +1723,17 @@ mod tests {
         let (relu, identity) = (Activation::RELU, Activation::Identity);
         // [input channels, output channels, group, size, kernel], strides, pads, dilations, act
         type Case = ([usize; 5], [usize; 2], [usize; 4], [usize; 2], Activation);
-        let cases: [Case; 11] = [
+        let cases: [Case; 14] = [
             ([3, 4, 1, 9, 3], [2, 2], [0, 0, 1, 1], [1, 1], relu6ish),
             ([3, 5, 1, 8, 3], [1, 1], [1, 1, 1, 1], [1, 1], relu),
+            // 1x1 on planes up to 28x28: one channel-major product for the batch.
             ([4, 6, 1, 7, 1], [1, 1], [0; 4], [1, 1], identity),
+            ([5, 7, 1, 6, 1], [1, 1], [0; 4], [1, 1], relu6ish),
             // Planes over 28x28: one product per image instead of one for the batch.
             ([3, 4, 1, 30, 1], [1, 1], [0; 4], [1, 1], relu6ish),
+            // Over FORWARD_BLOCK outputs per image: finished in blocks of 1,024 columns.
+            ([2, 64, 1, 33, 1], [1, 1], [0; 4], [1, 1], relu6ish),
+            ([2, 64, 1, 34, 3], [1, 1], [1, 1, 1, 1], [1, 1], relu),
             ([4, 6, 1, 7, 1], [2, 2], [0; 4], [1, 1], relu6ish),
             // Square once padded: candle's conv2d backward takes both axes' output padding
             // from H.
