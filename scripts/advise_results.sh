@@ -30,5 +30,5 @@ for strategy in head auto; do
   echo "== $data: graft compile --strategy $strategy"
   /usr/bin/time -f "wall %es, peak RSS %MkB" "$graft" compile "${common[@]}" \
     --out "$out/$name.graft" --strategy "$strategy" 2>&1 |
-    grep -E "^(advice    compiling|kept|finetune|check|validation accuracy|wall)"
+    grep -E "^(advice    compiling|kept|finetune|trained|check|validation accuracy|wall)"
 done

@@ -538,28 +538,26 @@ impl Conv {
             .enumerate()
             .fold(zero, |(mut gw, mut gb, mut gy, mut cols), (n, gx)| {
                 let out = n * image_out..(n + 1) * image_out;
+                let x = &x[n * image_in..(n + 1) * image_in];
+                if g.pointwise() {
+                    let image = [x, w, &y[out.clone()], &grad[out]];
+                    let sums = (&mut gw[..], &mut gb[..], &mut gy);
+                    self.backward_pointwise_image([o, k, plane_out], image, gx, sums);
+                    return (gw, gb, gy, cols);
+                }
                 gy.resize(image_out, 0.0);
                 self.activation
                     .backward(&y[out.clone()], &grad[out], &mut gy);
                 for (sum, row) in gb.iter_mut().zip(gy.chunks_exact(plane_out)) {
                     *sum += row.iter().sum::<f32>();
                 }
-                let x = &x[n * image_in..(n + 1) * image_in];
                 let gy_mat = Mat::new(&gy, o, plane_out);
-                let w_t = Mat::new(w, o, k).t();
-                if g.pointwise() {
-                    matmul(&mut gw, true, gy_mat, Mat::new(x, k, plane_out).t());
-                    if let Some(gx) = gx {
-                        matmul(gx, false, w_t, gy_mat);
-                    }
-                } else {
-                    cols.resize(k * plane_out, 0.0);
-                    g.im2col(x, &mut cols);
-                    matmul(&mut gw, true, gy_mat, Mat::new(&cols, k, plane_out).t());
-                    if let Some(gx) = gx {
-                        matmul(&mut cols, false, w_t, gy_mat);
-                        g.col2im(&cols, gx);
-                    }
+                cols.resize(k * plane_out, 0.0);
+                g.im2col(x, &mut cols);
+                matmul(&mut gw, true, gy_mat, Mat::new(&cols, k, plane_out).t());
+                if let Some(gx) = gx {
+                    matmul(&mut cols, false, Mat::new(w, o, k).t(), gy_mat);
+                    g.col2im(&cols, gx);
                 }
                 (gw, gb, gy, cols)
             })
@@ -569,6 +567,47 @@ impl Conv {
                 (gw, gb, a, b)
             });
         (x_grad.then_some(gx), gw, gb)
+    }
+
+    /// One image's 1x1 gradients, a block of columns at a time (see [`FORWARD_BLOCK`]): the
+    /// block's output gradient stays in cache for the bias sum and both products. Adds to `gw`
+    /// (`o x k`) and `gb`, writes `gx` (`k x p`) when given; `gy` is scratch.
+    fn backward_pointwise_image(
+        &self,
+        [o, k, p]: [usize; 3],
+        [x, w, y, grad]: [&[f32]; 4],
+        mut gx: Option<&mut [f32]>,
+        (gw, gb, gy): (&mut [f32], &mut [f32], &mut Vec<f32>),
+    ) {
+        let columns = (FORWARD_BLOCK / o.max(1)).clamp(16, p.max(16));
+        gy.resize(o * columns, 0.0);
+        let w_t = Mat::new(w, o, k).t();
+        for n0 in (0..p).step_by(columns) {
+            let width = columns.min(p - n0);
+            let block = &mut gy[..o * width];
+            for (row, (out, sum)) in block.chunks_exact_mut(width).zip(gb.iter_mut()).enumerate() {
+                let at = row * p + n0..row * p + n0 + width;
+                self.activation.backward(&y[at.clone()], &grad[at], out);
+                *sum += out.iter().sum::<f32>();
+            }
+            let gy_mat = Mat::new(block, o, width);
+            matmul(gw, true, gy_mat, Mat::new(x, k, p).columns(n0, width).t());
+            if let Some(gx) = gx.as_deref_mut() {
+                assert!(gx.len() >= k * p, "an input gradient per image");
+                // SAFETY: `gx` is this image's `k x p` input gradient (asserted); the block is
+                // its `k` rows of `width` columns from `n0`.
+                unsafe {
+                    gemm_into(
+                        gx.as_mut_ptr().add(n0),
+                        p,
+                        false,
+                        w_t,
+                        gy_mat,
+                        gemm::Parallelism::None,
+                    )
+                };
+            }
+        }
     }
 
     /// A 1x1 convolution of the whole batch as one product, channel-major; bias and activation
