@@ -6,6 +6,8 @@
 //! convolution keeps only its output: a clip's derivative is 1 where the output lies strictly
 //! inside the bounds and 0 elsewhere, so the output alone decides which gradients pass.
 
+use std::mem::MaybeUninit;
+
 use candle_core::Tensor;
 
 /// What a fused convolution applies to its biased output.
@@ -38,11 +40,27 @@ impl Activation {
     /// `output`: 1 strictly inside the clip bounds, 0 where the output was clipped.
     #[inline]
     pub fn backward(self, output: &[f32], grad: &[f32], out: &mut [f32]) {
+        // SAFETY: `backward_into` only writes initialised values.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.backward_into(output, grad, out);
+    }
+
+    /// [`Self::backward`] into memory not yet initialised; every value of `out` is written.
+    #[inline]
+    pub fn backward_into(self, output: &[f32], grad: &[f32], out: &mut [MaybeUninit<f32>]) {
+        assert!(
+            output.len() == out.len() && grad.len() == out.len(),
+            "one gradient per output"
+        );
         match self {
-            Activation::Identity => out.copy_from_slice(grad),
+            Activation::Identity => {
+                for (o, &g) in out.iter_mut().zip(grad) {
+                    o.write(g);
+                }
+            }
             Activation::Clip { lo, hi } => {
                 for ((o, &y), &g) in out.iter_mut().zip(output).zip(grad) {
-                    *o = if y > lo && y < hi { g } else { 0.0 };
+                    o.write(if y > lo && y < hi { g } else { 0.0 });
                 }
             }
         }

@@ -1782,7 +1782,21 @@ mod tests {
                 .iter()
                 .zip(grads(&fast).iter().zip(&grads(&slow)))
             {
-                assert!(max_abs_diff(a, b) < 1e-3, "d{what} differs: {case}");
+                // Sums of a few thousand f32 terms, in another order than candle's: 1e-3, or
+                // 1e-5 of the largest value (the bias gradient of a 64-channel 33x33 map
+                // reaches about 1,000).
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let diff = max_abs_diff(a, b);
+                assert!(
+                    diff < 1e-3f32.max(1e-5 * scale),
+                    "d{what} differs by {diff} (largest {scale}): {case}"
+                );
             }
         }
     }
