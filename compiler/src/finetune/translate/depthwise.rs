@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::activation::Activation;
 use super::conv::{fused_backward, input_gradient_slots, operands, slice, ConvAttrs, Geometry};
+use super::depthwise_hwc;
 use crate::finetune::profile;
 
 /// `y = activation(depthwise(x, w) + b)`: x `[N, C, H, W]`, w `[C, 1, KH, KW]`, b `[C]`.
@@ -324,8 +325,19 @@ impl CustomOp3 for Depthwise {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let plan = Plan::new(Geometry::new(l1.dims(), l2.dims(), self.attrs)?);
+        let geometry = Geometry::new(l1.dims(), l2.dims(), self.attrs)?;
         let _timer = profile::Timer::start("depthwise forward");
+        let shape = Shape::from((
+            geometry.batch,
+            geometry.channels,
+            geometry.out[0],
+            geometry.out[1],
+        ));
+        if depthwise_hwc::small(&geometry) {
+            let y = depthwise_hwc::forward(geometry, [x, w, b], self.activation);
+            return Ok((CpuStorage::F32(y), shape));
+        }
+        let plan = Plan::new(geometry);
         let g = plan.g;
         let (plane_in, plane_out, taps) = (g.plane_in(), g.plane_out(), g.taps());
         let forward = kernels().forward;
@@ -341,10 +353,7 @@ impl CustomOp3 for Depthwise {
                 let x = &x[p * plane_in..(p + 1) * plane_in];
                 forward(&job, x, &w[c * taps..(c + 1) * taps], b[c], scratch, out);
             });
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from((g.batch, g.channels, g.out[0], g.out[1])),
-        ))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -355,7 +364,13 @@ impl CustomOp3 for Depthwise {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let plan = Plan::new(Geometry::new(x.dims(), w.dims(), self.attrs)?);
+        let geometry = Geometry::new(x.dims(), w.dims(), self.attrs)?;
+        if depthwise_hwc::small(&geometry) {
+            return fused_backward([x, w, y, grad], "depthwise backward", |data, x_grad| {
+                depthwise_hwc::backward(geometry, data, self.activation, x_grad)
+            });
+        }
+        let plan = Plan::new(geometry);
         fused_backward([x, w, y, grad], "depthwise backward", |data, x_grad| {
             self.backward(&plan, data, x_grad)
         })

@@ -32,6 +32,7 @@ use crate::util::rng::Rng;
 mod activation;
 mod conv;
 mod depthwise;
+mod depthwise_hwc;
 pub use activation::Activation;
 pub use conv::{conv_cpu, ConvAttrs};
 pub use depthwise::depthwise_conv_cpu;
@@ -1723,7 +1724,7 @@ mod tests {
         let (relu, identity) = (Activation::RELU, Activation::Identity);
         // [input channels, output channels, group, size, kernel], strides, pads, dilations, act
         type Case = ([usize; 5], [usize; 2], [usize; 4], [usize; 2], Activation);
-        let cases: [Case; 14] = [
+        let cases: [Case; 17] = [
             ([3, 4, 1, 9, 3], [2, 2], [0, 0, 1, 1], [1, 1], relu6ish),
             ([3, 5, 1, 8, 3], [1, 1], [1, 1, 1, 1], [1, 1], relu),
             // 1x1 on planes up to 28x28: one channel-major product for the batch.
@@ -1743,6 +1744,10 @@ mod tests {
             ([3, 3, 3, 11, 5], [2, 2], [2, 2, 2, 2], [1, 1], identity),
             ([2, 2, 2, 12, 3], [2, 1], [1, 2, 0, 1], [2, 2], relu6ish),
             ([2, 2, 2, 12, 3], [2, 2], [1, 2, 0, 1], [1, 1], relu),
+            // 16 channels or more on planes up to 14x14: the channels-last kernels.
+            ([16, 16, 16, 7, 3], [1, 1], [1, 1, 1, 1], [1, 1], relu6ish),
+            ([24, 24, 24, 11, 5], [2, 2], [2, 2, 2, 2], [1, 1], identity),
+            ([16, 16, 16, 12, 3], [2, 1], [1, 2, 0, 1], [2, 2], relu),
         ];
         for ([ci, co, group, size, k], strides, pads, dilations, act) in cases {
             let n = 2;
