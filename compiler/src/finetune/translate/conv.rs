@@ -462,41 +462,39 @@ pub(super) fn fused_backward(
     ))
 }
 
-/// `[N, C, P]` -> `[C, N * P]`, as a new buffer, a channel per task.
-fn to_channel_major(x: &[f32], [n, c, p]: [usize; 3]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(c * n * p);
+/// `[A, B, P]` -> `[B, A, P]` as a new buffer, one `[A, P]` block per task, each plane passed
+/// through `finish(index along A, plane)` while it is in cache.
+fn swap_leading_axes(
+    x: &[f32],
+    [a, b, p]: [usize; 3],
+    finish: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(a * b * p);
     out.spare_capacity_mut()
-        .par_chunks_mut((n * p).max(1))
+        .par_chunks_mut((a * p).max(1))
         .enumerate()
-        .for_each(|(ch, row)| {
-            for (i, plane) in row.chunks_exact_mut(p.max(1)).enumerate() {
-                write(plane, &x[(i * c + ch) * p..(i * c + ch + 1) * p]);
+        .for_each(|(j, block)| {
+            for (i, plane) in block.chunks_exact_mut(p.max(1)).enumerate() {
+                finish(i, write(plane, &x[(i * b + j) * p..(i * b + j + 1) * p]));
             }
         });
-    // SAFETY: each of the `c` rows of `n * p` values was written above.
-    unsafe { out.set_len(c * n * p) };
+    // SAFETY: each of the `b` blocks of `a * p` values was written above.
+    unsafe { out.set_len(a * b * p) };
     out
 }
 
-/// `[C, N * P]` -> `[N, C, P]`, as a new buffer, an image per task, each plane passed through
-/// `finish(channel, plane)` while it is in cache.
+/// `[N, C, P]` -> `[C, N * P]`.
+fn to_channel_major(x: &[f32], [n, c, p]: [usize; 3]) -> Vec<f32> {
+    swap_leading_axes(x, [n, c, p], |_, _| ())
+}
+
+/// `[C, N * P]` -> `[N, C, P]`, each plane passed through `finish(channel, plane)`.
 fn from_channel_major(
     x: &[f32],
     [n, c, p]: [usize; 3],
     finish: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n * c * p);
-    out.spare_capacity_mut()
-        .par_chunks_mut((c * p).max(1))
-        .enumerate()
-        .for_each(|(i, image)| {
-            for (ch, plane) in image.chunks_exact_mut(p.max(1)).enumerate() {
-                finish(ch, write(plane, &x[(ch * n + i) * p..(ch * n + i + 1) * p]));
-            }
-        });
-    // SAFETY: each of the `n` images of `c * p` values was written above.
-    unsafe { out.set_len(n * c * p) };
-    out
+    swap_leading_axes(x, [c, n, p], finish)
 }
 
 /// Copies `src` into `dst` (same length), returning it initialised.

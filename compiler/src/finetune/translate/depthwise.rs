@@ -10,8 +10,9 @@
 //! columns `j * stride + phase`). In that layout every kernel tap reads one contiguous run of
 //! the input for the whole output plane, written with the phase plane's row length ("wide"
 //! rows whose last columns are discarded): one long multiply-add per tap instead of one short
-//! loop per output row, which is what makes Lite0's 7x7 and 14x14 planes fast (a per-row loop
-//! spent its time in loop overhead there). The per-plane kernels are compiled twice, for the
+//! loop per output row (a per-row loop spent its time in loop overhead on small planes). Planes
+//! of at most 14x14 with 16 channels or more go to [`super::depthwise_hwc`] instead, which
+//! works along the channels: there even this per-plane setup was most of the time. The per-plane kernels are compiled twice, for the
 //! baseline CPU and for AVX2 + FMA, and the AVX2 copy is chosen once at run time when the CPU
 //! has it.
 
