@@ -8,6 +8,7 @@
 #   EPOCHS_FULL  epochs for "all layers" and "scratch" (default 3)
 #   SHARED_DIR   default ../shared
 #   ROWS         which rows, default "head top2 top4 all scratch"
+# GRAFT=path/to/graft runs that binary instead of building target/release/graft.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?dataset name}
@@ -16,12 +17,15 @@ shared=${3:-../shared}
 rows=${4:-head top2 top4 all scratch}
 out=target/strategies/$data
 mkdir -p "$out"
-cargo build --release --quiet -p graft-compiler
+if [ -z "${GRAFT:-}" ]; then
+  cargo build --release --quiet -p graft-compiler
+fi
+graft=${GRAFT:-./target/release/graft}
 run() {
   local name=$1
   shift
   echo "== $data $name: graft compile $*"
-  /usr/bin/time -f "wall %es, peak RSS %MkB" ./target/release/graft compile \
+  /usr/bin/time -f "wall %es, peak RSS %MkB" "$graft" compile \
     --backbone "$shared/backbones/efficientnet_lite0.onnx" \
     --data "$shared/datasets/$data" \
     --out "$out/$name.graft" --cache-dir target/strategies/cache "$@" 2>&1 |
