@@ -33,6 +33,7 @@ mod activation;
 mod conv;
 mod depthwise;
 mod depthwise_hwc;
+mod global_pool;
 pub use activation::Activation;
 pub use conv::{conv_cpu, ConvAttrs};
 pub use depthwise::depthwise_conv_cpu;
@@ -414,7 +415,7 @@ impl Subgraph {
                 window,
                 count_include_pad,
             } => average_pool(&input(0)?, window, *count_include_pad)?,
-            Op::GlobalAveragePool => input(0)?.mean_keepdim(3)?.mean_keepdim(2)?,
+            Op::GlobalAveragePool => global_pool::global_average_pool(&input(0)?)?,
             Op::ReduceMean { axes, keepdims } => {
                 let axes = env.axes(step, axes)?;
                 reduce_mean(&input(0)?, axes.as_deref(), *keepdims)?
