@@ -7,16 +7,18 @@
 # anchor's images/s (both time only the training steps: forward, backward, optimizer), and the
 # peak RSS of each whole process.
 #
-# usage: scripts/training_anchor.sh [DATASET] [ROUNDS] [SHARED_DIR]
+# usage: scripts/training_anchor.sh [DATASET] [ROUNDS] [SHARED_DIR] [CASES]
 #   DATASET     default hymenoptera (245 training images)
 #   ROUNDS      default 2
 #   SHARED_DIR  default ../shared
+#   CASES       default "all scratch top2"
 # needs: python3 with torch, onnx2torch, onnx, pillow (target/torch-venv is made if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-hymenoptera}
 rounds=${2:-2}
 shared=${3:-../shared}
+cases=${4:-all scratch top2}
 backbone=$shared/backbones/efficientnet_lite0.onnx
 out=target/anchor
 mkdir -p "$out"
@@ -48,11 +50,22 @@ anchor() {
 }
 for round in $(seq "$rounds"); do
   echo "== round $round"
-  graft all 1 --strategy finetune --unfreeze all
-  anchor all
-  graft scratch 1 --strategy scratch
-  anchor scratch --scratch
-  # The top 2 blocks train an epoch in under a second: three epochs each, for steadier rates.
-  graft top2 3 --strategy finetune --unfreeze 2
-  anchor top2 --boundary /_blocks.14/Add_output_0 --epochs 3
+  for case in $cases; do
+    case $case in
+      all)
+        graft all 1 --strategy finetune --unfreeze all
+        anchor all
+        ;;
+      scratch)
+        graft scratch 1 --strategy scratch
+        anchor scratch --scratch
+        ;;
+      top2)
+        # The top 2 blocks train an epoch in under a second: three epochs each, for steadier rates.
+        graft top2 3 --strategy finetune --unfreeze 2
+        anchor top2 --boundary /_blocks.14/Add_output_0 --epochs 3
+        ;;
+      *) echo "unknown case $case: expected all, scratch or top2" >&2; exit 1 ;;
+    esac
+  done
 done
