@@ -1033,7 +1033,7 @@ impl<'a> JointTraining<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::testing::max_abs_diff;
+    use crate::util::testing::{max_abs, max_abs_diff};
 
     /// One training step of Lite0's top 2 blocks on `device` in `dtype` (graft's fused kernels
     /// for f32 on the CPU, candle ops otherwise): the features of a fixed batch and every trained
@@ -1080,8 +1080,7 @@ mod tests {
 
     /// Largest difference relative to the largest value of `b`.
     fn relative_difference(a: &Tensor, b: &Tensor) -> f32 {
-        let zero = b.zeros_like().unwrap();
-        max_abs_diff(a, b) / max_abs_diff(b, &zero).max(1e-12)
+        max_abs_diff(a, b) / max_abs(b).max(1e-12)
     }
 
     /// The same step through graft's f32 CPU kernels and through candle's own ops in f64 (what

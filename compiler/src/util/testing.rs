@@ -4,8 +4,12 @@ use tract_onnx::prelude::*;
 
 /// Largest absolute difference between two f32 candle tensors of one shape.
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
+    max_abs(&(a - b).unwrap())
+}
+
+/// Largest absolute value of a candle tensor, as f32.
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
         .and_then(|d| d.max_all())
         .and_then(|d| d.to_dtype(candle_core::DType::F32))
         .and_then(|d| d.to_scalar::<f32>())

@@ -219,7 +219,18 @@ impl<'a> Mat<'a> {
 /// `dst = a * b` (or `dst += a * b` with `accumulate`), `dst` row-major `a.rows x b.cols`, on
 /// the calling thread (callers parallelise over images).
 fn matmul(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
-    matmul_on(dst, accumulate, a, b, gemm::Parallelism::None)
+    assert!(dst.len() >= a.rows * b.cols, "matmul shapes");
+    // SAFETY: dst holds a.rows x b.cols values (asserted above), initialised.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            b.cols,
+            accumulate,
+            a,
+            b,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// How a [`product`] uses the threads.
@@ -278,12 +289,6 @@ fn product(a: Mat, b: Mat, threads: Threads) -> Vec<f32> {
 struct SendPtr(*mut f32);
 // SAFETY: the parts write disjoint values (see `product`).
 unsafe impl Sync for SendPtr {}
-
-fn matmul_on(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, parallelism: gemm::Parallelism) {
-    assert!(dst.len() >= a.rows * b.cols, "matmul shapes");
-    // SAFETY: dst holds a.rows x b.cols values (asserted above), initialised.
-    unsafe { gemm_into(dst.as_mut_ptr(), b.cols, accumulate, a, b, parallelism) }
-}
 
 /// `dst = a * b` (or `+=`), `dst` row-major `a.rows x b.cols`, its rows `ldd` values apart.
 ///
@@ -504,13 +509,28 @@ fn write<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
         d.write(s);
     }
     // SAFETY: every value was written just above.
-    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
+    unsafe { initialised(dst) }
+}
+
+/// `values` as the f32s they hold.
+///
+/// # Safety
+/// Every value has been written.
+unsafe fn initialised(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller guarantees initialisation.
+    unsafe { &mut *(values as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Output values of one block of columns in [`Conv::forward`] (256 KB): its bias and
 /// activation are applied while it is still in the core's cache, not in a second sweep over the
 /// whole output.
 const FORWARD_BLOCK: usize = 64 * 1024;
+
+/// Columns of a [`FORWARD_BLOCK`] of `rows` output channels on a plane of `p` pixels: at least
+/// 16, at most the plane.
+fn block_columns(rows: usize, p: usize) -> usize {
+    (FORWARD_BLOCK / rows.max(1)).clamp(16, p.max(16))
+}
 
 impl Conv {
     /// One image at a time: its im2col matrix (none for 1x1), times the weights, plus the bias,
@@ -525,7 +545,7 @@ impl Conv {
     ) -> Result<(CpuStorage, Shape)> {
         let (o, k, p) = (g.out_channels, g.channels * g.taps(), g.plane_out());
         let (image_in, image_out) = (g.channels * g.plane_in(), o * p);
-        let columns = (FORWARD_BLOCK / o.max(1)).max(16);
+        let columns = block_columns(o, p);
         let mut y = Vec::with_capacity(g.batch * image_out);
         y.spare_capacity_mut()
             .par_chunks_mut(image_out.max(1))
@@ -630,7 +650,7 @@ impl Conv {
         mut gx: Option<&mut [f32]>,
         (gw, gb, gy): (&mut [f32], &mut [f32], &mut Vec<f32>),
     ) {
-        let columns = (FORWARD_BLOCK / o.max(1)).clamp(16, p.max(16));
+        let columns = block_columns(o, p);
         gy.resize(o * columns, 0.0);
         let w_t = Mat::new(w, o, k).t();
         for n0 in (0..p).step_by(columns) {
@@ -703,8 +723,7 @@ impl Conv {
                         .backward_into(&y[plane.clone()], &grad[plane], out);
                 }
                 // SAFETY: the row was written just above.
-                let row = unsafe { &*(row as *const [MaybeUninit<f32>] as *const [f32]) };
-                row.iter().sum()
+                unsafe { initialised(row) }.iter().sum::<f32>()
             })
             .collect();
         // SAFETY: each of the `o` rows of `n * p` values was written above.
@@ -730,6 +749,14 @@ impl Conv {
         };
         (gx, gw, gb)
     }
+}
+
+/// Whether the CPU has AVX2 and FMA (the runtime's `Avx2` kernel level), for the kernels
+/// compiled for them (depthwise), read once.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx2_fma() -> bool {
+    static AVX2_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2_FMA.get_or_init(|| graft_runtime::kernels::dispatch::Level::Avx2.supported())
 }
 
 /// One `Option<&mut chunk>` per image or plane for a parallel backward pass: the chunks of

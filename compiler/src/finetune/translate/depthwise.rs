@@ -12,14 +12,16 @@
 //! rows whose last columns are discarded): one long multiply-add per tap instead of one short
 //! loop per output row (a per-row loop spent its time in loop overhead on small planes). Planes
 //! of at most 14x14 with 16 channels or more go to [`super::depthwise_hwc`] instead, which
-//! works along the channels: there even this per-plane setup was most of the time. The per-plane kernels are compiled twice, for the
-//! baseline CPU and for AVX2 + FMA, and the AVX2 copy is chosen once at run time when the CPU
-//! has it.
+//! works along the channels: there even this per-plane setup was most of the time. The
+//! per-plane kernels are compiled twice, for the baseline CPU and for AVX2 + FMA, and the AVX2
+//! copy is chosen once at run time when the CPU has it.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activation::Activation;
+#[cfg(target_arch = "x86_64")]
+use super::conv::avx2_fma;
 use super::conv::{fused_backward, input_gradient_slots, operands, slice, ConvAttrs, Geometry};
 use super::depthwise_hwc;
 use crate::finetune::profile;
@@ -289,7 +291,7 @@ fn kernels() -> Kernels {
     static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if avx2_fma() {
             return Kernels {
                 // SAFETY: only chosen when the CPU has AVX2 and FMA.
                 forward: |j, x, w, b, s, o| unsafe { forward_job_avx2(j, x, w, b, s, o) },

@@ -12,6 +12,8 @@
 use rayon::prelude::*;
 
 use super::activation::Activation;
+#[cfg(target_arch = "x86_64")]
+use super::conv::avx2_fma;
 use super::conv::{input_gradient_slots, Geometry};
 
 /// Planes of at most this many outputs take the channels-last kernels.
@@ -213,13 +215,6 @@ unsafe fn backward_image_avx2(
     backward_image(l, data, activation, s, sums)
 }
 
-/// Whether the AVX2 + FMA copies run, decided once.
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
 /// `activation(depthwise(x, w) + b)` for `[N, C, H, W]` input, `[C, taps]` weights: `[N, C, P]`.
 pub(super) fn forward(g: Geometry, [x, w, b]: [&[f32]; 3], activation: Activation) -> Vec<f32> {
     let l = Layout::new(g);
@@ -231,8 +226,8 @@ pub(super) fn forward(g: Geometry, [x, w, b]: [&[f32]; 3], activation: Activatio
         .for_each_init(Scratch::default, |s, (n, out)| {
             let operands = (&x[n * image_in..(n + 1) * image_in], &wt[..], b, activation);
             #[cfg(target_arch = "x86_64")]
-            if avx2() {
-                // SAFETY: the CPU has AVX2 and FMA (checked once in `avx2`).
+            if avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked once in `avx2_fma`).
                 return unsafe { forward_image_avx2(&l, operands, s, out) };
             }
             forward_image(&l, operands, s, out)
@@ -267,8 +262,8 @@ pub(super) fn backward(
             ];
             let sums = (&mut gwt[..], &mut gb[..], gx);
             #[cfg(target_arch = "x86_64")]
-            if avx2() {
-                // SAFETY: the CPU has AVX2 and FMA (checked once in `avx2`).
+            if avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked once in `avx2_fma`).
                 unsafe { backward_image_avx2(&l, data, activation, &mut s, sums) };
                 return (gwt, gb, s);
             }

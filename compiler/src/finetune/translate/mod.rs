@@ -15,7 +15,8 @@
 //! (`group == channels`) as a sum of shifted, strided slices times per-channel weights rather
 //! than candle's grouped conv, which runs one convolution per channel. Pooling is computed from
 //! the same slices so that its backward pass works for any kernel and stride (candle's own
-//! pooling backward needs kernel == stride).
+//! pooling backward needs kernel == stride); global average pooling on the CPU is one op of
+//! graft's (`global_pool.rs`), whose backward writes the spread gradient directly.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -1498,7 +1499,7 @@ fn weight_names(steps: &[Step]) -> (HashSet<String>, HashSet<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::testing::max_abs_diff;
+    use crate::util::testing::{max_abs, max_abs_diff};
 
     fn attr_ints(name: &str, v: &[i64]) -> pb::AttributeProto {
         pb::AttributeProto {
@@ -1791,13 +1792,7 @@ mod tests {
                 // Sums of a few thousand f32 terms, in another order than candle's: 1e-3, or
                 // 1e-5 of the largest value (the bias gradient of a 64-channel 33x33 map
                 // reaches about 1,000).
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = max_abs(b);
                 let diff = max_abs_diff(a, b);
                 assert!(
                     diff < 1e-3f32.max(1e-5 * scale),
